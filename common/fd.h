@@ -1,0 +1,52 @@
+// RAII owners for kernel handles: file descriptors and child pids.
+#pragma once
+#include <sys/types.h>
+
+#include <utility>
+
+namespace shimlet {
+
+// Owns one file descriptor; closes it on destruction. Move-only.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) reset(std::exchange(o.fd_, -1));
+    return *this;
+  }
+  ~Fd() { reset(); }
+
+  int get() const { return fd_; }
+  explicit operator bool() const { return fd_ >= 0; }
+  int release() { return std::exchange(fd_, -1); }
+  void reset(int fd = -1);
+
+ private:
+  int fd_ = -1;
+};
+
+// A pipe whose both ends are O_CLOEXEC.
+struct Pipe {
+  Fd read;
+  Fd write;
+};
+Pipe make_pipe(int extra_flags = 0);
+
+// Sets or clears O_NONBLOCK; throws on failure.
+void set_nonblocking(int fd, bool on = true);
+void set_cloexec(int fd, bool on = true);
+
+// Writes all of buf (retrying EINTR/partial writes) on a blocking fd.
+void write_all(int fd, const void* buf, size_t len);
+// Reads exactly len bytes; returns false on EOF before any byte.
+bool read_exact(int fd, void* buf, size_t len);
+
+// SCM_RIGHTS helpers over a unix socket.
+void send_fd(int sock, int fd, const void* data = nullptr, size_t len = 0);
+Fd recv_fd(int sock, void* data = nullptr, size_t len = 0);
+
+}  // namespace shimlet

@@ -1,0 +1,159 @@
+#include "proto/tls.h"
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include <string.h>
+
+#include <stdexcept>
+
+#include "common/base64.h"
+#include "common/error.h"
+
+namespace shimlet::proto {
+namespace {
+
+template <typename T, void (*F)(T*)>
+struct Free {
+  void operator()(T* p) const { F(p); }
+};
+using Pkey = std::unique_ptr<EVP_PKEY, Free<EVP_PKEY, EVP_PKEY_free>>;
+using X509p = std::unique_ptr<X509, Free<X509, X509_free>>;
+using Bio = std::unique_ptr<BIO, Free<BIO, BIO_free_all>>;
+
+std::string bio_string(BIO* b) {
+  char* data = nullptr;
+  long n = BIO_get_mem_data(b, &data);
+  return std::string(data, static_cast<size_t>(n));
+}
+
+X509p cert_from_pem(std::string_view pem) {
+  Bio b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  X509p c(PEM_read_bio_X509(b.get(), nullptr, nullptr, nullptr));
+  if (!c) throw Error("cannot parse certificate PEM: " + ssl_error_string());
+  return c;
+}
+
+std::string spki_der(X509* cert) {
+  X509_PUBKEY* pk = X509_get_X509_PUBKEY(cert);
+  unsigned char* der = nullptr;
+  int n = i2d_X509_PUBKEY(pk, &der);
+  if (n <= 0) throw Error("cannot encode certificate public key: " + ssl_error_string());
+  std::string out(reinterpret_cast<char*>(der), static_cast<size_t>(n));
+  OPENSSL_free(der);
+  return out;
+}
+
+int accept_any_cert(int, X509_STORE_CTX*) { return 1; }
+
+int select_alpn(SSL*, const unsigned char** out, unsigned char* outlen, const unsigned char* in, unsigned int inlen,
+                void* arg) {
+  bool allow_http1 = arg != nullptr;
+  // Prefer h2; http/1.1 only when the server allows it (master, kubectl upgrades).
+  for (const char* want : {"h2", "http/1.1"}) {
+    if (std::string_view(want) == "http/1.1" && !allow_http1) break;
+    size_t wl = strlen(want);
+    for (unsigned i = 0; i < inlen;) {
+      unsigned l = in[i];
+      if (i + 1 + l > inlen) break;
+      if (l == wl && memcmp(in + i + 1, want, wl) == 0) {
+        *out = in + i + 1;
+        *outlen = static_cast<unsigned char>(l);
+        return SSL_TLSEXT_ERR_OK;
+      }
+      i += 1 + l;
+    }
+  }
+  return SSL_TLSEXT_ERR_ALERT_FATAL;
+}
+
+void use_identity(SSL_CTX* ctx, const std::string& cert_pem, const std::string& key_pem) {
+  X509p cert = cert_from_pem(cert_pem);
+  Bio kb(BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size())));
+  Pkey key(PEM_read_bio_PrivateKey(kb.get(), nullptr, nullptr, nullptr));
+  if (!key) throw Error("cannot parse private key PEM: " + ssl_error_string());
+  if (SSL_CTX_use_certificate(ctx, cert.get()) != 1 || SSL_CTX_use_PrivateKey(ctx, key.get()) != 1 ||
+      SSL_CTX_check_private_key(ctx) != 1)
+    throw Error("cannot use TLS identity: " + ssl_error_string());
+}
+
+SslCtx base_ctx(const SSL_METHOD* m) {
+  SslCtx ctx(SSL_CTX_new(m));
+  if (!ctx) throw Error("SSL_CTX_new: " + ssl_error_string());
+  SSL_CTX_set_min_proto_version(ctx.get(), TLS1_3_VERSION);
+  SSL_CTX_set_options(ctx.get(), SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+  // Large writes: let SSL_write take partial buffers and move them.
+  SSL_CTX_set_mode(ctx.get(), SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  return ctx;
+}
+
+}  // namespace
+
+std::string ssl_error_string() {
+  unsigned long e = ERR_get_error();
+  if (!e) return "no OpenSSL error";
+  char buf[256];
+  ERR_error_string_n(e, buf, sizeof buf);
+  ERR_clear_error();
+  return buf;
+}
+
+Identity generate_identity(const std::string& common_name, int days) {
+  Pkey key(EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519"));
+  if (!key) throw Error("Ed25519 keygen: " + ssl_error_string());
+  X509p cert(X509_new());
+  X509_set_version(cert.get(), 2);
+  std::string serial = random_bytes(16);
+  serial[0] &= 0x7f;
+  BIGNUM* bn = BN_bin2bn(reinterpret_cast<const unsigned char*>(serial.data()), 16, nullptr);
+  BN_to_ASN1_INTEGER(bn, X509_get_serialNumber(cert.get()));
+  BN_free(bn);
+  X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()), static_cast<long>(days) * 86400);
+  X509_set_pubkey(cert.get(), key.get());
+  X509_NAME* name = X509_get_subject_name(cert.get());
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8, reinterpret_cast<const unsigned char*>(common_name.c_str()), -1,
+                             -1, 0);
+  X509_set_issuer_name(cert.get(), name);
+  if (X509_sign(cert.get(), key.get(), nullptr) <= 0) throw Error("X509_sign: " + ssl_error_string());
+  Bio kb(BIO_new(BIO_s_mem())), cb(BIO_new(BIO_s_mem()));
+  if (PEM_write_bio_PrivateKey(kb.get(), key.get(), nullptr, nullptr, 0, nullptr, nullptr) != 1 ||
+      PEM_write_bio_X509(cb.get(), cert.get()) != 1)
+    throw Error("PEM encode: " + ssl_error_string());
+  return Identity{bio_string(kb.get()), bio_string(cb.get())};
+}
+
+std::string pin_of_cert(X509* cert) { return "sha256/" + base64_encode(sha256(spki_der(cert))); }
+std::string pin_of_cert_pem(std::string_view pem) { return pin_of_cert(cert_from_pem(pem).get()); }
+std::string jkt_of_cert(X509* cert) { return base64url_encode(sha256(spki_der(cert))); }
+
+SslCtx make_server_ctx(const std::string& cert_pem, const std::string& key_pem, bool allow_http1) {
+  SslCtx ctx = base_ctx(TLS_server_method());
+  use_identity(ctx.get(), cert_pem, key_pem);
+  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, accept_any_cert);
+  SSL_CTX_set_alpn_select_cb(ctx.get(), select_alpn, allow_http1 ? ctx.get() : nullptr);
+  SSL_CTX_set_session_cache_mode(ctx.get(), SSL_SESS_CACHE_OFF);
+  SSL_CTX_set_num_tickets(ctx.get(), 0);  // one connection per session: no resumption
+  return ctx;
+}
+
+SslCtx make_client_ctx(const Identity& client) {
+  SslCtx ctx = base_ctx(TLS_client_method());
+  use_identity(ctx.get(), client.cert_pem, client.key_pem);
+  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, accept_any_cert);  // pin checked after handshake
+  static const unsigned char alpn[] = {2, 'h', '2'};
+  SSL_CTX_set_alpn_protos(ctx.get(), alpn, sizeof alpn);
+  return ctx;
+}
+
+std::string check_pin(SSL* ssl, const std::string& pin) {
+  X509* peer = SSL_get0_peer_certificate(ssl);
+  if (!peer) return "shim presented no certificate";
+  std::string got = pin_of_cert(peer);
+  if (got != pin) return "shim certificate pin mismatch: expected " + pin + ", got " + got;
+  return "";
+}
+
+}  // namespace shimlet::proto

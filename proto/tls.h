@@ -1,0 +1,43 @@
+// TLS 1.3 setup shared by the session (server), shimctl and the master:
+// Ed25519 identities, self-signed certificates and SPKI pins.
+#pragma once
+#include <openssl/ssl.h>
+
+#include <memory>
+#include <string>
+#include <string_view>
+
+namespace shimlet::proto {
+
+struct SslCtxDeleter {
+  void operator()(SSL_CTX* c) const { SSL_CTX_free(c); }
+};
+using SslCtx = std::unique_ptr<SSL_CTX, SslCtxDeleter>;
+
+struct Identity {
+  std::string key_pem;   // PKCS#8 Ed25519 private key
+  std::string cert_pem;  // self-signed X.509
+};
+// Fresh Ed25519 key and a self-signed certificate (CN = common_name, valid
+// from one hour ago for `days`).
+Identity generate_identity(const std::string& common_name, int days = 3650);
+
+// "sha256/" + base64(SHA-256(SPKI DER)) of a certificate.
+std::string pin_of_cert_pem(std::string_view cert_pem);
+std::string pin_of_cert(X509* cert);
+// base64url(SHA-256(SPKI DER)): the ticket's cnf.jkt of a certificate's key.
+std::string jkt_of_cert(X509* cert);
+
+// Server: TLS 1.3 only, ALPN h2 (and optionally http/1.1), requests a client
+// certificate but accepts any (tickets bind it through cnf.jkt).
+SslCtx make_server_ctx(const std::string& cert_pem, const std::string& key_pem, bool allow_http1 = false);
+// Client: TLS 1.3 only, ALPN h2, presents identity; verification is by pin
+// (call check_pin after the handshake), never by CA.
+SslCtx make_client_ctx(const Identity& client);
+// Returns an error line, or "" when the peer certificate matches pin.
+std::string check_pin(SSL* ssl, const std::string& pin);
+
+// Last OpenSSL error as one line (for error context).
+std::string ssl_error_string();
+
+}  // namespace shimlet::proto
