@@ -4,7 +4,9 @@
 #pragma once
 #include <sys/types.h>
 
+#include <functional>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -43,9 +45,10 @@ struct Stdio {
 struct Request {
   std::vector<std::string> argv;
   std::vector<std::string> extra_env;  // e.g. TERM=...; appended (override same key)
-  // Per-session placement hook: a cgroup v2 directory fd to clone into
-  // (CLONE_INTO_CGROUP), or -1 to join the container's own cgroups.
-  int cgroup_fd = -1;
+  // Called in the parent with the child's host pid while the child waits,
+  // before it sets anything up: puts it in its cgroups (the session uses
+  // cgroup::attach / SessionCgroup::attach). Required.
+  std::function<void(pid_t)> place;
   std::string selinux_exec_label;  // empty: config.process.selinuxLabel when SELinux is on
   bool landlock = false;           // issue 5: own Landlock domain
 };
