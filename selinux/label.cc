@@ -1,4 +1,4 @@
-#include "selinux/selinux.h"
+#include "selinux/label.h"
 
 #include <selinux/selinux.h>
 

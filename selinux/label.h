@@ -1,3 +1,4 @@
+// Named label.h, not selinux.h: <selinux/selinux.h> (libselinux) must stay reachable.
 // SELinux process labels for session processes (libselinux). When SELinux is
 // disabled on the host this backend says so plainly (enabled() == false,
 // status() explains) and every call is a no-op; it never pretends.
