@@ -1,0 +1,129 @@
+// One HTTP/2 connection over TLS 1.3, driven by a libevent loop: nghttp2 for
+// framing, a bufferevent_openssl for TLS. Used by the session (server side)
+// and shimctl (client side). Stream bodies are buffered per stream with
+// explicit backpressure so memory stays bounded with a slow peer or reader.
+#pragma once
+#include <event2/event.h>
+#include <nghttp2/nghttp2.h>
+
+#include <openssl/ssl.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+
+struct bufferevent;
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace shimlet::proto {
+
+using Headers = std::vector<std::pair<std::string, std::string>>;
+const std::string* find_header(const Headers& h, const std::string& name);
+
+struct H2Settings {
+  uint32_t stream_window = 4u << 20;       // what we let the peer send per stream
+  uint32_t connection_window = 16u << 20;  // ... and on the whole connection
+  uint32_t max_frame_size = 1u << 16;      // largest DATA frame we accept
+  uint32_t max_concurrent_streams = 1024;
+  uint32_t max_header_list = 128u << 10;
+  size_t out_high_water = 1u << 20;  // per-stream outbound buffer limit (handler stops producing)
+  size_t out_low_water = 256u << 10; // on_drain fires below this
+  int handshake_timeout_s = 10;
+  int ping_interval_s = 0;  // keepalive PINGs when > 0
+};
+
+class H2Conn {
+ public:
+  struct Handler {
+    virtual ~Handler() = default;
+    // Server: a request's headers are complete. Client: response headers.
+    virtual void on_headers(int32_t stream, const Headers& h, bool end_stream) = 0;
+    // Body bytes; call consume(stream, len) once they are delivered onward.
+    virtual void on_data(int32_t stream, const uint8_t* data, size_t len) = 0;
+    // The peer ended its side of the stream (END_STREAM).
+    virtual void on_remote_end(int32_t stream) = 0;
+    // The stream is fully closed (both ends, or reset). error_code 0 = clean.
+    virtual void on_stream_close(int32_t stream, uint32_t error_code) = 0;
+    // Our outbound buffer for stream fell below the low-water mark.
+    virtual void on_drain(int32_t /*stream*/) {}
+    // TLS handshake done (check the peer certificate here; return an error
+    // line to abort the connection).
+    virtual std::string on_connected(SSL* /*ssl*/) { return ""; }
+    // The connection is gone (EOF, error, or GOAWAY after all streams closed).
+    virtual void on_closed(const std::string& why) = 0;
+  };
+
+  enum class Role { Server, Client };
+  // Takes ownership of fd and ssl. Starts the TLS handshake.
+  H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings = {});
+  ~H2Conn();
+  H2Conn(const H2Conn&) = delete;
+  H2Conn& operator=(const H2Conn&) = delete;
+
+  // Client: submits a request; returns the stream id (or -1). If has_body,
+  // the body comes from send()/end().
+  int32_t request(const Headers& h, bool has_body);
+  // Server: submits response headers. The body comes from send()/end().
+  bool respond(int32_t stream, const Headers& h, bool has_body = true);
+  // Convenience: a complete response with a small body.
+  void respond_simple(int32_t stream, int status, const std::string& content_type, const std::string& body);
+  // Queues body bytes / end of body. Returns the stream's outbound buffer size.
+  size_t send(int32_t stream, const void* data, size_t len);
+  void end(int32_t stream);
+  size_t outbound(int32_t stream) const;
+  void reset(int32_t stream, uint32_t error_code);
+  // Returns len bytes of the peer's flow-control window for the stream.
+  void consume(int32_t stream, size_t len);
+  // GOAWAY and close once everything queued is written.
+  void shutdown();
+  // Pushes pending frames to the socket (call after changing state outside a callback).
+  void flush();
+  bool closed() const { return closed_; }
+  SSL* ssl() const { return ssl_; }
+  const H2Settings& settings() const { return settings_; }
+  uint64_t bytes_in() const { return bytes_in_; }
+  uint64_t bytes_out() const { return bytes_out_; }
+
+ private:
+  struct Out {
+    std::string buf;
+    size_t off = 0;
+    bool eof = false;
+    bool deferred = false;
+    bool has_provider = false;
+    bool below_low = true;
+  };
+  static void on_read(bufferevent*, void*);
+  static void on_write(bufferevent*, void*);
+  static void on_event(bufferevent*, short, void*);
+  static void on_ping_timer(evutil_socket_t, short, void*);
+  static ssize_t send_cb(nghttp2_session*, const uint8_t*, size_t, int, void*);
+  static int frame_recv_cb(nghttp2_session*, const nghttp2_frame*, void*);
+  static int header_cb(nghttp2_session*, const nghttp2_frame*, const uint8_t*, size_t, const uint8_t*, size_t, uint8_t,
+                       void*);
+  static int begin_headers_cb(nghttp2_session*, const nghttp2_frame*, void*);
+  static int data_chunk_cb(nghttp2_session*, uint8_t, int32_t, const uint8_t*, size_t, void*);
+  static int stream_close_cb(nghttp2_session*, int32_t, uint32_t, void*);
+  static ssize_t read_length_cb(nghttp2_session*, uint8_t, int32_t, int32_t, int32_t, uint32_t, void*);
+  static ssize_t data_read_cb(nghttp2_session*, int32_t, uint8_t*, size_t, uint32_t*, nghttp2_data_source*, void*);
+  void close(const std::string& why);
+  void pump();
+  nghttp2_data_provider provider();
+
+  event_base* base_;
+  SSL* ssl_;
+  bufferevent* bev_ = nullptr;
+  nghttp2_session* h2_ = nullptr;
+  Role role_;
+  Handler* handler_;
+  H2Settings settings_;
+  std::map<int32_t, Out> out_;
+  std::map<int32_t, Headers> in_headers_;
+  event* ping_ = nullptr;
+  bool connected_ = false, closed_ = false, closing_ = false, in_pump_ = false;
+  uint64_t bytes_in_ = 0, bytes_out_ = 0;
+};
+
+}  // namespace shimlet::proto
