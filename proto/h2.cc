@@ -233,7 +233,10 @@ int H2Conn::data_chunk_cb(nghttp2_session*, uint8_t, int32_t id, const uint8_t* 
 
 int H2Conn::stream_close_cb(nghttp2_session*, int32_t id, uint32_t code, void* arg) {
   auto* self = static_cast<H2Conn*>(arg);
-  self->out_.erase(id);
+  if (auto it = self->out_.find(id); it != self->out_.end()) {
+    self->total_out_ -= it->second.buf.size() - it->second.off;
+    self->out_.erase(it);
+  }
   self->in_headers_.erase(id);
   self->handler_->on_stream_close(id, code);
   return 0;
@@ -264,6 +267,7 @@ ssize_t H2Conn::data_read_cb(nghttp2_session*, int32_t id, uint8_t* buf, size_t 
   }
   memcpy(buf, o.buf.data() + o.off, n);
   o.off += n;
+  self->total_out_ -= n;
   if (o.off == o.buf.size()) {
     o.buf.clear();
     o.off = 0;
@@ -317,6 +321,7 @@ size_t H2Conn::send(int32_t stream, const void* data, size_t len) {
   if (it == out_.end() || closed_) return 0;
   Out& o = it->second;
   o.buf.append(static_cast<const char*>(data), len);
+  total_out_ += len;
   size_t left = o.buf.size() - o.off;
   if (left > settings_.out_low_water) o.below_low = false;
   if (o.deferred) {

@@ -73,6 +73,8 @@ class H2Conn {
   size_t send(int32_t stream, const void* data, size_t len);
   void end(int32_t stream);
   size_t outbound(int32_t stream) const;
+  // Sum of every stream's outbound buffer (a per-connection memory bound).
+  size_t total_outbound() const { return total_out_; }
   void reset(int32_t stream, uint32_t error_code);
   // Returns len bytes of the peer's flow-control window for the stream.
   void consume(int32_t stream, size_t len);
@@ -124,6 +126,7 @@ class H2Conn {
   event* ping_ = nullptr;
   bool connected_ = false, closed_ = false, closing_ = false, in_pump_ = false;
   uint64_t bytes_in_ = 0, bytes_out_ = 0;
+  size_t total_out_ = 0;
 };
 
 }  // namespace shimlet::proto

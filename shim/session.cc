@@ -1,0 +1,335 @@
+#include "shim/session.h"
+
+#include <arpa/inet.h>
+#include <event2/event.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "common/base64.h"
+#include "common/error.h"
+#include "common/log.h"
+#include "proto/frames.h"
+#include "proto/tls.h"
+#include "shim/session_internal.h"
+
+namespace shimlet::session {
+namespace {
+
+constexpr int kConnFd = 3, kShimFd = 4, kPidFd = 5;
+
+std::string read_file(const std::string& path, size_t limit) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw sys_error("open " + path);
+  std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (s.size() > limit) throw Error(path + ": larger than " + std::to_string(limit) + " bytes");
+  return s;
+}
+
+std::string peer_of(int fd) {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return "?";
+  char host[INET6_ADDRSTRLEN] = "?";
+  int port = 0;
+  if (ss.ss_family == AF_INET) {
+    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+    inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+    port = ntohs(a->sin_port);
+  } else if (ss.ss_family == AF_INET6) {
+    auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+    port = ntohs(a->sin6_port);
+  }
+  return std::string(host) + ":" + std::to_string(port);
+}
+
+nlohmann::json error_body(const std::string& why) { return {{"error", why}}; }
+
+}  // namespace
+
+Config load_config(const std::string& path) {
+  auto j = nlohmann::json::parse(read_file(path, 1 << 20));
+  Config c;
+  c.id = j.at("id").get<std::string>();
+  c.pid = j.at("pid").get<pid_t>();
+  c.bundle = j.at("bundle").get<std::string>();
+  for (auto& k : j.value("trusted_keys", nlohmann::json::array()))
+    c.keys.push_back({k.at("kid").get<std::string>(), ticket::PublicKey::from_pem(k.at("pem").get<std::string>())});
+  c.max_ticket_lifetime_s = j.value("max_ticket_lifetime_s", c.max_ticket_lifetime_s);
+  c.clock_leeway_s = j.value("clock_leeway_s", c.clock_leeway_s);
+  c.drain_timeout_ms = j.value("drain_timeout_ms", c.drain_timeout_ms);
+  c.tls_cert = j.at("tls_cert").get<std::string>();
+  c.tls_key = j.at("tls_key").get<std::string>();
+  return c;
+}
+
+Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd, SSL* ssl)
+    : base_(base), cfg_(std::move(cfg)), ctr_(std::move(ctr)), shim_fd_(shim_fd) {
+  sid_ = hex_encode(random_bytes(8));
+  own_netns_ = Fd(::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC));
+  if (!own_netns_) throw sys_error("open /proc/self/ns/net");
+  peer_ = peer_of(conn_fd);
+  log::set_context({{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}});
+  conn_ = std::make_unique<proto::H2Conn>(base, conn_fd, ssl, proto::H2Conn::Role::Server, this);
+}
+
+Session::~Session() {
+  streams_.clear();
+  conn_.reset();
+}
+
+std::string Session::on_connected(SSL* ssl) {
+  if (X509* peer = SSL_get0_peer_certificate(ssl)) peer_jkt_ = proto::jkt_of_cert(peer);
+  return "";
+}
+
+void Session::refuse(int32_t stream, int status, const std::string& why, const std::string& event) {
+  log::audit(event, {{"status", status}, {"reason", why}, {"stream", stream}});
+  conn_->respond_simple(stream, status, "application/json", error_body(why).dump() + "\n");
+}
+
+bool Session::consume_jti(const ticket::Claims& c, std::string& why) {
+  // The replay cache lives in the shim so it outlives this process and is
+  // shared by every session of the container (docs/design.md).
+  std::string d = sha256(c.jti);
+  char msg[40];
+  memcpy(msg, d.data(), 32);
+  int64_t exp = c.exp;
+  memcpy(msg + 32, &exp, 8);
+  if (::send(shim_fd_, msg, sizeof msg, MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof msg)) {
+    why = "replay check unavailable: " + std::string(strerror(errno));
+    return false;
+  }
+  pollfd p{shim_fd_, POLLIN, 0};
+  int r;
+  do r = ::poll(&p, 1, 2000);
+  while (r < 0 && errno == EINTR);
+  char reply = 0;
+  if (r <= 0 || ::recv(shim_fd_, &reply, 1, 0) != 1) {
+    why = "replay check unavailable: the shim did not answer";
+    return false;
+  }
+  if (reply == 'A') return true;
+  why = reply == 'R' ? "ticket already used (replay refused)" : "replay cache full: try again shortly";
+  return false;
+}
+
+std::optional<ticket::Claims> Session::authenticate(int32_t stream, const proto::Headers& h, const std::string& verb) {
+  const std::string* auth = proto::find_header(h, "authorization");
+  if (!auth || auth->rfind("Bearer ", 0) != 0) {
+    refuse(stream, 401, "missing ticket: send authorization: Bearer <ticket>");
+    return std::nullopt;
+  }
+  std::string token = auth->substr(7);
+  // Later streams of the same connection (port-forward) carry the ticket that
+  // already authenticated it: verified again, but not consumed twice.
+  bool same = accepted_claims_ && token == accepted_token_;
+  ticket::Claims c;
+  try {
+    ticket::Expect e;
+    e.aud = cfg_.id;
+    e.verb = verb;
+    e.now = time(nullptr);
+    e.leeway_s = cfg_.clock_leeway_s;
+    e.max_lifetime_s = cfg_.max_ticket_lifetime_s;
+    c = ticket::verify(token, cfg_.keys, e);
+  } catch (const std::exception& ex) {
+    refuse(stream, 403, ex.what());
+    return std::nullopt;
+  }
+  if (!c.cnf_jkt.empty() && c.cnf_jkt != peer_jkt_) {
+    refuse(stream, 403, peer_jkt_.empty() ? "ticket is bound to a client key, but no client certificate was presented"
+                                          : "ticket is bound to another client key");
+    return std::nullopt;
+  }
+  if (!same) {
+    if (accepted_claims_) {
+      refuse(stream, 403, "a connection serves one ticket; open a new connection for another");
+      return std::nullopt;
+    }
+    std::string why;
+    if (!consume_jti(c, why)) {
+      refuse(stream, why.rfind("ticket already", 0) == 0 ? 403 : 503, why);
+      return std::nullopt;
+    }
+    accepted_token_ = token;
+    accepted_claims_ = c;
+    log::set_context({{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}, {"user", c.sub}, {"jti", c.jti}});
+  }
+  return c;
+}
+
+void Session::on_headers(int32_t stream, const proto::Headers& h, bool) {
+  if (streams_.count(stream)) return;  // trailers: ignored
+  const std::string* method = proto::find_header(h, ":method");
+  const std::string* path = proto::find_header(h, ":path");
+  if (!method || !path) return refuse(stream, 400, "request without :method or :path");
+  if (finishing_) return refuse(stream, 503, "session is ending");
+  try {
+    if (*path == proto::kExecPath) {
+      if (*method != "POST") return refuse(stream, 405, "exec needs POST");
+      auto claims = authenticate(stream, h, "exec");
+      if (!claims) return;
+      if (exec_started_) return refuse(stream, 409, "one exec per connection");
+      exec_started_ = true;
+      auto handler = start_exec(*this, stream, h, *claims);
+      if (handler) streams_[stream] = std::move(handler);
+      return;
+    }
+    if (path->rfind(proto::kPortForwardPrefix, 0) == 0) {
+      if (*method != "POST") return refuse(stream, 405, "port-forward needs POST");
+      if (exec_started_) return refuse(stream, 409, "this connection runs an exec");
+      auto claims = authenticate(stream, h, "portforward");
+      if (!claims) return;
+      auto handler = start_forward(*this, stream, path->substr(strlen(proto::kPortForwardPrefix)), *claims);
+      if (handler) streams_[stream] = std::move(handler);
+      return;
+    }
+    refuse(stream, 404, "no such endpoint: " + *path);
+  } catch (const std::exception& e) {
+    log::error("request failed", {{"error", e.what()}});
+    refuse(stream, 500, e.what());
+  }
+}
+
+void Session::on_data(int32_t stream, const uint8_t* data, size_t len) {
+  auto it = streams_.find(stream);
+  if (it == streams_.end()) {
+    conn_->consume(stream, len);  // a refused request's body: discard, keep the window open
+    return;
+  }
+  it->second->on_data(data, len);
+}
+
+void Session::on_remote_end(int32_t stream) {
+  auto it = streams_.find(stream);
+  if (it != streams_.end()) it->second->on_remote_end();
+}
+
+void Session::on_drain(int32_t stream) {
+  auto it = streams_.find(stream);
+  if (it != streams_.end()) it->second->on_drain();
+  // Streams paused by the session-wide budget resume once it has room.
+  if (!exec_started_ && !over_budget())
+    for (auto& [id, h] : streams_) resume_forward(*h);
+}
+
+void Session::on_stream_close(int32_t stream, uint32_t code) {
+  auto it = streams_.find(stream);
+  if (it == streams_.end()) return;
+  it->second->on_close(code);
+  streams_.erase(it);
+  // An exec connection ends with its exec.
+  if (exec_started_ && streams_.empty()) finish();
+}
+
+void Session::finish() {
+  if (finishing_) return;
+  finishing_ = true;
+  conn_->shutdown();
+}
+
+void Session::container_exited() {
+  log::info("container exited");
+  for (auto& [id, h] : streams_) h->container_exited();
+  if (streams_.empty()) finish();
+}
+
+void Session::on_closed(const std::string& why) {
+  for (auto& [id, h] : streams_)
+    if (!h->done()) h->abort(why);
+  streams_.clear();
+  log::info("connection closed", {{"reason", why}, {"bytes_in", conn_->bytes_in()}, {"bytes_out", conn_->bytes_out()}});
+  event_base_loopexit(base_, nullptr);
+}
+
+namespace {
+
+struct Args {
+  std::string config;
+  std::vector<std::pair<std::string, int>> ns;
+};
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; i++) {
+    std::string k = argv[i];
+    if (i + 1 >= argc) throw Error("missing value for " + k);
+    std::string v = argv[++i];
+    if (k == "--config") {
+      a.config = v;
+    } else if (k == "--ns") {
+      std::stringstream ss(v);
+      std::string item;
+      while (std::getline(ss, item, ',')) {
+        auto eq = item.find('=');
+        if (eq == std::string::npos) throw Error("bad --ns item " + item);
+        a.ns.emplace_back(item.substr(0, eq), std::stoi(item.substr(eq + 1)));
+      }
+    } else {
+      throw Error("unknown argument " + k);
+    }
+  }
+  if (a.config.empty()) throw Error("usage: shimlet-session --config PATH [--ns TYPE=FD,...]");
+  return a;
+}
+
+void on_signal(evutil_socket_t, short, void* arg) {
+  auto* s = static_cast<Session*>(arg);
+  log::info("terminating on signal");
+  s->on_closed("session terminated by the shim");
+}
+
+void on_container_exit(evutil_socket_t, short, void* arg) { static_cast<Session*>(arg)->container_exited(); }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  log::set_component("session");
+  // Secrets (TLS key, tickets) live here; nobody may ptrace or read /proc/PID/mem.
+  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  signal(SIGPIPE, SIG_IGN);
+  try {
+    Args args = parse_args(argc, argv);
+    Config cfg = load_config(args.config);
+    nsenter::Container ctr;
+    ctr.init_pid = cfg.pid;
+    ctr.pidfd = kPidFd;
+    ctr.ns_fds = args.ns;
+    ctr.config = oci::load_config(cfg.bundle);
+    proto::SslCtx ctx = proto::make_server_ctx(read_file(cfg.tls_cert, 1 << 16), read_file(cfg.tls_key, 1 << 16));
+    SSL* ssl = SSL_new(ctx.get());
+    if (!ssl) throw Error("SSL_new: " + proto::ssl_error_string());
+    int one = 1;
+    setsockopt(kConnFd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    evutil_make_socket_nonblocking(kConnFd);
+    std::unique_ptr<event_base, decltype(&event_base_free)> base(event_base_new(), event_base_free);
+    if (!base) throw Error("event_base_new failed");
+    Session session(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, ssl);
+    event* term = evsignal_new(base.get(), SIGTERM, on_signal, &session);
+    event_add(term, nullptr);
+    event* cexit = event_new(base.get(), kPidFd, EV_READ, on_container_exit, &session);
+    event_add(cexit, nullptr);
+    event_base_dispatch(base.get());
+    event_free(term);
+    event_free(cexit);
+    return session.exit_code();
+  } catch (const std::exception& e) {
+    log::error("session failed", {{"error", e.what()}});
+    return 1;
+  }
+}
+
+}  // namespace shimlet::session

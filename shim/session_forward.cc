@@ -1,0 +1,349 @@
+// Port-forward streams: each HTTP/2 stream is one forwarded connection (TCP)
+// or one flow of datagrams (UDP) to a port inside the container's network
+// namespace. The socket is created inside that namespace (setns around
+// socket() only: the session's own sockets never move), then used from here.
+// A failure ends that stream alone; every other stream goes on.
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sched.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "shim/session_internal.h"
+
+namespace shimlet::session {
+namespace {
+
+constexpr size_t kChunk = 64 * 1024;
+constexpr size_t kSockBufHigh = 1u << 20;  // bytes from the client not yet written to the socket
+constexpr int kUdpIdleSeconds = 120;
+
+// Creates a socket in the container's network namespace and returns to ours.
+Fd socket_in_netns(const Session& s, int family, int type) {
+  int target = -1;
+  for (auto& [kind, fd] : s.container().ns_fds)
+    if (kind == "net") target = fd;
+  if (target < 0) {  // the container shares our network namespace
+    Fd fd(::socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (!fd) throw sys_error("socket");
+    return fd;
+  }
+  if (::setns(target, CLONE_NEWNET) < 0) throw sys_error("setns(container net)");
+  Fd fd(::socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  int err = errno;
+  if (::setns(s.own_netns(), CLONE_NEWNET) < 0) {
+    // We cannot continue in the wrong namespace: every later socket would be misplaced.
+    log::error("cannot return to the session's network namespace", {{"errno", strerror(errno)}});
+    _exit(70);
+  }
+  if (!fd) throw sys_error("socket in the container's network namespace", err);
+  return fd;
+}
+
+sockaddr_storage loopback(int family, uint16_t port, socklen_t& len) {
+  sockaddr_storage ss{};
+  if (family == AF_INET) {
+    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+    a->sin_family = AF_INET;
+    a->sin_port = htons(port);
+    a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    len = sizeof(sockaddr_in);
+  } else {
+    auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+    a->sin6_family = AF_INET6;
+    a->sin6_port = htons(port);
+    a->sin6_addr = in6addr_loopback;
+    len = sizeof(sockaddr_in6);
+  }
+  return ss;
+}
+
+class Forward : public StreamHandler {
+ public:
+  Forward(Session& s, int32_t stream, uint16_t port, bool udp) : s_(s), stream_(stream), port_(port), udp_(udp) {}
+  ~Forward() override { stop(); }
+
+  void start() {
+    log::audit("portforward.open", {{"port", port_}, {"proto", udp_ ? "udp" : "tcp"}, {"stream", stream_}});
+    if (udp_) return start_udp();
+    try_connect(AF_INET);
+  }
+
+  void on_data(const uint8_t* data, size_t len) override {
+    if (!sock_ || failed_) {
+      s_.conn().consume(stream_, len);
+      return;
+    }
+    if (udp_) {
+      // Datagrams are framed as u16 length + payload so boundaries survive.
+      dgram_in_.append(reinterpret_cast<const char*>(data), len);
+      size_t off = 0;
+      while (dgram_in_.size() - off >= 2) {
+        size_t n = static_cast<uint8_t>(dgram_in_[off]) << 8 | static_cast<uint8_t>(dgram_in_[off + 1]);
+        if (dgram_in_.size() - off - 2 < n) break;
+        ssize_t w = ::send(sock_.get(), dgram_in_.data() + off + 2, n, MSG_NOSIGNAL);
+        (void)w;  // UDP: a dropped datagram is what the application expects
+        off += 2 + n;
+        bytes_in_ += n;
+      }
+      dgram_in_.erase(0, off);
+      s_.conn().consume(stream_, len);
+      touch();
+      return;
+    }
+    out_.append(reinterpret_cast<const char*>(data), len);
+    owed_ += len;
+    flush_out();
+  }
+
+  void on_remote_end() override {
+    remote_ended_ = true;
+    if (udp_) return finish_udp();
+    flush_out();
+  }
+
+  void on_drain() override { resume(); }
+
+  void on_close(uint32_t code) override {
+    if (!closed_) {
+      log::audit("portforward.close", {{"port", port_}, {"stream", stream_}, {"bytes_in", bytes_in_},
+                                       {"bytes_out", bytes_out_}, {"reset", code != 0}});
+    }
+    closed_ = true;
+    stop();
+  }
+
+  void abort(const std::string&) override { stop(); }
+  void container_exited() override {
+    s_.conn().reset(stream_, NGHTTP2_CANCEL);
+    stop();
+  }
+  bool done() const override { return closed_; }
+
+  void resume() {
+    if (paused_ && ev_read_ && !sock_eof_) {
+      paused_ = false;
+      event_add(ev_read_, nullptr);
+    }
+  }
+
+ private:
+  void try_connect(int family) {
+    family_ = family;
+    try {
+      sock_ = socket_in_netns(s_, family, SOCK_STREAM);
+    } catch (const std::exception& e) {
+      return fail(502, e.what());
+    }
+    int one = 1;
+    setsockopt(sock_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    socklen_t len;
+    sockaddr_storage ss = loopback(family, port_, len);
+    int r = ::connect(sock_.get(), reinterpret_cast<sockaddr*>(&ss), len);
+    if (r == 0) return connected();
+    if (errno != EINPROGRESS) return connect_failed(errno);
+    ev_conn_ = event_new(s_.base(), sock_.get(), EV_WRITE, on_connect_done, this);
+    timeval tv{10, 0};
+    event_add(ev_conn_, &tv);
+  }
+
+  static void on_connect_done(evutil_socket_t fd, short what, void* arg) {
+    auto* self = static_cast<Forward*>(arg);
+    event_free(self->ev_conn_);
+    self->ev_conn_ = nullptr;
+    if (what & EV_TIMEOUT) return self->connect_failed(ETIMEDOUT);
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err) return self->connect_failed(err);
+    self->connected();
+  }
+
+  void connect_failed(int err) {
+    sock_.reset();
+    // As kubelet does: IPv4 loopback first, then IPv6 loopback.
+    if (family_ == AF_INET) return try_connect(AF_INET6);
+    fail(502, "cannot connect to port " + std::to_string(port_) + " in the container: " + strerror(err));
+  }
+
+  void fail(int status, const std::string& why) {
+    failed_ = true;
+    log::audit("portforward.error", {{"port", port_}, {"stream", stream_}, {"error", why}});
+    s_.conn().respond_simple(stream_, status, "application/json", nlohmann::json{{"error", why}}.dump() + "\n");
+  }
+
+  void connected() {
+    s_.conn().respond(stream_, {{":status", "200"}});
+    ev_read_ = event_new(s_.base(), sock_.get(), EV_READ | EV_PERSIST, on_readable, this);
+    ev_write_ = event_new(s_.base(), sock_.get(), EV_WRITE, on_writable, this);
+    event_add(ev_read_, nullptr);
+    flush_out();
+  }
+
+  void start_udp() {
+    try {
+      sock_ = socket_in_netns(s_, AF_INET, SOCK_DGRAM);
+      socklen_t len;
+      sockaddr_storage ss = loopback(AF_INET, port_, len);
+      if (::connect(sock_.get(), reinterpret_cast<sockaddr*>(&ss), len) < 0) throw sys_error("connect udp");
+    } catch (const std::exception& e) {
+      return fail(502, e.what());
+    }
+    s_.conn().respond(stream_, {{":status", "200"}});
+    ev_read_ = event_new(s_.base(), sock_.get(), EV_READ | EV_PERSIST, on_readable, this);
+    event_add(ev_read_, nullptr);
+    ev_idle_ = evtimer_new(s_.base(), on_idle, this);
+    touch();
+  }
+
+  void touch() {
+    if (!ev_idle_) return;
+    timeval tv{kUdpIdleSeconds, 0};
+    evtimer_add(ev_idle_, &tv);
+  }
+
+  static void on_idle(evutil_socket_t, short, void* arg) {
+    auto* self = static_cast<Forward*>(arg);
+    log::info("udp flow idle: closing", {{"port", self->port_}, {"stream", self->stream_}});
+    self->finish_udp();
+  }
+
+  void finish_udp() {
+    if (sock_eof_) return;
+    sock_eof_ = true;
+    if (ev_read_) event_del(ev_read_);
+    s_.conn().end(stream_);
+  }
+
+  static void on_readable(evutil_socket_t, short, void* arg) { static_cast<Forward*>(arg)->read_sock(); }
+
+  void read_sock() {
+    for (int rounds = 0; rounds < 16; rounds++) {
+      if (s_.conn().outbound(stream_) > s_.conn().settings().out_high_water || s_.over_budget()) {
+        paused_ = true;
+        event_del(ev_read_);
+        return;
+      }
+      char buf[kChunk];
+      ssize_t n = ::recv(sock_.get(), buf, sizeof buf, 0);
+      if (n > 0) {
+        if (udp_) {
+          char h[2] = {static_cast<char>(n >> 8), static_cast<char>(n & 0xff)};
+          s_.conn().send(stream_, h, 2);
+          touch();
+        }
+        s_.conn().send(stream_, buf, static_cast<size_t>(n));
+        bytes_out_ += n;
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || (udp_ && errno == ECONNREFUSED))) return;
+      if (n < 0) {
+        // Reset by the container's side: end this stream only.
+        log::info("forwarded connection error", {{"port", port_}, {"stream", stream_}, {"error", strerror(errno)}});
+        s_.conn().reset(stream_, NGHTTP2_CONNECT_ERROR);
+        return stop();
+      }
+      // EOF from the container's side: half-close toward the client.
+      sock_eof_ = true;
+      event_del(ev_read_);
+      s_.conn().end(stream_);
+      return;
+    }
+  }
+
+  static void on_writable(evutil_socket_t, short, void* arg) { static_cast<Forward*>(arg)->flush_out(); }
+
+  void flush_out() {
+    if (!sock_ || !ev_write_) return;
+    while (!out_.empty()) {
+      ssize_t n = ::send(sock_.get(), out_.data(), out_.size(), MSG_NOSIGNAL);
+      if (n > 0) {
+        out_.erase(0, static_cast<size_t>(n));
+        bytes_in_ += n;
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EAGAIN) {
+        event_add(ev_write_, nullptr);
+        break;
+      }
+      log::info("forwarded connection write error", {{"port", port_}, {"error", strerror(errno)}});
+      s_.conn().reset(stream_, NGHTTP2_CONNECT_ERROR);
+      return stop();
+    }
+    if (out_.size() < kSockBufHigh && owed_) {
+      s_.conn().consume(stream_, owed_);
+      owed_ = 0;
+    }
+    if (out_.empty() && remote_ended_ && !shut_wr_) {
+      shut_wr_ = true;
+      ::shutdown(sock_.get(), SHUT_WR);  // carry the client's half-close
+    }
+  }
+
+  void stop() {
+    for (event** e : {&ev_read_, &ev_write_, &ev_conn_, &ev_idle_})
+      if (*e) {
+        event_free(*e);
+        *e = nullptr;
+      }
+    sock_.reset();
+  }
+
+  Session& s_;
+  int32_t stream_;
+  uint16_t port_;
+  bool udp_;
+  int family_ = AF_INET;
+  Fd sock_;
+  event *ev_read_ = nullptr, *ev_write_ = nullptr, *ev_conn_ = nullptr, *ev_idle_ = nullptr;
+  std::string out_, dgram_in_;
+  size_t owed_ = 0;
+  bool remote_ended_ = false, shut_wr_ = false, sock_eof_ = false, paused_ = false, failed_ = false, closed_ = false;
+  int64_t bytes_in_ = 0, bytes_out_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<StreamHandler> start_forward(Session& s, int32_t stream, const std::string& rest,
+                                             const ticket::Claims& claims) {
+  // rest: "PORT" or "PORT/udp" or "PORT/tcp"
+  std::string port_s = rest, proto = "tcp";
+  if (auto slash = rest.find('/'); slash != std::string::npos) {
+    port_s = rest.substr(0, slash);
+    proto = rest.substr(slash + 1);
+  }
+  if (port_s.empty() || port_s.size() > 5 || port_s.find_first_not_of("0123456789") != std::string::npos ||
+      (proto != "tcp" && proto != "udp")) {
+    s.refuse(stream, 400, "bad port-forward path: expected /v1/portforward/PORT[/udp]");
+    return nullptr;
+  }
+  unsigned long port = std::stoul(port_s);
+  if (port == 0 || port > 65535) {
+    s.refuse(stream, 400, "port out of range: " + port_s);
+    return nullptr;
+  }
+  bool allowed = false;
+  for (auto& p : claims.ports)
+    if (p.port == port && p.proto == proto) allowed = true;
+  if (!allowed) {
+    s.refuse(stream, 403, "ticket does not allow port " + port_s + "/" + proto);
+    return nullptr;
+  }
+  auto f = std::make_unique<Forward>(s, stream, static_cast<uint16_t>(port), proto == "udp");
+  f->start();
+  return f;
+}
+
+void resume_forward(StreamHandler& h) {
+  if (auto* f = dynamic_cast<Forward*>(&h)) f->resume();
+}
+
+}  // namespace shimlet::session

@@ -1,0 +1,106 @@
+// Internals shared by the session's request handlers (not a public header).
+#pragma once
+#include <event2/event.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cgroup/cgroup.h"
+#include "common/fd.h"
+#include "nsenter/nsenter.h"
+#include "proto/h2.h"
+#include "ticket/ticket.h"
+
+namespace shimlet::session {
+
+struct Config {
+  std::string id;                 // container id (tickets' aud)
+  pid_t pid = 0;                  // container init (host pid)
+  std::string bundle;
+  std::vector<ticket::TrustedKey> keys;
+  int64_t max_ticket_lifetime_s = 300;
+  int64_t clock_leeway_s = 5;
+  int drain_timeout_ms = 2000;
+  std::string tls_cert, tls_key;
+};
+Config load_config(const std::string& path);
+
+class Session;
+
+// A request stream's handler. The session owns it until the stream closes.
+struct StreamHandler {
+  virtual ~StreamHandler() = default;
+  virtual void on_data(const uint8_t* data, size_t len) = 0;
+  virtual void on_remote_end() = 0;
+  virtual void on_drain() {}
+  // The stream is gone (closed or reset by the peer): stop and clean up.
+  virtual void on_close(uint32_t error_code) = 0;
+  // The connection is gone or the session is terminating: kill everything.
+  virtual void abort(const std::string& why) = 0;
+  // The container's init exited.
+  virtual void container_exited() {}
+  virtual bool done() const = 0;
+};
+
+// Starts a port-forward stream (rest = "PORT[/udp]"); nullptr when refused.
+std::unique_ptr<StreamHandler> start_forward(Session& s, int32_t stream, const std::string& rest,
+                                             const ticket::Claims& claims);
+void resume_forward(StreamHandler& h);
+
+// Starts an exec for an authenticated request; responds on the stream.
+std::unique_ptr<StreamHandler> start_exec(Session& s, int32_t stream, const proto::Headers& h,
+                                          const ticket::Claims& claims);
+
+class Session : public proto::H2Conn::Handler {
+ public:
+  Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd, SSL* ssl);
+  ~Session() override;
+
+  event_base* base() const { return base_; }
+  proto::H2Conn& conn() { return *conn_; }
+  const Config& config() const { return cfg_; }
+  const nsenter::Container& container() const { return ctr_; }
+  const std::string& sid() const { return sid_; }
+  const std::string& peer() const { return peer_; }
+  // Refuses a request with an HTTP status and one clear line (and logs it).
+  void refuse(int32_t stream, int status, const std::string& why, const std::string& event = "request.refused");
+  // Ends the whole session (after in-flight frames are written).
+  void finish();
+  void container_exited();
+  int exit_code() const { return exit_code_; }
+  // Our own network namespace (to return to after creating a socket inside the container's).
+  int own_netns() const { return own_netns_.get(); }
+  // True when the connection holds more outbound bytes than the session budget.
+  bool over_budget() const { return conn_->total_outbound() > kSessionOutBudget; }
+  static constexpr size_t kSessionOutBudget = 32u << 20;
+
+  // H2Conn::Handler
+  std::string on_connected(SSL* ssl) override;
+  void on_headers(int32_t stream, const proto::Headers& h, bool end_stream) override;
+  void on_data(int32_t stream, const uint8_t* data, size_t len) override;
+  void on_remote_end(int32_t stream) override;
+  void on_stream_close(int32_t stream, uint32_t error_code) override;
+  void on_drain(int32_t stream) override;
+  void on_closed(const std::string& why) override;
+
+ private:
+  std::optional<ticket::Claims> authenticate(int32_t stream, const proto::Headers& h, const std::string& verb);
+  bool consume_jti(const ticket::Claims& c, std::string& why);
+
+  event_base* base_;
+  Config cfg_;
+  nsenter::Container ctr_;
+  int shim_fd_;
+  std::unique_ptr<proto::H2Conn> conn_;
+  std::map<int32_t, std::unique_ptr<StreamHandler>> streams_;
+  std::string sid_, peer_, peer_jkt_, accepted_token_;
+  std::optional<ticket::Claims> accepted_claims_;
+  Fd own_netns_;
+  bool exec_started_ = false;
+  bool finishing_ = false;
+  int exit_code_ = 0;
+};
+
+}  // namespace shimlet::session

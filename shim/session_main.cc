@@ -1,0 +1,3 @@
+#include "shim/session.h"
+
+int main(int argc, char** argv) { return shimlet::session::main(argc, argv); }
