@@ -1,0 +1,105 @@
+// Command-line parsing with CLI11, in kubectl's habits: global flags before or
+// after the verb, combined short flags (-it), `--` before the command.
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdlib>
+
+#include "client/client.h"
+
+namespace shimlet::client {
+namespace {
+
+constexpr const char* kExecUsage =
+    "shimctl [--local] [--state-dir DIR] exec [-i] [-t] [-n NS] TARGET [-c CONTAINER] -- CMD [ARGS...]";
+
+}  // namespace
+
+std::string default_state_dir() {
+  const char* e = std::getenv("SHIMLET_STATE_DIR");
+  return e && *e ? e : kDefaultStateDir;
+}
+
+Invocation parse_args(const std::vector<std::string>& argv) {
+  Invocation inv;
+  // CLI11 captures what follows `--` as positionals but cannot tell whether a
+  // `--` was there; kubectl insists on it (so the command's own flags are never
+  // ours), so the command is split off here before CLI11 sees the rest.
+  std::vector<std::string> ours;
+  bool have_dashdash = false;
+  for (size_t i = 0; i < argv.size(); ++i) {
+    if (i > 0 && argv[i] == "--") {
+      have_dashdash = true;
+      inv.exec.command.assign(argv.begin() + static_cast<ptrdiff_t>(i) + 1, argv.end());
+      break;
+    }
+    ours.push_back(argv[i]);
+  }
+  if (ours.empty()) ours.push_back("shimctl");
+
+  CLI::App app{"shimctl: run commands in containers through their shimlet", "shimctl"};
+  app.footer(std::string("Usage: ") + kExecUsage);
+  std::string state_dir;
+  app.add_flag("--local", inv.local, "Root on the node: read the state dir and mint a ticket with its local.key");
+  app.add_option("--state-dir", state_dir, "shimlet state directory (default $SHIMLET_STATE_DIR or /run/shimlet)");
+  app.add_option("-n,--namespace", inv.ns, "Namespace of the pod named by TARGET")->capture_default_str();
+  app.require_subcommand(1);
+
+  CLI::App* exec = app.add_subcommand("exec", "Execute a command in a container");
+  exec->fallthrough();  // global flags may follow the verb, as with kubectl
+  exec->footer(std::string("Usage: ") + kExecUsage);
+  std::vector<std::string> positional;
+  exec->add_flag("-i,--stdin", inv.exec.stdin_, "Pass stdin to the container");
+  exec->add_flag("-t,--tty", inv.exec.tty, "Stdin is a TTY");
+  exec->add_option("-c,--container", inv.exec.container, "Container name within the pod");
+  exec->add_option("TARGET", positional, "Container id, unique id prefix, or pod name");
+
+  std::vector<const char*> cargv;
+  for (const auto& a : ours) cargv.push_back(a.c_str());
+  try {
+    app.parse(static_cast<int>(cargv.size()), cargv.data());
+  } catch (const CLI::CallForHelp&) {
+    inv.help = true;
+    inv.help_text = app.help();
+    return inv;
+  } catch (const CLI::CallForAllHelp&) {
+    inv.help = true;
+    inv.help_text = app.help("", CLI::AppFormatMode::All);
+    return inv;
+  } catch (const CLI::ParseError& e) {
+    std::string what = e.what();
+    if (app.get_subcommands().empty()) {
+      // CLI11 only says "a subcommand is required": name the word it did not know.
+      for (size_t i = 1; i < ours.size(); ++i) {
+        const std::string& a = ours[i];
+        if (a == "--state-dir" || a == "-n" || a == "--namespace") {
+          ++i;
+          continue;
+        }
+        if (!a.empty() && a[0] != '-') {
+          what = "unknown command '" + a + "' (commands: exec)";
+          break;
+        }
+      }
+    }
+    if (what.empty()) what = e.get_name();
+    throw UsageError(what + " (usage: " + kExecUsage + ")");
+  }
+
+  inv.state_dir = state_dir.empty() ? default_state_dir() : state_dir;
+  if (exec->parsed()) {
+    inv.verb = "exec";
+    if (positional.empty()) throw UsageError(std::string("exec: missing TARGET (usage: ") + kExecUsage + ")");
+    if (positional.size() > 1)
+      throw UsageError("exec: unexpected argument '" + positional[1] +
+                       "': the command goes after --, as in 'shimctl exec " + positional[0] + " -- " + positional[1] +
+                       "'");
+    inv.exec.target = positional[0];
+    if (inv.exec.target.empty()) throw UsageError("exec: TARGET is empty");
+    if (!have_dashdash || inv.exec.command.empty())
+      throw UsageError("exec: missing command: put it after --, as in 'shimctl exec " + inv.exec.target + " -- sh'");
+    if (inv.ns.empty()) throw UsageError("exec: -n/--namespace is empty");
+  }
+  return inv;
+}
+
+}  // namespace shimlet::client

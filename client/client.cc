@@ -1,0 +1,36 @@
+// shimctl's top level: parse, get endpoint+pin+ticket, run the verb.
+#include "client/client.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+
+namespace shimlet::client {
+namespace {
+
+int print_error(const std::string& what) {
+  std::string line = "error: " + what + "\n";
+  (void)!write(2, line.data(), line.size());
+  return kOwnErrorExit;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    std::vector<std::string> args(argv, argv + argc);
+    Invocation inv = parse_args(args);
+    if (inv.help) {
+      fputs(inv.help_text.c_str(), stdout);
+      return 0;
+    }
+    // A fresh key per run: the ticket binds it (cnf.jkt), TLS proves it.
+    proto::Identity id = proto::generate_identity("shimctl");
+    Grant grant = obtain_exec_grant(inv, id);
+    return run_exec(grant, inv.exec, id);
+  } catch (const std::exception& e) {
+    return print_error(e.what());
+  }
+}
+
+}  // namespace shimlet::client

@@ -1,0 +1,490 @@
+// The exec stream (docs/design.md "Native protocol"): TLS 1.3 + HTTP/2 client
+// (nghttp2) on a libevent loop, local stdio <-> frames, with flow control end
+// to end: we only WINDOW_UPDATE what reached our stdout/stderr, and stop
+// reading stdin while the request body queue is full.
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <nghttp2/nghttp2.h>
+#include <openssl/ssl.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+#include "client/client.h"
+#include "client/terminal.h"
+#include "common/fd.h"
+#include "proto/frames.h"
+#include "proto/h2.h"
+#include "proto/tls.h"
+
+namespace shimlet::client {
+namespace {
+
+constexpr uint32_t kStreamWindow = 4u << 20;       // SETTINGS_INITIAL_WINDOW_SIZE
+constexpr uint32_t kConnectionWindow = 16u << 20;  // connection-level receive window
+constexpr size_t kStdinChunk = 64 << 10;           // one STDIN frame per read
+constexpr size_t kUploadHigh = 1 << 20;            // stop reading stdin above this many queued request bytes
+constexpr size_t kMaxErrorBody = 64 << 10;         // error responses are one JSON line
+constexpr int kConnectTimeoutS = 10;               // TCP connect + TLS handshake
+constexpr int kFinishGraceMs = 500;                // after STATUS: time to flush our END_STREAM
+
+template <typename T, void (*F)(T*)>
+struct Free {
+  void operator()(T* p) const { F(p); }
+};
+using EventBase = std::unique_ptr<event_base, Free<event_base, event_base_free>>;
+using Event = std::unique_ptr<event, Free<event, event_free>>;
+using EvBuffer = std::unique_ptr<evbuffer, Free<evbuffer, evbuffer_free>>;
+
+// Server-provided text goes to our terminal: one line, no control characters.
+std::string one_line(std::string_view s) {
+  std::string out;
+  for (unsigned char c : s) out += (c < 0x20 || c == 0x7f) ? ' ' : static_cast<char>(c);
+  if (out.size() > 4096) out.resize(4096);
+  return out;
+}
+
+std::pair<std::string, std::string> split_endpoint(const std::string& ep) {
+  std::string host, port;
+  if (!ep.empty() && ep[0] == '[') {
+    auto close = ep.find(']');
+    if (close == std::string::npos || close + 1 >= ep.size() || ep[close + 1] != ':')
+      throw Error("bad shim endpoint '" + ep + "'");
+    host = ep.substr(1, close - 1);
+    port = ep.substr(close + 2);
+  } else {
+    auto colon = ep.rfind(':');
+    if (colon == std::string::npos) throw Error("bad shim endpoint '" + ep + "' (want host:port)");
+    host = ep.substr(0, colon);
+    port = ep.substr(colon + 1);
+  }
+  if (host.empty() || port.empty()) throw Error("bad shim endpoint '" + ep + "'");
+  return {host, port};
+}
+
+class ExecClient : public proto::H2Conn::Handler {
+ public:
+  ExecClient(const Grant& g, const ExecOptions& ex, const proto::Identity& id)
+      : grant_(g), ex_(ex), ctx_(proto::make_client_ctx(id)) {
+    base_.reset(event_base_new());
+    if (!base_) throw Error("event_base_new failed");
+    out_[0].reset(evbuffer_new());
+    out_[1].reset(evbuffer_new());
+  }
+  ~ExecClient() override {
+    // Everything was written (GOAWAY included): say goodbye properly so the
+    // session logs a clean close rather than a truncated connection.
+    if (conn_ && net_closed_ && tls_ready_ && conn_->ssl()) SSL_shutdown(conn_->ssl());
+    conn_.reset();  // before the events and the base it uses
+  }
+
+  // Runs to completion; returns the exit code, message() is the line to print.
+  int run() {
+    start_connect();
+    event_base_dispatch(base_.get());
+    return exit_code_;
+  }
+  const std::string& message() const { return message_; }
+
+ private:
+  // ---- connection setup ----
+  void start_connect() {
+    auto [host, port] = split_endpoint(grant_.endpoint);
+    addrinfo hints{};
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    addrinfo* res = nullptr;
+    if (int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &res); rc != 0)
+      throw Error("cannot resolve shim endpoint " + grant_.endpoint + ": " + gai_strerror(rc));
+    std::unique_ptr<addrinfo, void (*)(addrinfo*)> guard(res, freeaddrinfo);
+    sock_.reset(socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (!sock_) throw sys_error("socket");
+    int one = 1;
+    setsockopt(sock_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // interactive keystrokes
+    if (connect(sock_.get(), res->ai_addr, res->ai_addrlen) < 0 && errno != EINPROGRESS)
+      throw sys_error("cannot connect to shim at " + grant_.endpoint);
+    connect_ev_.reset(event_new(base_.get(), sock_.get(), EV_WRITE, &ExecClient::on_connect_cb, this));
+    timeval tv{kConnectTimeoutS, 0};
+    event_add(connect_ev_.get(), &tv);
+  }
+
+  static void on_connect_cb(evutil_socket_t fd, short what, void* self) {
+    auto* c = static_cast<ExecClient*>(self);
+    if (what & EV_TIMEOUT) return c->fail_now("timed out connecting to shim at " + c->grant_.endpoint);
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err) return c->fail_now("cannot connect to shim at " + c->grant_.endpoint + ": " + strerror(err));
+    SSL* ssl = SSL_new(c->ctx_.get());
+    if (!ssl) return c->fail_now("SSL_new: " + proto::ssl_error_string());
+    // H2Conn owns fd and ssl from here; it runs the handshake (bounded) and HTTP/2.
+    proto::H2Settings st;
+    st.stream_window = kStreamWindow;
+    st.connection_window = kConnectionWindow;
+    st.handshake_timeout_s = kConnectTimeoutS;
+    c->conn_ =
+        std::make_unique<proto::H2Conn>(c->base_.get(), c->sock_.release(), ssl, proto::H2Conn::Role::Client, c, st);
+  }
+
+  std::string on_connected(SSL* ssl) override {
+    if (std::string e = proto::check_pin(ssl, grant_.pin); !e.empty()) {
+      pin_error_ = e;
+      return e;
+    }
+    tls_ready_ = true;
+    // The HTTP/2 session exists only once this returns: submit from the loop.
+    start_ev_.reset(evtimer_new(
+        base_.get(), [](evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->start_exec(); }, this));
+    timeval zero{0, 0};
+    event_add(start_ev_.get(), &zero);
+    return "";
+  }
+
+  void start_exec() {
+    if (finishing_) return;
+    try {
+      start_stdio();
+      nlohmann::json spec = {{"command", ex_.command}, {"stdin", ex_.stdin_}, {"tty", ex_.tty}};
+      if (ex_.tty) {
+        size_ = local_winsize();
+        spec["cols"] = size_.cols;
+        spec["rows"] = size_.rows;
+        if (const char* term = getenv("TERM"); term && *term) spec["term"] = term;
+      }
+      proto::Headers h = {{":method", "POST"},
+                          {":scheme", "https"},
+                          {":authority", grant_.endpoint},
+                          {":path", proto::kExecPath},
+                          {"authorization", "Bearer " + grant_.ticket},
+                          {proto::kExecHeader, spec.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)},
+                          {"user-agent", "shimctl"}};
+      stream_ = conn_->request(h, /*has_body=*/true);
+      if (stream_ < 0) return fail_now("cannot submit the exec request to the shim");
+      if (!pending_.empty()) {
+        conn_->send(stream_, pending_.data(), pending_.size());
+        pending_.clear();
+      }
+    } catch (const std::exception& e) {
+      return fail_now(e.what());
+    }
+    pump();
+  }
+
+  // ---- local stdio ----
+  void start_stdio() {
+    stdio_.emplace(ex_.tty, ex_.stdin_);
+    for (int i = 0; i < 2; ++i)
+      out_ev_[i].reset(event_new(base_.get(), i + 1, EV_WRITE, &ExecClient::on_out_writable_cb, this));
+    if (ex_.stdin_) {
+      stdin_pollable_ = pollable(0);
+      // Non-pollable stdin (regular file, /dev/null) is always ready: we
+      // activate the event by hand instead of waiting on it.
+      stdin_ev_.reset(event_new(base_.get(), stdin_pollable_ ? 0 : -1, stdin_pollable_ ? EV_READ | EV_PERSIST : 0,
+                                &ExecClient::on_stdin_cb, this));
+      resume_stdin();
+    }
+    if (ex_.tty) {
+      winch_ev_.reset(evsignal_new(base_.get(), SIGWINCH, &ExecClient::on_winch_cb, this));
+      event_add(winch_ev_.get(), nullptr);
+    }
+  }
+
+  void resume_stdin() {
+    if (!stdin_ev_ || stdin_done_ || stdin_reading_) return;
+    stdin_reading_ = true;
+    if (stdin_pollable_)
+      event_add(stdin_ev_.get(), nullptr);
+    else
+      event_active(stdin_ev_.get(), EV_READ, 0);
+  }
+  void pause_stdin() {
+    if (!stdin_reading_) return;
+    stdin_reading_ = false;
+    if (stdin_pollable_) event_del(stdin_ev_.get());
+  }
+
+  static void on_stdin_cb(evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->read_stdin(); }
+  void read_stdin() {
+    if (!stdin_reading_ || stdin_done_ || finishing_) return;
+    char buf[kStdinChunk];
+    ssize_t n = read(0, buf, sizeof buf);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+    if (n <= 0) {
+      // EOF (or a hung-up tty): tell the command; the stream stays open for RESIZE.
+      pause_stdin();
+      stdin_done_ = true;
+      send_frame(proto::FrameType::StdinEof, {});
+    } else {
+      send_frame(proto::FrameType::Stdin, std::string_view(buf, static_cast<size_t>(n)));
+      if (conn_->outbound(stream_) > kUploadHigh)
+        pause_stdin();  // on_drain resumes
+      else if (!stdin_pollable_)
+        event_active(stdin_ev_.get(), EV_READ, 0);
+    }
+    pump();
+  }
+
+  void on_drain(int32_t stream) override {
+    if (stream == stream_) resume_stdin();
+  }
+
+  static void on_winch_cb(evutil_socket_t, short, void* self) {
+    auto* c = static_cast<ExecClient*>(self);
+    WinSize ws = local_winsize();
+    if (ws == c->size_ || c->finishing_) return;
+    c->size_ = ws;
+    c->send_frame(proto::FrameType::Resize, proto::resize_payload(ws.cols, ws.rows));
+    c->pump();
+  }
+
+  void send_frame(proto::FrameType t, std::string_view payload) {
+    std::string f;
+    proto::append_frame(f, t, payload);
+    if (stream_ < 0) {
+      pending_ += f;
+      return;
+    }
+    if (conn_ && !conn_->closed()) conn_->send(stream_, f.data(), f.size());
+  }
+
+  // Writes buffered output; returns the window for exactly what was written.
+  void flush_outputs() {
+    for (int i = 0; i < 2; ++i) {
+      evbuffer* b = out_[i].get();
+      while (size_t len = evbuffer_get_length(b)) {
+        if (out_dead_[i]) {
+          evbuffer_drain(b, len);
+          consume(len);
+          break;
+        }
+        int n = evbuffer_write_atmost(b, i + 1, -1);
+        if (n > 0) {
+          consume(static_cast<size_t>(n));
+          continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+          event_add(out_ev_[i].get(), nullptr);
+          break;
+        }
+        int e = n < 0 ? errno : EIO;
+        if (i == 0) {
+          // Like a local `cmd | head`: the reader is gone, so the command is
+          // done for; the shell sees 128+SIGPIPE. Other errors are ours.
+          if (e == EPIPE) return end_now(128 + SIGPIPE, "");
+          return end_now(kOwnErrorExit, std::string("error: cannot write to stdout: ") + strerror(e));
+        }
+        out_dead_[i] = true;  // stderr gone: keep stdout and the exit code
+      }
+    }
+  }
+  static void on_out_writable_cb(evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->pump(); }
+  bool outputs_empty() const {
+    return evbuffer_get_length(out_[0].get()) == 0 && evbuffer_get_length(out_[1].get()) == 0;
+  }
+  void consume(size_t n) {
+    if (conn_ && stream_ > 0 && n) conn_->consume(stream_, n);
+  }
+
+  // ---- response ----
+  void on_headers(int32_t stream, const proto::Headers& h, bool) override {
+    if (stream != stream_) return;
+    const std::string* st = proto::find_header(h, ":status");
+    if (!st) return;
+    int code = atoi(st->c_str());
+    if (code >= 200 && http_status_ == 0) http_status_ = code;
+  }
+
+  void on_data(int32_t stream, const uint8_t* data, size_t len) override {
+    if (stream != stream_) return;
+    on_body(std::string_view(reinterpret_cast<const char*>(data), len));
+  }
+
+  void on_body(std::string_view data) {
+    if (http_status_ != 200) {
+      if (error_body_.size() < kMaxErrorBody) error_body_.append(data.substr(0, kMaxErrorBody - error_body_.size()));
+      consume(data.size());
+      return;
+    }
+    size_t before = decoder_.buffered();
+    decoder_.feed(data);
+    size_t buffered_payload = 0;
+    while (auto fr = decoder_.next()) {
+      if (got_status_) continue;  // nothing follows STATUS
+      switch (fr->type) {
+        case proto::FrameType::Stdout:
+        case proto::FrameType::Stderr: {
+          int i = fr->type == proto::FrameType::Stdout ? 0 : 1;
+          if (!fr->payload.empty() && !out_dead_[i]) {
+            evbuffer_add(out_[i].get(), fr->payload.data(), fr->payload.size());
+            buffered_payload += fr->payload.size();
+          }
+          break;
+        }
+        case proto::FrameType::Status:
+          on_status(fr->payload);
+          break;
+        default:
+          finish(kOwnErrorExit,
+                 "error: shim sent an unexpected frame type " + std::to_string(static_cast<int>(fr->type)));
+      }
+    }
+    if (!decoder_.error().empty()) finish(kOwnErrorExit, "error: bad frame from shim: " + decoder_.error());
+    // Bytes fully parsed now, minus the payload that waits in our buffers.
+    size_t parsed = data.size() + before - decoder_.buffered();
+    consume(parsed - buffered_payload);
+    if (buffered_payload) flush_outputs();  // plain writes: safe inside H2Conn's callback
+  }
+
+  void on_status(const std::string& payload) {
+    nlohmann::json j = nlohmann::json::parse(payload, nullptr, false);
+    auto code = j.is_object() ? j.find("exit_code") : j.end();
+    if (!j.is_object() || code == j.end() || !code->is_number_integer() || code->get<int64_t>() < 0 ||
+        code->get<int64_t>() > 255)
+      return finish(kOwnErrorExit, "error: shim sent a malformed exit status: " + one_line(payload));
+    got_status_ = true;
+    std::string msg;
+    if (auto e = j.find("error"); e != j.end() && e->is_string() && !e->get<std::string>().empty())
+      msg = "error: " + one_line(e->get<std::string>());
+    finish(static_cast<int>(code->get<int64_t>()), msg);
+  }
+
+  void on_remote_end(int32_t stream) override {
+    if (stream != stream_ || got_status_ || finishing_) return;
+    if (http_status_ != 200) {
+      nlohmann::json j = nlohmann::json::parse(error_body_, nullptr, false);
+      std::string msg;
+      if (j.is_object())
+        if (auto e = j.find("error"); e != j.end() && e->is_string()) msg = e->get<std::string>();
+      if (msg.empty()) msg = "shim answered HTTP " + std::to_string(http_status_);
+      finish(kOwnErrorExit, "error: " + one_line(msg));
+    } else {
+      finish(kOwnErrorExit, "error: connection to shim lost (the stream ended without an exit status)");
+    }
+  }
+
+  void on_stream_close(int32_t stream, uint32_t error_code) override {
+    if (stream != stream_) return;
+    stream_closed_ = true;
+    if (!got_status_ && !finishing_)
+      finish(kOwnErrorExit,
+             "error: connection to shim lost (stream reset: " + std::string(nghttp2_http2_strerror(error_code)) + ")");
+    // Done with this connection: GOAWAY, and on_closed once it is written.
+    shutdown_pending_ = true;
+  }
+
+  void on_closed(const std::string& why) override {
+    net_closed_ = true;
+    if (!tls_ready_) {
+      if (!pin_error_.empty()) return fail_now(pin_error_);
+      return fail_now("cannot connect to shim at " + grant_.endpoint + ": " + why);
+    }
+    if (!finishing_) finish(kOwnErrorExit, "error: connection to shim lost (" + why + ")");
+    defer_pump();  // never tear down from inside H2Conn's own call stack
+  }
+
+  // ---- ending ----
+  // Ends the exec with code/message once every byte of output is written.
+  void finish(int code, std::string msg) {
+    if (finishing_) return;
+    finishing_ = true;
+    exit_code_ = code;
+    message_ = std::move(msg);
+    pause_stdin();
+    stdin_done_ = true;
+    if (conn_ && stream_ > 0 && !stream_closed_ && !conn_->closed()) end_pending_ = true;
+    grace_ev_.reset(evtimer_new(
+        base_.get(), [](evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->grace_over(); }, this));
+    timeval tv{0, kFinishGraceMs * 1000};
+    event_add(grace_ev_.get(), &tv);
+    defer_pump();
+  }
+  void grace_over() {
+    grace_over_ = true;
+    pump();
+  }
+  // Immediate end (setup failures, stdout errors): nothing more to drain.
+  void fail_now(const std::string& msg) { end_now(kOwnErrorExit, "error: " + msg); }
+  void end_now(int code, std::string msg) {
+    finishing_ = true;
+    exit_code_ = code;
+    message_ = std::move(msg);
+    event_base_loopbreak(base_.get());
+  }
+
+  // Callbacks from H2Conn run inside nghttp2; state changes that call back into
+  // H2Conn wait for the next loop turn.
+  void defer_pump() {
+    if (!pump_ev_)
+      pump_ev_.reset(evtimer_new(
+          base_.get(), [](evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->pump(); }, this));
+    timeval zero{0, 0};
+    event_add(pump_ev_.get(), &zero);
+  }
+
+  void pump() {
+    flush_outputs();
+    if (!finishing_) return;
+    if (conn_ && !conn_->closed()) {
+      if (end_pending_) {
+        end_pending_ = false;
+        conn_->end(stream_);  // end the request body after STATUS (RESIZE could follow until then)
+      }
+      if (shutdown_pending_) {
+        shutdown_pending_ = false;
+        conn_->shutdown();
+      }
+    }
+    if (!outputs_empty()) return;
+    if (net_closed_ || !conn_ || conn_->closed() || grace_over_) event_base_loopbreak(base_.get());
+  }
+
+  const Grant& grant_;
+  const ExecOptions& ex_;
+  proto::SslCtx ctx_;
+  EventBase base_;
+  Fd sock_;
+  Event connect_ev_, start_ev_, stdin_ev_, winch_ev_, grace_ev_, pump_ev_, out_ev_[2];
+  std::unique_ptr<proto::H2Conn> conn_;
+  EvBuffer out_[2];
+  std::optional<LocalStdio> stdio_;
+  proto::FrameDecoder decoder_;
+  WinSize size_;
+  std::string error_body_, message_, pin_error_, pending_;
+  int32_t stream_ = -1;
+  int http_status_ = 0;
+  int exit_code_ = kOwnErrorExit;
+  bool tls_ready_ = false, stdin_pollable_ = true, stdin_reading_ = false, stdin_done_ = false;
+  bool got_status_ = false, stream_closed_ = false, finishing_ = false, grace_over_ = false, net_closed_ = false;
+  bool end_pending_ = false, shutdown_pending_ = false;
+  bool out_dead_[2] = {false, false};
+};
+
+}  // namespace
+
+int run_exec(const Grant& grant, const ExecOptions& ex, const proto::Identity& client) {
+  signal(SIGPIPE, SIG_IGN);  // EPIPE is handled where it happens
+  int code;
+  std::string msg;
+  {
+    ExecClient c(grant, ex, client);
+    code = c.run();
+    msg = c.message();
+  }  // terminal and fd flags restored here, before we print
+  if (!msg.empty()) {
+    msg += "\n";
+    (void)!write(2, msg.data(), msg.size());
+  }
+  return code;
+}
+
+}  // namespace shimlet::client

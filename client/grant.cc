@@ -1,0 +1,65 @@
+// Where endpoint + pin + ticket come from. Local mode: the state dir and a
+// ticket minted with the node's local.key. (Master mode comes later and plugs
+// in at obtain_exec_grant.)
+#include <pwd.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <ctime>
+
+#include "client/client.h"
+#include "common/base64.h"
+#include "ticket/ticket.h"
+
+namespace shimlet::client {
+namespace {
+
+constexpr int64_t kTicketLifetimeS = 30;  // only needs to outlive connect + handshake
+
+}  // namespace
+
+std::string invoking_user() {
+  if (const char* s = std::getenv("SUDO_USER"); s && *s) return s;
+  uid_t uid = getuid();
+  struct passwd pw, *res = nullptr;
+  char buf[4096];
+  if (getpwuid_r(uid, &pw, buf, sizeof buf, &res) == 0 && res) return pw.pw_name;
+  return "uid:" + std::to_string(uid);
+}
+
+Grant local_exec_grant(const std::string& state_dir, const std::string& ns, const ExecOptions& ex,
+                       const proto::Identity& client, int64_t now) {
+  std::vector<Registration> regs = load_registrations(state_dir);
+  const Registration& reg = resolve_target(regs, ex.target, ns, ex.container);
+
+  std::string key_path = state_dir + "/local.key";
+  ticket::PrivateKey key;
+  try {
+    key = ticket::PrivateKey::load(key_path);
+  } catch (const std::exception& e) {
+    throw Error(std::string("cannot load the node key (--local needs root on the node): ") + e.what());
+  }
+  ticket::Claims c;
+  c.iss = "local";
+  c.sub = invoking_user();
+  c.aud = reg.id;
+  c.verb = "exec";
+  c.cmd = ex.command;
+  c.stdin_ = ex.stdin_;
+  c.tty = ex.tty;
+  c.iat = now;
+  c.exp = now + kTicketLifetimeS;
+  c.jti = base64url_encode(random_bytes(16));
+  c.sid = base64url_encode(random_bytes(12));
+  // Bind the ticket to this run's TLS key: a stolen ticket is useless without it.
+  c.cnf_jkt = ticket::jkt_of_public_pem(ticket::PrivateKey::from_pem(client.key_pem).public_pem());
+  return Grant{reg.id, reg.endpoint, reg.pin, key.sign(c, "local")};
+}
+
+Grant obtain_exec_grant(const Invocation& inv, const proto::Identity& client) {
+  if (!inv.local)
+    throw UsageError("no master is configured yet: use --local (as root on the node) to mint a local ticket");
+  return local_exec_grant(inv.state_dir, inv.ns, inv.exec, client, static_cast<int64_t>(std::time(nullptr)));
+}
+
+}  // namespace shimlet::client

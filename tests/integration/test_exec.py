@@ -1,0 +1,502 @@
+"""shimctl exec end to end: real runc containers with shimlet-hook as their
+createRuntime/poststop hook, the real shim and shimlet-session, and
+`shimctl --local` minting tickets with the state dir's local.key."""
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import termios
+import time
+import uuid
+
+import pytest
+
+from containers import BIN, Container, run
+
+HOOK = os.path.join(BIN, "shimlet-hook")
+SHIMCTL = os.path.join(BIN, "shimctl")
+SEQ_N = 2000000
+
+
+def wait_for(pred, timeout=5.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def pids_with_cmdline(needle):
+    """Host pids whose argv contains the exact argument `needle` (bytes)."""
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if needle in f.read().split(b"\0") and alive(int(p)):
+                    out.append(int(p))
+    return out
+
+
+class ShimEnv:
+    """A private hook config + state dir, and containers hooked to it."""
+
+    def __init__(self):
+        for b in (HOOK, SHIMCTL, os.path.join(BIN, "shimlet"), os.path.join(BIN, "shimlet-session")):
+            if not os.access(b, os.X_OK):
+                raise AssertionError(f"{b} missing: build first (scripts/build)")
+        self.dir = tempfile.mkdtemp(prefix="shimlet-cli-")
+        self.state = os.path.join(self.dir, "state")
+        self.config = os.path.join(self.dir, "hook.json")
+        with open(self.config, "w") as f:
+            json.dump({"state_dir": self.state, "fail_container_on_error": True}, f)
+        self.containers = []
+
+    def hooks(self):
+        entry = lambda stage: [{"path": HOOK, "args": ["shimlet-hook", "--config", self.config, stage]}]
+        return {"createRuntime": entry("createRuntime"), "poststop": entry("poststop")}
+
+    def container(self, annotations=None, **kw):
+        def edit(cfg):
+            if annotations:
+                cfg["annotations"] = dict(annotations)
+
+        c = Container(hooks=self.hooks(), edit=edit, **kw)
+        self.containers.append(c)
+        c.start()
+        reg = os.path.join(self.state, c.id, "registration.json")
+        wait_for(lambda: os.path.exists(reg), 5, f"registration of {c.id}")
+        return c
+
+    def registration(self, cid):
+        with open(os.path.join(self.state, cid, "registration.json")) as f:
+            return json.load(f)
+
+    def shimctl(self, *args, state_dir=None, **kw):
+        return [SHIMCTL, "--local", "--state-dir", state_dir or self.state, *args]
+
+    def cleanup(self):
+        for c in self.containers:
+            with contextlib.suppress(Exception):
+                c.cleanup()
+        # A shim that outlived its container (hook failure) dies with the test.
+        if os.path.isdir(self.state):
+            for cid in os.listdir(self.state):
+                with contextlib.suppress(Exception):
+                    pid = self.registration(cid)["shim_pid"]
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if self.state.encode() in f.read():
+                            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = ShimEnv()
+    try:
+        yield e
+    finally:
+        e.cleanup()
+
+
+@pytest.fixture(scope="module")
+def ctr(env):
+    return env.container()
+
+
+def shimctl(env, *args, timeout=60, state_dir=None, **kw):
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run(env.shimctl(*args, state_dir=state_dir), timeout=timeout, **kw)
+
+
+def seq_bytes(n, eol=b"\n"):
+    return eol.join(str(i).encode() for i in range(1, n + 1)) + eol
+
+
+class Pty:
+    """shimctl under a pty we own, as its controlling terminal, with a set size."""
+
+    def __init__(self, argv, rows, cols):
+        self.master, slave = os.openpty()
+        self.set_size(rows, cols, fd=slave)
+
+        def ctty():
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                     preexec_fn=ctty)
+        os.close(slave)
+        self.out = b""
+
+    def set_size(self, rows, cols, fd=None):
+        fcntl.ioctl(self.master if fd is None else fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def read_until(self, pred, timeout=10):
+        deadline = time.time() + timeout
+        while not pred(self.out):
+            left = deadline - time.time()
+            if left <= 0:
+                raise AssertionError(f"timed out; pty output so far: {self.out!r}")
+            r, _, _ = select.select([self.master], [], [], min(left, 0.2))
+            if r:
+                try:
+                    d = os.read(self.master, 65536)
+                except OSError:  # EIO: every slave fd closed
+                    d = b""
+                if not d:
+                    if not pred(self.out):
+                        raise AssertionError(f"pty closed; output: {self.out!r}")
+                    break
+                self.out += d
+        return self.out
+
+    def wait(self, timeout=20):
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.close()
+
+    def close(self):
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        with contextlib.suppress(OSError):
+            os.close(self.master)
+
+
+# ---- output integrity ----
+
+def test_seq_pipe_mode_byte_exact(env, ctr):
+    p = shimctl(env, "exec", ctr.id, "--", "seq", "1", str(SEQ_N))
+    assert p.returncode == 0, p.stderr
+    want = seq_bytes(SEQ_N)
+    assert len(p.stdout) == len(want)
+    assert hashlib.sha256(p.stdout).hexdigest() == hashlib.sha256(want).hexdigest()
+    assert p.stderr == b""
+
+
+def test_seq_tty_mode_byte_exact(env, ctr):
+    # The container's pty turns \n into \r\n (onlcr); nothing else may change.
+    p = shimctl(env, "exec", "-t", ctr.id, "--", "seq", "1", str(SEQ_N))
+    assert p.returncode == 0, p.stderr
+    want = seq_bytes(SEQ_N, b"\r\n")
+    assert len(p.stdout) == len(want)
+    assert hashlib.sha256(p.stdout).hexdigest() == hashlib.sha256(want).hexdigest()
+
+
+def test_seq_tty_raw_under_local_pty(env, ctr):
+    # shimctl in raw mode on a real local tty, the remote side raw too: bytes as is.
+    t = Pty(env.shimctl("exec", "-it", ctr.id, "--", "sh", "-c", "stty raw -echo; seq 1 200000; echo END"), 24, 80)
+    try:
+        out = t.read_until(lambda o: o.endswith(b"END\n") or o.endswith(b"END\r\n"), timeout=60)
+        assert t.wait() == 0
+    finally:
+        t.close()
+    body = out[out.index(b"1\n"):] if b"1\n" in out else out
+    assert body == seq_bytes(200000) + b"END\n"
+
+
+def test_stdin_100mb_through_cat(env, ctr, tmp_path):
+    data = os.urandom(100 << 20)
+    src = tmp_path / "in"
+    src.write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    # Through a pipe (pollable stdin) ...
+    with open(src, "rb") as f:
+        feeder = subprocess.Popen(["cat"], stdin=f, stdout=subprocess.PIPE)
+        p = subprocess.run(env.shimctl("exec", "-i", ctr.id, "--", "cat"), stdin=feeder.stdout,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+        feeder.stdout.close()
+        feeder.wait()
+    assert p.returncode == 0, p.stderr
+    assert len(p.stdout) == len(data)
+    assert hashlib.sha256(p.stdout).hexdigest() == want
+    # ... and from a regular file (not pollable: always ready), checksummed remotely.
+    with open(src, "rb") as f:
+        p = shimctl(env, "exec", "-i", ctr.id, "--", "sha256sum", stdin=f, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[0].decode() == want
+
+
+def test_stdin_eof_from_dev_null(env, ctr):
+    p = shimctl(env, "exec", "-i", ctr.id, "--", "sh", "-c", "cat; echo eof-seen")
+    assert (p.returncode, p.stdout) == (0, b"eof-seen\n"), p.stderr
+
+
+def test_without_i_stdin_is_not_read(env, ctr):
+    r, w = os.pipe()
+    try:
+        os.write(w, b"must stay here\n")
+        p = shimctl(env, "exec", ctr.id, "--", "sh", "-c", "cat; echo done", stdin=r)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout == b"done\n"
+        assert os.read(r, 100) == b"must stay here\n"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_stdout_and_stderr_separate(env, ctr):
+    p = shimctl(env, "exec", ctr.id, "--", "sh", "-c", "echo out; echo err >&2; echo out2")
+    assert (p.returncode, p.stdout, p.stderr) == (0, b"out\nout2\n", b"err\n")
+
+
+def test_slow_reader_bounded_memory(env, ctr):
+    # A reader that stops: flow control must stop the command, not grow our buffers.
+    p = subprocess.Popen(env.shimctl("exec", ctr.id, "--", "seq", "1", "10000000"), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(3)
+        with open(f"/proc/{p.pid}/status") as f:
+            hwm = int(next(l for l in f if l.startswith("VmHWM:")).split()[1])
+        assert hwm < 48 * 1024, f"shimctl peak RSS {hwm} kB with a stalled reader"
+        h = hashlib.sha256()
+        n = 0
+        while chunk := p.stdout.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+        assert p.wait(timeout=120) == 0
+        want = seq_bytes(10000000)
+        assert n == len(want) and h.hexdigest() == hashlib.sha256(want).hexdigest()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+# ---- exit codes ----
+
+@pytest.mark.parametrize("code", [0, 1, 42, 255])
+def test_exit_codes(env, ctr, code):
+    p = shimctl(env, "exec", ctr.id, "--", "sh", "-c", f"exit {code}")
+    assert p.returncode == code, p.stderr
+    assert p.stderr == b""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV, signal.SIGHUP])
+def test_signal_death_is_128_plus_n(env, ctr, sig):
+    p = shimctl(env, "exec", ctr.id, "--", "sh", "-c", f"kill -{int(sig)} $$")
+    assert p.returncode == 128 + int(sig), p.stderr
+
+
+def test_command_not_found(env, ctr):
+    p = shimctl(env, "exec", ctr.id, "--", "/no/such/binary")
+    assert p.returncode == 127
+    lines = p.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "/no/such/binary" in lines[0], p.stderr
+
+
+def test_background_child_holding_stdout_does_not_hang(env, ctr):
+    t0 = time.time()
+    p = shimctl(env, "exec", ctr.id, "--", "sh", "-c", "sleep 1000 & echo started; exit 3", timeout=30)
+    took = time.time() - t0
+    assert p.returncode == 3, p.stderr
+    assert p.stdout == b"started\n"
+    assert took < 8, f"took {took:.1f}s (drain_timeout_ms is 2 s)"
+
+
+def test_stdout_reader_gone_is_sigpipe(env, ctr):
+    p = subprocess.Popen(env.shimctl("exec", ctr.id, "--", "seq", "1", "100000000"), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()
+    assert p.wait(timeout=30) == 128 + signal.SIGPIPE
+    p.stderr.close()
+
+
+# ---- process lifetime ----
+
+def test_sigkill_of_shimctl_ends_the_session_processes(env, ctr):
+    marker = str(900000 + uuid.uuid4().int % 99999)
+    p = subprocess.Popen(env.shimctl("exec", ctr.id, "--", "sh", "-c", f"sleep {marker} & echo ready; sleep {marker}"),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        procs = wait_for(lambda: len(pids_with_cmdline(marker.encode())) == 2 and pids_with_cmdline(marker.encode()),
+                         5, "both sleeps")
+        p.kill()
+        p.wait()
+        t0 = time.time()
+        wait_for(lambda: not any(alive(x) for x in procs), 1.0, "the session's processes to die")
+        assert time.time() - t0 <= 1.0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+# ---- terminal ----
+
+def test_tty_size_is_the_clients(env, ctr):
+    t = Pty(env.shimctl("exec", "-it", ctr.id, "--", "stty", "size"), 37, 123)
+    try:
+        out = t.read_until(lambda o: b"\n" in o)
+        assert t.wait() == 0
+    finally:
+        t.close()
+    assert out.split(b"\r\n")[0] == b"37 123", out
+
+
+def test_tty_default_size_without_local_tty(env, ctr):
+    p = shimctl(env, "exec", "-t", ctr.id, "--", "stty", "size")
+    assert (p.returncode, p.stdout) == (0, b"24 80\r\n"), p.stderr
+
+
+def test_tty_resize_reaches_the_command(env, ctr):
+    script = "trap 'stty size; exit 5' WINCH; echo ready; while :; do sleep 0.1; done"
+    t = Pty(env.shimctl("exec", "-it", ctr.id, "--", "sh", "-c", script), 30, 90)
+    try:
+        t.read_until(lambda o: b"ready" in o)
+        t.set_size(51, 101)  # the kernel sends shimctl SIGWINCH
+        out = t.read_until(lambda o: b"51 101" in o)
+        assert t.wait() == 5, out
+    finally:
+        t.close()
+
+
+def test_tty_raw_mode_restored(env, ctr):
+    # After shimctl -t exits, the local terminal is back in cooked mode.
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        p = subprocess.run(env.shimctl("exec", "-it", ctr.id, "--", "sh", "-c", "exit 4"), stdin=slave,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        assert p.returncode == 4, p.stderr
+        assert termios.tcgetattr(slave) == before
+        assert not fcntl.fcntl(slave, fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_tty_raw_mode_restored_on_sigterm(env, ctr):
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        p = subprocess.Popen(env.shimctl("exec", "-it", ctr.id, "--", "sh", "-c", "echo ready; sleep 1000"),
+                             stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout.readline().strip() == b"ready"
+        wait_for(lambda: termios.tcgetattr(slave) != before, 5, "raw mode")
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == -signal.SIGTERM
+        assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+# ---- targets and errors ----
+
+def test_target_by_prefix_and_pod_name(env):
+    pod = f"pod-{uuid.uuid4().hex[:6]}"
+    ann = lambda name: {"io.kubernetes.pod.namespace": "team", "io.kubernetes.pod.name": pod,
+                        "io.kubernetes.container.name": name}
+    a = env.container(annotations=ann("app"))
+    b = env.container(annotations=ann("sidecar"))
+    for c in (a, b):  # which container ran the command: each knows its own id
+        with open(os.path.join(c.bundle, "rootfs", "etc", "whoami"), "w") as f:
+            f.write(c.id)
+    for args, want in ((["-n", "team", pod, "-c", "app"], a.id), (["-n", "team", pod, "-c", "sidecar"], b.id),
+                       ([a.id[:-2]], a.id), ([b.id], b.id)):
+        p = shimctl(env, "exec", *args, "--", "cat", "/etc/whoami")
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.decode() == want, args
+    p = shimctl(env, "exec", "-n", "team", pod, "--", "true")
+    assert p.returncode == 255
+    err = p.stderr.decode()
+    assert len(err.splitlines()) == 1, err
+    assert f"pod team/{pod} has 2 containers, choose one with -c" in err and "app" in err and "sidecar" in err
+    p = shimctl(env, "exec", "-n", "team", pod, "-c", "nope", "--", "true")
+    assert p.returncode == 255 and "has no container 'nope'" in p.stderr.decode()
+    p = shimctl(env, "exec", "shimlet-t-", "--", "true")
+    assert p.returncode == 255 and "ambiguous" in p.stderr.decode() and a.id in p.stderr.decode()
+
+
+def test_unknown_target_is_a_clear_error(env, ctr):
+    p = shimctl(env, "exec", "no-such-container", "--", "true")
+    assert p.returncode == 255
+    lines = p.stderr.decode().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: no container matches 'no-such-container'")
+    assert ctr.id in lines[0]
+
+
+def test_usage_errors(env, ctr):
+    for args, want in ((["exec", ctr.id, "true"], "the command goes after --"), (["exec", ctr.id], "missing command"),
+                       (["exec", "--", "true"], "missing TARGET"), (["bogus"], "unknown command 'bogus'")):
+        p = shimctl(env, *args)
+        assert p.returncode == 255, (args, p)
+        lines = p.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], (args, p.stderr)
+
+
+def test_pin_mismatch_refused(env, ctr, tmp_path):
+    fake = tmp_path / "state"
+    os.makedirs(fake / ctr.id)
+    shutil.copy(os.path.join(env.state, "local.key"), fake / "local.key")
+    reg = env.registration(ctr.id)
+    reg["pin"] = "sha256/" + "A" * 43 + "="
+    (fake / ctr.id / "registration.json").write_text(json.dumps(reg))
+    p = shimctl(env, "exec", ctr.id, "--", "echo", "leaked", state_dir=str(fake))
+    assert p.returncode == 255
+    assert p.stdout == b""
+    assert "pin mismatch" in p.stderr.decode() and len(p.stderr.decode().splitlines()) == 1, p.stderr
+
+
+def test_untrusted_key_gets_the_shims_error(env, ctr, tmp_path):
+    fake = tmp_path / "state"
+    os.makedirs(fake / ctr.id)
+    run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(fake / "local.key")])
+    shutil.copy(os.path.join(env.state, ctr.id, "registration.json"), fake / ctr.id / "registration.json")
+    p = shimctl(env, "exec", ctr.id, "--", "echo", "leaked", state_dir=str(fake))
+    assert p.returncode == 255
+    assert p.stdout == b""
+    lines = p.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "ticket" in lines[0], p.stderr
+
+
+def test_connection_lost_before_status(env, ctr):
+    marker = str(800000 + uuid.uuid4().int % 99999)
+    p = subprocess.Popen(env.shimctl("exec", ctr.id, "--", "sh", "-c", f"echo ready; sleep {marker}"),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        cfg = os.path.join(env.state, ctr.id, "shim.json").encode()
+        sessions = pids_with_cmdline(cfg)
+        sessions = [s for s in sessions if open(f"/proc/{s}/cmdline", "rb").read().split(b"\0")[0].endswith(
+            b"shimlet-session")]
+        assert sessions, "no shimlet-session process found"
+        for s in sessions:
+            os.kill(s, signal.SIGKILL)
+        assert p.wait(timeout=10) == 255
+        err = p.stderr.read().decode()
+        assert err.startswith("error: connection to shim lost") and len(err.splitlines()) == 1, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        # Its sleep (the session is gone) must not outlive the test.
+        for x in pids_with_cmdline(marker.encode()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(x, signal.SIGKILL)
