@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -106,7 +107,8 @@ bool Session::consume_jti(const ticket::Claims& c, std::string& why) {
   std::string d = sha256(c.jti);
   char msg[40];
   memcpy(msg, d.data(), 32);
-  int64_t exp = c.exp;
+  // Kept until the last moment the ticket could still verify (exp + leeway).
+  int64_t exp = c.exp + cfg_.clock_leeway_s;
   memcpy(msg + 32, &exp, 8);
   if (::send(shim_fd_, msg, sizeof msg, MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof msg)) {
     why = "replay check unavailable: " + std::string(strerror(errno));
@@ -136,6 +138,12 @@ std::optional<ticket::Claims> Session::authenticate(int32_t stream, const proto:
   // Later streams of the same connection (port-forward) carry the ticket that
   // already authenticated it: verified again, but not consumed twice.
   bool same = accepted_claims_ && token == accepted_token_;
+  // The connection is the unit of authentication (as with kubelet's
+  // single-use streaming tokens): the byte-identical ticket was verified, its
+  // cnf checked against this connection's client certificate, and its jti
+  // consumed. A forward outlives the ticket's short exp, so later streams must
+  // not be refused as "expired".
+  if (same) return accepted_claims_;
   ticket::Claims c;
   try {
     ticket::Expect e;
@@ -188,13 +196,27 @@ void Session::on_headers(int32_t stream, const proto::Headers& h, bool) {
       if (handler) streams_[stream] = std::move(handler);
       return;
     }
+    if (*path == proto::kPortForwardOpenPath) {
+      // Session open: authenticates (and consumes) the ticket before any
+      // port is touched, so the client reports a bad ticket at once.
+      if (*method != "POST") return refuse(stream, 405, "port-forward needs POST");
+      if (exec_started_) return refuse(stream, 409, "this connection runs an exec");
+      auto claims = authenticate(stream, h, "portforward");
+      if (!claims) return;
+      nlohmann::json ports = nlohmann::json::array();
+      for (auto& p : claims->ports) ports.push_back({{"port", p.port}, {"proto", p.proto}});
+      log::audit("portforward.session", {{"ports", ports}});
+      conn_->respond_simple(stream, 200, "application/json", nlohmann::json{{"ports", ports}}.dump() + "\n");
+      return;
+    }
     if (path->rfind(proto::kPortForwardPrefix, 0) == 0) {
       if (*method != "POST") return refuse(stream, 405, "port-forward needs POST");
       if (exec_started_) return refuse(stream, 409, "this connection runs an exec");
       auto claims = authenticate(stream, h, "portforward");
       if (!claims) return;
       auto handler = start_forward(*this, stream, path->substr(strlen(proto::kPortForwardPrefix)), *claims);
-      if (handler) streams_[stream] = std::move(handler);
+      // A forward that failed at once may have closed its stream already.
+      if (handler && conn_->is_open(stream)) streams_[stream] = std::move(handler);
       return;
     }
     refuse(stream, 404, "no such endpoint: " + *path);
@@ -222,8 +244,12 @@ void Session::on_drain(int32_t stream) {
   auto it = streams_.find(stream);
   if (it != streams_.end()) it->second->on_drain();
   // Streams paused by the session-wide budget resume once it has room.
-  if (!exec_started_ && !over_budget())
-    for (auto& [id, h] : streams_) resume_forward(*h);
+  if (!exec_started_ && !over_budget()) {
+    std::vector<int32_t> ids;
+    for (auto& [id, h] : streams_) ids.push_back(id);
+    for (int32_t id : ids)
+      if (auto it = streams_.find(id); it != streams_.end()) resume_forward(*it->second);
+  }
 }
 
 void Session::on_stream_close(int32_t stream, uint32_t code) {
@@ -243,8 +269,15 @@ void Session::finish() {
 
 void Session::container_exited() {
   log::info("container exited");
-  for (auto& [id, h] : streams_) h->container_exited();
-  if (streams_.empty()) finish();
+  // A handler's reset can close its stream (and erase it from streams_)
+  // synchronously: iterate over a snapshot of ids.
+  std::vector<int32_t> ids;
+  for (auto& [id, h] : streams_) ids.push_back(id);
+  for (int32_t id : ids)
+    if (auto it = streams_.find(id); it != streams_.end()) it->second->container_exited();
+  // Nothing is left to forward to: end the port-forward session (an exec
+  // ends by itself when its processes are gone).
+  if (streams_.empty() || !exec_started_) finish();
 }
 
 void Session::on_closed(const std::string& why) {
@@ -301,6 +334,11 @@ int main(int argc, char** argv) {
   // Secrets (TLS key, tickets) live here; nobody may ptrace or read /proc/PID/mem.
   prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
   signal(SIGPIPE, SIG_IGN);
+  // One fd per forwarded connection: allow up to the hard limit.
+  if (rlimit rl{}; getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
   try {
     Args args = parse_args(argc, argv);
     Config cfg = load_config(args.config);

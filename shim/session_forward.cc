@@ -121,8 +121,10 @@ class Forward : public StreamHandler {
 
   void abort(const std::string&) override { stop(); }
   void container_exited() override {
-    s_.conn().reset(stream_, NGHTTP2_CANCEL);
+    // reset() may close the stream at once and the session then destroys
+    // this handler: clean up first, touch nothing after.
     stop();
+    s_.conn().reset(stream_, NGHTTP2_CANCEL);
   }
   bool done() const override { return closed_; }
 
@@ -247,8 +249,9 @@ class Forward : public StreamHandler {
       if (n < 0) {
         // Reset by the container's side: end this stream only.
         log::info("forwarded connection error", {{"port", port_}, {"stream", stream_}, {"error", strerror(errno)}});
+        stop();  // before reset(): it may destroy this handler
         s_.conn().reset(stream_, NGHTTP2_CONNECT_ERROR);
-        return stop();
+        return;
       }
       // EOF from the container's side: half-close toward the client.
       sock_eof_ = true;
@@ -275,8 +278,9 @@ class Forward : public StreamHandler {
         break;
       }
       log::info("forwarded connection write error", {{"port", port_}, {"error", strerror(errno)}});
+      stop();  // before reset(): it may destroy this handler
       s_.conn().reset(stream_, NGHTTP2_CONNECT_ERROR);
-      return stop();
+      return;
     }
     if (out_.size() < kSockBufHigh && owed_) {
       s_.conn().consume(stream_, owed_);

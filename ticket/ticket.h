@@ -37,6 +37,9 @@ class PrivateKey {
   void save(const std::string& path) const;
   // Signs claims; a fresh header with this kid.
   std::string sign(const Claims& c, const std::string& kid) const;
+  // Raw Ed25519 signature (64 bytes) of data: for signing other things than
+  // Claims (and for tests that need deliberately malformed tickets).
+  std::string sign_data(std::string_view data) const;
   struct Impl;
   std::shared_ptr<Impl> impl;
 };
@@ -56,10 +59,10 @@ struct TrustedKey {
 
 // What the shim expects of a ticket for this request.
 struct Expect {
-  std::string aud;        // container id
-  std::string verb;       // "exec" | "portforward"
-  int64_t now = 0;        // unix seconds
-  int64_t leeway_s = 5;   // clock skew tolerance
+  std::string aud;       // container id
+  std::string verb;      // "exec" | "portforward"
+  int64_t now = 0;       // unix seconds
+  int64_t leeway_s = 5;  // clock skew tolerance
   int64_t max_lifetime_s = 300;
 };
 

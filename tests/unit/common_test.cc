@@ -1,9 +1,8 @@
+#include <fcntl.h>
 #include <gtest/gtest.h>
 
 #include "common/base64.h"
 #include "common/fd.h"
-
-#include <fcntl.h>
 
 using namespace shimlet;
 

@@ -1,0 +1,91 @@
+// shimlet-hook: OCI runtime hook that starts one shim per container at
+// createRuntime and stops it at poststop (docs/design.md "Processes" and
+// "State directory"). Usage:
+//   shimlet-hook --config PATH [createRuntime|createContainer|prestart|poststop]
+// Without a stage argument the stage comes from the state's status
+// ("creating"/"created" -> start, "stopped" -> cleanup).
+#pragma once
+#include <sys/types.h>
+
+#include <cstdint>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "oci/oci.h"
+
+namespace shimlet::hook {
+
+struct KeyRef {
+  std::string kid;
+  std::string path;  // PEM public key (Ed25519)
+};
+
+// The hook config (deploy/hook.json documents it). Every field is optional.
+struct Config {
+  std::string state_dir = "/run/shimlet";
+  std::string shim_binary;     // default: <dir of the hook executable>/shimlet
+  std::string session_binary;  // default: <dir of the hook executable>/shimlet-session
+  std::string listen = "127.0.0.1:0";
+  std::vector<KeyRef> trusted_keys;  // STATE_DIR/local.pub (kid "local") is always trusted too
+  bool fail_container_on_error = false;
+  int ready_timeout_ms = 2000;
+  int64_t max_ticket_lifetime_s = 300;
+  int64_t clock_leeway_s = 5;
+  int drain_timeout_ms = 2000;
+  int max_sessions = 256;
+};
+
+inline constexpr size_t kMaxConfigBytes = 64 * 1024;
+
+// Parses the config JSON (untrusted: bounded, strict types/ranges, unknown
+// keys refused so typos are not silently ignored). self_dir is where the
+// default binaries live. Throws shimlet::Error with one clear line.
+Config parse_config(std::string_view json, const std::string& self_dir);
+Config load_config(const std::string& path, const std::string& self_dir);
+
+// [A-Za-z0-9_.-]{1,128}, not "." or "..": safe as one path component.
+bool valid_container_id(std::string_view id);
+
+enum class Stage { Start, Cleanup };
+// createRuntime/createContainer/prestart -> Start, poststop -> Cleanup.
+std::optional<Stage> stage_from_name(std::string_view name);
+// "creating"/"created" -> Start, "stopped" -> Cleanup.
+std::optional<Stage> stage_from_status(std::string_view status);
+
+struct Names {
+  std::string ns, pod, container;
+};
+// Kubernetes/CRI annotations with the fallbacks of docs/design.md.
+Names names_from(const std::string& id, const std::map<std::string, std::string>& annotations);
+
+// What the hook learned while starting the shim.
+struct Started {
+  std::string endpoint;  // "127.0.0.1:40123"
+  std::string pin;       // "sha256/..."
+  pid_t shim_pid = 0;
+  uint64_t shim_start_time = 0;  // /proc/PID/stat field 22, to recognise the shim at poststop
+  std::string created;           // RFC 3339 UTC
+};
+nlohmann::json registration_json(const oci::State& st, const Started& s);
+nlohmann::json shim_json(const Config& c, const oci::State& st, const std::string& dir,
+                         const std::vector<std::pair<std::string, std::string>>& trusted /* kid, pem */);
+
+// Writes path atomically (temp file in the same directory + fsync + rename)
+// with the given mode. Throws with context.
+void write_file_atomic(const std::string& path, std::string_view content, mode_t mode);
+
+// createRuntime: everything of design.md; throws on failure after undoing it
+// (shim killed, directory removed).
+Started start(const Config& c, const oci::State& st);
+// poststop: stops the shim if it is still ours and removes STATE_DIR/<id>.
+// Idempotent; bounded (SIGTERM, SIGKILL after 1 s).
+void cleanup(const Config& c, const std::string& id);
+
+// The whole hook (argv, stdin, overall deadline); returns the exit code.
+int main(int argc, char** argv);
+
+}  // namespace shimlet::hook

@@ -1,0 +1,587 @@
+#include "shim/shim.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <array>
+#include <charconv>
+#include <cstdint>
+#include <optional>
+
+#include "ticket/replay.h"
+
+namespace shimlet::shim {
+namespace {
+
+// glibc 2.36's <sys/pidfd.h> lacks extern "C": call the syscalls directly.
+int sys_pidfd_open(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
+int sys_pidfd_signal(int pidfd, int sig) {
+  return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
+}
+
+// ---- logging: JSON lines on stderr (shim.log). Hand-written instead of
+// common/log (nlohmann) to keep the static shim small; values are escaped.
+
+std::string g_id;
+
+const char* errdesc(int e) {
+  const char* d = strerrordesc_np(e);
+  return d ? d : "unknown error";
+}
+
+// RFC 3339 UTC time without gmtime/strftime (they pull the tz database code
+// into the static binary): days-to-civil per H. Hinnant's public algorithm.
+void append_time(std::string& out) {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  long long days = ts.tv_sec / 86400, secs = ts.tv_sec % 86400;
+  long long z = days + 719468, era = (z >= 0 ? z : z - 146096) / 146097;
+  long long doe = z - era * 146097, yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+  long long doy = doe - (365 * yoe + yoe / 4 - yoe / 100), mp = (5 * doy + 2) / 153;
+  long long d = doy - (153 * mp + 2) / 5 + 1, m = mp < 10 ? mp + 3 : mp - 9, y = yoe + era * 400 + (m <= 2);
+  auto put = [&](long long v, int width) {
+    char b[12];
+    for (int i = width - 1; i >= 0; i--, v /= 10) b[i] = static_cast<char>('0' + v % 10);
+    out.append(b, static_cast<size_t>(width));
+  };
+  put(y, 4), out += '-', put(m, 2), out += '-', put(d, 2), out += 'T';
+  put(secs / 3600, 2), out += ':', put(secs / 60 % 60, 2), out += ':', put(secs % 60, 2), out += '.';
+  put(ts.tv_nsec / 1000, 6), out += 'Z';
+}
+
+void json_escape(std::string& out, std::string_view s) {
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (c < 0x20) {
+          static const char hex[] = "0123456789abcdef";
+          out += "\\u00";
+          out += hex[c >> 4];
+          out += hex[c & 15];
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+  }
+}
+
+// One field of a log line: a string (escaped) or a number.
+struct F {
+  const char* key;
+  std::string str;
+  bool is_num = false;
+  F(const char* k, std::string_view v) : key(k), str(v) {}
+  F(const char* k, const char* v) : key(k), str(v) {}
+  F(const char* k, long long v) : key(k), str(std::to_string(v)), is_num(true) {}
+};
+
+void log(const char* level, std::string_view msg, std::initializer_list<F> fields = {}) {
+  std::string line = "{\"ts\":\"";
+  append_time(line);
+  line += "\",\"level\":\"";
+  line += level;
+  line += "\",\"component\":\"shim\",\"pid\":";
+  line += std::to_string(getpid());
+  if (!g_id.empty()) {
+    line += ",\"id\":\"";
+    json_escape(line, g_id);
+    line += '"';
+  }
+  line += ",\"msg\":\"";
+  json_escape(line, msg);
+  line += '"';
+  for (const F& f : fields) {
+    line += ",\"";
+    line += f.key;
+    line += "\":";
+    if (f.is_num) {
+      line += f.str;
+    } else {
+      line += '"';
+      json_escape(line, f.str);
+      line += '"';
+    }
+  }
+  line += "}\n";
+  // One write per line: sessions share the log.
+  ssize_t r = ::write(2, line.data(), line.size());
+  (void)r;
+}
+
+std::optional<long long> to_num(std::string_view s, long long lo, long long hi) {
+  long long v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || p != s.data() + s.size() || v < lo || v > hi) return std::nullopt;
+  return v;
+}
+
+// The namespaces a session may need, in the order they are handed over.
+constexpr std::array<const char*, 8> kNsTypes = {"user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time"};
+
+// Fixed fds of the session contract (design.md).
+constexpr int kConnFd = 3, kCtlFd = 4, kPidFd = 5, kFirstNsFd = 6;
+
+// Replay cache datagram: SHA-256(jti) + int64 LE expiry.
+constexpr size_t kReplayRequest = 32 + 8;
+
+struct Session {
+  pid_t pid = -1;
+  Fd ctl;  // our end of the SOCK_SEQPACKET; closed (-1) once the session hung up
+};
+
+// The shim's state; the main loop is a hand-written poll() over three kinds
+// of fds (signalfd+pidfd, the listen socket, one control socket per session):
+// an event library would cost more memory than the whole loop.
+class Shim {
+ public:
+  Shim(const Options& opt) : opt_(opt) {}
+  int run();
+
+ private:
+  void setup();
+  void accept_connections();
+  void spawn_session(Fd conn);
+  void handle_replay(Session& s);
+  void reap();
+  int shutdown(const char* why);
+
+  const Options& opt_;
+  Fd sigfd_, devnull_, listen_;
+  Held held_;
+  std::vector<Session> sessions_;
+  ticket::ReplayCache cache_;
+  bool accept_paused_ = false;  // after EMFILE/ENOMEM until a session ends
+  // Prepared once: argv/envp of every session (the child only execs).
+  std::vector<std::string> argv_store_;
+  std::vector<char*> argv_;
+  std::vector<int> ns_src_;
+};
+
+void Shim::setup() {
+  // Signals arrive through a signalfd; SIGPIPE is ignored (writes to dead
+  // sessions' sockets must not kill the shim) and reset in each child.
+  sigset_t set;
+  sigemptyset(&set);
+  for (int s : {SIGCHLD, SIGTERM, SIGINT, SIGHUP}) sigaddset(&set, s);
+  if (sigprocmask(SIG_BLOCK, &set, nullptr) < 0) throw sys_error("sigprocmask");
+  sigfd_ = Fd(signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
+  if (!sigfd_) throw sys_error("signalfd");
+  signal(SIGPIPE, SIG_IGN);
+
+  devnull_ = Fd(::open("/dev/null", O_RDWR | O_CLOEXEC));
+  if (!devnull_) throw sys_error("open /dev/null");
+
+  held_ = open_container(opt_.pid);
+  listen_ = listen_on(opt_.listen);
+  protect_binary(opt_.session_binary);
+
+  std::string ns_arg;
+  for (size_t i = 0; i < held_.ns.size(); i++) {
+    if (i) ns_arg += ',';
+    ns_arg += held_.ns[i].first + "=" + std::to_string(kFirstNsFd + static_cast<int>(i));
+    ns_src_.push_back(held_.ns[i].second.get());
+  }
+  argv_store_ = {opt_.session_binary, "--config", opt_.config, "--ns", ns_arg};
+  for (auto& a : argv_store_) argv_.push_back(a.data());
+  argv_.push_back(nullptr);
+}
+
+int Shim::run() {
+  setup();
+  unsigned short port = bound_port(listen_.get());
+  std::string names;
+  for (auto& [t, fd] : held_.ns) names += (names.empty() ? "" : ",") + t;
+  log("info", "shim ready",
+      {F("port", static_cast<long long>(port)), F("container_pid", static_cast<long long>(opt_.pid)),
+       F("namespaces", names), F("session_binary", opt_.session_binary)});
+  if (opt_.ready_fd >= 0) {
+    std::string line = "ready " + std::to_string(port) + "\n";
+    // The hook may already have given up (timeout): that is not our error.
+    ssize_t r = ::write(opt_.ready_fd, line.data(), line.size());
+    (void)r;
+    ::close(opt_.ready_fd);
+  }
+
+  std::vector<pollfd> pfds;
+  for (;;) {
+    pfds.clear();
+    pfds.push_back({sigfd_.get(), POLLIN, 0});
+    pfds.push_back({held_.pidfd.get(), POLLIN, 0});
+    pfds.push_back({accept_paused_ ? -1 : listen_.get(), POLLIN, 0});
+    for (auto& s : sessions_) pfds.push_back({s.ctl.get(), POLLIN, 0});
+    int n = ::poll(pfds.data(), pfds.size(), -1);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw sys_error("poll");
+    }
+    if (pfds[0].revents) {
+      signalfd_siginfo si;
+      while (::read(sigfd_.get(), &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
+        if (si.ssi_signo == SIGCHLD) continue;  // reaped below
+        if (si.ssi_signo == SIGHUP) continue;   // no terminal, nothing to reload
+        return shutdown(si.ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT");
+      }
+      reap();
+    }
+    if (pfds[1].revents) return shutdown("container init exited");
+    // Session sockets: pfds[3 + i] belongs to sessions_[i] (reap() above may
+    // only have removed entries, so match by fd, not by index).
+    for (size_t i = 3; i < pfds.size(); i++) {
+      if (!pfds[i].revents || pfds[i].fd < 0) continue;
+      for (auto& s : sessions_)
+        if (s.ctl.get() == pfds[i].fd) handle_replay(s);
+    }
+    if (pfds[2].revents) accept_connections();
+  }
+}
+
+void Shim::accept_connections() {
+  for (int i = 0; i < 16; i++) {
+    int c = ::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+    if (c < 0) {
+      if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED) return;
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        // Level-triggered poll would spin: pause until a session ends.
+        log("error", "accept failed, pausing until a session ends", {F("error", errdesc(errno))});
+        accept_paused_ = true;
+        return;
+      }
+      log("error", "accept failed", {F("error", errdesc(errno))});
+      return;
+    }
+    Fd conn(c);
+    size_t live = 0;
+    for (auto& s : sessions_) live += s.pid > 0;
+    if (live >= opt_.max_sessions) {
+      log("warn", "too many sessions, connection closed",
+          {F("max_sessions", static_cast<long long>(opt_.max_sessions))});
+      continue;  // conn closes here
+    }
+    try {
+      spawn_session(std::move(conn));
+    } catch (const std::exception& e) {
+      log("error", "cannot start session", {F("error", e.what())});
+    }
+  }
+}
+
+void Shim::spawn_session(Fd conn) {
+  int sp[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) throw sys_error("socketpair(SOCK_SEQPACKET)");
+  Fd ours(sp[0]), theirs(sp[1]);
+
+  // Sources of the session's fds 0..N-1 (design.md "shim -> session fd contract").
+  // src[i] becomes fd i in the session (design.md's fd contract).
+  std::vector<int> src(kFirstNsFd);
+  src[0] = src[1] = devnull_.get();
+  src[2] = 2;
+  src[kConnFd] = conn.get();
+  src[kCtlFd] = theirs.get();
+  src[kPidFd] = held_.pidfd.get();
+  src.insert(src.end(), ns_src_.begin(), ns_src_.end());
+  const int nfds = static_cast<int>(src.size());
+  char* envp[] = {const_cast<char*>("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), nullptr};
+  pid_t shim_pid = getpid();
+
+  pid_t pid = ::fork();
+  if (pid < 0) throw sys_error("fork");
+  if (pid == 0) {
+    // Child: only async-signal-safe calls from here to execve.
+    // Die with the shim (the sessions' replay cache is gone then anyway).
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != shim_pid) _exit(1);
+    // Move every source above the target range first so no dup2 clobbers a
+    // source that is still needed, then put each at its contract number
+    // (dup2 clears CLOEXEC on the target) and close everything else.
+    int tmp[64];
+    if (nfds > 64) _exit(1);
+    for (int i = 0; i < nfds; i++) {
+      tmp[i] = fcntl(src[i], F_DUPFD_CLOEXEC, nfds);
+      if (tmp[i] < 0) _exit(1);
+    }
+    for (int i = 0; i < nfds; i++)
+      if (dup2(tmp[i], i) < 0) _exit(1);
+    if (close_range(nfds, ~0U, 0) < 0) _exit(1);
+    sigset_t none;
+    sigemptyset(&none);
+    signal(SIGPIPE, SIG_DFL);
+    sigprocmask(SIG_SETMASK, &none, nullptr);
+    if (chdir("/") < 0) _exit(1);
+    execve(argv_[0], argv_.data(), envp);
+    static const char msg[] = "{\"level\":\"error\",\"component\":\"shim\",\"msg\":\"execve session binary failed\"}\n";
+    ssize_t r = ::write(2, msg, sizeof msg - 1);
+    (void)r;
+    _exit(127);
+  }
+  sessions_.push_back(Session{pid, std::move(ours)});
+  log("info", "session started", {F("session_pid", static_cast<long long>(pid))});
+}
+
+void Shim::handle_replay(Session& s) {
+  unsigned char buf[kReplayRequest + 1];
+  ssize_t n = ::recv(s.ctl.get(), buf, sizeof buf, MSG_DONTWAIT | MSG_TRUNC);
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EINTR) return;
+    s.ctl.reset();  // broken: the session will fail closed
+    return;
+  }
+  if (n == 0) {  // session closed its end
+    s.ctl.reset();
+    return;
+  }
+  char reply = 'F';
+  if (static_cast<size_t>(n) != kReplayRequest) {
+    log("warn", "bad replay-cache request size", {F("session_pid", static_cast<long long>(s.pid)), F("size", n)});
+  } else {
+    std::array<uint8_t, 32> digest;
+    memcpy(digest.data(), buf, 32);
+    uint64_t u = 0;
+    for (int i = 7; i >= 0; i--) u = (u << 8) | buf[32 + i];
+    auto exp = static_cast<int64_t>(u);
+    switch (cache_.consume(digest, exp, static_cast<int64_t>(time(nullptr)))) {
+      case ticket::ReplayCache::Result::Accepted:
+        reply = 'A';
+        break;
+      case ticket::ReplayCache::Result::Replayed:
+        reply = 'R';
+        break;
+      case ticket::ReplayCache::Result::Full:
+        reply = 'F';
+        break;
+    }
+    if (reply != 'A')
+      log("warn", reply == 'R' ? "ticket replay refused" : "replay cache full",
+          {F("session_pid", static_cast<long long>(s.pid))});
+  }
+  if (::send(s.ctl.get(), &reply, 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) s.ctl.reset();
+}
+
+void Shim::reap() {
+  for (;;) {
+    int status = 0;
+    pid_t p = ::waitpid(-1, &status, WNOHANG);
+    if (p <= 0) return;
+    for (auto it = sessions_.begin(); it != sessions_.end(); ++it) {
+      if (it->pid != p) continue;
+      if (WIFSIGNALED(status))
+        log("info", "session ended", {F("session_pid", static_cast<long long>(p)), F("signal", WTERMSIG(status))});
+      else
+        log("info", "session ended",
+            {F("session_pid", static_cast<long long>(p)), F("exit_code", WEXITSTATUS(status))});
+      sessions_.erase(it);
+      accept_paused_ = false;
+      break;
+    }
+  }
+}
+
+int Shim::shutdown(const char* why) {
+  listen_.reset();
+  log("info", "shim stopping", {F("reason", why), F("sessions", static_cast<long long>(sessions_.size()))});
+  for (auto& s : sessions_) ::kill(s.pid, SIGTERM);
+  // Up to 1 s for the sessions to end on SIGTERM, then SIGKILL (bounded).
+  timespec start{};
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  bool killed = false;
+  while (!sessions_.empty()) {
+    timespec now{};
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+    if (ms >= 1000 && !killed) {
+      for (auto& s : sessions_) ::kill(s.pid, SIGKILL);
+      killed = true;
+    }
+    if (ms >= 3000) break;  // SIGKILLed processes stuck in D state: don't hang
+    pollfd p{sigfd_.get(), POLLIN, 0};
+    ::poll(&p, 1, 50);
+    signalfd_siginfo si;
+    while (::read(sigfd_.get(), &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
+    }
+    reap();
+  }
+  log("info", "shim stopped");
+  return 0;
+}
+
+}  // namespace
+
+void Fd::reset(int fd) {
+  if (fd_ >= 0) ::close(fd_);  // close errors are not actionable here
+  fd_ = fd;
+}
+
+Error sys_error(const std::string& what) {
+  int e = errno;
+  return Error(what + ": " + errdesc(e));
+}
+
+Options parse_args(int argc, const char* const* argv) {
+  Options o;
+  for (int i = 1; i < argc; i++) {
+    std::string_view a = argv[i];
+    if (i + 1 >= argc) throw Error("shimlet: missing value for " + std::string(a));
+    std::string_view v = argv[++i];
+    if (a == "--config") {
+      o.config = v;
+    } else if (a == "--session-binary") {
+      o.session_binary = v;
+    } else if (a == "--id") {
+      o.id = v;
+    } else if (a == "--listen") {
+      o.listen = v;
+    } else if (a == "--pid") {
+      auto n = to_num(v, 1, 0x3fffffff);
+      if (!n) throw Error("shimlet: bad --pid " + std::string(v));
+      o.pid = static_cast<pid_t>(*n);
+    } else if (a == "--ready-fd") {
+      auto n = to_num(v, 0, 1 << 20);
+      if (!n) throw Error("shimlet: bad --ready-fd " + std::string(v));
+      o.ready_fd = static_cast<int>(*n);
+    } else if (a == "--max-sessions") {
+      auto n = to_num(v, 1, 65536);
+      if (!n) throw Error("shimlet: bad --max-sessions " + std::string(v) + " (1..65536)");
+      o.max_sessions = static_cast<unsigned>(*n);
+    } else {
+      throw Error("shimlet: unknown argument " + std::string(a));
+    }
+  }
+  if (o.config.empty() || o.session_binary.empty() || o.pid <= 0)
+    throw Error(
+        "usage: shimlet --config PATH --pid PID --session-binary PATH [--id ID] [--listen ADDR:PORT] "
+        "[--ready-fd N] [--max-sessions N]");
+  if (o.session_binary[0] != '/') throw Error("shimlet: --session-binary must be absolute: " + o.session_binary);
+  return o;
+}
+
+Fd listen_on(const std::string& addr) {
+  auto colon = addr.rfind(':');
+  if (colon == std::string::npos) throw Error("listen address needs HOST:PORT: " + addr);
+  std::string host = addr.substr(0, colon);
+  auto port = to_num(std::string_view(addr).substr(colon + 1), 0, 65535);
+  if (!port) throw Error("bad port in listen address: " + addr);
+  sockaddr_storage ss{};
+  socklen_t len;
+  int family;
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    auto* s6 = reinterpret_cast<sockaddr_in6*>(&ss);
+    s6->sin6_family = AF_INET6;
+    s6->sin6_port = htons(static_cast<uint16_t>(*port));
+    if (inet_pton(AF_INET6, host.substr(1, host.size() - 2).c_str(), &s6->sin6_addr) != 1)
+      throw Error("bad IPv6 address in listen address: " + addr);
+    len = sizeof *s6;
+    family = AF_INET6;
+  } else {
+    auto* s4 = reinterpret_cast<sockaddr_in*>(&ss);
+    s4->sin_family = AF_INET;
+    s4->sin_port = htons(static_cast<uint16_t>(*port));
+    if (inet_pton(AF_INET, host.c_str(), &s4->sin_addr) != 1)
+      throw Error("bad IPv4 address in listen address (use [v6]:port for IPv6): " + addr);
+    len = sizeof *s4;
+    family = AF_INET;
+  }
+  Fd s(::socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!s) throw sys_error("socket for " + addr);
+  int one = 1;
+  if (::setsockopt(s.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0) throw sys_error("SO_REUSEADDR");
+  if (::bind(s.get(), reinterpret_cast<sockaddr*>(&ss), len) < 0) throw sys_error("bind " + addr);
+  if (::listen(s.get(), 64) < 0) throw sys_error("listen " + addr);
+  return s;
+}
+
+unsigned short bound_port(int sock) {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (::getsockname(sock, reinterpret_cast<sockaddr*>(&ss), &len) < 0) throw sys_error("getsockname");
+  if (ss.ss_family == AF_INET6) return ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
+  return ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+}
+
+Held open_container(pid_t pid) {
+  Held h;
+  h.pidfd = Fd(sys_pidfd_open(pid));  // pidfds are always CLOEXEC
+  if (!h.pidfd) throw sys_error("pidfd_open pid " + std::to_string(pid));
+  std::string dir = "/proc/" + std::to_string(pid);
+  Fd procdir(::open(dir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!procdir) throw sys_error("open " + dir);
+  for (const char* t : kNsTypes) {
+    std::string rel = std::string("ns/") + t;
+    struct stat mine {};
+    if (::stat(("/proc/self/" + rel).c_str(), &mine) < 0) {
+      if (errno == ENOENT) continue;  // kernel without this namespace type
+      throw sys_error("stat /proc/self/" + rel);
+    }
+    Fd fd(::openat(procdir.get(), rel.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) throw sys_error("open " + dir + "/" + rel);
+    struct stat theirs {};
+    if (::fstat(fd.get(), &theirs) < 0) throw sys_error("fstat " + dir + "/" + rel);
+    if (theirs.st_dev == mine.st_dev && theirs.st_ino == mine.st_ino) continue;  // shared with us: not needed
+    h.ns.emplace_back(t, std::move(fd));
+  }
+  // /proc/PID could have been a recycled pid opened after init died; if the
+  // pidfd's process is still alive now, every fd above is really its.
+  if (sys_pidfd_signal(h.pidfd.get(), 0) < 0) throw sys_error("container init pid " + std::to_string(pid) + " is gone");
+  return h;
+}
+
+void protect_binary(const std::string& path) {
+  if (::unshare(CLONE_NEWNS) < 0) throw sys_error("unshare(CLONE_NEWNS)");
+  // Slave first: our bind mount must not propagate back to the host.
+  if (::mount(nullptr, "/", nullptr, MS_REC | MS_SLAVE, nullptr) < 0) throw sys_error("make / rslave");
+  if (::mount(path.c_str(), path.c_str(), nullptr, MS_BIND, nullptr) < 0) throw sys_error("bind mount " + path);
+  struct statvfs sv {};
+  if (::statvfs(path.c_str(), &sv) < 0) throw sys_error("statvfs " + path);
+  // A read-only remount must keep the locked per-mount flags of the source.
+  unsigned long keep = 0;
+  if (sv.f_flag & ST_NOSUID) keep |= MS_NOSUID;
+  if (sv.f_flag & ST_NODEV) keep |= MS_NODEV;
+  if (sv.f_flag & ST_NOEXEC) keep |= MS_NOEXEC;
+  if (sv.f_flag & ST_NOATIME) keep |= MS_NOATIME;
+  if (sv.f_flag & ST_NODIRATIME) keep |= MS_NODIRATIME;
+  if (sv.f_flag & ST_RELATIME) keep |= MS_RELATIME;
+  if (::mount(nullptr, path.c_str(), nullptr, MS_BIND | MS_REMOUNT | MS_RDONLY | keep, nullptr) < 0)
+    throw sys_error("remount read-only " + path);
+}
+
+int run(const Options& opt) {
+  g_id = opt.id;
+  try {
+    Shim s(opt);
+    return s.run();
+  } catch (const std::exception& e) {
+    log("error", "shim failed", {F("error", e.what())});
+    return 1;
+  }
+}
+
+}  // namespace shimlet::shim

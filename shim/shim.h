@@ -1,0 +1,93 @@
+// shimlet: the per-container shim (see docs/design.md "Processes" and the
+// "shim -> session fd contract"). One tiny static process per container: it
+// holds the container init's pidfd and namespace fds, listens on TCP and
+// fork+execs one shimlet-session per accepted connection, and keeps the
+// replay cache its sessions consult over SOCK_SEQPACKET.
+//
+// It takes everything it needs from argv (the hook writes shim.json and passes
+// the same values on the command line) so the shim needs no JSON parser:
+//   shimlet --config STATE/<id>/shim.json --pid PID --session-binary PATH
+//           [--id ID] [--listen ADDR:PORT] [--ready-fd N] [--max-sessions N]
+// --config is only handed through to the sessions.
+#pragma once
+#include <sys/types.h>
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace shimlet::shim {
+
+// The shim's own small fd owner and error type. common/fd.h + common/error.h
+// would do, but std::system_error pulls strerror -> gettext/iconv into the
+// static binary (~300 kB of text per shim); errors here use strerrordesc_np.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  Fd(Fd&& o) noexcept : fd_(o.release()) {}
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) reset(o.release());
+    return *this;
+  }
+  ~Fd() { reset(); }
+  int get() const { return fd_; }
+  explicit operator bool() const { return fd_ >= 0; }
+  int release() {
+    int f = fd_;
+    fd_ = -1;
+    return f;
+  }
+  void reset(int fd = -1);
+
+ private:
+  int fd_ = -1;
+};
+
+// Thrown for every setup failure: "WHAT: errno description".
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+Error sys_error(const std::string& what);
+
+struct Options {
+  std::string config;          // passed to each session as --config
+  std::string session_binary;  // absolute path, exec'd per connection
+  std::string id;              // container id (logs only)
+  pid_t pid = 0;               // container init (host pid)
+  std::string listen = "127.0.0.1:0";
+  int ready_fd = -1;            // "ready PORT\n" is written here, then closed
+  unsigned max_sessions = 256;  // connections beyond this are closed at once
+};
+
+// Throws shimlet::Error with one clear line on bad arguments.
+Options parse_args(int argc, const char* const* argv);
+
+// "127.0.0.1:0", "[::1]:8080", "0.0.0.0:1234" -> bound, listening, CLOEXEC,
+// non-blocking TCP socket (SO_REUSEADDR). Throws with context.
+Fd listen_on(const std::string& addr);
+// Port the socket is bound to.
+unsigned short bound_port(int sock);
+
+// The container as held by the shim: pidfd of init and its namespace fds that
+// differ from the shim's own, in the fixed order user mnt pid net ipc uts
+// cgroup time. Kept here rather than using nsenter::open_container because
+// shimlet_nsenter pulls libseccomp/libcap-ng/libselinux/nlohmann into what
+// must stay a tiny static binary; this is the same ~40 lines without them.
+struct Held {
+  Fd pidfd;
+  std::vector<std::pair<std::string, Fd>> ns;
+};
+Held open_container(pid_t pid);
+
+// Enters a private mount namespace (propagation slave, so host mounts still
+// arrive) where `path` is bind mounted read-only onto itself (CVE-2019-5736).
+void protect_binary(const std::string& path);
+
+// Runs the shim until the container exits or SIGTERM/SIGINT; returns the exit code.
+int run(const Options& opt);
+
+}  // namespace shimlet::shim

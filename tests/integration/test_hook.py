@@ -1,0 +1,416 @@
+"""shimlet-hook + shimlet (the shim) with real runc and podman containers.
+
+The shim's side of the session fd contract is checked with fake_session.py
+standing in for shimlet-session (it reports its fds/argv/env over the TCP
+connection)."""
+import base64
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from containers import BIN, REPO, Container, run, shared_rootfs
+
+HOOK = os.path.join(BIN, "shimlet-hook")
+SHIM = os.path.join(BIN, "shimlet")
+FAKE_SESSION = os.path.join(REPO, "tests", "integration", "fake_session.py")
+NS_TYPES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time")
+# conmon measured on this host (docs: /work/shared/reference/peers.md).
+CONMON_USS_KB, CONMON_PSS_KB = 528, 855
+
+
+def wait_for(pred, timeout=5.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def cert_pin(cert_path):
+    pub = run(["openssl", "x509", "-in", cert_path, "-pubkey", "-noout"]).stdout
+    der = run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=pub).stdout
+    return "sha256/" + base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def smaps(pid):
+    # A freshly linked binary's page-cache pages are dirty until written back
+    # and would count as the shim's Private_Dirty: flush them first.
+    os.sync()
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1])
+    return out
+
+
+class HookEnv:
+    """A private state dir + hook config for one test."""
+
+    def __init__(self, **cfg):
+        for b in (HOOK, SHIM):
+            if not os.access(b, os.X_OK):
+                raise AssertionError(f"{b} missing: build first (scripts/build)")
+        self.dir = tempfile.mkdtemp(prefix="shimlet-hks-")
+        self.state = os.path.join(self.dir, "state")
+        self.config = os.path.join(self.dir, "hook.json")
+        cfg.setdefault("state_dir", self.state)
+        cfg.setdefault("session_binary", FAKE_SESSION)
+        with open(self.config, "w") as f:
+            json.dump(cfg, f)
+
+    def runc_hooks(self):
+        entry = lambda stage: [{"path": HOOK, "args": ["shimlet-hook", "--config", self.config, stage]}]
+        return {"createRuntime": entry("createRuntime"), "poststop": entry("poststop")}
+
+    def cdir(self, cid):
+        return os.path.join(self.state, cid)
+
+    def registration(self, cid):
+        with open(os.path.join(self.cdir(cid), "registration.json")) as f:
+            return json.load(f)
+
+    def leftovers(self):
+        if not os.path.isdir(self.state):
+            return []
+        return sorted(set(os.listdir(self.state)) - {"local.key", "local.pub", "hook.log"})
+
+    def cleanup(self):
+        # Any shim still registered here dies with the test (never leak one).
+        if os.path.isdir(self.state):
+            for cid in os.listdir(self.state):
+                reg = os.path.join(self.state, cid, "registration.json")
+                with contextlib.suppress(Exception):
+                    with open(reg) as f:
+                        pid = json.load(f)["shim_pid"]
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if self.state.encode() in f.read():
+                            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def env_factory():
+    envs = []
+
+    def make(**cfg):
+        e = HookEnv(**cfg)
+        envs.append(e)
+        return e
+
+    yield make
+    for e in envs:
+        e.cleanup()
+
+
+@pytest.fixture
+def containers_():
+    cs = []
+    yield cs
+    for c in cs:
+        c.cleanup()
+
+
+def new_container(cs, env, **kw):
+    c = Container(hooks=env.runc_hooks(), **kw)
+    cs.append(c)
+    return c
+
+
+def session_report(endpoint):
+    host, port = endpoint.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"report\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+def test_runc_start_registration_fd_contract_and_cleanup(env_factory, containers_):
+    env = env_factory()
+    c = new_container(containers_, env)
+    t0 = time.time()
+    c.start()
+    assert time.time() - t0 < 5
+    reg = env.registration(c.id)
+    d = env.cdir(c.id)
+    assert reg["id"] == c.id and reg["pid"] == c.pid and reg["bundle"] == c.bundle
+    assert (reg["namespace"], reg["pod"], reg["container"]) == ("default", c.id, c.id)
+    assert reg["pin"] == cert_pin(os.path.join(d, "tls.crt"))
+    assert reg["created"].endswith("Z")
+    assert oct(os.stat(d).st_mode & 0o777) == "0o700"
+    assert oct(os.stat(os.path.join(d, "tls.key")).st_mode & 0o777) == "0o600"
+    assert oct(os.stat(os.path.join(env.state, "local.key")).st_mode & 0o777) == "0o600"
+    assert "BEGIN PUBLIC KEY" in open(os.path.join(env.state, "local.pub")).read()
+    with open(os.path.join(d, "shim.json")) as f:
+        shim_cfg = json.load(f)
+    assert shim_cfg["id"] == c.id and shim_cfg["pid"] == c.pid
+    assert shim_cfg["trusted_keys"][0]["kid"] == "local"
+    assert shim_cfg["trusted_keys"][0]["pem"] == open(os.path.join(env.state, "local.pub")).read()
+    assert shim_cfg["session_binary"] == os.path.realpath(FAKE_SESSION)
+
+    shim = reg["shim_pid"]
+    assert alive(shim)
+    assert os.readlink(f"/proc/{shim}/exe") == os.path.realpath(SHIM)
+    # Detached: own session, not a child of runc or of us.
+    with open(f"/proc/{shim}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Its own session (setsid in the first child, then forked: never a session
+    # leader, so it can never acquire a terminal).
+    assert int(fields[3]) == int(fields[2]) != os.getsid(0) and int(fields[3]) != shim
+    # Tiny when idle (the session binary has not been exec'd in it).
+    m = smaps(shim)
+    print(f"shim idle footprint: Private_Dirty={m['Private_Dirty']} kB Pss={m['Pss']} kB Rss={m['Rss']} kB")
+    assert m["Private_Dirty"] < CONMON_USS_KB, m
+    assert m["Pss"] < CONMON_PSS_KB, m
+
+    # The shim's fds: exactly what it needs, all CLOEXEC except stdio.
+    shim_fds = {int(fd): os.readlink(f"/proc/{shim}/fd/{fd}") for fd in os.listdir(f"/proc/{shim}/fd")}
+    assert shim_fds[0] == "/dev/null"
+    assert shim_fds[1] == shim_fds[2] == os.path.join(d, "shim.log")
+    assert not any("pipe:" in v for v in shim_fds.values()), shim_fds  # no runtime pipes, ready fd closed
+
+    # fd contract seen by the session (fake_session.py reports over the connection).
+    rep = session_report(reg["endpoint"])
+    fds = {int(k): v for k, v in rep["fds"].items()}
+    want_ns = []
+    for t in NS_TYPES:
+        theirs, ours = os.readlink(f"/proc/{c.pid}/ns/{t}"), os.readlink(f"/proc/{shim}/ns/{t}")
+        if t == "mnt" or theirs != os.readlink(f"/proc/self/ns/{t}"):
+            want_ns.append((t, theirs))
+    assert fds[0] == "/dev/null" and fds[1] == "/dev/null"
+    assert fds[2] == os.path.join(d, "shim.log")
+    assert fds[3].startswith("socket:") and rep["fd3"] == {"family": socket.AF_INET, "type": socket.SOCK_STREAM}
+    assert fds[4].startswith("socket:") and rep["fd4"] == {"family": socket.AF_UNIX, "type": socket.SOCK_SEQPACKET}
+    assert fds[5] == "anon_inode:[pidfd]"
+    assert sorted(fds) == list(range(6 + len(want_ns))), fds
+    ns_arg = ",".join(f"{t}={6 + i}" for i, (t, _) in enumerate(want_ns))
+    assert rep["argv"] == [os.path.realpath(FAKE_SESSION), "--config", os.path.join(d, "shim.json"), "--ns", ns_arg]
+    for i, (t, link) in enumerate(want_ns):
+        assert fds[6 + i] == link, (t, fds)
+    assert rep["replay"] == ["A", "R", "F"]
+    assert rep["write_self_errno"] == errno.EROFS  # session binary read-only in the shim's mount ns
+    assert rep["self_mount_opts"].split(",")[0] == "ro"
+    assert set(rep["env"]) <= {"PATH", "LC_CTYPE"}, rep["env"]  # LC_CTYPE: python's own C-locale coercion
+    assert rep["cwd"] == "/" and rep["ppid"] == shim
+    # The bind mount stays in the shim's namespace.
+    with open("/proc/self/mountinfo") as f:
+        assert os.path.realpath(FAKE_SESSION) not in f.read()
+
+    log = open(os.path.join(d, "shim.log")).read().splitlines()
+    entries = [json.loads(l) for l in log]
+    assert any(e["msg"] == "shim ready" for e in entries)
+    wait_for(lambda: any(json.loads(l)["msg"] == "session ended" for l in open(os.path.join(d, "shim.log"))),
+             what="session end logged")
+
+    # Container init exits -> the shim exits by itself (pidfd), before delete.
+    c.runc("kill", c.id, "KILL")
+    wait_for(lambda: not alive(shim), timeout=5, what="shim exit after container exit")
+    assert os.path.isdir(d)
+    c.stop()  # runc delete -> poststop hook
+    assert not os.path.exists(d)
+    assert env.leftovers() == []
+
+
+def test_poststop_stops_a_running_shim_and_is_idempotent(env_factory, containers_):
+    env = env_factory()
+    c = new_container(containers_, env)
+    c.start()
+    reg = env.registration(c.id)
+    state = json.dumps({"ociVersion": "1.0.2", "id": c.id, "status": "stopped", "bundle": c.bundle, "pid": 0})
+    for _ in range(2):  # second run: nothing left to do, still exit 0
+        p = subprocess.run([HOOK, "--config", env.config], input=state.encode(), capture_output=True, timeout=10)
+        assert p.returncode == 0, p.stderr
+    assert not alive(reg["shim_pid"])
+    assert env.leftovers() == []
+    c.stop()
+
+
+def test_session_limit_and_shutdown_kills_sessions(env_factory, containers_):
+    env = env_factory(max_sessions=1)
+    c = new_container(containers_, env)
+    c.start()
+    reg = env.registration(c.id)
+    host, port = reg["endpoint"].rsplit(":", 1)
+    first = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        first.sendall(b"hold\n")
+        assert first.recv(64) == b"holding\n"
+        second = socket.create_connection((host, int(port)), timeout=5)
+        with second:
+            assert second.recv(64) == b""  # closed at once: over the limit
+        log = open(os.path.join(env.cdir(c.id), "shim.log")).read()
+        assert "too many sessions" in log
+        sessions = [json.loads(l)["session_pid"] for l in log.splitlines() if json.loads(l)["msg"] == "session started"]
+        assert len(sessions) == 1 and alive(sessions[0])
+        # SIGTERM to the shim terminates its sessions and exits 0.
+        os.kill(reg["shim_pid"], signal.SIGTERM)
+        wait_for(lambda: not alive(reg["shim_pid"]), what="shim exit on SIGTERM")
+        assert not alive(sessions[0])
+        assert first.recv(64) == b""
+    finally:
+        first.close()
+    c.stop()
+    assert env.leftovers() == []
+
+
+def test_broken_shim_binary_does_not_stop_the_container(env_factory, containers_):
+    env = env_factory(shim_binary="/nonexistent/shimlet")
+    c = new_container(containers_, env)
+    c.start()
+    assert c.state()["status"] == "running"
+    assert env.leftovers() == []
+    assert "shim_binary /nonexistent/shimlet" in open(os.path.join(env.state, "hook.log")).read()
+    c.stop()
+
+
+def test_shim_failing_at_start_is_cleaned_up(env_factory, containers_):
+    # The shim starts but cannot bind: the hook reports its log line, kills nothing
+    # alive, and removes the directory; the container still runs.
+    env = env_factory(listen="192.0.2.1:1")
+    c = new_container(containers_, env)
+    c.start()
+    assert c.state()["status"] == "running"
+    assert env.leftovers() == []
+    assert "bind 192.0.2.1:1" in open(os.path.join(env.state, "hook.log")).read()
+    c.stop()
+
+
+def test_fail_container_on_error_fails_the_container(env_factory, containers_):
+    env = env_factory(shim_binary="/nonexistent/shimlet", fail_container_on_error=True)
+    c = new_container(containers_, env)
+    with pytest.raises(AssertionError, match="runc run"):
+        c.start()
+    c.started = True  # runc may have left the container created: delete it
+    c.stop()
+    assert env.leftovers() == []
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_hook_never_hangs_on_open_stdin(env_factory, fail):
+    env = env_factory(fail_container_on_error=fail)
+    p = subprocess.Popen([HOOK, "--config", env.config, "createRuntime"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        p.stdin.write(b'{"ociVersion":"1.0.2","id":"x","status":"creating",')
+        p.stdin.flush()
+        t0 = time.time()
+        rc = p.wait(timeout=15)
+        assert time.time() - t0 < 10
+        assert rc == (1 if fail else 0)
+        assert b"not complete" in p.stderr.read()
+    finally:
+        with contextlib.suppress(Exception):
+            p.kill()
+        p.stdin.close()
+        p.wait()
+
+
+def test_hook_refuses_bad_ids_and_junk(env_factory):
+    env = env_factory(fail_container_on_error=True)
+    for state in ('{"ociVersion":"1","id":"../../etc","status":"creating","bundle":"/x","pid":1}',
+                  '{"id":"a/b","status":"stopped","bundle":"/x"}', "[]", "\xff" * 10):
+        p = subprocess.run([HOOK, "--config", env.config], input=state.encode("utf-8", "surrogateescape")
+                           if isinstance(state, str) else state, capture_output=True, timeout=10)
+        assert p.returncode == 1, (state, p.stderr)
+        assert p.stderr.count(b"\n") == 1  # one clear line
+    assert env.leftovers() == []
+
+
+# ---- podman -------------------------------------------------------------
+
+
+def render_hooks_dir(env):
+    hooks_dir = os.path.join(env.dir, "hooks.d")
+    run([os.path.join(REPO, "scripts", "install-hooks"), hooks_dir, BIN, env.config])
+    with open(os.path.join(hooks_dir, "shimlet.json")) as f:
+        rendered = json.load(f)
+    assert rendered["hook"]["path"] == os.path.join(os.path.realpath(BIN), "shimlet-hook")
+    return hooks_dir
+
+
+@pytest.fixture
+def podman_names():
+    names = []
+    yield names
+    for n in names:
+        run(["podman", "rm", "-f", "-t", "0", n], check=False)
+
+
+def podman_run(env, hooks_dir, name, rootfs, *extra):
+    return run(["podman", "--runtime", "runc", "--hooks-dir", hooks_dir, "run", "-d", "--name", name,
+                "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096", *extra, "--rootfs", rootfs,
+                "sleep", "100000"], check=False, stdin=subprocess.DEVNULL, timeout=60)
+
+
+def podman_rootfs(env):
+    dst = os.path.join(env.dir, "rootfs")
+    shutil.copytree(shared_rootfs(), dst, symlinks=True)
+    return dst
+
+
+def test_podman_start_and_rm(env_factory, podman_names):
+    env = env_factory()
+    hooks_dir = render_hooks_dir(env)
+    name = f"hks-{uuid.uuid4().hex[:8]}"
+    podman_names.append(name)
+    p = podman_run(env, hooks_dir, name, podman_rootfs(env))
+    assert p.returncode == 0, p.stderr
+    cid = p.stdout.decode().strip()
+    reg = env.registration(cid)
+    pid = int(run(["podman", "inspect", "-f", "{{.State.Pid}}", name]).stdout)
+    assert reg["id"] == cid and reg["pid"] == pid
+    assert reg["pin"] == cert_pin(os.path.join(env.cdir(cid), "tls.crt"))
+    host, port = reg["endpoint"].rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=5).close()
+    shim = reg["shim_pid"]
+    assert alive(shim)
+    m = smaps(shim)
+    assert m["Private_Dirty"] < CONMON_USS_KB and m["Pss"] < CONMON_PSS_KB, m
+    rep = session_report(reg["endpoint"])
+    assert rep["fds"]["5"] == "anon_inode:[pidfd]" and rep["replay"] == ["A", "R", "F"]
+    run(["podman", "rm", "-f", "-t", "0", name])
+    wait_for(lambda: not alive(shim), what="shim exit after podman rm")
+    wait_for(lambda: env.leftovers() == [], what="state dir cleaned by poststop")
+
+
+def test_podman_broken_shim_binary(env_factory, podman_names):
+    for fail in (False, True):
+        env = env_factory(shim_binary="/nonexistent/shimlet", fail_container_on_error=fail)
+        hooks_dir = render_hooks_dir(env)
+        name = f"hks-{uuid.uuid4().hex[:8]}"
+        podman_names.append(name)
+        p = podman_run(env, hooks_dir, name, podman_rootfs(env))
+        if fail:
+            assert p.returncode != 0
+        else:
+            assert p.returncode == 0, p.stderr
+            assert run(["podman", "inspect", "-f", "{{.State.Status}}", name]).stdout.strip() == b"running"
+        run(["podman", "rm", "-f", "-t", "0", name], check=False)
+        assert env.leftovers() == []

@@ -1,0 +1,320 @@
+"""Parity with `runc exec`: a process started by `shimctl --local exec` (hook,
+shim, session, our nsenter) and one started by runc exec in the same container
+must see the same credentials, capabilities, seccomp state, namespaces,
+cgroups, limits, env, cwd and umask. The one intended difference: our
+process sits in its session's own child cgroup `shimlet-<session>` under the
+container's cgroup (docs/cgroups.md); the comparison strips that last path
+element and checks it is there."""
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+import containers
+from containers import BIN, Container
+
+SHIMCTL = os.path.join(BIN, "shimctl")
+HOOK = os.path.join(BIN, "shimlet-hook")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hook_env():
+    """One private state dir + hook config for this module's containers."""
+    d = tempfile.mkdtemp(prefix="shimlet-parity-")
+    os.chmod(d, 0o711)
+    cfg = os.path.join(d, "hook.json")
+    with open(cfg, "w") as f:
+        json.dump({"state_dir": os.path.join(d, "state"), "fail_container_on_error": True}, f)
+    _ENV["dir"], _ENV["config"] = d, cfg
+    try:
+        yield
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+_ENV = {}
+
+
+def hooks():
+    e = lambda stage: [{"path": HOOK, "args": ["shimlet-hook", "--config", _ENV["config"], stage]}]
+    return {"createRuntime": e("createRuntime"), "poststop": e("poststop")}
+
+
+def ours(container, argv):
+    """Runs argv in the container through the whole path: shimctl --local exec."""
+    if not os.access(SHIMCTL, os.X_OK):
+        raise AssertionError(f"{SHIMCTL} missing: build first (scripts/build)")
+    state = os.path.join(_ENV["dir"], "state")
+    return subprocess.run([SHIMCTL, "--local", "--state-dir", state, "exec", container.id, "--", *argv],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+
+
+# Everything printed here must be identical for both processes. `ls` lists
+# /proc/self/fd including its own directory fd (3), for both alike.
+PROBE = r"""
+echo '## status'; grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|Seccomp|Seccomp_filters|NoNewPrivs|Uid|Gid|Groups):' /proc/self/status
+echo '## ns'; for n in /proc/self/ns/*; do echo "$n $(readlink $n)"; done
+echo '## cgroup'; cat /proc/self/cgroup
+echo '## limits'; cat /proc/self/limits
+echo '## env'; env | sort
+echo '## cwd'; pwd; readlink /proc/self/cwd
+echo '## umask'; umask
+echo '## fds'; ls /proc/self/fd
+echo '## id'; id
+"""
+
+
+def sections(out):
+    res, cur = {}, None
+    for line in out.splitlines():
+        if line.startswith("## "):
+            cur = line[3:]
+            res[cur] = []
+        elif cur:
+            res[cur].append(line)
+    return res
+
+
+@contextlib.contextmanager
+def started(edit=None, userns=False):
+    c = Container(edit=edit, hooks=hooks())
+    try:
+        # The mapped root must be able to reach the bundle (mkdtemp makes it 0700).
+        os.chmod(c.dir, 0o711)
+        if userns:
+            shift_rootfs(os.path.join(c.bundle, "rootfs"), USERNS_BASE)
+        c.start()
+        yield c
+    finally:
+        c.cleanup()
+
+
+def assert_parity(c, extra=()):
+    ref = c.exec("sh", "-c", PROBE)
+    got = ours(c, ["sh", "-c", PROBE])
+    assert ref.returncode == 0, ref.stderr
+    assert got.returncode == 0, got.stderr
+    a, b = sections(ref.stdout.decode()), sections(got.stdout.decode())
+    # Our process is in its session's child cgroup where the session has one
+    # (at least the v2 hierarchy): strip it, then compare with runc's.
+    session_cg = [line for line in b["cgroup"] if re.search(r"/shimlet-[0-9a-f]+$", line)]
+    assert any(line.startswith("0::") for line in session_cg), f"no session cgroup on v2: {b['cgroup']}"
+    b["cgroup"] = [re.sub(r"/shimlet-[0-9a-f]+$", "", line) for line in b["cgroup"]]
+    assert set(a) == set(b), (a.keys(), b.keys())
+    for k in a:
+        assert b[k] == a[k], f"section {k} differs:\nrunc exec: {a[k]}\nours:      {b[k]}"
+    # No host fd reaches the command: 0,1,2 and ls's own directory fd.
+    assert b["fds"] == ["0", "1", "2", "3"], b["fds"]
+    for cmd in extra:
+        r1, r2 = c.exec(*cmd), ours(c, list(cmd))
+        assert (r2.returncode, r2.stdout, r2.stderr) == (r1.returncode, r1.stdout, r1.stderr), cmd
+    return b
+
+
+def test_default_spec():
+    with started() as c:
+        s = assert_parity(c)
+        assert "NoNewPrivs:\t1" in s["status"]
+        assert s["cwd"] == ["/", "/"]
+
+
+def test_non_root_user_with_additional_gids():
+    def edit(cfg):
+        cfg["process"]["user"] = {"uid": 1000, "gid": 1000, "additionalGids": [2001, 2002, 5]}
+
+    with started(edit) as c:
+        s = assert_parity(c, extra=[("sh", "-c", "echo hi > /dev/stdout; touch /root/x")])
+        assert "Uid:\t1000\t1000\t1000\t1000" in s["status"]
+        assert "Groups:\t5 2001 2002 " in s["status"]
+        assert "HOME=/home/user" in s["env"]
+
+
+def test_reduced_capabilities():
+    def edit(cfg):
+        caps = cfg["process"]["capabilities"]
+        caps["bounding"] = ["CAP_CHOWN", "CAP_KILL", "CAP_NET_RAW", "CAP_SETUID", "CAP_SYS_ADMIN"]
+        caps["effective"] = ["CAP_CHOWN", "CAP_KILL"]
+        caps["permitted"] = ["CAP_CHOWN", "CAP_KILL", "CAP_NET_RAW"]
+        caps["ambient"] = []
+        cfg["process"]["noNewPrivileges"] = False
+
+    with started(edit) as c:
+        s = assert_parity(c)
+        assert "CapBnd:\t00000000002020a1" in s["status"]
+        assert "CapInh:\t0000000000000000" in s["status"]
+
+
+SECCOMP = {
+    "defaultAction": "SCMP_ACT_ALLOW",
+    "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+    "syscalls": [
+        {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+        {"names": ["sethostname", "no_such_syscall_xyz"], "action": "SCMP_ACT_ERRNO"},
+        # chmod(_, 0777) refused, other modes allowed (argument matching).
+        {"names": ["fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+         "args": [{"index": 2, "value": 0o777, "op": "SCMP_CMP_EQ"}]},
+        {"names": ["getpid"], "action": "SCMP_ACT_ALLOW"},
+    ],
+}
+
+
+@pytest.mark.parametrize("nnp", [True, False])
+def test_seccomp_profile(nnp):
+    def edit(cfg):
+        cfg["linux"]["seccomp"] = SECCOMP
+        cfg["process"]["noNewPrivileges"] = nnp
+
+    with started(edit) as c:
+        s = assert_parity(c, extra=[("mkdir", "/tmp/d"), ("hostname", "x"), ("sh", "-c", "touch /tmp/f; chmod 777 /tmp/f"),
+                                    ("sh", "-c", "touch /tmp/g; chmod 755 /tmp/g; ls -l /tmp/g")])
+        assert "Seccomp:\t2" in s["status"] and "Seccomp_filters:\t1" in s["status"]
+        assert f"NoNewPrivs:\t{int(nnp)}" in s["status"]
+        r = ours(c, ["mkdir", "/tmp/x"])
+        assert r.returncode != 0 and b"Permission denied" in r.stderr
+
+
+@pytest.mark.parametrize("nnp", [True, False])
+def test_no_new_privileges(nnp):
+    def edit(cfg):
+        cfg["process"]["noNewPrivileges"] = nnp
+
+    with started(edit) as c:
+        s = assert_parity(c)
+        assert f"NoNewPrivs:\t{int(nnp)}" in s["status"]
+
+
+def test_rlimits():
+    def edit(cfg):
+        cfg["process"]["rlimits"] = [
+            {"type": "RLIMIT_NOFILE", "soft": 256, "hard": 512},
+            {"type": "RLIMIT_CORE", "soft": 0, "hard": 0},
+            {"type": "RLIMIT_NPROC", "soft": 500, "hard": 1000},
+                # Lower than the caller's: setting it needs no privilege beyond ours.
+            {"type": "RLIMIT_MEMLOCK", "soft": 1 << 20, "hard": 1 << 22},
+        ]
+
+    with started(edit) as c:
+        s = assert_parity(c)
+        assert any(l.startswith("Max open files") and "256" in l and "512" in l for l in s["limits"]), s["limits"]
+        assert any(l.startswith("Max locked memory") and str(1 << 22) in l for l in s["limits"]), s["limits"]
+
+
+USERNS_BASE = 200000
+USERNS_SIZE = 65536
+
+
+def shift_rootfs(rootfs, base):
+    """The container's root in a user namespace must belong to the mapped ids."""
+    for root, dirs, files in os.walk(rootfs):
+        for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+            st = os.lstat(name)
+            os.lchown(name, st.st_uid + base, st.st_gid + base)
+
+
+def test_user_namespace():
+    def edit(cfg):
+        cfg["linux"]["namespaces"].append({"type": "user"})
+        cfg["linux"]["uidMappings"] = [{"containerID": 0, "hostID": USERNS_BASE, "size": USERNS_SIZE}]
+        cfg["linux"]["gidMappings"] = [{"containerID": 0, "hostID": USERNS_BASE, "size": USERNS_SIZE}]
+        cfg["process"]["user"] = {"uid": 1000, "gid": 1000, "additionalGids": [2001]}
+        cfg["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "soft": 300, "hard": 600}]
+
+    with started(edit, userns=True) as c:
+        s = assert_parity(c, extra=[("sh", "-c", "cat /proc/self/uid_map /proc/self/gid_map")])
+        assert any(l.startswith("/proc/self/ns/user user:") for l in s["ns"])
+        with open(f"/proc/{c.pid}/ns/user", "rb"):
+            pass
+        host_user = os.readlink("/proc/self/ns/user")
+        assert f"/proc/self/ns/user {host_user}" not in s["ns"]
+        assert "Uid:\t1000\t1000\t1000\t1000" in s["status"]
+
+
+def test_user_namespace_root():
+    def edit(cfg):
+        cfg["linux"]["namespaces"].append({"type": "user"})
+        cfg["linux"]["uidMappings"] = [{"containerID": 0, "hostID": USERNS_BASE, "size": USERNS_SIZE}]
+        cfg["linux"]["gidMappings"] = [{"containerID": 0, "hostID": USERNS_BASE, "size": USERNS_SIZE}]
+
+    with started(edit, userns=True) as c:
+        s = assert_parity(c, extra=[("sh", "-c", "touch /tmp/f && stat -c '%u %g' /tmp/f")])
+        assert "Uid:\t0\t0\t0\t0" in s["status"]
+        # Host view: the file belongs to the mapped host uid.
+        assert os.stat(os.path.join(c.bundle, "rootfs/tmp/f")).st_uid == USERNS_BASE
+
+
+def test_custom_env_and_cwd():
+    def edit(cfg):
+        cfg["process"]["env"] = ["PATH=/usr/bin:/bin", "FOO=bar", "EMPTY=", "FOO=override", "WITH_EQ=a=b"]
+        cfg["process"]["cwd"] = "/home/user"
+        cfg["process"]["user"] = {"uid": 1000, "gid": 1000, "umask": 0o027}
+
+    with started(edit) as c:
+        s = assert_parity(c)
+        assert s["cwd"] == ["/home/user", "/home/user"]
+        assert "FOO=override" in s["env"] and "HOME=/home/user" in s["env"]
+        # runc exec does not apply process.user.umask (only container init
+        # does); parity means 0022 here too.
+        assert s["umask"] == ["0022"]
+
+
+def test_cwd_is_inside_container():
+    def edit(cfg):
+        cfg["process"]["cwd"] = "/tmp"
+
+    with started(edit) as c:
+        r = ours(c, ["sh", "-c", "pwd; readlink /proc/self/cwd; ls /proc/self/cwd/.. | sort | tr '\\n' ' '"])
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.decode().splitlines()
+        assert lines[0] == "/tmp" and lines[1] == "/tmp"
+        # The parent of cwd is the container's root (busybox rootfs), not the host's.
+        assert set(lines[2].split()) == set(os.listdir(os.path.join(c.bundle, "rootfs")))
+
+
+def test_no_host_fd_reaches_command():
+    with started() as c:
+        # Extra fds in the caller (the tool's own) are not inherited.
+        r = ours(c, ["sh", "-c", "ls -l /proc/self/fd/"])
+        ref = c.exec("sh", "-c", "ls -l /proc/self/fd/")
+        assert r.returncode == 0, r.stderr
+        names = sorted(l.split()[8] for l in r.stdout.decode().splitlines()[1:])
+        assert names == sorted(l.split()[8] for l in ref.stdout.decode().splitlines()[1:]) == ["0", "1", "2", "3"]
+
+
+def test_command_not_found_is_127():
+    with started() as c:
+        r = ours(c, ["no-such-command"])
+        assert r.returncode == 127
+        assert b'"no-such-command": executable file not found in $PATH' in r.stderr
+        r = ours(c, ["/no/such/path"])
+        assert r.returncode == 127 and b"No such file or directory" in r.stderr
+        r = ours(c, ["/etc/passwd"])
+        assert r.returncode == 126 and b"Permission denied" in r.stderr
+        # The container is unharmed and still usable.
+        assert ours(c, ["true"]).returncode == 0
+
+
+@pytest.mark.parametrize("script,code", [("exit 0", 0), ("exit 3", 3), ("exit 255", 255), ("kill -TERM $$", 143),
+                                         ("kill -KILL $$", 137)])
+def test_exit_codes_propagate(script, code):
+    with started() as c:
+        r = ours(c, ["sh", "-c", script])
+        assert r.returncode == code, r.stderr
+        assert c.exec("sh", "-c", script).returncode == code
+
+
+def test_tty():
+    with started() as c:
+        state = os.path.join(_ENV["dir"], "state")
+        p = subprocess.run([SHIMCTL, "--local", "--state-dir", state, "exec", "-t", c.id, "--", "sh", "-c",
+                            "tty; ls -1 /proc/self/fd; for i in 0 1 2; do readlink /proc/self/fd/$i; done"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        assert p.returncode == 0, p.stderr
+        lines = [l.strip() for l in p.stdout.decode().splitlines()]
+        assert lines[0].startswith("/dev/pts/"), lines
+        assert lines[1:5] == ["0", "1", "2", "3"], lines
+        assert lines[5:8] == [lines[0]] * 3, lines

@@ -1,0 +1,230 @@
+#include "common/error.h"
+#include "hook/hook.h"
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "shim/shim.h"
+
+using namespace shimlet;
+using namespace shimlet::hook;
+namespace fs = std::filesystem;
+
+namespace {
+std::string slurp(const std::string& p) {
+  std::ifstream f(p);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char t[] = "/tmp/hook_test.XXXXXX";
+    path = mkdtemp(t);
+  }
+  ~TempDir() { fs::remove_all(path); }
+};
+}  // namespace
+
+TEST(ContainerId, AcceptsRuntimeIdsRefusesPathTricks) {
+  EXPECT_TRUE(valid_container_id("abc"));
+  EXPECT_TRUE(valid_container_id("shimlet-t-0123456789"));
+  EXPECT_TRUE(valid_container_id(std::string(64, 'f')));
+  EXPECT_TRUE(valid_container_id("a.b_c-D"));
+  EXPECT_TRUE(valid_container_id(std::string(128, 'x')));
+  EXPECT_FALSE(valid_container_id(std::string(129, 'x')));
+  EXPECT_FALSE(valid_container_id(""));
+  EXPECT_FALSE(valid_container_id("."));
+  EXPECT_FALSE(valid_container_id(".."));
+  EXPECT_FALSE(valid_container_id("../x"));
+  EXPECT_FALSE(valid_container_id("a/b"));
+  EXPECT_FALSE(valid_container_id("a b"));
+  EXPECT_FALSE(valid_container_id(std::string("a\0b", 3)));
+  EXPECT_FALSE(valid_container_id("ä"));
+}
+
+TEST(Stage, FromNameAndStatus) {
+  EXPECT_EQ(stage_from_name("createRuntime"), Stage::Start);
+  EXPECT_EQ(stage_from_name("createContainer"), Stage::Start);
+  EXPECT_EQ(stage_from_name("prestart"), Stage::Start);
+  EXPECT_EQ(stage_from_name("poststop"), Stage::Cleanup);
+  EXPECT_FALSE(stage_from_name("poststart"));
+  EXPECT_EQ(stage_from_status("creating"), Stage::Start);
+  EXPECT_EQ(stage_from_status("created"), Stage::Start);
+  EXPECT_EQ(stage_from_status("stopped"), Stage::Cleanup);
+  EXPECT_FALSE(stage_from_status("running"));
+}
+
+TEST(Names, KubernetesThenCriThenFallbacks) {
+  Names n = names_from("cid", {});
+  EXPECT_EQ(n.ns, "default");
+  EXPECT_EQ(n.pod, "cid");
+  EXPECT_EQ(n.container, "cid");
+
+  n = names_from("cid", {{"io.kubernetes.cri.sandbox-namespace", "ns2"},
+                         {"io.kubernetes.cri.sandbox-name", "pod2"},
+                         {"io.kubernetes.cri.container-name", "c2"}});
+  EXPECT_EQ(n.ns, "ns2");
+  EXPECT_EQ(n.pod, "pod2");
+  EXPECT_EQ(n.container, "c2");
+
+  n = names_from("cid", {{"io.kubernetes.pod.namespace", "ns1"},
+                         {"io.kubernetes.pod.name", "pod1"},
+                         {"io.kubernetes.container.name", "c1"},
+                         {"io.kubernetes.cri.sandbox-namespace", "ns2"},
+                         {"io.kubernetes.cri.sandbox-name", "pod2"},
+                         {"io.kubernetes.cri.container-name", "c2"}});
+  EXPECT_EQ(n.ns, "ns1");
+  EXPECT_EQ(n.pod, "pod1");
+  EXPECT_EQ(n.container, "c1");
+
+  n = names_from("cid", {{"io.kubernetes.cri-o.ContainerName", "web"}, {"io.kubernetes.pod.name", ""}});
+  EXPECT_EQ(n.pod, "web");  // empty annotations do not count
+  EXPECT_EQ(n.container, "web");
+}
+
+TEST(Config, DefaultsNextToTheHook) {
+  Config c = parse_config("{}", "/opt/shimlet/bin");
+  EXPECT_EQ(c.state_dir, "/run/shimlet");
+  EXPECT_EQ(c.shim_binary, "/opt/shimlet/bin/shimlet");
+  EXPECT_EQ(c.session_binary, "/opt/shimlet/bin/shimlet-session");
+  EXPECT_EQ(c.listen, "127.0.0.1:0");
+  EXPECT_FALSE(c.fail_container_on_error);
+  EXPECT_EQ(c.ready_timeout_ms, 2000);
+  EXPECT_EQ(c.max_sessions, 256);
+  EXPECT_TRUE(c.trusted_keys.empty());
+}
+
+TEST(Config, AllFields) {
+  Config c = parse_config(R"({"state_dir":"/run/x/","shim_binary":"/a/shim","session_binary":"/a/sess",
+    "listen":"[::1]:0","trusted_keys":["/etc/k/master.pub",{"kid":"m2","path":"/etc/k/2.pem"}],
+    "fail_container_on_error":true,"ready_timeout_ms":500,"max_ticket_lifetime_s":60,"clock_leeway_s":0,
+    "drain_timeout_ms":10,"max_sessions":3})",
+                          "/x");
+  EXPECT_EQ(c.state_dir, "/run/x");
+  EXPECT_EQ(c.shim_binary, "/a/shim");
+  EXPECT_EQ(c.session_binary, "/a/sess");
+  EXPECT_EQ(c.listen, "[::1]:0");
+  ASSERT_EQ(c.trusted_keys.size(), 2u);
+  EXPECT_EQ(c.trusted_keys[0].kid, "master");
+  EXPECT_EQ(c.trusted_keys[0].path, "/etc/k/master.pub");
+  EXPECT_EQ(c.trusted_keys[1].kid, "m2");
+  EXPECT_TRUE(c.fail_container_on_error);
+  EXPECT_EQ(c.ready_timeout_ms, 500);
+  EXPECT_EQ(c.max_ticket_lifetime_s, 60);
+  EXPECT_EQ(c.clock_leeway_s, 0);
+  EXPECT_EQ(c.drain_timeout_ms, 10);
+  EXPECT_EQ(c.max_sessions, 3);
+}
+
+TEST(Config, RefusesBadInputWithOneClearLine) {
+  for (const char* bad : {"", "[]", "nope", R"({"fail_container_on_errror":true})", R"({"state_dir":"rel"})",
+                          R"({"state_dir":5})", R"({"ready_timeout_ms":0})", R"({"ready_timeout_ms":1.5})",
+                          R"({"ready_timeout_ms":99999999999999999999})", R"({"max_sessions":-1})",
+                          R"({"fail_container_on_error":"yes"})", R"({"listen":"nocolon"})", R"({"trusted_keys":"/a"})",
+                          R"({"trusted_keys":[{"kid":"local","path":"/a"}]})", R"({"trusted_keys":[{"kid":"x"}]})",
+                          R"({"trusted_keys":[{"path":"/a","x":1}]})", R"({"a":[[[[[[[[[[[[]]]]]]]]]]]]})"}) {
+    try {
+      parse_config(bad, "/x");
+      ADD_FAILURE() << "accepted: " << bad;
+    } catch (const shimlet::Error& e) {
+      std::string m = e.what();
+      EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+      EXPECT_EQ(m.rfind("hook config", 0), 0u) << m;
+    }
+  }
+  EXPECT_THROW(parse_config(std::string(kMaxConfigBytes + 1, ' '), "/x"), shimlet::Error);
+}
+
+TEST(Files, WriteAtomicReplacesWithModeAndLeavesNoTemp) {
+  TempDir d;
+  std::string p = d.path + "/registration.json";
+  write_file_atomic(p, "one", 0600);
+  write_file_atomic(p, "two", 0644);
+  EXPECT_EQ(slurp(p), "two");
+  struct stat st {};
+  ASSERT_EQ(stat(p.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0644u);
+  EXPECT_EQ(std::distance(fs::directory_iterator(d.path), fs::directory_iterator()), 1);
+  EXPECT_ANY_THROW(write_file_atomic(d.path + "/missing/x", "x", 0600));
+}
+
+TEST(Registration, HasTheContractFields) {
+  oci::State st;
+  st.id = "c1";
+  st.pid = 42;
+  st.bundle = "/b";
+  st.annotations = {{"io.kubernetes.pod.name", "p"}};
+  Started s{"127.0.0.1:4000", "sha256/abc", 77, 1234, "2026-01-01T00:00:00Z"};
+  auto j = registration_json(st, s);
+  EXPECT_EQ(j["id"], "c1");
+  EXPECT_EQ(j["pid"], 42);
+  EXPECT_EQ(j["bundle"], "/b");
+  EXPECT_EQ(j["runtime_root"], "");
+  EXPECT_EQ(j["namespace"], "default");
+  EXPECT_EQ(j["pod"], "p");
+  EXPECT_EQ(j["container"], "c1");
+  EXPECT_EQ(j["endpoint"], "127.0.0.1:4000");
+  EXPECT_EQ(j["pin"], "sha256/abc");
+  EXPECT_EQ(j["shim_pid"], 77);
+  EXPECT_EQ(j["shim_start_time"], 1234);
+  EXPECT_EQ(j["created"], "2026-01-01T00:00:00Z");
+  EXPECT_EQ(j["annotations"]["io.kubernetes.pod.name"], "p");
+
+  Config c = parse_config(R"({"max_sessions":9})", "/bin");
+  auto sj = shim_json(c, st, "/run/shimlet/c1", {{"local", "PEM"}});
+  EXPECT_EQ(sj["tls_cert"], "/run/shimlet/c1/tls.crt");
+  EXPECT_EQ(sj["tls_key"], "/run/shimlet/c1/tls.key");
+  EXPECT_EQ(sj["trusted_keys"][0]["kid"], "local");
+  EXPECT_EQ(sj["max_ticket_lifetime_s"], 300);
+  EXPECT_EQ(sj["session_binary"], "/bin/shimlet-session");
+}
+
+TEST(Cleanup, IdempotentAndRefusesBadIds) {
+  TempDir d;
+  Config c = parse_config("{}", "/x");
+  c.state_dir = d.path;
+  EXPECT_NO_THROW(cleanup(c, "nothing-here"));
+  fs::create_directory(d.path + "/half");
+  std::ofstream(d.path + "/half/tls.key") << "k";
+  EXPECT_NO_THROW(cleanup(c, "half"));  // start interrupted before registration
+  EXPECT_FALSE(fs::exists(d.path + "/half"));
+  EXPECT_THROW(cleanup(c, ".."), shimlet::Error);
+  EXPECT_THROW(cleanup(c, "a/b"), shimlet::Error);
+  fs::create_symlink("/tmp", d.path + "/link");
+  EXPECT_THROW(cleanup(c, "link"), shimlet::Error);  // never follows a symlinked dir
+  EXPECT_TRUE(fs::exists("/tmp"));
+}
+
+TEST(ShimArgs, ParsesAndRefuses) {
+  const char* ok[] = {"shimlet",    "--config", "/s/c/shim.json", "--pid", "12",       "--session-binary", "/b/s",
+                      "--ready-fd", "3",        "--max-sessions", "2",     "--listen", "0.0.0.0:1",        "--id",
+                      "c"};
+  auto o = shim::parse_args(15, ok);
+  EXPECT_EQ(o.config, "/s/c/shim.json");
+  EXPECT_EQ(o.pid, 12);
+  EXPECT_EQ(o.ready_fd, 3);
+  EXPECT_EQ(o.max_sessions, 2u);
+  EXPECT_EQ(o.listen, "0.0.0.0:1");
+  const char* bad_pid[] = {"shimlet", "--config", "/c", "--pid", "12x", "--session-binary", "/b"};
+  EXPECT_THROW(shim::parse_args(7, bad_pid), shim::Error);
+  const char* rel[] = {"shimlet", "--config", "/c", "--pid", "1", "--session-binary", "b"};
+  EXPECT_THROW(shim::parse_args(7, rel), shim::Error);
+  const char* missing[] = {"shimlet", "--config"};
+  EXPECT_THROW(shim::parse_args(2, missing), shim::Error);
+}
+
+TEST(ShimListen, BindsLoopbackAndRefusesJunk) {
+  auto s = shim::listen_on("127.0.0.1:0");
+  EXPECT_GT(shim::bound_port(s.get()), 0);
+  EXPECT_THROW(shim::listen_on("localhost:0"), shim::Error);
+  EXPECT_THROW(shim::listen_on("127.0.0.1"), shim::Error);
+  EXPECT_THROW(shim::listen_on("127.0.0.1:70000"), shim::Error);
+}
