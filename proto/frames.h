@@ -46,6 +46,8 @@ class FrameDecoder {
 // Header names and paths of the native protocol.
 inline constexpr const char* kExecPath = "/v1/exec";
 inline constexpr const char* kPortForwardPrefix = "/v1/portforward/";
+// Port-forward session open: authenticates the connection (no port, no body).
+inline constexpr const char* kPortForwardOpenPath = "/v1/portforward";
 inline constexpr const char* kExecHeader = "shimlet-exec";
 inline constexpr const char* kAlpn = "h2";
 

@@ -72,25 +72,38 @@ void H2Conn::on_event(bufferevent*, short what, void* arg) {
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, data_chunk_cb);
     nghttp2_session_callbacks_set_on_stream_close_callback(cbs, stream_close_cb);
     nghttp2_session_callbacks_set_data_source_read_length_callback(cbs, read_length_cb);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cbs, frame_send_cb);
     nghttp2_option* opt;
     nghttp2_option_new(&opt);
     // We return window only for bytes actually delivered (consume()): a slow
     // reader stops the peer instead of growing our buffers.
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_send_header_block_length(opt, settings_max_header(self->settings_));
+    // We use no priorities: closed streams need not be kept for the
+    // dependency tree (with no advertised stream limit nghttp2 would keep
+    // every closed stream of a long-lived connection).
+    nghttp2_option_set_no_closed_streams(opt, 1);
+    // The server does not advertise its stream limit (see H2Settings): open
+    // up to ours rather than nghttp2's default of 100 before queueing.
+    if (self->role_ == Role::Client)
+      nghttp2_option_set_peer_max_concurrent_streams(opt, self->settings_.max_concurrent_streams);
     int rv = self->role_ == Role::Server ? nghttp2_session_server_new2(&self->h2_, cbs, self, opt)
                                          : nghttp2_session_client_new2(&self->h2_, cbs, self, opt);
     nghttp2_option_del(opt);
     nghttp2_session_callbacks_del(cbs);
     if (rv != 0) return self->close(std::string("nghttp2 session: ") + nghttp2_strerror(rv));
-    nghttp2_settings_entry iv[] = {
-        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, self->settings_.max_concurrent_streams},
+    std::vector<nghttp2_settings_entry> iv = {
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, self->settings_.stream_window},
         {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, self->settings_.max_frame_size},
         {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, self->settings_.max_header_list},
         {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
     };
-    nghttp2_submit_settings(self->h2_, NGHTTP2_FLAG_NONE, iv, std::size(iv));
+    // Server: the limit is enforced in begin_headers_cb with REFUSED_STREAM,
+    // not advertised (see H2Settings::max_concurrent_streams). Client: limits
+    // pushed streams only (push is off anyway).
+    if (self->role_ == Role::Client)
+      iv.push_back({NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, self->settings_.max_concurrent_streams});
+    nghttp2_submit_settings(self->h2_, NGHTTP2_FLAG_NONE, iv.data(), iv.size());
     nghttp2_session_set_local_window_size(self->h2_, NGHTTP2_FLAG_NONE, 0,
                                           static_cast<int32_t>(self->settings_.connection_window));
     self->connected_ = true;
@@ -146,6 +159,11 @@ void H2Conn::on_write(bufferevent*, void* arg) {
 void H2Conn::on_ping_timer(evutil_socket_t, short, void* arg) {
   auto* self = static_cast<H2Conn*>(arg);
   if (!self->h2_ || self->closed_) return;
+  // A peer (or path) that stopped answering: give up instead of hanging until
+  // TCP's retransmission timeout.
+  if (self->ping_outstanding_)
+    return self->close("no reply to keepalive PING within " + std::to_string(self->settings_.ping_interval_s) + " s");
+  self->ping_outstanding_ = true;
   nghttp2_submit_ping(self->h2_, NGHTTP2_FLAG_NONE, nullptr);
   self->pump();
 }
@@ -175,10 +193,19 @@ void H2Conn::pump() {
       drained.push_back(id);
     }
   }
-  for (int32_t id : drained) handler_->on_drain(id);
+  if (total_high_ && total_out_ <= settings_.total_high_water / 2) {
+    total_high_ = false;
+    drained.push_back(0);
+  }
+  for (int32_t id : drained) {
+    handler_->on_drain(id);
+    if (closed_) return;
+  }
   if (closed_) return;
   if (!nghttp2_session_want_read(h2_) && !nghttp2_session_want_write(h2_) && evbuffer_get_length(out) == 0)
-    close(closing_ ? "connection shut down" : "peer ended the HTTP/2 session");
+    close(closing_                ? "connection shut down"
+          : !proto_error_.empty() ? proto_error_
+                                  : "peer ended the HTTP/2 session");
 }
 
 void H2Conn::flush() { pump(); }
@@ -194,9 +221,24 @@ void H2Conn::close(const std::string& why) {
   handler_->on_closed(why);
 }
 
-int H2Conn::begin_headers_cb(nghttp2_session*, const nghttp2_frame* f, void* arg) {
+int H2Conn::begin_headers_cb(nghttp2_session* session, const nghttp2_frame* f, void* arg) {
   auto* self = static_cast<H2Conn*>(arg);
-  if (f->hd.type == NGHTTP2_HEADERS) self->in_headers_[f->hd.stream_id].clear();
+  if (f->hd.type != NGHTTP2_HEADERS) return 0;
+  int32_t id = f->hd.stream_id;
+  if (self->role_ == Role::Server && f->headers.cat == NGHTTP2_HCAT_REQUEST) {
+    if (self->open_in_ >= self->settings_.max_concurrent_streams) {
+      // A stream error, not a connection error (RFC 9113 5.1.2): the
+      // client may retry it later; its other streams go on. Our RST marks
+      // the stream closing, so nghttp2 adds no INTERNAL_ERROR reset of its own
+      // for the callback failure, which makes it skip this header block.
+      nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, id, NGHTTP2_REFUSED_STREAM);
+      self->handler_->on_stream_refused(id);
+      return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
+    self->open_in_++;
+    nghttp2_session_set_stream_user_data(session, id, self);  // counted: uncounted on close
+  }
+  self->in_headers_[id].clear();
   return 0;
 }
 
@@ -222,6 +264,8 @@ int H2Conn::frame_recv_cb(nghttp2_session*, const nghttp2_frame* f, void* arg) {
     if (end) self->handler_->on_remote_end(id);
   } else if (f->hd.type == NGHTTP2_DATA && end) {
     self->handler_->on_remote_end(id);
+  } else if (f->hd.type == NGHTTP2_PING && (f->hd.flags & NGHTTP2_FLAG_ACK)) {
+    self->ping_outstanding_ = false;
   }
   return 0;
 }
@@ -231,14 +275,27 @@ int H2Conn::data_chunk_cb(nghttp2_session*, uint8_t, int32_t id, const uint8_t* 
   return 0;
 }
 
-int H2Conn::stream_close_cb(nghttp2_session*, int32_t id, uint32_t code, void* arg) {
+int H2Conn::stream_close_cb(nghttp2_session* session, int32_t id, uint32_t code, void* arg) {
   auto* self = static_cast<H2Conn*>(arg);
+  if (self->open_in_ > 0 && nghttp2_session_get_stream_user_data(session, id) == self) self->open_in_--;
   if (auto it = self->out_.find(id); it != self->out_.end()) {
     self->total_out_ -= it->second.buf.size() - it->second.off;
     self->out_.erase(it);
   }
   self->in_headers_.erase(id);
   self->handler_->on_stream_close(id, code);
+  return 0;
+}
+
+int H2Conn::frame_send_cb(nghttp2_session*, const nghttp2_frame* f, void* arg) {
+  auto* self = static_cast<H2Conn*>(arg);
+  // nghttp2 ends the session itself on a connection error of the peer's
+  // (malformed frame, bad preface...): remember why for the close reason.
+  if (f->hd.type == NGHTTP2_GOAWAY && f->goaway.error_code != NGHTTP2_NO_ERROR && self->proto_error_.empty()) {
+    std::string debug(reinterpret_cast<const char*>(f->goaway.opaque_data), f->goaway.opaque_data_len);
+    self->proto_error_ = std::string("HTTP/2 protocol error: ") + nghttp2_http2_strerror(f->goaway.error_code);
+    if (!debug.empty()) self->proto_error_ += ": " + debug;
+  }
   return 0;
 }
 
@@ -322,6 +379,7 @@ size_t H2Conn::send(int32_t stream, const void* data, size_t len) {
   Out& o = it->second;
   o.buf.append(static_cast<const char*>(data), len);
   total_out_ += len;
+  if (total_out_ > settings_.total_high_water) total_high_ = true;
   size_t left = o.buf.size() - o.off;
   if (left > settings_.out_low_water) o.below_low = false;
   if (o.deferred) {
@@ -346,6 +404,10 @@ void H2Conn::end(int32_t stream) {
 size_t H2Conn::outbound(int32_t stream) const {
   auto it = out_.find(stream);
   return it == out_.end() ? 0 : it->second.buf.size() - it->second.off;
+}
+
+bool H2Conn::is_open(int32_t stream) const {
+  return h2_ && !closed_ && nghttp2_session_find_stream(h2_, stream) != nullptr;
 }
 
 void H2Conn::reset(int32_t stream, uint32_t code) {

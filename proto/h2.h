@@ -26,12 +26,22 @@ struct H2Settings {
   uint32_t stream_window = 4u << 20;       // what we let the peer send per stream
   uint32_t connection_window = 16u << 20;  // ... and on the whole connection
   uint32_t max_frame_size = 1u << 16;      // largest DATA frame we accept
+  // Request streams served at once (server). More are refused with
+  // RST_STREAM REFUSED_STREAM and the connection goes on. Not advertised in
+  // SETTINGS: nghttp2 turns a peer exceeding an advertised (acknowledged)
+  // limit into a connection error that kills every stream. Client: how many
+  // streams we open at once before queueing.
   uint32_t max_concurrent_streams = 1024;
   uint32_t max_header_list = 128u << 10;
   size_t out_high_water = 1u << 20;  // per-stream outbound buffer limit (handler stops producing)
   size_t out_low_water = 256u << 10; // on_drain fires below this
+  // Whole-connection outbound limit handlers should respect (total_outbound()):
+  // once it was exceeded, on_drain(0) fires when the total falls below half.
+  // (Per-stream drains alone can miss it: many streams each below
+  // out_low_water can together exceed this and never see a per-stream drain.)
+  size_t total_high_water = 32u << 20;
   int handshake_timeout_s = 10;
-  int ping_interval_s = 0;  // keepalive PINGs when > 0
+  int ping_interval_s = 0;  // keepalive PINGs when > 0; no ACK by the next tick closes the connection
 };
 
 class H2Conn {
@@ -46,8 +56,13 @@ class H2Conn {
     virtual void on_remote_end(int32_t stream) = 0;
     // The stream is fully closed (both ends, or reset). error_code 0 = clean.
     virtual void on_stream_close(int32_t stream, uint32_t error_code) = 0;
-    // Our outbound buffer for stream fell below the low-water mark.
+    // Our outbound buffer for stream fell below the low-water mark; stream 0:
+    // the connection's total fell below total_high_water / 2.
     virtual void on_drain(int32_t /*stream*/) {}
+    // Server: a new request stream was refused (RST_STREAM REFUSED_STREAM)
+    // because max_concurrent_streams were open. The stream never reaches
+    // on_headers. Called from inside nghttp2: only note it.
+    virtual void on_stream_refused(int32_t /*stream*/) {}
     // TLS handshake done (check the peer certificate here; return an error
     // line to abort the connection).
     virtual std::string on_connected(SSL* /*ssl*/) { return ""; }
@@ -73,6 +88,8 @@ class H2Conn {
   size_t send(int32_t stream, const void* data, size_t len);
   void end(int32_t stream);
   size_t outbound(int32_t stream) const;
+  // Whether the stream exists and is not closed yet.
+  bool is_open(int32_t stream) const;
   // Sum of every stream's outbound buffer (a per-connection memory bound).
   size_t total_outbound() const { return total_out_; }
   void reset(int32_t stream, uint32_t error_code);
@@ -108,6 +125,7 @@ class H2Conn {
   static int begin_headers_cb(nghttp2_session*, const nghttp2_frame*, void*);
   static int data_chunk_cb(nghttp2_session*, uint8_t, int32_t, const uint8_t*, size_t, void*);
   static int stream_close_cb(nghttp2_session*, int32_t, uint32_t, void*);
+  static int frame_send_cb(nghttp2_session*, const nghttp2_frame*, void*);
   static ssize_t read_length_cb(nghttp2_session*, uint8_t, int32_t, int32_t, int32_t, uint32_t, void*);
   static ssize_t data_read_cb(nghttp2_session*, int32_t, uint8_t*, size_t, uint32_t*, nghttp2_data_source*, void*);
   void close(const std::string& why);
@@ -125,8 +143,11 @@ class H2Conn {
   std::map<int32_t, Headers> in_headers_;
   event* ping_ = nullptr;
   bool connected_ = false, closed_ = false, closing_ = false, in_pump_ = false;
+  bool total_high_ = false, ping_outstanding_ = false;
   uint64_t bytes_in_ = 0, bytes_out_ = 0;
   size_t total_out_ = 0;
+  size_t open_in_ = 0;       // server: request streams counted against max_concurrent_streams
+  std::string proto_error_;  // why nghttp2 ended the session (the GOAWAY it sent), for close()
 };
 
 }  // namespace shimlet::proto

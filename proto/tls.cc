@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "common/base64.h"
+#include "common/ed25519.h"
 #include "common/error.h"
 
 namespace shimlet::proto {
@@ -71,8 +72,11 @@ int select_alpn(SSL*, const unsigned char** out, unsigned char* outlen, const un
 
 void use_identity(SSL_CTX* ctx, const std::string& cert_pem, const std::string& key_pem) {
   X509p cert = cert_from_pem(cert_pem);
-  Bio kb(BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size())));
-  Pkey key(PEM_read_bio_PrivateKey(kb.get(), nullptr, nullptr, nullptr));
+  Pkey key(ed25519_private_from_pem(key_pem));
+  if (!key) {
+    Bio kb(BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size())));
+    key.reset(PEM_read_bio_PrivateKey(kb.get(), nullptr, nullptr, nullptr));
+  }
   if (!key) throw Error("cannot parse private key PEM: " + ssl_error_string());
   if (SSL_CTX_use_certificate(ctx, cert.get()) != 1 || SSL_CTX_use_PrivateKey(ctx, key.get()) != 1 ||
       SSL_CTX_check_private_key(ctx) != 1)
@@ -101,8 +105,7 @@ std::string ssl_error_string() {
 }
 
 Identity generate_identity(const std::string& common_name, int days) {
-  Pkey key(EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519"));
-  if (!key) throw Error("Ed25519 keygen: " + ssl_error_string());
+  Pkey key(ed25519_generate());
   X509p cert(X509_new());
   X509_set_version(cert.get(), 2);
   std::string serial = random_bytes(16);
@@ -118,11 +121,9 @@ Identity generate_identity(const std::string& common_name, int days) {
                              -1, 0);
   X509_set_issuer_name(cert.get(), name);
   if (X509_sign(cert.get(), key.get(), nullptr) <= 0) throw Error("X509_sign: " + ssl_error_string());
-  Bio kb(BIO_new(BIO_s_mem())), cb(BIO_new(BIO_s_mem()));
-  if (PEM_write_bio_PrivateKey(kb.get(), key.get(), nullptr, nullptr, 0, nullptr, nullptr) != 1 ||
-      PEM_write_bio_X509(cb.get(), cert.get()) != 1)
-    throw Error("PEM encode: " + ssl_error_string());
-  return Identity{bio_string(kb.get()), bio_string(cb.get())};
+  Bio cb(BIO_new(BIO_s_mem()));
+  if (PEM_write_bio_X509(cb.get(), cert.get()) != 1) throw Error("PEM encode: " + ssl_error_string());
+  return Identity{ed25519_private_pem(key.get()), bio_string(cb.get())};
 }
 
 std::string pin_of_cert(X509* cert) { return "sha256/" + base64_encode(sha256(spki_der(cert))); }

@@ -83,7 +83,11 @@ Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_
   if (!own_netns_) throw sys_error("open /proc/self/ns/net");
   peer_ = peer_of(conn_fd);
   log::set_context({{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}});
-  conn_ = std::make_unique<proto::H2Conn>(base, conn_fd, ssl, proto::H2Conn::Role::Server, this);
+  proto::H2Settings st;
+  // A client that vanished without a FIN (network gone, laptop closed) must
+  // not pin this session and its container sockets: an unanswered PING ends it.
+  st.ping_interval_s = 30;
+  conn_ = std::make_unique<proto::H2Conn>(base, conn_fd, ssl, proto::H2Conn::Role::Server, this, st);
 }
 
 Session::~Session() {
@@ -143,7 +147,14 @@ std::optional<ticket::Claims> Session::authenticate(int32_t stream, const proto:
   // cnf checked against this connection's client certificate, and its jti
   // consumed. A forward outlives the ticket's short exp, so later streams must
   // not be refused as "expired".
-  if (same) return accepted_claims_;
+  if (same) {
+    // Authenticated once, but only for what the ticket is for.
+    if (accepted_claims_->verb != verb) {
+      refuse(stream, 403, "ticket is for " + accepted_claims_->verb + ", not " + verb);
+      return std::nullopt;
+    }
+    return accepted_claims_;
+  }
   ticket::Claims c;
   try {
     ticket::Expect e;
@@ -280,11 +291,36 @@ void Session::container_exited() {
   if (streams_.empty() || !exec_started_) finish();
 }
 
+void Session::on_stream_refused(int32_t stream) {
+  // One audit line per connection, not per stream: a client flooding
+  // streams must not flood the log. The count goes into "connection closed".
+  if (refused_streams_++ == 0)
+    log::audit("request.refused",
+               {{"status", 0},
+                {"stream", stream},
+                {"reason", "too many concurrent streams (limit " +
+                               std::to_string(conn_->settings().max_concurrent_streams) +
+                               "): stream refused with RST_STREAM REFUSED_STREAM"}});
+}
+
+namespace {
+// Close reasons (proto/h2.cc) that mean the peer's bytes were refused: not
+// TLS 1.3 + h2, or malformed HTTP/2.
+bool refused_connection(const std::string& why) {
+  for (const char* p : {"TLS handshake", "TLS error", "HTTP/2 protocol error", "peer did not negotiate ALPN"})
+    if (why.rfind(p, 0) == 0) return true;
+  return false;
+}
+}  // namespace
+
 void Session::on_closed(const std::string& why) {
   for (auto& [id, h] : streams_)
     if (!h->done()) h->abort(why);
   streams_.clear();
-  log::info("connection closed", {{"reason", why}, {"bytes_in", conn_->bytes_in()}, {"bytes_out", conn_->bytes_out()}});
+  if (refused_connection(why)) log::audit("request.refused", {{"status", 0}, {"stream", 0}, {"reason", why}});
+  nlohmann::json f = {{"reason", why}, {"bytes_in", conn_->bytes_in()}, {"bytes_out", conn_->bytes_out()}};
+  if (refused_streams_) f["refused_streams"] = refused_streams_;
+  log::info("connection closed", f);
   event_base_loopexit(base_, nullptr);
 }
 

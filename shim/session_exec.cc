@@ -44,20 +44,20 @@ class Exec : public StreamHandler {
   // Returns false when a response was already sent (error).
   void start(const proto::Headers& h, const ticket::Claims& claims) {
     const std::string* spec_s = proto::find_header(h, proto::kExecHeader);
-    if (!spec_s) return s_.refuse(stream_, 400, std::string("missing ") + proto::kExecHeader + " header");
+    if (!spec_s) return refuse(400, std::string("missing ") + proto::kExecHeader + " header");
     nlohmann::json spec = nlohmann::json::parse(*spec_s, nullptr, false);
     if (!spec.is_object() || !spec.contains("command") || !spec["command"].is_array())
-      return s_.refuse(stream_, 400, std::string(proto::kExecHeader) + " must be a JSON object with a command array");
+      return refuse(400, std::string(proto::kExecHeader) + " must be a JSON object with a command array");
     std::vector<std::string> argv;
     for (auto& a : spec["command"]) {
-      if (!a.is_string()) return s_.refuse(stream_, 400, "command must be an array of strings");
+      if (!a.is_string()) return refuse(400, "command must be an array of strings");
       argv.push_back(a.get<std::string>());
     }
     bool want_stdin = spec.value("stdin", false), want_tty = spec.value("tty", false);
-    if (argv.empty()) return s_.refuse(stream_, 400, "empty command");
-    if (argv != claims.cmd) return s_.refuse(stream_, 403, "ticket does not allow this command");
+    if (argv.empty()) return refuse(400, "empty command");
+    if (argv != claims.cmd) return refuse(403, "ticket does not allow this command");
     if (want_stdin != claims.stdin_ || want_tty != claims.tty)
-      return s_.refuse(stream_, 403, "ticket does not allow these stdin/tty flags");
+      return refuse(403, "ticket does not allow these stdin/tty flags");
     tty_ = want_tty;
     stdin_ = want_stdin;
 
@@ -125,6 +125,13 @@ class Exec : public StreamHandler {
     if (in_fd_) ev_in_ = event_new(b, in_fd_.get(), EV_WRITE, on_writable, this);
     ev_exit_ = event_new(b, proc_.pidfd.get(), EV_READ, on_exit, this);
     event_add(ev_exit_, nullptr);
+  }
+
+  // Refused before anything ran: nothing to end or kill when the stream closes
+  // (and no "session.end" audit line for a session that never started).
+  void refuse(int status, const std::string& why) {
+    finished_ = true;
+    s_.refuse(stream_, status, why);
   }
 
   void on_data(const uint8_t* data, size_t len) override {

@@ -83,6 +83,7 @@ class Session : public proto::H2Conn::Handler {
   void on_remote_end(int32_t stream) override;
   void on_stream_close(int32_t stream, uint32_t error_code) override;
   void on_drain(int32_t stream) override;
+  void on_stream_refused(int32_t stream) override;
   void on_closed(const std::string& why) override;
 
  private:
@@ -101,6 +102,7 @@ class Session : public proto::H2Conn::Handler {
   bool exec_started_ = false;
   bool finishing_ = false;
   int exit_code_ = 0;
+  uint64_t refused_streams_ = 0;  // over max_concurrent_streams (audited once, counted at close)
 };
 
 }  // namespace shimlet::session

@@ -13,6 +13,7 @@
 #include <set>
 
 #include "common/base64.h"
+#include "common/ed25519.h"
 #include "common/error.h"
 #include "common/fd.h"
 
@@ -80,6 +81,7 @@ void require_ed25519(EVP_PKEY* k, const char* what) {
 
 // A PUBLIC KEY PEM, or else the key of a CERTIFICATE PEM.
 Pkey public_from_pem(std::string_view pem) {
+  if (EVP_PKEY* fast = ed25519_public_from_pem(pem)) return Pkey(fast);
   {
     Bio b = mem_bio(pem);
     Pkey k(PEM_read_bio_PUBKEY(b.get(), nullptr, nullptr, nullptr));
@@ -309,8 +311,11 @@ PrivateKey PrivateKey::generate() {
 }
 
 PrivateKey PrivateKey::from_pem(std::string_view pem) {
-  Bio b = mem_bio(pem);
-  Pkey k(PEM_read_bio_PrivateKey(b.get(), nullptr, nullptr, nullptr));
+  Pkey k(ed25519_private_from_pem(pem));
+  if (!k) {
+    Bio b = mem_bio(pem);
+    k.reset(PEM_read_bio_PrivateKey(b.get(), nullptr, nullptr, nullptr));
+  }
   if (!k) throw Error("cannot parse private key PEM: " + ssl_err());
   require_ed25519(k.get(), "private key");
   PrivateKey out;
