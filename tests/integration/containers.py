@@ -1,6 +1,7 @@
 """Real runc containers for the integration tests: a busybox-static rootfs,
 bundles made from `runc spec`, and RAII-style cleanup (context managers and
 pytest finalizers) so nothing is left behind even when a test fails."""
+import atexit
 import contextlib
 import json
 import os
@@ -57,6 +58,7 @@ def shared_rootfs():
     global _ROOTFS_CACHE
     if _ROOTFS_CACHE is None:
         d = tempfile.mkdtemp(prefix="shimlet-rootfs-")
+        atexit.register(shutil.rmtree, d, True)  # removed when the test run ends
         _ROOTFS_CACHE = make_rootfs(os.path.join(d, "rootfs"))
     return _ROOTFS_CACHE
 

@@ -414,3 +414,27 @@ def test_podman_broken_shim_binary(env_factory, podman_names):
             assert run(["podman", "inspect", "-f", "{{.State.Status}}", name]).stdout.strip() == b"running"
         run(["podman", "rm", "-f", "-t", "0", name], check=False)
         assert env.leftovers() == []
+
+
+def test_podman_exec_through_the_real_session(env_factory, podman_names):
+    """podman (hooks.d) + the real shimlet-session: shimctl --local exec works,
+    exit codes come back, and everything goes away with `podman rm`."""
+    session = os.path.join(BIN, "shimlet-session")
+    shimctl = os.path.join(BIN, "shimctl")
+    env = env_factory(session_binary=session)
+    hooks_dir = render_hooks_dir(env)
+    name = f"hks-{uuid.uuid4().hex[:8]}"
+    podman_names.append(name)
+    p = podman_run(env, hooks_dir, name, podman_rootfs(env))
+    assert p.returncode == 0, p.stderr
+    cid = p.stdout.decode().strip()
+    shim = env.registration(cid)["shim_pid"]
+    base = [shimctl, "--local", "--state-dir", env.state, "exec"]
+    r = run(base + [cid[:12], "--", "sh", "-c", "echo hi from $(hostname); exit 7"], check=False)
+    assert r.returncode == 7, r.stderr
+    assert r.stdout.startswith(b"hi from "), r.stdout
+    r = run(base + ["-i", cid, "--", "cat"], check=False, input=b"through podman\n")
+    assert (r.returncode, r.stdout) == (0, b"through podman\n"), r.stderr
+    run(["podman", "rm", "-f", "-t", "0", name])
+    wait_for(lambda: not alive(shim), what="shim exit after podman rm")
+    wait_for(lambda: env.leftovers() == [], what="state dir cleaned by poststop")
