@@ -50,6 +50,7 @@ H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, 
 
 H2Conn::~H2Conn() {
   if (ping_) event_free(ping_);
+  if (eof_ev_) event_free(eof_ev_);
   if (h2_) nghttp2_session_del(h2_);
   if (bev_) bufferevent_free(bev_);  // frees ssl and closes fd (BEV_OPT_CLOSE_ON_FREE)
 }
@@ -129,9 +130,30 @@ void H2Conn::on_event(bufferevent*, short what, void* arg) {
       int err = EVUTIL_SOCKET_ERROR();
       why = err ? std::string("connection error: ") + evutil_socket_error_to_string(err) : "connection error";
     }
-    return self->close(self->connected_ ? why : "TLS handshake failed: " + why);
+    if (!self->connected_) return self->close("TLS handshake failed: " + why);
+    return self->close_after_input(why);
   }
-  if (what & BEV_EVENT_EOF) return self->close("connection closed by peer");
+  if (what & BEV_EVENT_EOF) return self->close_after_input("connection closed by peer");
+}
+
+// libevent's bufferevent_openssl reports EOF/errors from inside its read
+// before it commits the bytes read in the same call to the input buffer: the
+// peer's last frames (a response, its GOAWAY) would be lost. Process them from
+// the loop first, then close.
+void H2Conn::close_after_input(const std::string& why) {
+  if (closed_ || eof_ev_) return;
+  if (!h2_) return close(why);
+  eof_why_ = why;
+  eof_ev_ = evtimer_new(base_, on_eof_timer, this);
+  timeval zero{0, 0};
+  evtimer_add(eof_ev_, &zero);
+}
+
+void H2Conn::on_eof_timer(evutil_socket_t, short, void* arg) {
+  auto* self = static_cast<H2Conn*>(arg);
+  if (self->closed_) return;
+  on_read(self->bev_, self);
+  if (!self->closed_) self->close(self->eof_why_);
 }
 
 void H2Conn::on_read(bufferevent* bev, void* arg) {

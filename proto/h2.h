@@ -118,6 +118,7 @@ class H2Conn {
   static void on_write(bufferevent*, void*);
   static void on_event(bufferevent*, short, void*);
   static void on_ping_timer(evutil_socket_t, short, void*);
+  static void on_eof_timer(evutil_socket_t, short, void*);
   static ssize_t send_cb(nghttp2_session*, const uint8_t*, size_t, int, void*);
   static int frame_recv_cb(nghttp2_session*, const nghttp2_frame*, void*);
   static int header_cb(nghttp2_session*, const nghttp2_frame*, const uint8_t*, size_t, const uint8_t*, size_t, uint8_t,
@@ -129,6 +130,7 @@ class H2Conn {
   static ssize_t read_length_cb(nghttp2_session*, uint8_t, int32_t, int32_t, int32_t, uint32_t, void*);
   static ssize_t data_read_cb(nghttp2_session*, int32_t, uint8_t*, size_t, uint32_t*, nghttp2_data_source*, void*);
   void close(const std::string& why);
+  void close_after_input(const std::string& why);
   void pump();
   nghttp2_data_provider provider();
 
@@ -148,6 +150,8 @@ class H2Conn {
   size_t total_out_ = 0;
   size_t open_in_ = 0;       // server: request streams counted against max_concurrent_streams
   std::string proto_error_;  // why nghttp2 ended the session (the GOAWAY it sent), for close()
+  event* eof_ev_ = nullptr;  // EOF/error seen: close once the bytes that came with it are processed
+  std::string eof_why_;
 };
 
 }  // namespace shimlet::proto

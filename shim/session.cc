@@ -204,7 +204,10 @@ void Session::on_headers(int32_t stream, const proto::Headers& h, bool) {
       if (exec_started_) return refuse(stream, 409, "one exec per connection");
       exec_started_ = true;
       auto handler = start_exec(*this, stream, h, *claims);
-      if (handler) streams_[stream] = std::move(handler);
+      // When the client had already ended its side, a refusal or a command
+      // that could not start has closed the stream by now: the exec is over.
+      if (handler && conn_->is_open(stream)) streams_[stream] = std::move(handler);
+      else finish();
       return;
     }
     if (*path == proto::kPortForwardOpenPath) {

@@ -328,8 +328,6 @@ class Exec : public StreamHandler {
     if (!error.empty()) st["error"] = error;
     std::string frame;
     proto::append_frame(frame, proto::FrameType::Status, st.dump());
-    s_.conn().send(stream_, frame.data(), frame.size());
-    s_.conn().end(stream_);
     nlohmann::json rec = {{"exit_code", code}, {"bytes_stdout", bytes_out_}, {"bytes_stderr", bytes_err_}};
     if (sig) rec["signal"] = sig;
     if (cg_) {
@@ -343,6 +341,13 @@ class Exec : public StreamHandler {
     in_fd_.reset();
     out_fd_.reset();
     err_fd_.reset();
+    // Last, touching nothing of ours afterwards: when the client already
+    // ended its side, end() closes the stream and the session destroys this
+    // handler before it returns.
+    Session& s = s_;
+    int32_t stream = stream_;
+    s.conn().send(stream, frame.data(), frame.size());
+    s.conn().end(stream);
   }
 
   // The session owns its processes: when it ends they end (docs/design.md).

@@ -1,0 +1,123 @@
+// The master's HTTPS front end: TLS 1.3 (OpenSSL) on a libevent loop, HTTP/2
+// (nghttp2) or HTTP/1.1 (Node's http-parser, Debian libhttp-parser) chosen by
+// ALPN, both feeding one synchronous handler with a Request and getting a
+// Response. Headers, bodies, connection count and time are all bounded; a bad
+// request gets a Kubernetes Status error and the server keeps serving.
+#pragma once
+#include <openssl/ssl.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+struct event_base;
+struct http_parser;
+
+namespace shimlet::master {
+
+struct Request {
+  std::string method;
+  std::string target;                                        // as sent: path[?query]
+  std::string path;                                          // before '?'
+  std::string query;                                         // after '?', raw
+  std::vector<std::pair<std::string, std::string>> headers;  // names lower-case
+  std::string body;
+  std::string protocol;  // "h2" | "http/1.1"
+  std::string peer_ip;
+  uint16_t peer_port = 0;
+  SSL* ssl = nullptr;    // the connection (peer certificate), valid while handling
+  bool upgrade = false;  // HTTP/1.1 Upgrade / CONNECT request (not served yet)
+
+  // First header with that (lower-case) name, or "".
+  std::string header(std::string_view name) const;
+  // Decoded query parameters (libevent's evhttp_parse_query_str); repeated
+  // keys keep every value in order.
+  std::multimap<std::string, std::string> query_params() const;
+};
+
+struct Response {
+  int status = 200;
+  std::string content_type = "application/json";
+  std::string body;
+  std::vector<std::pair<std::string, std::string>> headers;
+};
+
+using Handler = std::function<Response(const Request&)>;
+
+// {"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":...,"reason":...,"code":N}
+Response status_error(int code, const std::string& message, const std::string& reason = "");
+// The Kubernetes reason for an HTTP status (403 -> "Forbidden", ...).
+std::string status_reason(int code);
+
+struct Limits {
+  size_t max_header_bytes = 32 * 1024;  // request line/pseudo-headers + all headers
+  size_t max_headers = 100;
+  size_t max_body_bytes = 1024 * 1024;
+  int handshake_timeout_s = 10;
+  int request_timeout_s = 30;  // a request must arrive completely within this
+  int idle_timeout_s = 120;    // no bytes at all
+  size_t max_connections = 1024;
+  uint32_t max_concurrent_streams = 100;
+};
+
+// HTTP/1.1 request parsing, independent of sockets (fuzzed). Feed bytes;
+// complete requests come out through on_request. After an error, or after an
+// Upgrade request (handed out with upgrade = true), further input is refused.
+class Http1Parser {
+ public:
+  Http1Parser(const Limits& limits, std::function<void(Request&&, bool keep_alive)> on_request);
+  ~Http1Parser();
+  Http1Parser(const Http1Parser&) = delete;
+  Http1Parser& operator=(const Http1Parser&) = delete;
+
+  // Returns false on a protocol error: error_status()/error() say what to answer.
+  bool feed(const char* data, size_t len);
+  int error_status() const { return err_status_; }
+  const std::string& error() const { return err_; }
+  bool in_request() const { return in_message_; }
+  bool upgraded() const { return upgraded_; }
+
+  struct Cb;  // http_parser callbacks (http.cc)
+
+ private:
+  std::unique_ptr<http_parser> parser_;
+  Limits limits_;
+  std::function<void(Request&&, bool)> on_request_;
+  Request cur_;
+  std::string field_, value_;
+  bool last_was_value_ = false, in_message_ = false, upgraded_ = false;
+  size_t header_bytes_ = 0;
+  int err_status_ = 0;
+  std::string err_;
+  void finish_header();
+  int fail(int status, std::string why);
+};
+
+// Serializes a response for HTTP/1.1.
+std::string serialize_http1(const Response& r, bool keep_alive, bool head_request);
+
+class Server {
+ public:
+  // ctx: a server SSL_CTX (ALPN h2 + http/1.1). The handler runs on the loop.
+  Server(event_base* base, SSL_CTX* ctx, Handler handler, Limits limits = {});
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+  // Binds and listens; returns the bound port (port 0 = ephemeral).
+  uint16_t listen(const std::string& address, uint16_t port);
+  size_t connections() const;
+
+  struct Conn;
+
+ private:
+  friend struct Conn;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace shimlet::master

@@ -1,0 +1,373 @@
+#include "master/master.h"
+
+#include <time.h>
+
+#include <fstream>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "proto/tls.h"
+
+namespace shimlet::master {
+
+using nlohmann::json;
+
+int64_t monotonic_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+int64_t wall_s() { return static_cast<int64_t>(::time(nullptr)); }
+
+namespace {
+
+Authenticator load_authn(const Config& cfg) {
+  Authenticator a;
+  if (!cfg.token_auth_file.empty()) a.load_token_file(cfg.token_auth_file);
+  if (!cfg.client_ca_file.empty()) a.load_client_ca_file(cfg.client_ca_file);
+  return a;
+}
+
+Policy load_policy(const Config& cfg) {
+  Policy p;
+  for (const auto& f : cfg.authorization_policy_files) p.load_path(f);
+  return p;
+}
+
+ticket::PrivateKey load_key(const Config& cfg) {
+  if (cfg.ticket_signing_key_file.empty()) throw Error("--ticket-signing-key-file is required");
+  try {
+    return ticket::PrivateKey::load(cfg.ticket_signing_key_file);
+  } catch (const std::exception& e) {
+    throw Error("ticket signing key " + cfg.ticket_signing_key_file + ": " + e.what());
+  }
+}
+
+std::vector<std::string> split_path(const std::string& path) {
+  std::vector<std::string> seg;
+  if (path.empty() || path[0] != '/') return seg;
+  size_t p = 1;
+  while (p <= path.size()) {
+    size_t n = path.find('/', p);
+    std::string s = path.substr(p, n == std::string::npos ? std::string::npos : n - p);
+    if (s.empty() && n != std::string::npos) return {"\x01"};  // "//" never matches a route
+    if (!s.empty()) seg.push_back(std::move(s));
+    if (n == std::string::npos) break;
+    p = n + 1;
+  }
+  return seg;
+}
+
+Response json_response(int code, const json& j) {
+  Response r;
+  r.status = code;
+  r.body = j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+  return r;
+}
+
+// kube-apiserver's forbidden message shape.
+std::string forbidden_message(const Attributes& a) {
+  std::string res = a.subresource.empty() ? a.resource : a.resource + "/" + a.subresource;
+  std::string m = res + (a.name.empty() ? "" : " \"" + a.name + "\"") + " is forbidden: User \"" + a.user +
+                  "\" cannot " + a.verb + " resource \"" + res + "\" in API group \"" + a.api_group + "\"";
+  m += a.namespace_.empty() ? " at the cluster scope" : " in the namespace \"" + a.namespace_ + "\"";
+  return m;
+}
+
+}  // namespace
+
+struct Master::Ctx {
+  Identity id;
+  json ev = json::object();
+};
+
+Master::Master(const Config& cfg)
+    : Master(cfg, load_authn(cfg), load_policy(cfg), load_key(cfg),
+             cfg.audit_log_path.empty() ? AuditLog() : AuditLog(cfg.audit_log_path)) {}
+
+Master::Master(const Config& cfg, Authenticator authn, Policy policy, ticket::PrivateKey key, AuditLog audit)
+    : cfg_(cfg),
+      authn_(std::move(authn)),
+      policy_(std::move(policy)),
+      key_(std::move(key)),
+      audit_(std::move(audit)),
+      registry_(cfg.lease_duration_s * 1000) {
+  grant_cfg_.issuer = cfg.issuer;
+  grant_cfg_.kid = cfg.ticket_key_id;
+  grant_cfg_.lifetime_s = cfg.ticket_lifetime_s;
+}
+
+void Master::expire_leases() {
+  for (const auto& r : registry_.expire(monotonic_ms()))
+    audit_.write("lease_expired", {{"node", r.node},
+                                   {"container_id", r.id},
+                                   {"namespace", r.namespace_},
+                                   {"pod", r.pod},
+                                   {"container", r.container}});
+}
+
+Response Master::handle(const Request& req) {
+  if (req.method == "GET" && (req.path == "/healthz" || req.path == "/livez" || req.path == "/readyz")) {
+    Response r;
+    r.content_type = "text/plain; charset=utf-8";
+    r.body = "ok";
+    return r;
+  }
+  expire_leases();
+  Ctx ctx;
+  ctx.ev = {{"source", req.peer_ip + ":" + std::to_string(req.peer_port)},
+            {"protocol", req.protocol},
+            {"method", req.method},
+            {"path", req.path.substr(0, 1024)}};
+  if (auto ua = req.header("user-agent"); !ua.empty()) ctx.ev["user_agent"] = ua.substr(0, 256);
+  Response resp;
+  AuthResult ar = authn_.authenticate(req.header("authorization"), req.ssl);
+  if (!ar.identity) {
+    ctx.ev["decision"] = "deny";
+    ctx.ev["reason"] = ar.error;
+    resp = status_error(401, "Unauthorized: " + ar.error, "Unauthorized");
+  } else {
+    ctx.id = *ar.identity;
+    ctx.ev["user"] = ctx.id.user;
+    ctx.ev["groups"] = ctx.id.groups;
+    ctx.ev["auth"] = ctx.id.method;
+    try {
+      resp = route(ctx, req);
+    } catch (const std::exception& e) {
+      log::error("request failed", {{"path", req.path}, {"error", e.what()}});
+      ctx.ev["reason"] = std::string("internal error: ") + e.what();
+      resp = status_error(500, "internal error");
+    }
+  }
+  ctx.ev["code"] = resp.status;
+  if (!ctx.ev.contains("decision")) ctx.ev["decision"] = resp.status < 400 ? "allow" : "error";
+  audit_.write("request", std::move(ctx.ev));
+  return resp;
+}
+
+Response Master::deny(Ctx& ctx, const std::string& reason) {
+  ctx.ev["decision"] = "deny";
+  ctx.ev["reason"] = reason;
+  return status_error(403, reason, "Forbidden");
+}
+
+Response Master::route(Ctx& ctx, const Request& req) {
+  auto seg = split_path(req.path);
+  auto is = [&](std::initializer_list<const char*> prefix) {
+    if (seg.size() < prefix.size()) return false;
+    size_t i = 0;
+    for (const char* p : prefix)
+      if (seg[i++] != p) return false;
+    return true;
+  };
+  if (is({"api", "v1"}) && (seg.size() == 3 || seg.size() >= 5)) return pods(ctx, req, seg);
+  if (is({"apis", "shimlet.io", "v1", "namespaces"}) && seg.size() == 8 && seg[5] == "pods" &&
+      (seg[7] == "exec" || seg[7] == "portforward")) {
+    if (req.method != "POST") return status_error(405, "use POST for " + seg[7] + " grants", "MethodNotAllowed");
+    return grant(ctx, req, seg[4], seg[6], seg[7]);
+  }
+  if (is({"apis", "shimlet.io", "v1", "nodes"}) && seg.size() == 7 && seg[5] == "containers") {
+    if (req.method == "PUT") return node_put(ctx, req, seg[4], seg[6]);
+    if (req.method == "DELETE") return node_delete(ctx, req, seg[4], seg[6]);
+    return status_error(405, "use PUT (register/renew) or DELETE", "MethodNotAllowed");
+  }
+  if (is({"apis", "shimlet.io", "v1", "nodes"}) && seg.size() == 7 && seg[5] == "sessions") {
+    if (req.method != "POST") return status_error(405, "use POST to report a session end", "MethodNotAllowed");
+    return session_end(ctx, req, seg[4], seg[6]);
+  }
+  return status_error(404, "the server could not find the requested resource", "NotFound");
+}
+
+Response Master::pods(Ctx& ctx, const Request& req, const std::vector<std::string>& seg) {
+  // /api/v1/pods | /api/v1/namespaces/NS/pods[/POD[/exec|/portforward]]
+  Attributes a{ctx.id.user, ctx.id.groups, "", "", "pods", "", "", ""};
+  if (seg.size() == 3) {
+    if (seg[2] != "pods") return status_error(404, "the server could not find the requested resource", "NotFound");
+  } else {
+    if (seg[2] != "namespaces" || seg[4] != "pods" || seg.size() > 7)
+      return status_error(404, "the server could not find the requested resource", "NotFound");
+    a.namespace_ = seg[3];
+    if (seg.size() >= 6) a.name = seg[5];
+    if (seg.size() == 7) {
+      if (seg[6] != "exec" && seg[6] != "portforward")
+        return status_error(404, "the server could not find the requested resource", "NotFound");
+      a.subresource = seg[6];
+    }
+    if (!valid_name(a.namespace_) || (!a.name.empty() && !valid_name(a.name)))
+      return status_error(400, "invalid namespace or pod name");
+  }
+  ctx.ev["namespace"] = a.namespace_;
+  if (!a.name.empty()) ctx.ev["pod"] = a.name;
+  if (!a.subresource.empty()) {
+    a.verb = "create";
+    ctx.ev["verb"] = a.verb;
+    ctx.ev["resource"] = "pods/" + a.subresource;
+    Decision d = policy_.authorize(a);
+    ctx.ev["decision"] = d.allowed ? "allow" : "deny";
+    ctx.ev["reason"] = d.reason;
+    if (!d.allowed) return status_error(403, forbidden_message(a), "Forbidden");
+    // Kubernetes-path streaming (HTTP/1.1 upgrades relayed to the shim) is a
+    // later step; shimctl uses the grant API.
+    return status_error(400,
+                        "streaming through the Kubernetes " + a.subresource +
+                            " subresource is not supported yet; use POST /apis/shimlet.io/v1/namespaces/" +
+                            a.namespace_ + "/pods/" + a.name + "/" + a.subresource,
+                        "BadRequest");
+  }
+  if (req.method != "GET" && req.method != "HEAD")
+    return status_error(405, "only get and list are served for pods", "MethodNotAllowed");
+  a.verb = a.name.empty() ? "list" : "get";
+  ctx.ev["verb"] = a.verb;
+  ctx.ev["resource"] = "pods";
+  Decision d = policy_.authorize(a);
+  ctx.ev["decision"] = d.allowed ? "allow" : "deny";
+  ctx.ev["reason"] = d.reason;
+  if (!d.allowed) return status_error(403, forbidden_message(a), "Forbidden");
+  int64_t now = monotonic_ms();
+  if (a.name.empty()) return json_response(200, registry_.pod_list_json(a.namespace_, now));
+  auto pod = registry_.pod_json(a.namespace_, a.name, now);
+  if (!pod) return status_error(404, "pods \"" + a.name + "\" not found", "NotFound");
+  return json_response(200, *pod);
+}
+
+Response Master::grant(Ctx& ctx, const Request& req, const std::string& ns, const std::string& pod,
+                       const std::string& verb) {
+  ctx.ev["namespace"] = ns;
+  ctx.ev["pod"] = pod;
+  ctx.ev["verb"] = "create";
+  ctx.ev["resource"] = "pods/" + verb;
+  if (!valid_name(ns) || !valid_name(pod)) return status_error(400, "invalid namespace or pod name");
+  Attributes a{ctx.id.user, ctx.id.groups, "create", "", "pods", verb, ns, pod};
+  Decision d = policy_.authorize(a);
+  ctx.ev["reason"] = d.reason;
+  if (!d.allowed) {
+    ctx.ev["decision"] = "deny";
+    return status_error(403, forbidden_message(a), "Forbidden");
+  }
+  GrantRequest gr;
+  try {
+    gr = parse_grant_request(verb, req.body);
+  } catch (const Error& e) {
+    ctx.ev["decision"] = "error";
+    ctx.ev["reason"] = e.what();
+    return status_error(400, e.what(), "BadRequest");
+  }
+  if (verb == "exec") {
+    ctx.ev["command"] = gr.command;
+    ctx.ev["stdin"] = gr.stdin_;
+    ctx.ev["tty"] = gr.tty;
+  } else {
+    json ports = json::array();
+    for (const auto& p : gr.ports) ports.push_back({{"port", p.port}, {"proto", p.proto}});
+    ctx.ev["ports"] = ports;
+  }
+  if (!gr.container.empty()) ctx.ev["container"] = gr.container;
+  if (gr.jkt.empty() && req.ssl) {
+    // No explicit key: bind to the certificate the client shows the master.
+    if (X509* peer = SSL_get0_peer_certificate(req.ssl)) gr.jkt = proto::jkt_of_cert(peer);
+  }
+  if (gr.jkt.empty()) {
+    ctx.ev["decision"] = "error";
+    ctx.ev["reason"] = "no jkt and no client certificate to bind the ticket to";
+    return status_error(400, "\"jkt\" is required: tickets are bound to the key of the client's TLS certificate",
+                        "BadRequest");
+  }
+  std::string why;
+  auto target = registry_.find(ns, pod, gr.container, monotonic_ms(), &why);
+  if (!target) {
+    ctx.ev["decision"] = "error";
+    ctx.ev["reason"] = why;
+    return status_error(404, why, "NotFound");
+  }
+  Grant g = mint_grant(key_, grant_cfg_, ctx.id.user, gr, *target, wall_s());
+  ctx.ev["decision"] = "allow";
+  ctx.ev["container"] = target->container;
+  ctx.ev["shim"] = {{"endpoint", target->endpoint}, {"container_id", target->id}, {"node", target->node}};
+  ctx.ev["session_id"] = g.claims.sid;
+  ctx.ev["jti"] = g.claims.jti;
+  ctx.ev["jkt"] = g.claims.cnf_jkt;
+  ctx.ev["ticket_expires"] = rfc3339(g.claims.exp);
+  return json_response(201, g.response);
+}
+
+std::optional<Response> Master::require_node(Ctx& ctx, const std::string& node) {
+  ctx.ev["node"] = node;
+  auto mine = node_of_user(ctx.id.user);
+  if (!mine) return deny(ctx, "user \"" + ctx.id.user + "\" is not a node (system:node:NAME)");
+  if (*mine != node) return deny(ctx, "node \"" + *mine + "\" may not act for node \"" + node + "\"");
+  return std::nullopt;
+}
+
+Response Master::node_put(Ctx& ctx, const Request& req, const std::string& node, const std::string& id) {
+  ctx.ev["verb"] = "register";
+  ctx.ev["container_id"] = id.substr(0, 128);
+  if (auto r = require_node(ctx, node)) return *r;
+  if (!valid_id(id)) return status_error(400, "invalid container id");
+  Registration reg;
+  try {
+    reg = parse_registration(req.body);
+  } catch (const Error& e) {
+    ctx.ev["reason"] = e.what();
+    return status_error(400, e.what(), "BadRequest");
+  }
+  ctx.ev["namespace"] = reg.namespace_;
+  ctx.ev["pod"] = reg.pod;
+  ctx.ev["container"] = reg.container;
+  PutResult pr = registry_.put(node, id, reg, monotonic_ms(), req.peer_ip);
+  if (pr.code >= 400) {
+    if (pr.code == 403) return deny(ctx, pr.error);
+    ctx.ev["reason"] = pr.error;
+    return status_error(pr.code, pr.error);
+  }
+  ctx.ev["decision"] = "allow";
+  ctx.ev["reason"] = pr.code == 201 ? "registered" : "lease renewed";
+  int64_t lease = registry_.lease_ms() / 1000;
+  return json_response(pr.code, {{"kind", "Lease"},
+                                 {"apiVersion", "shimlet.io/v1"},
+                                 {"node", node},
+                                 {"container_id", id},
+                                 {"leaseDurationSeconds", lease},
+                                 {"renewIntervalSeconds", std::max<int64_t>(1, lease / 3)}});
+}
+
+Response Master::node_delete(Ctx& ctx, const Request&, const std::string& node, const std::string& id) {
+  ctx.ev["verb"] = "unregister";
+  ctx.ev["container_id"] = id.substr(0, 128);
+  if (auto r = require_node(ctx, node)) return *r;
+  PutResult pr = registry_.remove(node, id, monotonic_ms());
+  if (pr.code == 403) return deny(ctx, pr.error);
+  if (pr.code >= 400) {
+    ctx.ev["reason"] = pr.error;
+    return status_error(pr.code, pr.error);
+  }
+  ctx.ev["reason"] = "unregistered";
+  return json_response(200, {{"kind", "Status"}, {"apiVersion", "v1"}, {"status", "Success"}, {"code", 200}});
+}
+
+Response Master::session_end(Ctx& ctx, const Request& req, const std::string& node, const std::string& sid) {
+  ctx.ev["verb"] = "session_end";
+  ctx.ev["session_id"] = sid.substr(0, 64);
+  if (auto r = require_node(ctx, node)) return *r;
+  if (req.body.size() > 64 * 1024) return status_error(413, "body too large");
+  json j = json::parse(req.body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return status_error(400, "body must be a JSON object");
+  // Only known fields, type-checked, so a node cannot write arbitrary records.
+  json ev = {{"node", node}, {"session_id", sid.substr(0, 64)}};
+  for (const char* k :
+       {"container_id", "user", "verb", "start", "end", "jti", "error", "namespace", "pod", "container"})
+    if (auto it = j.find(k); it != j.end() && it->is_string()) ev[k] = it->get<std::string>().substr(0, 1024);
+  for (const char* k : {"exit_code", "signal", "bytes_in", "bytes_out"})
+    if (auto it = j.find(k); it != j.end() && it->is_number_integer()) ev[k] = it->get<int64_t>();
+  if (auto it = j.find("command"); it != j.end() && it->is_array() && it->size() <= 4096) {
+    json cmd = json::array();
+    for (const auto& a : *it)
+      if (a.is_string()) cmd.push_back(a);
+    ev["command"] = cmd;
+  }
+  audit_.write("session_end", ev);
+  ctx.ev["reason"] = "session end recorded";
+  return json_response(200, {{"kind", "Status"}, {"apiVersion", "v1"}, {"status", "Success"}, {"code", 200}});
+}
+
+}  // namespace shimlet::master

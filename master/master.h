@@ -1,0 +1,74 @@
+// shimlet-master's request handling: authentication, RBAC authorization,
+// audit, the registry of shims and grants (tickets + redirect to the shim).
+// Transport-independent (http.h feeds it); API in docs/master-api.md.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "master/audit.h"
+#include "master/authn.h"
+#include "master/grant.h"
+#include "master/http.h"
+#include "master/rbac.h"
+#include "master/registry.h"
+#include "ticket/ticket.h"
+
+namespace shimlet::master {
+
+struct Config {
+  std::string bind_address = "0.0.0.0";
+  uint16_t secure_port = 6443;
+  std::string tls_cert_file, tls_private_key_file, client_ca_file, token_auth_file;
+  std::vector<std::string> authorization_policy_files;  // files or directories of RBAC YAML
+  std::string audit_log_path;                           // "" = no audit log, "-" = stdout
+  std::string ticket_signing_key_file;                  // Ed25519 PEM
+  std::string ticket_key_id = "master";
+  std::string issuer = "shimlet-master";
+  int64_t lease_duration_s = 60;
+  int64_t ticket_lifetime_s = 60;
+  Limits limits;
+};
+
+// Monotonic milliseconds (lease clock) and wall seconds (ticket clock).
+int64_t monotonic_ms();
+int64_t wall_s();
+
+class Master {
+ public:
+  // Loads tokens, client CA, policy, signing key, opens the audit log.
+  // Throws shimlet::Error naming the file on any problem.
+  explicit Master(const Config& cfg);
+  // For tests: pieces supplied directly.
+  Master(const Config& cfg, Authenticator authn, Policy policy, ticket::PrivateKey key, AuditLog audit);
+
+  Response handle(const Request& req);
+  // Expires lapsed leases (audited); the server calls it periodically.
+  void expire_leases();
+
+  Registry& registry() { return registry_; }
+  const Config& config() const { return cfg_; }
+
+ private:
+  struct Ctx;
+  Response route(Ctx& ctx, const Request& req);
+  Response pods(Ctx& ctx, const Request& req, const std::vector<std::string>& seg);
+  Response grant(Ctx& ctx, const Request& req, const std::string& ns, const std::string& pod, const std::string& verb);
+  Response node_put(Ctx& ctx, const Request& req, const std::string& node, const std::string& id);
+  Response node_delete(Ctx& ctx, const Request& req, const std::string& node, const std::string& id);
+  Response session_end(Ctx& ctx, const Request& req, const std::string& node, const std::string& sid);
+  Response deny(Ctx& ctx, const std::string& reason);
+  std::optional<Response> require_node(Ctx& ctx, const std::string& node);
+
+  Config cfg_;
+  Authenticator authn_;
+  Policy policy_;
+  ticket::PrivateKey key_;
+  AuditLog audit_;
+  Registry registry_;
+  GrantConfig grant_cfg_;
+};
+
+}  // namespace shimlet::master
