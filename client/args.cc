@@ -10,7 +10,11 @@ namespace shimlet::client {
 namespace {
 
 constexpr const char* kExecUsage =
-    "shimctl [--local] [--state-dir DIR] exec [-i] [-t] [-n NS] TARGET [-c CONTAINER] -- CMD [ARGS...]";
+    "shimctl [--local [--state-dir DIR] | --server URL --token T | --kubeconfig F] exec [-i] [-t] [-n NS] TARGET [-c "
+    "CONTAINER] -- CMD [ARGS...]";
+constexpr const char* kPortForwardUsage =
+    "shimctl [--local] [--state-dir DIR] port-forward [-n NS] TARGET [-c CONTAINER] [--address ADDR[,ADDR]] "
+    "[LOCAL:]REMOTE[/udp] ... | port-forward [-n NS] TARGET --stdio REMOTE";
 
 }  // namespace
 
@@ -37,11 +41,20 @@ Invocation parse_args(const std::vector<std::string>& argv) {
   if (ours.empty()) ours.push_back("shimctl");
 
   CLI::App app{"shimctl: run commands in containers through their shimlet", "shimctl"};
-  app.footer(std::string("Usage: ") + kExecUsage);
+  app.footer(std::string("Usage: ") + kExecUsage + "\n       " + kPortForwardUsage);
   std::string state_dir;
   app.add_flag("--local", inv.local, "Root on the node: read the state dir and mint a ticket with its local.key");
   app.add_option("--state-dir", state_dir, "shimlet state directory (default $SHIMLET_STATE_DIR or /run/shimlet)");
-  app.add_option("-n,--namespace", inv.ns, "Namespace of the pod named by TARGET")->capture_default_str();
+  CLI::Option* ns_opt =
+      app.add_option("-n,--namespace", inv.ns, "Namespace of the pod named by TARGET")->capture_default_str();
+  // Master mode (the default without --local), kubectl's flag names.
+  app.add_option("--server", inv.master.server, "shimlet-master URL (https://HOST:PORT)");
+  app.add_option("--token", inv.master.token, "Bearer token for the master");
+  app.add_option("--certificate-authority", inv.master.ca, "CA bundle that verifies the master's certificate");
+  app.add_option("--client-certificate", inv.master.client_cert, "Client certificate for the master (PEM)");
+  app.add_option("--client-key", inv.master.client_key, "Key of --client-certificate (PEM)");
+  app.add_option("--kubeconfig", inv.master.kubeconfig, "kubeconfig file (default $KUBECONFIG or ~/.kube/config)");
+  app.add_option("--context", inv.master.context, "kubeconfig context (default its current-context)");
   app.require_subcommand(1);
 
   CLI::App* exec = app.add_subcommand("exec", "Execute a command in a container");
@@ -52,6 +65,18 @@ Invocation parse_args(const std::vector<std::string>& argv) {
   exec->add_flag("-t,--tty", inv.exec.tty, "Stdin is a TTY");
   exec->add_option("-c,--container", inv.exec.container, "Container name within the pod");
   exec->add_option("TARGET", positional, "Container id, unique id prefix, or pod name");
+
+  CLI::App* pf = app.add_subcommand("port-forward", "Forward local ports (or stdin/stdout) to ports in a container");
+  pf->fallthrough();
+  pf->footer(std::string("Usage: ") + kPortForwardUsage);
+  std::vector<std::string> pf_positional;
+  pf->add_option("-c,--container", inv.pf.container, "Container name within the pod");
+  pf->add_option("--address", inv.pf.addresses,
+                 "Local addresses to listen on (comma-separated; 'localhost' = 127.0.0.1 and ::1)")
+      ->delimiter(',')
+      ->allow_extra_args(false);  // one value per --address; the rest are ports
+  pf->add_flag("--stdio", inv.pf.stdio, "Forward stdin/stdout to the one REMOTE port (ssh ProxyCommand, nc stand-in)");
+  pf->add_option("TARGET", pf_positional, "TARGET then [LOCAL:]REMOTE[/udp] ...");
 
   std::vector<const char*> cargv;
   for (const auto& a : ours) cargv.push_back(a.c_str());
@@ -71,21 +96,24 @@ Invocation parse_args(const std::vector<std::string>& argv) {
       // CLI11 only says "a subcommand is required": name the word it did not know.
       for (size_t i = 1; i < ours.size(); ++i) {
         const std::string& a = ours[i];
-        if (a == "--state-dir" || a == "-n" || a == "--namespace") {
+        if (a == "--state-dir" || a == "-n" || a == "--namespace" || a == "--server" || a == "--token" ||
+            a == "--certificate-authority" || a == "--client-certificate" || a == "--client-key" ||
+            a == "--kubeconfig" || a == "--context") {
           ++i;
           continue;
         }
         if (!a.empty() && a[0] != '-') {
-          what = "unknown command '" + a + "' (commands: exec)";
+          what = "unknown command '" + a + "' (commands: exec, port-forward)";
           break;
         }
       }
     }
     if (what.empty()) what = e.get_name();
-    throw UsageError(what + " (usage: " + kExecUsage + ")");
+    throw UsageError(what + " (usage: " + (pf->parsed() ? kPortForwardUsage : kExecUsage) + ")");
   }
 
   inv.state_dir = state_dir.empty() ? default_state_dir() : state_dir;
+  inv.ns_set = ns_opt->count() > 0;
   if (exec->parsed()) {
     inv.verb = "exec";
     if (positional.empty()) throw UsageError(std::string("exec: missing TARGET (usage: ") + kExecUsage + ")");
@@ -98,6 +126,14 @@ Invocation parse_args(const std::vector<std::string>& argv) {
     if (!have_dashdash || inv.exec.command.empty())
       throw UsageError("exec: missing command: put it after --, as in 'shimctl exec " + inv.exec.target + " -- sh'");
     if (inv.ns.empty()) throw UsageError("exec: -n/--namespace is empty");
+  }
+  if (pf->parsed()) {
+    inv.verb = "port-forward";
+    // Ports may follow `--` too (as kubectl/cobra allows).
+    pf_positional.insert(pf_positional.end(), inv.exec.command.begin(), inv.exec.command.end());
+    inv.exec.command.clear();
+    parse_port_forward(inv.pf, pf_positional);
+    if (inv.ns.empty()) throw UsageError("port-forward: -n/--namespace is empty");
   }
   return inv;
 }

@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
     }
     // A fresh key per run: the ticket binds it (cnf.jkt), TLS proves it.
     proto::Identity id = proto::generate_identity("shimctl");
+    if (inv.verb == "port-forward") return run_port_forward(obtain_portforward_grant(inv, id), inv.pf, id);
     Grant grant = obtain_exec_grant(inv, id);
     return run_exec(grant, inv.exec, id);
   } catch (const std::exception& e) {

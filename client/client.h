@@ -2,7 +2,9 @@
 // protocol"). The binary (client/main.cc) only calls client::main.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/error.h"
@@ -26,14 +28,51 @@ struct ExecOptions {
   std::vector<std::string> command;  // everything after --
 };
 
+// One forwarded port: "[LOCAL:]REMOTE[/udp|/tcp]" (kubectl's forms; LOCAL 0 or
+// empty = pick a free port).
+struct PortSpec {
+  uint16_t local = 0;  // 0: the kernel picks a free port
+  uint16_t remote = 0;
+  bool udp = false;
+  bool operator==(const PortSpec&) const = default;
+};
+// Parses one port argument; throws UsageError naming it.
+PortSpec parse_port_spec(const std::string& arg);
+
+struct PortForwardOptions {
+  std::string target;                  // as for exec
+  std::string container;               // -c
+  std::vector<std::string> addresses;  // --address (comma lists merged); "localhost" or IP literals
+  std::vector<PortSpec> ports;
+  bool stdio = false;  // --stdio: forward our stdin/stdout to the one REMOTE port
+};
+// Fills pf.target/ports from the positionals (TARGET then port specs) and
+// checks the combination (--stdio: exactly one REMOTE, no --address); the
+// default address list is {"localhost"}. Throws UsageError.
+void parse_port_forward(PortForwardOptions& pf, const std::vector<std::string>& positional);
+
+// kubectl's connection flags (master mode); empty = from the kubeconfig.
+struct MasterFlags {
+  std::string server;       // --server https://HOST:PORT
+  std::string token;        // --token
+  std::string ca;           // --certificate-authority PATH
+  std::string client_cert;  // --client-certificate PATH
+  std::string client_key;   // --client-key PATH
+  std::string kubeconfig;   // --kubeconfig PATH (else $KUBECONFIG, else ~/.kube/config)
+  std::string context;      // --context (else current-context)
+};
+
 struct Invocation {
   bool help = false;  // -h/--help: help_text goes to stdout, exit 0
   std::string help_text;
   bool local = false;          // --local: root on the node, mint our own ticket
   std::string state_dir;       // --state-dir, else $SHIMLET_STATE_DIR, else kDefaultStateDir
   std::string ns = "default";  // -n/--namespace (pod name lookups)
-  std::string verb;            // "exec"
+  bool ns_set = false;         // -n given (else the kubeconfig context's namespace applies in master mode)
+  MasterFlags master;
+  std::string verb;  // "exec" | "port-forward"
   ExecOptions exec;
+  PortForwardOptions pf;
 };
 
 // Parses argv (argv[0] is the program name). Throws UsageError.
@@ -75,12 +114,62 @@ Grant obtain_exec_grant(const Invocation& inv, const proto::Identity& client);
 // Local implementation (exposed for tests).
 Grant local_exec_grant(const std::string& state_dir, const std::string& ns, const ExecOptions& ex,
                        const proto::Identity& client, int64_t now);
+// Same for `port-forward`: the ticket's verb is "portforward" and its ports
+// claim lists every REMOTE (the shim refuses any other port).
+Grant obtain_portforward_grant(const Invocation& inv, const proto::Identity& client);
+Grant local_portforward_grant(const std::string& state_dir, const std::string& ns, const PortForwardOptions& pf,
+                              const proto::Identity& client, int64_t now);
+// ---- master mode (client/master.cc; docs/master-api.md "Grants")
+
+// The parts of kubeconfig files shimctl uses (clusters, users, contexts,
+// current-context). Paths are already resolved against the defining file's
+// directory; -data fields are decoded.
+struct KubeConfig {
+  struct Cluster {
+    std::string server, ca_file, ca_pem;
+    bool insecure = false;
+  };
+  struct User {
+    std::string token, token_file, cert_file, cert_pem, key_file, key_pem, unsupported;
+  };
+  struct Context {
+    std::string cluster, user, ns;
+  };
+  std::string current_context;
+  std::map<std::string, Cluster> clusters;
+  std::map<std::string, User> users;
+  std::map<std::string, Context> contexts;
+};
+// Merges one kubeconfig text into kc, kubectl's way: the first file to set
+// current-context or a named entry wins. Throws Error("PATH: ...") (fuzzed).
+void merge_kubeconfig(KubeConfig& kc, std::string_view text, const std::string& path);
+// --kubeconfig, else the $KUBECONFIG list, else ~/.kube/config.
+std::vector<std::string> kubeconfig_paths(const std::string& flag);
+
+// Everything needed to talk to the master, after flags + kubeconfig.
+struct MasterSettings {
+  std::string server, ca_pem, token, cert_pem, key_pem;
+  std::string ns;      // the context's namespace ("" = none)
+  std::string source;  // the kubeconfig files read (messages)
+};
+// Flags beat the kubeconfig, field by field. Throws UsageError when no master
+// or no credential is configured, Error on unreadable/invalid files.
+MasterSettings master_settings(const Invocation& inv);
+// POST .../namespaces/NS/pods/POD/{exec,portforward} with this run's jkt; the
+// master's refusal becomes Error(its Status message).
+Grant master_exec_grant(const Invocation& inv, const proto::Identity& client);
+Grant master_portforward_grant(const Invocation& inv, const proto::Identity& client);
+
 // $SUDO_USER, else the name of the real uid (audit `sub`).
 std::string invoking_user();
 
 // Runs the exec stream against the shim; returns the process's exit code
 // (255 for our own errors, which it has already printed).
 int run_exec(const Grant& grant, const ExecOptions& ex, const proto::Identity& client);
+
+// Runs `port-forward` until interrupted (exit 0), the connection to the shim
+// is lost (1), or, with --stdio, both directions are done (0 / 1 on error).
+int run_port_forward(const Grant& grant, const PortForwardOptions& pf, const proto::Identity& client);
 
 // Whole program: parse, obtain the grant, run. Returns the exit status.
 int main(int argc, char** argv);

@@ -1,9 +1,10 @@
 // Where endpoint + pin + ticket come from. Local mode: the state dir and a
-// ticket minted with the node's local.key. (Master mode comes later and plugs
-// in at obtain_exec_grant.)
+// ticket minted with the node's local.key. Master mode (the default): a grant
+// from shimlet-master (client/master.cc).
 #include <pwd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <ctime>
 
@@ -27,11 +28,43 @@ std::string invoking_user() {
   return "uid:" + std::to_string(uid);
 }
 
+namespace {
+
+// Signs claims (everything but the common fields) for reg with STATE_DIR/local.key.
+Grant sign_local(const std::string& state_dir, const Registration& reg, ticket::Claims c, const proto::Identity& client,
+                 int64_t now);
+
+}  // namespace
+
 Grant local_exec_grant(const std::string& state_dir, const std::string& ns, const ExecOptions& ex,
                        const proto::Identity& client, int64_t now) {
   std::vector<Registration> regs = load_registrations(state_dir);
   const Registration& reg = resolve_target(regs, ex.target, ns, ex.container);
+  ticket::Claims c;
+  c.verb = "exec";
+  c.cmd = ex.command;
+  c.stdin_ = ex.stdin_;
+  c.tty = ex.tty;
+  return sign_local(state_dir, reg, std::move(c), client, now);
+}
 
+Grant local_portforward_grant(const std::string& state_dir, const std::string& ns, const PortForwardOptions& pf,
+                              const proto::Identity& client, int64_t now) {
+  std::vector<Registration> regs = load_registrations(state_dir);
+  const Registration& reg = resolve_target(regs, pf.target, ns, pf.container);
+  ticket::Claims c;
+  c.verb = "portforward";
+  for (const PortSpec& p : pf.ports) {
+    ticket::Port tp{p.remote, p.udp ? "udp" : "tcp"};
+    if (std::find(c.ports.begin(), c.ports.end(), tp) == c.ports.end()) c.ports.push_back(tp);
+  }
+  return sign_local(state_dir, reg, std::move(c), client, now);
+}
+
+namespace {
+
+Grant sign_local(const std::string& state_dir, const Registration& reg, ticket::Claims c, const proto::Identity& client,
+                 int64_t now) {
   std::string key_path = state_dir + "/local.key";
   ticket::PrivateKey key;
   try {
@@ -39,14 +72,9 @@ Grant local_exec_grant(const std::string& state_dir, const std::string& ns, cons
   } catch (const std::exception& e) {
     throw Error(std::string("cannot load the node key (--local needs root on the node): ") + e.what());
   }
-  ticket::Claims c;
   c.iss = "local";
   c.sub = invoking_user();
   c.aud = reg.id;
-  c.verb = "exec";
-  c.cmd = ex.command;
-  c.stdin_ = ex.stdin_;
-  c.tty = ex.tty;
   c.iat = now;
   c.exp = now + kTicketLifetimeS;
   c.jti = base64url_encode(random_bytes(16));
@@ -56,10 +84,16 @@ Grant local_exec_grant(const std::string& state_dir, const std::string& ns, cons
   return Grant{reg.id, reg.endpoint, reg.pin, key.sign(c, "local")};
 }
 
+}  // namespace
+
 Grant obtain_exec_grant(const Invocation& inv, const proto::Identity& client) {
-  if (!inv.local)
-    throw UsageError("no master is configured yet: use --local (as root on the node) to mint a local ticket");
+  if (!inv.local) return master_exec_grant(inv, client);
   return local_exec_grant(inv.state_dir, inv.ns, inv.exec, client, static_cast<int64_t>(std::time(nullptr)));
+}
+
+Grant obtain_portforward_grant(const Invocation& inv, const proto::Identity& client) {
+  if (!inv.local) return master_portforward_grant(inv, client);
+  return local_portforward_grant(inv.state_dir, inv.ns, inv.pf, client, static_cast<int64_t>(std::time(nullptr)));
 }
 
 }  // namespace shimlet::client

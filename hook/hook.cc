@@ -23,6 +23,7 @@
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/log.h"
+#include "masterclient/masterclient.h"
 #include "proto/tls.h"
 
 namespace shimlet::hook {
@@ -425,6 +426,91 @@ std::string read_stdin_bounded(int timeout_ms) {
   }
 }
 
+// master.node / container ids as the master accepts them ([A-Za-z0-9][A-Za-z0-9_.-]{0,127}).
+bool valid_node(std::string_view n) {
+  if (n.empty() || n.size() > 128 || !isalnum(static_cast<unsigned char>(n[0]))) return false;
+  for (char ch : n)
+    if (!isalnum(static_cast<unsigned char>(ch)) && ch != '_' && ch != '.' && ch != '-') return false;
+  return true;
+}
+
+template <typename Str, typename Path, typename Num>
+MasterConfig parse_master(const json& v, Str str, Path abs_path, Num num) {
+  if (!v.is_object()) throw Error("hook config: master must be an object");
+  MasterConfig m;
+  for (auto& [k, e] : v.items()) {
+    const std::string key = "master." + k;
+    if (k == "url") {
+      m.url = str(e, key);
+      try {
+        masterclient::parse_url(m.url);
+      } catch (const Error& err) {
+        throw Error("hook config: " + key + ": " + err.what());
+      }
+    } else if (k == "node") {
+      m.node = str(e, key);
+      if (!valid_node(m.node)) throw Error("hook config: master.node must match [A-Za-z0-9][A-Za-z0-9_.-]{0,127}");
+    } else if (k == "ca") {
+      m.ca = abs_path(e, key);
+    } else if (k == "token") {
+      m.token = str(e, key);
+      if (m.token.empty() || m.token.size() > 4096) throw Error("hook config: master.token must be 1..4096 chars");
+      for (unsigned char ch : m.token)
+        if (ch <= 0x20 || ch == 0x7f) throw Error("hook config: master.token contains spaces or control characters");
+    } else if (k == "token_file") {
+      m.token_file = abs_path(e, key);
+    } else if (k == "client_cert") {
+      m.client_cert = abs_path(e, key);
+    } else if (k == "client_key") {
+      m.client_key = abs_path(e, key);
+    } else if (k == "timeout_ms") {
+      m.timeout_ms = static_cast<int>(num(e, key, 100, 60000));
+    } else if (k == "renew_interval_s") {
+      m.renew_interval_s = static_cast<int>(num(e, key, 1, 3600));
+    } else {
+      throw Error("hook config: master: unknown key " + k);
+    }
+  }
+  if (m.url.empty()) throw Error("hook config: master.url is required");
+  int creds = !m.token.empty() + !m.token_file.empty() + (!m.client_cert.empty() || !m.client_key.empty());
+  if (creds != 1)
+    throw Error("hook config: master needs exactly one credential: token, token_file, or client_cert + client_key");
+  if (m.client_cert.empty() != m.client_key.empty())
+    throw Error("hook config: master.client_cert and master.client_key go together");
+  if (m.node.empty()) {
+    char host[256] = {};
+    if (::gethostname(host, sizeof host - 1) < 0 || !valid_node(host))
+      throw Error("hook config: master.node is required (the host name is not usable as a node name)");
+    m.node = host;
+  }
+  return m;
+}
+
+// The master's address and our node credential, files read now (small, bounded).
+masterclient::Target master_target(const MasterConfig& m) {
+  masterclient::Target t;
+  t.server = m.url;
+  t.timeout_ms = m.timeout_ms;
+  t.user_agent = "shimlet-hook";
+  if (!m.ca.empty()) t.ca_pem = read_file(m.ca, kMaxPemBytes * 16);
+  if (!m.token.empty()) t.token = m.token;
+  if (!m.token_file.empty()) {
+    t.token = read_file(m.token_file, 4096);
+    while (!t.token.empty() && isspace(static_cast<unsigned char>(t.token.back()))) t.token.pop_back();
+    if (t.token.empty()) throw Error(m.token_file + ": empty token file");
+  }
+  if (!m.client_cert.empty()) {
+    t.cert_pem = read_file(m.client_cert, kMaxPemBytes);
+    t.key_pem = read_file(m.client_key, kMaxPemBytes);
+  }
+  return t;
+}
+
+std::string node_path(const MasterConfig& m, const std::string& id) {
+  return "/apis/shimlet.io/v1/nodes/" + masterclient::path_segment(m.node) + "/containers/" +
+         masterclient::path_segment(id);
+}
+
 }  // namespace
 
 bool valid_container_id(std::string_view id) {
@@ -537,6 +623,8 @@ Config parse_config(std::string_view text, const std::string& dir) {
           throw Error("hook config: trusted key id must be 1..128 chars and not \"local\": " + r.kid);
         c.trusted_keys.push_back(std::move(r));
       }
+    } else if (k == "master") {
+      c.master = parse_master(v, str, abs_path, num);
     } else if (k == "fail_container_on_error") {
       if (!v.is_boolean()) throw Error("hook config: fail_container_on_error must be a boolean");
       c.fail_container_on_error = v.get<bool>();
@@ -658,6 +746,13 @@ Started start(const Config& c, const oci::State& st) {
                                    std::to_string(c.max_sessions),
                                    "--ready-fd",
                                    "3"};
+  if (c.master) {
+    // Lease renewal (docs/design.md "Master registration"): the TLS-free shim
+    // runs `shimlet-hook --config CFG renew ID` every renew_interval_s.
+    if (c.config_path.empty()) throw Error("master registration needs the hook's --config path");
+    args.insert(args.end(), {"--renew-every", std::to_string(c.master->renew_interval_s), "--renew-exec",
+                             canonical_binary("/proc/self/exe", "hook binary"), "--renew-config", c.config_path});
+  }
   s.shim_pid = spawn_shim(shim_bin, args, log_fd.get(), ready.write.get());
   ready.write.reset();
   guard.shim_pidfd = Fd(pidfd_open_(s.shim_pid));
@@ -700,6 +795,45 @@ void cleanup(const Config& c, const std::string& id) {
   if (!first_error.empty()) throw Error("registration of " + id + ": " + first_error);
 }
 
+json register_container(const Config& c, const std::string& id) {
+  if (!c.master) throw Error("no master in the hook config");
+  if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);
+  json reg = json::parse(read_file(c.state_dir + "/" + id + "/registration.json", kMaxRegistrationBytes));
+  reg["node"] = c.master->node;
+  masterclient::Response r =
+      masterclient::request(master_target(*c.master), "PUT", node_path(*c.master, id), reg.dump());
+  if (r.status != 200 && r.status != 201)
+    throw Error("master registration of " + id + " refused (HTTP " + std::to_string(r.status) +
+                "): " + masterclient::error_message(r));
+  json lease = json::parse(r.body, nullptr, false);
+  return lease.is_object() ? lease : json::object();
+}
+
+void unregister_container(const Config& c, const std::string& id) {
+  if (!c.master) throw Error("no master in the hook config");
+  if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);
+  masterclient::Response r = masterclient::request(master_target(*c.master), "DELETE", node_path(*c.master, id), "");
+  if (r.status != 200 && r.status != 404)
+    throw Error("master unregistration of " + id + " refused (HTTP " + std::to_string(r.status) +
+                "): " + masterclient::error_message(r));
+}
+
+int renew(const Config& c, const std::string& id) {
+  try {
+    if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);
+    if (::access((c.state_dir + "/" + id + "/registration.json").c_str(), F_OK) != 0) {
+      log::info("no registration (container stopping?): not renewing");
+      return 0;
+    }
+    register_container(c, id);
+    return 0;
+  } catch (const std::exception& e) {
+    // Only logged: the next renewal retries, and the lease covers a few misses.
+    log::error("lease renewal failed", {{"error", e.what()}});
+    return 1;
+  }
+}
+
 int main(int argc, char** argv) {
   log::set_component("hook");
   // The runtime waits for us: whatever happens, exit within a bound.
@@ -707,16 +841,20 @@ int main(int argc, char** argv) {
   alarm(30);
   signal(SIGPIPE, SIG_IGN);
 
-  std::string config_path, stage_arg;
+  std::string config_path, stage_arg, renew_id;
   for (int i = 1; i < argc; i++) {
     std::string_view a = argv[i];
     if (a == "--config" && i + 1 < argc) {
       config_path = argv[++i];
     } else if (a == "--help" || a == "-h") {
-      fprintf(stdout, "usage: shimlet-hook --config PATH [createRuntime|createContainer|prestart|poststop]\n");
+      fprintf(stdout,
+              "usage: shimlet-hook --config PATH [createRuntime|createContainer|prestart|poststop]\n"
+              "       shimlet-hook --config PATH renew CONTAINER_ID\n");
       return 0;
     } else if (stage_arg.empty() && a.substr(0, 1) != "-") {
       stage_arg = a;
+    } else if (stage_arg == "renew" && renew_id.empty() && a.substr(0, 1) != "-") {
+      renew_id = a;
     } else {
       log::error("shimlet-hook: unexpected argument", {{"arg", a}});
       return 2;
@@ -732,8 +870,23 @@ int main(int argc, char** argv) {
     log::error("shimlet-hook: cannot load config", {{"config", config_path}, {"error", e.what()}});
     return 0;
   }
+  if (!config_path.empty()) {
+    char buf[PATH_MAX];
+    cfg.config_path = ::realpath(config_path.c_str(), buf) ? buf : config_path;
+  }
+  const unsigned master_s = cfg.master ? static_cast<unsigned>(cfg.master->timeout_ms / 1000 + 1) : 0;
+  if (stage_arg == "renew") {
+    log::set_component("hook-renew");
+    log::set_context({{"id", renew_id}});
+    alarm(master_s + 5);
+    if (!cfg.master) {
+      log::error("shimlet-hook renew: no master in the hook config", {{"config", config_path}});
+      return 2;
+    }
+    return renew(cfg, renew_id);
+  }
   g_fail_exit = cfg.fail_container_on_error ? 1 : 0;
-  alarm(static_cast<unsigned>(kStdinTimeoutMs / 1000 + cfg.ready_timeout_ms / 1000 + 10));
+  alarm(static_cast<unsigned>(kStdinTimeoutMs / 1000 + cfg.ready_timeout_ms / 1000 + 10) + master_s);
   const int fail_code = cfg.fail_container_on_error ? 1 : 0;
 
   std::string stage_name = stage_arg;
@@ -750,8 +903,42 @@ int main(int argc, char** argv) {
     if (*stage == Stage::Start) {
       Started s = start(cfg, st);
       log::info("shim started", {{"endpoint", s.endpoint}, {"shim_pid", s.shim_pid}});
+      if (cfg.master) {
+        try {
+          json lease = register_container(cfg, st.id);
+          int64_t every = lease.value("renewIntervalSeconds", int64_t{0});
+          if (every > 0 && cfg.master->renew_interval_s > every)
+            log::warn("master.renew_interval_s is longer than the master's renewIntervalSeconds: the lease may lapse",
+                      {{"renew_interval_s", cfg.master->renew_interval_s}, {"master_renew_interval_s", every}});
+        } catch (const std::exception& e) {
+          // The shim's renewer registers it at its next tick; only a config
+          // that insists fails the container (and then we undo the start).
+          if (cfg.fail_container_on_error) {
+            try {
+              cleanup(cfg, st.id);
+            } catch (const std::exception&) {
+            }
+          }
+          throw;
+        }
+      }
     } else {
-      cleanup(cfg, st.id);
+      bool registered = cfg.master && valid_container_id(st.id) &&
+                        ::access((cfg.state_dir + "/" + st.id + "/registration.json").c_str(), F_OK) == 0;
+      std::string err;
+      try {
+        cleanup(cfg, st.id);  // first: the shim (and its renewer) must be gone before the DELETE
+      } catch (const std::exception& e) {
+        err = e.what();
+      }
+      if (registered) {
+        try {
+          unregister_container(cfg, st.id);
+        } catch (const std::exception& e) {
+          err += (err.empty() ? "" : "; ") + std::string(e.what());
+        }
+      }
+      if (!err.empty()) throw Error(err);
     }
     return 0;
   } catch (const std::exception& e) {

@@ -2,6 +2,8 @@
 // createRuntime and stops it at poststop (docs/design.md "Processes" and
 // "State directory"). Usage:
 //   shimlet-hook --config PATH [createRuntime|createContainer|prestart|poststop]
+//   shimlet-hook --config PATH renew ID      (the shim runs this every
+//                                            master.renew_interval_s: lease renewal)
 // Without a stage argument the stage comes from the state's status
 // ("creating"/"created" -> start, "stopped" -> cleanup).
 #pragma once
@@ -24,6 +26,19 @@ struct KeyRef {
   std::string path;  // PEM public key (Ed25519)
 };
 
+// The "master" object of the hook config: where shimlet-master is and the
+// node credential (user system:node:NODE) used to register this node's
+// containers (docs/master-api.md "Node API"). Exactly one credential:
+// token, token_file, or client_cert + client_key.
+struct MasterConfig {
+  std::string url;   // https://HOST[:PORT]
+  std::string node;  // default: the host name
+  std::string ca;    // PEM bundle path; "" = the system trust store
+  std::string token, token_file, client_cert, client_key;
+  int timeout_ms = 5000;      // per request (registration, renewal, delete)
+  int renew_interval_s = 20;  // keep below the master's renewIntervalSeconds (lease/3)
+};
+
 // The hook config (deploy/hook.json documents it). Every field is optional.
 struct Config {
   std::string state_dir = "/run/shimlet";
@@ -37,6 +52,8 @@ struct Config {
   int64_t clock_leeway_s = 5;
   int drain_timeout_ms = 2000;
   int max_sessions = 256;
+  std::optional<MasterConfig> master;  // no master: the node works with `shimctl --local` only
+  std::string config_path;             // absolute path of this config file ("" = defaults), for the renewer
 };
 
 inline constexpr size_t kMaxConfigBytes = 64 * 1024;
@@ -84,6 +101,16 @@ Started start(const Config& c, const oci::State& st);
 // poststop: stops the shim if it is still ours and removes STATE_DIR/<id>.
 // Idempotent; bounded (SIGTERM, SIGKILL after 1 s).
 void cleanup(const Config& c, const std::string& id);
+
+// Master registration (docs/master-api.md "Node API"); each call is one
+// bounded HTTPS request and throws shimlet::Error with one clear line.
+// PUT STATE_DIR/<id>/registration.json (+ "node"); returns the Lease answer.
+nlohmann::json register_container(const Config& c, const std::string& id);
+// DELETE; an unknown container (404) is not an error.
+void unregister_container(const Config& c, const std::string& id);
+// `shimlet-hook renew ID`: re-PUTs the registration if the container is still
+// ours (its registration.json exists); returns the exit code.
+int renew(const Config& c, const std::string& id);
 
 // The whole hook (argv, stdin, overall deadline); returns the exit code.
 int main(int argc, char** argv);

@@ -19,6 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <charconv>
 #include <cstdint>
@@ -174,6 +175,7 @@ class Shim {
   void spawn_session(Fd conn);
   void handle_replay(Session& s);
   void reap();
+  void spawn_renewer();
   int shutdown(const char* why);
 
   const Options& opt_;
@@ -186,7 +188,17 @@ class Shim {
   std::vector<std::string> argv_store_;
   std::vector<char*> argv_;
   std::vector<int> ns_src_;
+  std::vector<std::string> renew_store_;
+  std::vector<char*> renew_argv_;
+  pid_t renewer_ = -1;      // the running renewal, if any
+  int64_t next_renew_ = 0;  // CLOCK_MONOTONIC ms
 };
+
+int64_t mono_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
 
 void Shim::setup() {
   // Signals arrive through a signalfd; SIGPIPE is ignored (writes to dead
@@ -215,6 +227,12 @@ void Shim::setup() {
   argv_store_ = {opt_.session_binary, "--config", opt_.config, "--ns", ns_arg};
   for (auto& a : argv_store_) argv_.push_back(a.data());
   argv_.push_back(nullptr);
+  if (opt_.renew_every_s) {
+    renew_store_ = {opt_.renew_exec, "--config", opt_.renew_config, "renew", opt_.id};
+    for (auto& a : renew_store_) renew_argv_.push_back(a.data());
+    renew_argv_.push_back(nullptr);
+    next_renew_ = mono_ms() + opt_.renew_every_s * 1000LL;  // the hook registered us just now
+  }
 }
 
 int Shim::run() {
@@ -240,10 +258,16 @@ int Shim::run() {
     pfds.push_back({held_.pidfd.get(), POLLIN, 0});
     pfds.push_back({accept_paused_ ? -1 : listen_.get(), POLLIN, 0});
     for (auto& s : sessions_) pfds.push_back({s.ctl.get(), POLLIN, 0});
-    int n = ::poll(pfds.data(), pfds.size(), -1);
+    int timeout = -1;
+    if (opt_.renew_every_s) timeout = static_cast<int>(std::max<int64_t>(0, next_renew_ - mono_ms()));
+    int n = ::poll(pfds.data(), pfds.size(), timeout);
     if (n < 0) {
       if (errno == EINTR) continue;
       throw sys_error("poll");
+    }
+    if (opt_.renew_every_s && mono_ms() >= next_renew_) {
+      next_renew_ = mono_ms() + opt_.renew_every_s * 1000LL;
+      spawn_renewer();
     }
     if (pfds[0].revents) {
       signalfd_siginfo si;
@@ -348,6 +372,42 @@ void Shim::spawn_session(Fd conn) {
   log("info", "session started", {F("session_pid", static_cast<long long>(pid))});
 }
 
+// One lease renewal: fork + exec the hook's `renew` (it has its own deadline).
+// Failures are only logged; the next tick tries again.
+void Shim::spawn_renewer() {
+  if (renewer_ > 0) {
+    log("warn", "previous lease renewal still running, killing it", {F("renew_pid", static_cast<long long>(renewer_))});
+    ::kill(renewer_, SIGKILL);  // reaped (and forgotten) in reap()
+  }
+  char* envp[] = {const_cast<char*>("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), nullptr};
+  int null_fd = devnull_.get();
+  pid_t shim_pid = getpid();
+  pid_t pid = ::fork();
+  if (pid < 0) {
+    log("error", "cannot fork the lease renewal", {F("error", errdesc(errno))});
+    return;
+  }
+  if (pid == 0) {
+    // Child: async-signal-safe calls only. Dies with the shim so that no
+    // renewal can re-register the container after poststop's DELETE.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != shim_pid) _exit(1);
+    if (dup2(null_fd, 0) < 0 || dup2(null_fd, 1) < 0) _exit(1);
+    if (close_range(3, ~0U, 0) < 0) _exit(1);
+    sigset_t none;
+    sigemptyset(&none);
+    signal(SIGPIPE, SIG_DFL);
+    sigprocmask(SIG_SETMASK, &none, nullptr);
+    if (chdir("/") < 0) _exit(1);
+    execve(renew_argv_[0], renew_argv_.data(), envp);
+    static const char msg[] = "{\"level\":\"error\",\"component\":\"shim\",\"msg\":\"execve renewal failed\"}\n";
+    ssize_t r = ::write(2, msg, sizeof msg - 1);
+    (void)r;
+    _exit(127);
+  }
+  renewer_ = pid;
+}
+
 void Shim::handle_replay(Session& s) {
   unsigned char buf[kReplayRequest + 1];
   ssize_t n = ::recv(s.ctl.get(), buf, sizeof buf, MSG_DONTWAIT | MSG_TRUNC);
@@ -392,6 +452,13 @@ void Shim::reap() {
     int status = 0;
     pid_t p = ::waitpid(-1, &status, WNOHANG);
     if (p <= 0) return;
+    if (p == renewer_) {
+      renewer_ = -1;
+      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        log("warn", "lease renewal failed (see its log line above)",
+            {F("exit_code", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status))});
+      continue;
+    }
     for (auto it = sessions_.begin(); it != sessions_.end(); ++it) {
       if (it->pid != p) continue;
       if (WIFSIGNALED(status))
@@ -410,11 +477,12 @@ int Shim::shutdown(const char* why) {
   listen_.reset();
   log("info", "shim stopping", {F("reason", why), F("sessions", static_cast<long long>(sessions_.size()))});
   for (auto& s : sessions_) ::kill(s.pid, SIGTERM);
+  if (renewer_ > 0) ::kill(renewer_, SIGKILL);
   // Up to 1 s for the sessions to end on SIGTERM, then SIGKILL (bounded).
   timespec start{};
   clock_gettime(CLOCK_MONOTONIC, &start);
   bool killed = false;
-  while (!sessions_.empty()) {
+  while (!sessions_.empty() || renewer_ > 0) {
     timespec now{};
     clock_gettime(CLOCK_MONOTONIC, &now);
     long ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
@@ -468,6 +536,14 @@ Options parse_args(int argc, const char* const* argv) {
       auto n = to_num(v, 0, 1 << 20);
       if (!n) throw Error("shimlet: bad --ready-fd " + std::string(v));
       o.ready_fd = static_cast<int>(*n);
+    } else if (a == "--renew-every") {
+      auto n = to_num(v, 1, 86400);
+      if (!n) throw Error("shimlet: bad --renew-every " + std::string(v) + " (1..86400 seconds)");
+      o.renew_every_s = static_cast<unsigned>(*n);
+    } else if (a == "--renew-exec") {
+      o.renew_exec = v;
+    } else if (a == "--renew-config") {
+      o.renew_config = v;
     } else if (a == "--max-sessions") {
       auto n = to_num(v, 1, 65536);
       if (!n) throw Error("shimlet: bad --max-sessions " + std::string(v) + " (1..65536)");
@@ -481,6 +557,8 @@ Options parse_args(int argc, const char* const* argv) {
         "usage: shimlet --config PATH --pid PID --session-binary PATH [--id ID] [--listen ADDR:PORT] "
         "[--ready-fd N] [--max-sessions N]");
   if (o.session_binary[0] != '/') throw Error("shimlet: --session-binary must be absolute: " + o.session_binary);
+  if (o.renew_every_s && (o.renew_exec.empty() || o.renew_exec[0] != '/' || o.renew_config.empty() || o.id.empty()))
+    throw Error("shimlet: --renew-every needs an absolute --renew-exec, --renew-config and --id");
   return o;
 }
 

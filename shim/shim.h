@@ -8,6 +8,7 @@
 // the same values on the command line) so the shim needs no JSON parser:
 //   shimlet --config STATE/<id>/shim.json --pid PID --session-binary PATH
 //           [--id ID] [--listen ADDR:PORT] [--ready-fd N] [--max-sessions N]
+//           [--renew-every SECONDS --renew-exec HOOK --renew-config HOOK_CONFIG]
 // --config is only handed through to the sessions.
 #pragma once
 #include <sys/types.h>
@@ -61,6 +62,11 @@ struct Options {
   std::string listen = "127.0.0.1:0";
   int ready_fd = -1;            // "ready PORT\n" is written here, then closed
   unsigned max_sessions = 256;  // connections beyond this are closed at once
+  // Master lease renewal (docs/design.md "Master registration"): every
+  // renew_every_s seconds run `RENEW_EXEC renew --config RENEW_CONFIG ID`, a
+  // short-lived process that does the HTTPS so the shim never links TLS.
+  unsigned renew_every_s = 0;  // 0 = no master
+  std::string renew_exec, renew_config;
 };
 
 // Throws shimlet::Error with one clear line on bad arguments.

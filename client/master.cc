@@ -1,0 +1,289 @@
+// shimctl's master mode (the default without --local): the connection
+// settings from kubectl's flags and kubeconfig files, and the grant requests
+// (docs/master-api.md "Grants") that give endpoint + pin + ticket.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "client/client.h"
+#include "common/base64.h"
+#include "common/fd.h"
+#include "masterclient/masterclient.h"
+#include "ticket/ticket.h"
+
+namespace shimlet::client {
+namespace {
+
+using nlohmann::json;
+
+constexpr size_t kMaxKubeconfigBytes = 4u << 20;
+constexpr size_t kMaxCredentialFileBytes = 1u << 20;
+constexpr int kMasterTimeoutMs = 30000;
+
+std::string read_small_file(const std::string& path, size_t max, const std::string& what) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
+  if (!fd) throw sys_error("cannot read " + what + " " + path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) < 0) throw sys_error("fstat " + path);
+  if (!S_ISREG(st.st_mode)) throw Error(what + " " + path + ": not a regular file");
+  std::string out;
+  char buf[16384];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw sys_error("read " + path);
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+    if (out.size() > max) throw Error(what + " " + path + ": larger than " + std::to_string(max) + " bytes");
+  }
+  return out;
+}
+
+// A scalar string field of a YAML map ("" when absent); anything else is an error.
+std::string scalar(const YAML::Node& m, const char* key, const std::string& where) {
+  YAML::Node v = m[key];
+  if (!v || v.IsNull()) return "";
+  if (!v.IsScalar()) throw Error(where + ": " + key + " must be a string");
+  return v.as<std::string>();
+}
+
+std::string resolve(const std::string& path, const std::string& dir) {
+  if (path.empty() || path[0] == '/' || dir.empty()) return path;
+  if (path[0] == '~' && (path.size() == 1 || path[1] == '/'))
+    if (const char* home = std::getenv("HOME")) return home + path.substr(1);
+  return dir + "/" + path;
+}
+
+std::string decode_data(const std::string& b64, const std::string& what) {
+  std::string clean;
+  for (char c : b64)
+    if (!isspace(static_cast<unsigned char>(c))) clean += c;
+  auto d = base64_decode(clean);
+  if (!d) throw Error(what + ": not valid base64");
+  return *d;
+}
+
+// A named list (clusters, users, contexts): first occurrence wins, as kubectl merges.
+template <typename T, typename F>
+void named_list(const YAML::Node& root, const char* list, const char* inner, std::map<std::string, T>& into,
+                const std::string& where, F make) {
+  YAML::Node l = root[list];
+  if (!l || l.IsNull()) return;
+  if (!l.IsSequence()) throw Error(where + ": " + list + " must be a list");
+  for (const YAML::Node& e : l) {
+    if (!e.IsMap()) throw Error(where + ": " + list + " entries must be maps");
+    std::string name = scalar(e, "name", where);
+    if (name.empty()) throw Error(where + ": a " + list + " entry has no name");
+    YAML::Node body = e[inner];
+    if (body && !body.IsNull() && !body.IsMap())
+      throw Error(where + ": " + list + " " + name + ": " + inner + " must be a map");
+    if (into.count(name)) continue;
+    into.emplace(name, make(body ? body : YAML::Node(YAML::NodeType::Map), where + ": " + list + " " + name));
+  }
+}
+
+}  // namespace
+
+void merge_kubeconfig(KubeConfig& kc, std::string_view text, const std::string& path) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(std::string(text));
+  } catch (const YAML::Exception& e) {
+    throw Error(path + ": invalid YAML: " + e.what());
+  }
+  if (!root || root.IsNull()) return;  // empty file: nothing
+  if (!root.IsMap()) throw Error(path + ": a kubeconfig is a YAML map");
+  const std::string dir = path.find('/') == std::string::npos ? "." : path.substr(0, path.rfind('/'));
+  try {
+    if (kc.current_context.empty()) kc.current_context = scalar(root, "current-context", path);
+    named_list(root, "clusters", "cluster", kc.clusters, path, [&](const YAML::Node& c, const std::string& w) {
+      KubeConfig::Cluster out;
+      out.server = scalar(c, "server", w);
+      out.ca_file = resolve(scalar(c, "certificate-authority", w), dir);
+      std::string data = scalar(c, "certificate-authority-data", w);
+      if (!data.empty()) out.ca_pem = decode_data(data, w + ": certificate-authority-data");
+      out.insecure = scalar(c, "insecure-skip-tls-verify", w) == "true";
+      return out;
+    });
+    named_list(root, "users", "user", kc.users, path, [&](const YAML::Node& u, const std::string& w) {
+      KubeConfig::User out;
+      out.token = scalar(u, "token", w);
+      out.token_file = resolve(scalar(u, "tokenFile", w), dir);
+      out.cert_file = resolve(scalar(u, "client-certificate", w), dir);
+      out.key_file = resolve(scalar(u, "client-key", w), dir);
+      std::string cd = scalar(u, "client-certificate-data", w), kd = scalar(u, "client-key-data", w);
+      if (!cd.empty()) out.cert_pem = decode_data(cd, w + ": client-certificate-data");
+      if (!kd.empty()) out.key_pem = decode_data(kd, w + ": client-key-data");
+      if (u["exec"] || u["auth-provider"]) out.unsupported = "exec/auth-provider credential plugins are not supported";
+      return out;
+    });
+    named_list(root, "contexts", "context", kc.contexts, path, [&](const YAML::Node& c, const std::string& w) {
+      KubeConfig::Context out;
+      out.cluster = scalar(c, "cluster", w);
+      out.user = scalar(c, "user", w);
+      out.ns = scalar(c, "namespace", w);
+      return out;
+    });
+  } catch (const YAML::Exception& e) {
+    throw Error(path + ": " + e.what());
+  }
+}
+
+std::vector<std::string> kubeconfig_paths(const std::string& flag) {
+  if (!flag.empty()) return {flag};
+  std::vector<std::string> out;
+  if (const char* env = std::getenv("KUBECONFIG"); env && *env) {
+    std::string s = env;
+    size_t start = 0;
+    while (start <= s.size()) {
+      size_t colon = s.find(':', start);
+      std::string p = s.substr(start, colon == std::string::npos ? std::string::npos : colon - start);
+      if (!p.empty() && std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
+      if (colon == std::string::npos) break;
+      start = colon + 1;
+    }
+    return out;
+  }
+  if (const char* home = std::getenv("HOME"); home && *home) out.push_back(std::string(home) + "/.kube/config");
+  return out;
+}
+
+MasterSettings master_settings(const Invocation& inv) {
+  const MasterFlags& f = inv.master;
+  KubeConfig kc;
+  std::string sources;
+  for (const std::string& p : kubeconfig_paths(f.kubeconfig)) {
+    // --kubeconfig must exist; $KUBECONFIG entries and ~/.kube/config may not (kubectl's rule).
+    if (f.kubeconfig.empty() && ::access(p.c_str(), F_OK) != 0) continue;
+    merge_kubeconfig(kc, read_small_file(p, kMaxKubeconfigBytes, "kubeconfig"), p);
+    sources += (sources.empty() ? "" : ":") + p;
+  }
+  MasterSettings s;
+  s.source = sources;
+  const std::string ctx_name = f.context.empty() ? kc.current_context : f.context;
+  const KubeConfig::Cluster* cluster = nullptr;
+  const KubeConfig::User* user = nullptr;
+  if (!ctx_name.empty()) {
+    auto c = kc.contexts.find(ctx_name);
+    if (c == kc.contexts.end()) {
+      if (!f.context.empty() || f.server.empty())
+        throw Error("context \"" + ctx_name + "\" not found in " + (sources.empty() ? "any kubeconfig" : sources));
+    } else {
+      s.ns = c->second.ns;
+      if (auto cl = kc.clusters.find(c->second.cluster); cl != kc.clusters.end())
+        cluster = &cl->second;
+      else if (f.server.empty())
+        throw Error("cluster \"" + c->second.cluster + "\" of context \"" + ctx_name + "\" not found in " + sources);
+      if (auto u = kc.users.find(c->second.user); u != kc.users.end()) user = &u->second;
+    }
+  }
+  // Flags beat the kubeconfig, field by field (kubectl's precedence).
+  s.server = !f.server.empty() ? f.server : cluster ? cluster->server : "";
+  if (s.server.empty())
+    throw UsageError(
+        "no master configured: use --server (with --token or --client-certificate/--client-key), a kubeconfig "
+        "(--kubeconfig, $KUBECONFIG, ~/.kube/config), or --local as root on the node");
+  if (!f.ca.empty()) {
+    s.ca_pem = read_small_file(f.ca, kMaxCredentialFileBytes, "certificate authority");
+  } else if (cluster && (f.server.empty() || f.server == cluster->server)) {
+    // (With another --server than the kubeconfig's, its CA does not apply.)
+    if (cluster->insecure)
+      throw Error("insecure-skip-tls-verify is not supported: give the master's CA (certificate-authority)");
+    if (!cluster->ca_pem.empty())
+      s.ca_pem = cluster->ca_pem;
+    else if (!cluster->ca_file.empty())
+      s.ca_pem = read_small_file(cluster->ca_file, kMaxCredentialFileBytes, "certificate authority");
+  }
+  const bool flag_cert = !f.client_cert.empty() || !f.client_key.empty();
+  if (flag_cert && (f.client_cert.empty() || f.client_key.empty()))
+    throw UsageError("--client-certificate and --client-key go together");
+  if (!f.token.empty()) {
+    s.token = f.token;
+  } else if (user && !flag_cert) {
+    if (!user->unsupported.empty() && user->token.empty() && user->token_file.empty() && user->cert_pem.empty() &&
+        user->cert_file.empty())
+      throw Error(user->unsupported);
+    s.token = user->token;
+    if (s.token.empty() && !user->token_file.empty()) {
+      s.token = read_small_file(user->token_file, 64 * 1024, "token file");
+      while (!s.token.empty() && isspace(static_cast<unsigned char>(s.token.back()))) s.token.pop_back();
+    }
+  }
+  if (flag_cert) {
+    s.cert_pem = read_small_file(f.client_cert, kMaxCredentialFileBytes, "client certificate");
+    s.key_pem = read_small_file(f.client_key, kMaxCredentialFileBytes, "client key");
+  } else if (user && f.token.empty()) {
+    s.cert_pem = !user->cert_pem.empty() ? user->cert_pem
+                 : !user->cert_file.empty()
+                     ? read_small_file(user->cert_file, kMaxCredentialFileBytes, "client certificate")
+                     : "";
+    s.key_pem = !user->key_pem.empty()    ? user->key_pem
+                : !user->key_file.empty() ? read_small_file(user->key_file, kMaxCredentialFileBytes, "client key")
+                                          : "";
+  }
+  if (s.token.empty() && s.cert_pem.empty())
+    throw UsageError("no credential for the master at " + s.server +
+                     ": use --token, --client-certificate/--client-key, or a kubeconfig user");
+  return s;
+}
+
+namespace {
+
+// POST the grant request and turn the answer into a Grant; a refusal becomes
+// one error line with the master's Status message.
+Grant request_grant(const Invocation& inv, const std::string& pod, const std::string& verb, json body,
+                    const proto::Identity& client) {
+  MasterSettings s = master_settings(inv);
+  const std::string ns = inv.ns_set || s.ns.empty() ? inv.ns : s.ns;
+  masterclient::Target t;
+  t.server = s.server;
+  t.ca_pem = s.ca_pem;
+  t.token = s.token;
+  t.cert_pem = s.cert_pem;
+  t.key_pem = s.key_pem;
+  t.timeout_ms = kMasterTimeoutMs;
+  t.user_agent = "shimctl";
+  // Bind the ticket to this run's TLS key (cnf.jkt): the shim checks it.
+  body["jkt"] = ticket::jkt_of_public_pem(ticket::PrivateKey::from_pem(client.key_pem).public_pem());
+  const std::string path = "/apis/shimlet.io/v1/namespaces/" + masterclient::path_segment(ns) + "/pods/" +
+                           masterclient::path_segment(pod) + "/" + verb;
+  masterclient::Response r = masterclient::request(t, "POST", path, body.dump());
+  if (r.status != 201 && r.status != 200) throw Error(masterclient::error_message(r));
+  json g = json::parse(r.body, nullptr, false);
+  auto field = [&](const char* k) {
+    if (!g.is_object() || !g.contains(k) || !g[k].is_string() || g[k].get<std::string>().empty() ||
+        g[k].get<std::string>().size() > 64 * 1024)
+      throw Error(std::string("the master's grant has no valid \"") + k + "\"");
+    return g[k].get<std::string>();
+  };
+  Grant out{field("container_id"), field("endpoint"), field("pin"), field("ticket")};
+  if (out.pin.rfind("sha256/", 0) != 0) throw Error("the master's grant has a malformed pin");
+  return out;
+}
+
+}  // namespace
+
+Grant master_exec_grant(const Invocation& inv, const proto::Identity& client) {
+  json body = {{"command", inv.exec.command}, {"stdin", inv.exec.stdin_}, {"tty", inv.exec.tty}};
+  if (!inv.exec.container.empty()) body["container"] = inv.exec.container;
+  return request_grant(inv, inv.exec.target, "exec", std::move(body), client);
+}
+
+Grant master_portforward_grant(const Invocation& inv, const proto::Identity& client) {
+  json ports = json::array();
+  for (const PortSpec& p : inv.pf.ports) {
+    json e = {{"port", p.remote}, {"proto", p.udp ? "udp" : "tcp"}};
+    if (std::find(ports.begin(), ports.end(), e) == ports.end()) ports.push_back(e);
+  }
+  json body = {{"ports", ports}};
+  if (!inv.pf.container.empty()) body["container"] = inv.pf.container;
+  return request_grant(inv, inv.pf.target, "portforward", std::move(body), client);
+}
+
+}  // namespace shimlet::client

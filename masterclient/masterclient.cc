@@ -1,0 +1,394 @@
+#include "masterclient/masterclient.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <event2/http.h>
+#include <http_parser.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/fd.h"
+
+namespace shimlet::masterclient {
+namespace {
+
+template <typename T, void (*F)(T*)>
+struct Free {
+  void operator()(T* p) const { F(p); }
+};
+using Ctx = std::unique_ptr<SSL_CTX, Free<SSL_CTX, SSL_CTX_free>>;
+using Ssl = std::unique_ptr<SSL, Free<SSL, SSL_free>>;
+using Bio = std::unique_ptr<BIO, Free<BIO, BIO_free_all>>;
+using X509p = std::unique_ptr<X509, Free<X509, X509_free>>;
+using Pkey = std::unique_ptr<EVP_PKEY, Free<EVP_PKEY, EVP_PKEY_free>>;
+
+std::string ssl_err() {
+  unsigned long e = ERR_get_error();
+  ERR_clear_error();
+  if (!e) return "unknown TLS error";
+  char buf[256];
+  ERR_error_string_n(e, buf, sizeof buf);
+  return buf;
+}
+
+int64_t now_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+// Text from the network on one of our lines: no control characters, bounded.
+std::string one_line(std::string_view s, size_t max = 1024) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (out.size() >= max) break;
+    out += (c < 0x20 || c == 0x7f) ? ' ' : static_cast<char>(c);
+  }
+  while (!out.empty() && out.back() == ' ') out.pop_back();
+  return out;
+}
+
+Bio mem_bio(std::string_view pem) {
+  Bio b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  if (!b) throw Error("BIO_new_mem_buf: " + ssl_err());
+  return b;
+}
+
+// Every certificate of a PEM bundle; at least one.
+std::vector<X509p> read_certs(std::string_view pem, const std::string& what) {
+  Bio b = mem_bio(pem);
+  std::vector<X509p> out;
+  while (X509* c = PEM_read_bio_X509(b.get(), nullptr, nullptr, nullptr)) out.emplace_back(c);
+  ERR_clear_error();  // the loop ends with a "no start line" error
+  if (out.empty()) throw Error(what + ": no PEM certificate found");
+  return out;
+}
+
+Ctx make_ctx(const Target& t) {
+  Ctx ctx(SSL_CTX_new(TLS_client_method()));
+  if (!ctx) throw Error("SSL_CTX_new: " + ssl_err());
+  SSL_CTX_set_min_proto_version(ctx.get(), TLS1_2_VERSION);
+  static const unsigned char alpn[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
+  SSL_CTX_set_alpn_protos(ctx.get(), alpn, sizeof alpn);
+  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
+  if (t.ca_pem.empty()) {
+    if (SSL_CTX_set_default_verify_paths(ctx.get()) != 1)
+      throw Error("cannot load the system trust store: " + ssl_err());
+  } else {
+    X509_STORE* store = SSL_CTX_get_cert_store(ctx.get());
+    for (auto& c : read_certs(t.ca_pem, "certificate authority"))
+      if (X509_STORE_add_cert(store, c.get()) != 1) throw Error("certificate authority: " + ssl_err());
+  }
+  if (!t.cert_pem.empty() || !t.key_pem.empty()) {
+    if (t.cert_pem.empty() || t.key_pem.empty())
+      throw Error("a client certificate needs both the certificate and its key");
+    auto certs = read_certs(t.cert_pem, "client certificate");
+    if (SSL_CTX_use_certificate(ctx.get(), certs[0].get()) != 1) throw Error("client certificate: " + ssl_err());
+    for (size_t i = 1; i < certs.size(); i++)
+      if (SSL_CTX_add1_chain_cert(ctx.get(), certs[i].get()) != 1)
+        throw Error("client certificate chain: " + ssl_err());
+    Bio kb = mem_bio(t.key_pem);
+    Pkey key(PEM_read_bio_PrivateKey(kb.get(), nullptr, nullptr, nullptr));
+    if (!key) throw Error("client key: not a PEM private key (" + ssl_err() + ")");
+    if (SSL_CTX_use_PrivateKey(ctx.get(), key.get()) != 1 || SSL_CTX_check_private_key(ctx.get()) != 1)
+      throw Error("client key does not match the client certificate: " + ssl_err());
+  }
+  return ctx;
+}
+
+// Waits for fd readiness until the deadline; throws on timeout.
+void wait_fd(int fd, short events, int64_t deadline, const std::string& what) {
+  for (;;) {
+    int64_t left = deadline - now_ms();
+    if (left <= 0) throw Error("timed out " + what);
+    pollfd p{fd, events, 0};
+    int r = ::poll(&p, 1, static_cast<int>(left));
+    if (r > 0) return;
+    if (r < 0 && errno != EINTR) throw sys_error("poll");
+  }
+}
+
+Fd connect_to(const Url& u, int64_t deadline, const std::string& where) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  std::string port = std::to_string(u.port);
+  if (int rc = getaddrinfo(u.host.c_str(), port.c_str(), &hints, &res); rc != 0)
+    throw Error("cannot resolve " + where + ": " + gai_strerror(rc));
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> guard(res, freeaddrinfo);
+  std::string last = "no address";
+  for (addrinfo* a = res; a; a = a->ai_next) {
+    Fd s(::socket(a->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (!s) {
+      last = strerror(errno);
+      continue;
+    }
+    int one = 1;
+    setsockopt(s.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (::connect(s.get(), a->ai_addr, a->ai_addrlen) < 0) {
+      if (errno != EINPROGRESS) {
+        last = strerror(errno);
+        continue;
+      }
+      wait_fd(s.get(), POLLOUT, deadline, "connecting to " + where);
+      int err = 0;
+      socklen_t len = sizeof err;
+      getsockopt(s.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+      if (err) {
+        last = strerror(err);
+        continue;
+      }
+    }
+    return s;
+  }
+  throw Error("cannot connect to " + where + ": " + last);
+}
+
+// Drives one non-blocking SSL call to completion before the deadline.
+template <typename F>
+int ssl_io(SSL* ssl, int fd, int64_t deadline, const std::string& what, F call) {
+  for (;;) {
+    ERR_clear_error();
+    int r = call();
+    if (r > 0) return r;
+    int e = SSL_get_error(ssl, r);
+    if (e == SSL_ERROR_WANT_READ)
+      wait_fd(fd, POLLIN, deadline, what);
+    else if (e == SSL_ERROR_WANT_WRITE)
+      wait_fd(fd, POLLOUT, deadline, what);
+    else if (e == SSL_ERROR_ZERO_RETURN)
+      return 0;
+    else if (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
+      return errno == 0 || errno == ECONNRESET ? 0 : -1;  // EOF without close_notify
+    else
+      throw Error(what + ": " + ssl_err());
+  }
+}
+
+bool is_ip(const std::string& h) {
+  in6_addr a;
+  return inet_pton(AF_INET, h.c_str(), &a) == 1 || inet_pton(AF_INET6, h.c_str(), &a) == 1;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- URL
+
+Url parse_url(std::string_view s) {
+  auto bad = [&](const std::string& why) { return Error("bad master URL '" + one_line(s, 256) + "': " + why); };
+  constexpr std::string_view scheme = "https://";
+  if (s.substr(0, scheme.size()) != scheme) throw bad("must start with https://");
+  std::string_view rest = s.substr(scheme.size());
+  if (rest.find_first_of("?#@ \t\r\n") != std::string_view::npos)
+    throw bad("no user info, query, fragment or spaces allowed");
+  size_t slash = rest.find('/');
+  std::string_view hostport = rest.substr(0, slash);
+  Url u;
+  if (slash != std::string_view::npos) {
+    u.prefix = rest.substr(slash);
+    while (!u.prefix.empty() && u.prefix.back() == '/') u.prefix.pop_back();
+  }
+  std::string_view port;
+  bool has_port = false;
+  if (!hostport.empty() && hostport[0] == '[') {
+    size_t close = hostport.find(']');
+    if (close == std::string_view::npos) throw bad("unterminated [IPv6]");
+    u.host = hostport.substr(1, close - 1);
+    if (close + 1 < hostport.size()) {
+      if (hostport[close + 1] != ':') throw bad("junk after ]");
+      port = hostport.substr(close + 2);
+      has_port = true;
+    }
+    in6_addr a;
+    if (inet_pton(AF_INET6, u.host.c_str(), &a) != 1) throw bad("not an IPv6 address in []");
+  } else {
+    size_t colon = hostport.rfind(':');
+    u.host = hostport.substr(0, colon);
+    if (colon != std::string_view::npos) {
+      port = hostport.substr(colon + 1);
+      has_port = true;
+    }
+    if (u.host.find(':') != std::string::npos) throw bad("IPv6 addresses go in []");
+  }
+  if (u.host.empty() || u.host.size() > 253) throw bad("missing host");
+  if (has_port) {
+    unsigned v = 0;
+    auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), v);
+    if (port.empty() || ec != std::errc() || p != port.data() + port.size() || v < 1 || v > 65535)
+      throw bad("port must be 1-65535");
+    u.port = static_cast<uint16_t>(v);
+  }
+  return u;
+}
+
+std::string path_segment(std::string_view s) {
+  char* e = evhttp_uriencode(s.data(), static_cast<ev_ssize_t>(s.size()), 0);
+  if (!e) throw Error("cannot encode a URL path segment");
+  std::string out(e);
+  free(e);
+  return out;
+}
+
+// ---------------------------------------------------------------- response parser
+
+struct ResponseParser::Cb {
+  static ResponseParser* self(http_parser* p) { return static_cast<ResponseParser*>(p->data); }
+  static int on_header(http_parser* p, const char*, size_t len) {
+    auto* s = self(p);
+    s->header_bytes_ += len;
+    if (s->header_bytes_ > kMaxResponseHeaders) {
+      s->err_ = "response headers exceed " + std::to_string(kMaxResponseHeaders) + " bytes";
+      return 1;
+    }
+    return 0;
+  }
+  static int on_headers_complete(http_parser* p) {
+    auto* s = self(p);
+    if (p->status_code / 100 == 1) return 0;  // 100 Continue etc.: skip
+    s->resp_.status = p->status_code;
+    return 0;
+  }
+  static int on_body(http_parser* p, const char* at, size_t len) {
+    auto* s = self(p);
+    if (s->resp_.body.size() + len > kMaxResponseBody) {
+      s->err_ = "response body exceeds " + std::to_string(kMaxResponseBody) + " bytes";
+      return 1;
+    }
+    s->resp_.body.append(at, len);
+    return 0;
+  }
+  static int on_message_complete(http_parser* p) {
+    auto* s = self(p);
+    if (p->status_code / 100 == 1) return 0;
+    s->done_ = true;
+    return 0;
+  }
+};
+
+namespace {
+const http_parser_settings& settings() {
+  static const http_parser_settings st = [] {
+    http_parser_settings x{};
+    x.on_status = &ResponseParser::Cb::on_header;
+    x.on_header_field = &ResponseParser::Cb::on_header;
+    x.on_header_value = &ResponseParser::Cb::on_header;
+    x.on_headers_complete = &ResponseParser::Cb::on_headers_complete;
+    x.on_body = &ResponseParser::Cb::on_body;
+    x.on_message_complete = &ResponseParser::Cb::on_message_complete;
+    return x;
+  }();
+  return st;
+}
+}  // namespace
+
+ResponseParser::ResponseParser() : p_(std::make_unique<http_parser>()) {
+  http_parser_init(p_.get(), HTTP_RESPONSE);
+  p_->data = this;
+}
+ResponseParser::~ResponseParser() = default;
+
+bool ResponseParser::feed(const char* data, size_t len) {
+  if (!err_.empty()) return false;
+  if (done_) return true;  // anything after the one response is ignored (Connection: close)
+  size_t n = http_parser_execute(p_.get(), &settings(), data, len);
+  if (!err_.empty()) return false;
+  if (done_) return true;
+  if (len == 0) {
+    err_ = "connection closed before the response was complete";
+    return false;
+  }
+  if (HTTP_PARSER_ERRNO(p_.get()) != HPE_OK || n != len) {
+    err_ = std::string("malformed HTTP response: ") + http_errno_description(HTTP_PARSER_ERRNO(p_.get()));
+    return false;
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------- request
+
+Response request(const Target& t, const std::string& method, const std::string& path, const std::string& body) {
+  Url u = parse_url(t.server);
+  const std::string where = "the master at " + one_line(t.server, 256);
+  const int64_t deadline = now_ms() + t.timeout_ms;
+  Ctx ctx = make_ctx(t);
+  Fd sock = connect_to(u, deadline, where);
+  Ssl ssl(SSL_new(ctx.get()));
+  if (!ssl) throw Error("SSL_new: " + ssl_err());
+  // The identity check: the certificate must name the host (DNS SAN) or the
+  // IP address (IP SAN) we connected to.
+  if (is_ip(u.host)) {
+    if (X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl.get()), u.host.c_str()) != 1)
+      throw Error("bad IP address " + u.host);
+  } else {
+    if (SSL_set1_host(ssl.get(), u.host.c_str()) != 1) throw Error("bad host name " + u.host);
+    SSL_set_tlsext_host_name(ssl.get(), u.host.c_str());
+  }
+  if (SSL_set_fd(ssl.get(), sock.get()) != 1) throw Error("SSL_set_fd: " + ssl_err());
+  SSL* s = ssl.get();
+  try {
+    ssl_io(s, sock.get(), deadline, "TLS handshake with " + where, [&] { return SSL_connect(s); });
+  } catch (const Error& e) {
+    long v = SSL_get_verify_result(s);
+    if (v != X509_V_OK)
+      throw Error("TLS handshake with " + where +
+                  ": server certificate not trusted: " + X509_verify_cert_error_string(v));
+    throw;
+  }
+
+  std::string host_hdr = u.host.find(':') != std::string::npos ? "[" + u.host + "]" : u.host;
+  if (u.port != 443) host_hdr += ":" + std::to_string(u.port);
+  std::string req = method + " " + u.prefix + path + " HTTP/1.1\r\nHost: " + host_hdr +
+                    "\r\nUser-Agent: " + t.user_agent + "\r\nAccept: application/json\r\nConnection: close\r\n";
+  if (!t.token.empty()) {
+    if (t.token.find_first_of("\r\n") != std::string::npos) throw Error("the token contains a line break");
+    req += "Authorization: Bearer " + t.token + "\r\n";
+  }
+  if (!body.empty() || method == "PUT" || method == "POST")
+    req += "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n";
+  req += "\r\n";
+  req += body;
+  size_t off = 0;
+  while (off < req.size()) {
+    int n = ssl_io(s, sock.get(), deadline, "sending to " + where, [&] {
+      return SSL_write(s, req.data() + off, static_cast<int>(std::min<size_t>(req.size() - off, 1 << 20)));
+    });
+    if (n <= 0) throw Error("sending to " + where + ": connection closed");
+    off += static_cast<size_t>(n);
+  }
+
+  ResponseParser parser;
+  char buf[16384];
+  while (!parser.done()) {
+    int n =
+        ssl_io(s, sock.get(), deadline, "reading the answer of " + where, [&] { return SSL_read(s, buf, sizeof buf); });
+    if (n < 0) throw Error("reading the answer of " + where + ": " + strerror(errno));
+    if (!parser.feed(buf, static_cast<size_t>(n))) throw Error(where + ": " + parser.error());
+    if (n == 0) break;
+  }
+  return std::move(parser.response());
+}
+
+std::string error_message(const Response& r) {
+  nlohmann::json j = nlohmann::json::parse(r.body, nullptr, false);
+  if (j.is_object())
+    if (auto m = j.find("message"); m != j.end() && m->is_string() && !m->get<std::string>().empty())
+      return one_line(m->get<std::string>());
+  return "the master answered HTTP " + std::to_string(r.status);
+}
+
+}  // namespace shimlet::masterclient
