@@ -248,7 +248,10 @@ SessionCgroup SessionCgroup::create(const Membership& container, const std::stri
   const Entry *v2 = nullptr, *pids = nullptr, *mem = nullptr, *cpu = nullptr, *acct = nullptr;
   for (const Entry& e : container.entries) {
     Entry se = e;
-    bool make = e.v2() || e.has("pids") || e.has("memory") || (e.has("cpu") && limits.cpu_weight) ||
+    // v1 children only where a limit needs them (or for tracking without v2):
+    // creating a v1 memory cgroup costs ~20 ms, most of an exec's budget.
+    bool make = e.v2() || (e.has("pids") && (limits.pids_max || !have_v2)) ||
+                (e.has("memory") && (limits.memory_max || !have_v2)) || (e.has("cpu") && limits.cpu_weight) ||
                 (!have_v2 && (e.has("cpuacct") || e.has("freezer")));
     if (make) {
       se.dir = e.dir + "/" + leaf;

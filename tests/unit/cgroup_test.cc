@@ -310,7 +310,8 @@ TEST_F(CgroupTest, MemoryLimitKillsOnlyTheSession) {
 }
 
 TEST_F(CgroupTest, CpuUsageAndWeight) {
-  auto s = cgroup::SessionCgroup::create(container_, "cpu", {.cpu_weight = 100});
+  // A memory limit makes the session own a v1 memory child, which is what reports the peak.
+  auto s = cgroup::SessionCgroup::create(container_, "cpu", {.memory_max = 1u << 30, .cpu_weight = 100});
   EXPECT_EQ(slurp(entry("cpu").dir + "/shimlet-cpu/cpu.shares"), "2597\n");  // runc's mapping of weight 100
   auto c = spawn([] {
     // 300 ms of CPU time, however loaded the host is.
