@@ -270,7 +270,10 @@ def test_slow_reader_bounded_memory(env, ctr):
         time.sleep(3)
         with open(f"/proc/{p.pid}/status") as f:
             hwm = int(next(l for l in f if l.startswith("VmHWM:")).split()[1])
-        assert hwm < 48 * 1024, f"shimctl peak RSS {hwm} kB with a stalled reader"
+        # Under ASan freed buffers stay resident in the allocator's quarantine
+        # (and shadow memory is counted), so the bound is wider there.
+        limit = 160 * 1024 if os.environ.get("SHIMLET_ASAN") == "1" else 48 * 1024
+        assert hwm < limit, f"shimctl peak RSS {hwm} kB with a stalled reader"
         h = hashlib.sha256()
         n = 0
         while chunk := p.stdout.read(1 << 20):
