@@ -27,6 +27,10 @@ FAKE_SESSION = os.path.join(REPO, "tests", "integration", "fake_session.py")
 NS_TYPES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time")
 # conmon measured on this host (docs: /work/shared/reference/peers.md).
 CONMON_USS_KB, CONMON_PSS_KB = 528, 855
+# The footprint bound holds for the real (static, uninstrumented) shim; the
+# ASan pass runs a dynamic, instrumented shim, whose size says nothing. The
+# plain pass of scripts/test asserts it.
+FOOTPRINT_CHECKED = os.environ.get("SHIMLET_ASAN") != "1"
 
 
 def wait_for(pred, timeout=5.0, what="condition"):
@@ -187,8 +191,9 @@ def test_runc_start_registration_fd_contract_and_cleanup(env_factory, containers
     # Tiny when idle (the session binary has not been exec'd in it).
     m = smaps(shim)
     print(f"shim idle footprint: Private_Dirty={m['Private_Dirty']} kB Pss={m['Pss']} kB Rss={m['Rss']} kB")
-    assert m["Private_Dirty"] < CONMON_USS_KB, m
-    assert m["Pss"] < CONMON_PSS_KB, m
+    if FOOTPRINT_CHECKED:
+        assert m["Private_Dirty"] < CONMON_USS_KB, m
+        assert m["Pss"] < CONMON_PSS_KB, m
 
     # The shim's fds: exactly what it needs, all CLOEXEC except stdio.
     shim_fds = {int(fd): os.readlink(f"/proc/{shim}/fd/{fd}") for fd in os.listdir(f"/proc/{shim}/fd")}
@@ -392,7 +397,8 @@ def test_podman_start_and_rm(env_factory, podman_names):
     shim = reg["shim_pid"]
     assert alive(shim)
     m = smaps(shim)
-    assert m["Private_Dirty"] < CONMON_USS_KB and m["Pss"] < CONMON_PSS_KB, m
+    if FOOTPRINT_CHECKED:
+        assert m["Private_Dirty"] < CONMON_USS_KB and m["Pss"] < CONMON_PSS_KB, m
     rep = session_report(reg["endpoint"])
     assert rep["fds"]["5"] == "anon_inode:[pidfd]" and rep["replay"] == ["A", "R", "F"]
     run(["podman", "rm", "-f", "-t", "0", name])
