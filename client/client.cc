@@ -1,6 +1,8 @@
 // shimctl's top level: parse, get endpoint+pin+ticket, run the verb.
 #include "client/client.h"
 
+#include <openssl/ssl.h>
+
 #include <unistd.h>
 
 #include <cstdio>
@@ -17,6 +19,8 @@ int print_error(const std::string& what) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The system openssl.cnf has nothing shimctl needs; skip parsing it at startup.
+  OPENSSL_init_ssl(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);
   try {
     std::vector<std::string> args(argv, argv + argc);
     Invocation inv = parse_args(args);

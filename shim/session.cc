@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <event2/event.h>
 #include <netinet/in.h>
+#include <openssl/ssl.h>
 #include <netinet/tcp.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -369,6 +370,9 @@ void on_container_exit(evutil_socket_t, short, void* arg) { static_cast<Session*
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The system openssl.cnf has nothing a session needs; parsing it (and what it
+  // loads) is paid per connection.
+  OPENSSL_init_ssl(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);
   log::set_component("session");
   // Secrets (TLS key, tickets) live here; nobody may ptrace or read /proc/PID/mem.
   prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
