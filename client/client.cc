@@ -2,7 +2,6 @@
 #include "client/client.h"
 
 #include <openssl/ssl.h>
-
 #include <unistd.h>
 
 #include <cstdio>

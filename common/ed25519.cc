@@ -13,8 +13,8 @@ namespace {
 // DER prefixes of the only shapes we accept (RFC 8410): SEQUENCE { AlgorithmIdentifier
 // { 1.3.101.112 }, BIT STRING (32 bytes) } and PKCS#8 v1 with OCTET STRING { OCTET STRING (32) }.
 constexpr unsigned char kSpkiPrefix[] = {0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00};
-constexpr unsigned char kPkcs8Prefix[] = {0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b,
-                                          0x65, 0x70, 0x04, 0x22, 0x04, 0x20};
+constexpr unsigned char kPkcs8Prefix[] = {0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06,
+                                          0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20};
 
 // Base64 body between BEGIN/END lines of the given label, decoded; "" if absent.
 std::string pem_body(std::string_view pem, std::string_view label) {
@@ -42,8 +42,8 @@ std::string pem_wrap(const std::string& der, const char* label) {
 
 EVP_PKEY* ed25519_generate() {
   std::string seed = random_bytes(32);
-  EVP_PKEY* k = EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, nullptr,
-                                             reinterpret_cast<const unsigned char*>(seed.data()), 32);
+  EVP_PKEY* k =
+      EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, nullptr, reinterpret_cast<const unsigned char*>(seed.data()), 32);
   OPENSSL_cleanse(seed.data(), seed.size());
   if (!k) throw std::runtime_error("Ed25519 key from raw bytes failed");
   return k;
@@ -74,8 +74,7 @@ std::string ed25519_public_pem(EVP_PKEY* k) {
 
 EVP_PKEY* ed25519_public_from_pem(std::string_view pem) {
   std::string der = pem_body(pem, "PUBLIC KEY");
-  if (der.size() != sizeof kSpkiPrefix + 32 || memcmp(der.data(), kSpkiPrefix, sizeof kSpkiPrefix) != 0)
-    return nullptr;
+  if (der.size() != sizeof kSpkiPrefix + 32 || memcmp(der.data(), kSpkiPrefix, sizeof kSpkiPrefix) != 0) return nullptr;
   return EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, nullptr,
                                      reinterpret_cast<const unsigned char*>(der.data()) + sizeof kSpkiPrefix, 32);
 }

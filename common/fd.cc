@@ -59,8 +59,8 @@ bool read_exact(int fd, void* buf, size_t len) {
     }
     if (n == 0) {
       if (got == 0) return false;
-      throw std::runtime_error("read fd " + std::to_string(fd) + ": short read (" + std::to_string(got) +
-                               " of " + std::to_string(len) + " bytes)");
+      throw std::runtime_error("read fd " + std::to_string(fd) + ": short read (" + std::to_string(got) + " of " +
+                               std::to_string(len) + " bytes)");
     }
     got += static_cast<size_t>(n);
   }

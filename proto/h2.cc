@@ -3,11 +3,10 @@
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/bufferevent_ssl.h>
+#include <openssl/err.h>
 #include <string.h>
 
 #include <algorithm>
-
-#include <openssl/err.h>
 
 #include "proto/tls.h"
 
@@ -25,8 +24,7 @@ std::vector<nghttp2_nv> to_nv(const Headers& h) {
   nv.reserve(h.size());
   for (auto& [k, v] : h)
     nv.push_back({reinterpret_cast<uint8_t*>(const_cast<char*>(k.data())),
-                  reinterpret_cast<uint8_t*>(const_cast<char*>(v.data())), k.size(), v.size(),
-                  NGHTTP2_NV_FLAG_NONE});
+                  reinterpret_cast<uint8_t*>(const_cast<char*>(v.data())), k.size(), v.size(), NGHTTP2_NV_FLAG_NONE});
   return nv;
 }
 uint32_t settings_max_header(const H2Settings& s) { return s.max_header_list; }
@@ -37,9 +35,9 @@ constexpr size_t kSocketHighWater = 1u << 20;
 
 H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings)
     : base_(base), ssl_(ssl), role_(role), handler_(handler), settings_(settings) {
-  bev_ = bufferevent_openssl_socket_new(
-      base, fd, ssl, role == Role::Server ? BUFFEREVENT_SSL_ACCEPTING : BUFFEREVENT_SSL_CONNECTING,
-      BEV_OPT_CLOSE_ON_FREE);
+  bev_ = bufferevent_openssl_socket_new(base, fd, ssl,
+                                        role == Role::Server ? BUFFEREVENT_SSL_ACCEPTING : BUFFEREVENT_SSL_CONNECTING,
+                                        BEV_OPT_CLOSE_ON_FREE);
   bufferevent_openssl_set_allow_dirty_shutdown(bev_, 1);
   bufferevent_setcb(bev_, on_read, on_write, on_event, this);
   bufferevent_setwatermark(bev_, EV_WRITE, kSocketHighWater / 4, 0);
@@ -225,9 +223,7 @@ void H2Conn::pump() {
   }
   if (closed_) return;
   if (!nghttp2_session_want_read(h2_) && !nghttp2_session_want_write(h2_) && evbuffer_get_length(out) == 0)
-    close(closing_                ? "connection shut down"
-          : !proto_error_.empty() ? proto_error_
-                                  : "peer ended the HTTP/2 session");
+    close(closing_ ? "connection shut down" : !proto_error_.empty() ? proto_error_ : "peer ended the HTTP/2 session");
 }
 
 void H2Conn::flush() { pump(); }

@@ -5,7 +5,6 @@
 #pragma once
 #include <event2/event.h>
 #include <nghttp2/nghttp2.h>
-
 #include <openssl/ssl.h>
 
 #include <cstdint>
@@ -33,8 +32,8 @@ struct H2Settings {
   // streams we open at once before queueing.
   uint32_t max_concurrent_streams = 1024;
   uint32_t max_header_list = 128u << 10;
-  size_t out_high_water = 1u << 20;  // per-stream outbound buffer limit (handler stops producing)
-  size_t out_low_water = 256u << 10; // on_drain fires below this
+  size_t out_high_water = 1u << 20;   // per-stream outbound buffer limit (handler stops producing)
+  size_t out_low_water = 256u << 10;  // on_drain fires below this
   // Whole-connection outbound limit handlers should respect (total_outbound()):
   // once it was exceeded, on_drain(0) fires when the total falls below half.
   // (Per-stream drains alone can miss it: many streams each below

@@ -2,10 +2,10 @@
 
 #include <arpa/inet.h>
 #include <event2/event.h>
-#include <netinet/in.h>
-#include <openssl/ssl.h>
-#include <netinet/tcp.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/ssl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -170,8 +170,9 @@ std::optional<ticket::Claims> Session::authenticate(int32_t stream, const proto:
     return std::nullopt;
   }
   if (!c.cnf_jkt.empty() && c.cnf_jkt != peer_jkt_) {
-    refuse(stream, 403, peer_jkt_.empty() ? "ticket is bound to a client key, but no client certificate was presented"
-                                          : "ticket is bound to another client key");
+    refuse(stream, 403,
+           peer_jkt_.empty() ? "ticket is bound to a client key, but no client certificate was presented"
+                             : "ticket is bound to another client key");
     return std::nullopt;
   }
   if (!same) {
@@ -207,8 +208,10 @@ void Session::on_headers(int32_t stream, const proto::Headers& h, bool) {
       auto handler = start_exec(*this, stream, h, *claims);
       // When the client had already ended its side, a refusal or a command
       // that could not start has closed the stream by now: the exec is over.
-      if (handler && conn_->is_open(stream)) streams_[stream] = std::move(handler);
-      else finish();
+      if (handler && conn_->is_open(stream))
+        streams_[stream] = std::move(handler);
+      else
+        finish();
       return;
     }
     if (*path == proto::kPortForwardOpenPath) {
@@ -299,12 +302,11 @@ void Session::on_stream_refused(int32_t stream) {
   // One audit line per connection, not per stream: a client flooding
   // streams must not flood the log. The count goes into "connection closed".
   if (refused_streams_++ == 0)
-    log::audit("request.refused",
-               {{"status", 0},
-                {"stream", stream},
-                {"reason", "too many concurrent streams (limit " +
-                               std::to_string(conn_->settings().max_concurrent_streams) +
-                               "): stream refused with RST_STREAM REFUSED_STREAM"}});
+    log::audit("request.refused", {{"status", 0},
+                                   {"stream", stream},
+                                   {"reason", "too many concurrent streams (limit " +
+                                                  std::to_string(conn_->settings().max_concurrent_streams) +
+                                                  "): stream refused with RST_STREAM REFUSED_STREAM"}});
 }
 
 namespace {

@@ -23,7 +23,9 @@ namespace {
 constexpr size_t kReadChunk = 64 * 1024;
 constexpr size_t kStdinHigh = 1u << 20;  // buffered stdin before we stop returning window
 
-int pidfd_signal(int pidfd, int sig) { return static_cast<int>(syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0)); }
+int pidfd_signal(int pidfd, int sig) {
+  return static_cast<int>(syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
+}
 
 std::string sanitize_term(const std::string& t) {
   if (t.empty() || t.size() > 64) return "xterm";
@@ -81,8 +83,10 @@ class Exec : public StreamHandler {
     }
     const auto& membership = cgroup_membership();
     req.place = [this, &membership](pid_t pid) {
-      if (cg_) cg_->attach(pid);
-      else cgroup::attach(membership, pid);
+      if (cg_)
+        cg_->attach(pid);
+      else
+        cgroup::attach(membership, pid);
     };
     try {
       try {
@@ -193,7 +197,9 @@ class Exec : public StreamHandler {
     return membership_;
   }
 
-  void respond_ok() { s_.conn().respond(stream_, {{":status", "200"}, {"content-type", "application/x-shimlet-exec"}}); }
+  void respond_ok() {
+    s_.conn().respond(stream_, {{":status", "200"}, {"content-type", "application/x-shimlet-exec"}});
+  }
 
   static void on_readable(evutil_socket_t fd, short, void* arg) {
     auto* self = static_cast<Exec*>(arg);
@@ -216,8 +222,10 @@ class Exec : public StreamHandler {
         proto::append_frame(frame, is_err ? proto::FrameType::Stderr : proto::FrameType::Stdout,
                             std::string_view(buf, static_cast<size_t>(n)));
         s_.conn().send(stream_, frame.data(), frame.size());
-        if (is_err) bytes_err_ += n;
-        else bytes_out_ += n;
+        if (is_err)
+          bytes_err_ += n;
+        else
+          bytes_out_ += n;
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
@@ -289,7 +297,8 @@ class Exec : public StreamHandler {
   static void on_exit(evutil_socket_t, short, void* arg) {
     auto* self = static_cast<Exec*>(arg);
     siginfo_t si{};
-    if (waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(self->proc_.pidfd.get()), &si, WEXITED | WNOHANG) < 0 ||
+    if (waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(self->proc_.pidfd.get()), &si, WEXITED | WNOHANG) <
+            0 ||
         si.si_pid == 0)
       return;
     self->exited_ = true;

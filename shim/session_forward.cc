@@ -112,8 +112,11 @@ class Forward : public StreamHandler {
 
   void on_close(uint32_t code) override {
     if (!closed_) {
-      log::audit("portforward.close", {{"port", port_}, {"stream", stream_}, {"bytes_in", bytes_in_},
-                                       {"bytes_out", bytes_out_}, {"reset", code != 0}});
+      log::audit("portforward.close", {{"port", port_},
+                                       {"stream", stream_},
+                                       {"bytes_in", bytes_in_},
+                                       {"bytes_out", bytes_out_},
+                                       {"reset", code != 0}});
     }
     closed_ = true;
     stop();

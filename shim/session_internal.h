@@ -16,8 +16,8 @@
 namespace shimlet::session {
 
 struct Config {
-  std::string id;                 // container id (tickets' aud)
-  pid_t pid = 0;                  // container init (host pid)
+  std::string id;  // container id (tickets' aud)
+  pid_t pid = 0;   // container init (host pid)
   std::string bundle;
   std::vector<ticket::TrustedKey> keys;
   int64_t max_ticket_lifetime_s = 300;
