@@ -142,10 +142,35 @@ std::string describe(const Attributes& a) {
   return s;
 }
 
+// True when the text uses a YAML anchor or alias ('&' or '*' outside quotes and
+// comments). RBAC manifests never need them (an unquoted "*" is not a valid
+// verb anyway), and yaml-cpp 0.7 hangs on some anchor sequences (found by
+// master_rbac_fuzz; regression seed tests/fuzz/corpus/master_rbac/anchor-hang).
+bool uses_anchors(std::string_view y) {
+  bool sq = false, dq = false, comment = false;
+  char prev = '\n';
+  for (char c : y) {
+    if (c == '\n') comment = false;
+    if (!comment) {
+      if (!dq && c == '\'')
+        sq = !sq;
+      else if (!sq && c == '"' && prev != '\\')
+        dq = !dq;
+      else if (!sq && !dq && c == '#' && (prev == ' ' || prev == '\t' || prev == '\n'))
+        comment = true;
+      else if (!sq && !dq && (c == '&' || c == '*'))
+        return true;
+    }
+    prev = c;
+  }
+  return false;
+}
+
 }  // namespace
 
 void Policy::add_yaml(std::string_view yaml, const std::string& source) {
   if (yaml.size() > kMaxPolicyBytes) bad(source, "policy too large");
+  if (uses_anchors(yaml)) bad(source, "YAML anchors and aliases are not supported in RBAC manifests (quote \"*\")");
   std::vector<Role> roles;
   std::vector<Binding> bindings;
   try {
