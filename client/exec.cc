@@ -21,6 +21,7 @@
 #include <optional>
 
 #include "client/client.h"
+#include "client/net.h"
 #include "client/terminal.h"
 #include "common/fd.h"
 #include "proto/frames.h"
@@ -37,40 +38,6 @@ constexpr size_t kUploadHigh = 1 << 20;            // stop reading stdin above t
 constexpr size_t kMaxErrorBody = 64 << 10;         // error responses are one JSON line
 constexpr int kConnectTimeoutS = 10;               // TCP connect + TLS handshake
 constexpr int kFinishGraceMs = 500;                // after STATUS: time to flush our END_STREAM
-
-template <typename T, void (*F)(T*)>
-struct Free {
-  void operator()(T* p) const { F(p); }
-};
-using EventBase = std::unique_ptr<event_base, Free<event_base, event_base_free>>;
-using Event = std::unique_ptr<event, Free<event, event_free>>;
-using EvBuffer = std::unique_ptr<evbuffer, Free<evbuffer, evbuffer_free>>;
-
-// Server-provided text goes to our terminal: one line, no control characters.
-std::string one_line(std::string_view s) {
-  std::string out;
-  for (unsigned char c : s) out += (c < 0x20 || c == 0x7f) ? ' ' : static_cast<char>(c);
-  if (out.size() > 4096) out.resize(4096);
-  return out;
-}
-
-std::pair<std::string, std::string> split_endpoint(const std::string& ep) {
-  std::string host, port;
-  if (!ep.empty() && ep[0] == '[') {
-    auto close = ep.find(']');
-    if (close == std::string::npos || close + 1 >= ep.size() || ep[close + 1] != ':')
-      throw Error("bad shim endpoint '" + ep + "'");
-    host = ep.substr(1, close - 1);
-    port = ep.substr(close + 2);
-  } else {
-    auto colon = ep.rfind(':');
-    if (colon == std::string::npos) throw Error("bad shim endpoint '" + ep + "' (want host:port)");
-    host = ep.substr(0, colon);
-    port = ep.substr(colon + 1);
-  }
-  if (host.empty() || port.empty()) throw Error("bad shim endpoint '" + ep + "'");
-  return {host, port};
-}
 
 class ExecClient : public proto::H2Conn::Handler {
  public:
@@ -99,20 +66,7 @@ class ExecClient : public proto::H2Conn::Handler {
  private:
   // ---- connection setup ----
   void start_connect() {
-    auto [host, port] = split_endpoint(grant_.endpoint);
-    addrinfo hints{};
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
-    addrinfo* res = nullptr;
-    if (int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &res); rc != 0)
-      throw Error("cannot resolve shim endpoint " + grant_.endpoint + ": " + gai_strerror(rc));
-    std::unique_ptr<addrinfo, void (*)(addrinfo*)> guard(res, freeaddrinfo);
-    sock_.reset(socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-    if (!sock_) throw sys_error("socket");
-    int one = 1;
-    setsockopt(sock_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // interactive keystrokes
-    if (connect(sock_.get(), res->ai_addr, res->ai_addrlen) < 0 && errno != EINPROGRESS)
-      throw sys_error("cannot connect to shim at " + grant_.endpoint);
+    sock_ = client::start_connect(grant_.endpoint);
     connect_ev_.reset(event_new(base_.get(), sock_.get(), EV_WRITE, &ExecClient::on_connect_cb, this));
     timeval tv{kConnectTimeoutS, 0};
     event_add(connect_ev_.get(), &tv);
@@ -350,11 +304,11 @@ class ExecClient : public proto::H2Conn::Handler {
     auto code = j.is_object() ? j.find("exit_code") : j.end();
     if (!j.is_object() || code == j.end() || !code->is_number_integer() || code->get<int64_t>() < 0 ||
         code->get<int64_t>() > 255)
-      return finish(kOwnErrorExit, "error: shim sent a malformed exit status: " + one_line(payload));
+      return finish(kOwnErrorExit, "error: shim sent a malformed exit status: " + one_line(payload, 4096));
     got_status_ = true;
     std::string msg;
     if (auto e = j.find("error"); e != j.end() && e->is_string() && !e->get<std::string>().empty())
-      msg = "error: " + one_line(e->get<std::string>());
+      msg = "error: " + one_line(e->get<std::string>(), 4096);
     finish(static_cast<int>(code->get<int64_t>()), msg);
   }
 
@@ -366,7 +320,7 @@ class ExecClient : public proto::H2Conn::Handler {
       if (j.is_object())
         if (auto e = j.find("error"); e != j.end() && e->is_string()) msg = e->get<std::string>();
       if (msg.empty()) msg = "shim answered HTTP " + std::to_string(http_status_);
-      finish(kOwnErrorExit, "error: " + one_line(msg));
+      finish(kOwnErrorExit, "error: " + one_line(msg, 4096));
     } else {
       finish(kOwnErrorExit, "error: connection to shim lost (the stream ended without an exit status)");
     }

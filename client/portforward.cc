@@ -34,6 +34,7 @@
 #include <unordered_set>
 
 #include "client/client.h"
+#include "client/net.h"
 #include "client/terminal.h"
 #include "common/fd.h"
 #include "proto/frames.h"
@@ -144,33 +145,16 @@ constexpr int kConnectTimeoutS = 10;
 constexpr int kPingIntervalS = 30;
 constexpr int kQuitGraceMs = 1000;
 
-template <typename T, void (*F)(T*)>
-struct Free {
-  void operator()(T* p) const { F(p); }
-};
-using EventBase = std::unique_ptr<event_base, Free<event_base, event_base_free>>;
-using Event = std::unique_ptr<event, Free<event, event_free>>;
-using EvBuffer = std::unique_ptr<evbuffer, Free<evbuffer, evbuffer_free>>;
-
 void say(int fd, const std::string& line) {
   std::string l = line + "\n";
   (void)!::write(fd, l.data(), l.size());
-}
-
-// Shim-provided text on our terminal: one line, no control characters.
-std::string one_line(std::string_view s) {
-  std::string out;
-  for (unsigned char c : s) out += (c < 0x20 || c == 0x7f) ? ' ' : static_cast<char>(c);
-  if (out.size() > 1024) out.resize(1024);
-  while (!out.empty() && out.back() == ' ') out.pop_back();
-  return out;
 }
 
 std::string error_message(const std::string& body, int status) {
   nlohmann::json j = nlohmann::json::parse(body, nullptr, false);
   if (j.is_object())
     if (auto e = j.find("error"); e != j.end() && e->is_string() && !e->get<std::string>().empty())
-      return one_line(e->get<std::string>());
+      return one_line(e->get<std::string>(), 1024);
   return "the shim answered HTTP " + std::to_string(status);
 }
 
@@ -185,25 +169,6 @@ std::string reset_reason(uint32_t code) {
     default:
       return std::string("stream reset by the shim: ") + nghttp2_http2_strerror(code);
   }
-}
-
-std::pair<std::string, std::string> split_endpoint(const std::string& ep) {
-  // Same format as the exec client's (registration "endpoint": host:port or [v6]:port).
-  std::string host, port;
-  if (!ep.empty() && ep[0] == '[') {
-    auto close = ep.find(']');
-    if (close == std::string::npos || close + 1 >= ep.size() || ep[close + 1] != ':')
-      throw Error("bad shim endpoint '" + ep + "'");
-    host = ep.substr(1, close - 1);
-    port = ep.substr(close + 2);
-  } else {
-    auto colon = ep.rfind(':');
-    if (colon == std::string::npos) throw Error("bad shim endpoint '" + ep + "' (want host:port)");
-    host = ep.substr(0, colon);
-    port = ep.substr(colon + 1);
-  }
-  if (host.empty() || port.empty()) throw Error("bad shim endpoint '" + ep + "'");
-  return {host, port};
 }
 
 std::string addr_string(const sockaddr_storage& ss) {
@@ -353,20 +318,7 @@ class Forwarder : public proto::H2Conn::Handler {
  private:
   // ---- connection setup ----
   void start_connect() {
-    auto [host, port] = split_endpoint(grant_.endpoint);
-    addrinfo hints{};
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
-    addrinfo* res = nullptr;
-    if (int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &res); rc != 0)
-      throw Error("cannot resolve shim endpoint " + grant_.endpoint + ": " + gai_strerror(rc));
-    std::unique_ptr<addrinfo, void (*)(addrinfo*)> guard(res, freeaddrinfo);
-    sock_.reset(socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-    if (!sock_) throw sys_error("socket");
-    int one = 1;
-    setsockopt(sock_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (connect(sock_.get(), res->ai_addr, res->ai_addrlen) < 0 && errno != EINPROGRESS)
-      throw sys_error("cannot connect to shim at " + grant_.endpoint);
+    sock_ = client::start_connect(grant_.endpoint);
     connect_ev_.reset(event_new(base_.get(), sock_.get(), EV_WRITE, &Forwarder::on_connect_cb, this));
     timeval tv{kConnectTimeoutS, 0};
     event_add(connect_ev_.get(), &tv);
