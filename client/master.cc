@@ -4,7 +4,6 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -14,6 +13,7 @@
 #include "client/client.h"
 #include "common/base64.h"
 #include "common/fd.h"
+#include "common/yaml.h"
 #include "masterclient/masterclient.h"
 #include "ticket/ticket.h"
 
@@ -46,11 +46,11 @@ std::string read_small_file(const std::string& path, size_t max, const std::stri
 }
 
 // A scalar string field of a YAML map ("" when absent); anything else is an error.
-std::string scalar(const YAML::Node& m, const char* key, const std::string& where) {
-  YAML::Node v = m[key];
-  if (!v || v.IsNull()) return "";
-  if (!v.IsScalar()) throw Error(where + ": " + key + " must be a string");
-  return v.as<std::string>();
+std::string scalar(const yaml::Node& m, const char* key, const std::string& where) {
+  const yaml::Node* v = m.get(key);
+  if (!v || v->is_null()) return "";
+  if (!v->is_scalar()) throw Error(where + ": " + key + " must be a string");
+  return v->scalar;
 }
 
 std::string resolve(const std::string& path, const std::string& dir) {
@@ -71,38 +71,41 @@ std::string decode_data(const std::string& b64, const std::string& what) {
 
 // A named list (clusters, users, contexts): first occurrence wins, as kubectl merges.
 template <typename T, typename F>
-void named_list(const YAML::Node& root, const char* list, const char* inner, std::map<std::string, T>& into,
+void named_list(const yaml::Node& root, const char* list, const char* inner, std::map<std::string, T>& into,
                 const std::string& where, F make) {
-  YAML::Node l = root[list];
-  if (!l || l.IsNull()) return;
-  if (!l.IsSequence()) throw Error(where + ": " + list + " must be a list");
-  for (const YAML::Node& e : l) {
-    if (!e.IsMap()) throw Error(where + ": " + list + " entries must be maps");
+  const yaml::Node* l = root.get(list);
+  if (!l || l->is_null()) return;
+  if (!l->is_seq()) throw Error(where + ": " + list + " must be a list");
+  static const yaml::Node kEmptyMap{yaml::Node::Kind::Map, "", false, {}, {}};
+  for (const yaml::Node& e : l->items) {
+    if (!e.is_map()) throw Error(where + ": " + list + " entries must be maps");
     std::string name = scalar(e, "name", where);
     if (name.empty()) throw Error(where + ": a " + list + " entry has no name");
-    YAML::Node body = e[inner];
-    if (body && !body.IsNull() && !body.IsMap())
+    const yaml::Node* body = e.get(inner);
+    if (body && !body->is_null() && !body->is_map())
       throw Error(where + ": " + list + " " + name + ": " + inner + " must be a map");
     if (into.count(name)) continue;
-    into.emplace(name, make(body ? body : YAML::Node(YAML::NodeType::Map), where + ": " + list + " " + name));
+    into.emplace(name, make(body && body->is_map() ? *body : kEmptyMap, where + ": " + list + " " + name));
   }
 }
 
 }  // namespace
 
 void merge_kubeconfig(KubeConfig& kc, std::string_view text, const std::string& path) {
-  YAML::Node root;
+  std::vector<yaml::Node> docs;
   try {
-    root = YAML::Load(std::string(text));
-  } catch (const YAML::Exception& e) {
-    throw Error(path + ": invalid YAML: " + e.what());
+    docs = yaml::load_all(text);
+  } catch (const Error& e) {
+    throw Error(path + ": " + e.what());
   }
-  if (!root || root.IsNull()) return;  // empty file: nothing
-  if (!root.IsMap()) throw Error(path + ": a kubeconfig is a YAML map");
+  if (docs.size() > 1) throw Error(path + ": a kubeconfig is one YAML document");
+  if (docs.empty() || docs[0].is_null()) return;  // empty file: nothing
+  const yaml::Node& root = docs[0];
+  if (!root.is_map()) throw Error(path + ": a kubeconfig is a YAML map");
   const std::string dir = path.find('/') == std::string::npos ? "." : path.substr(0, path.rfind('/'));
-  try {
+  {
     if (kc.current_context.empty()) kc.current_context = scalar(root, "current-context", path);
-    named_list(root, "clusters", "cluster", kc.clusters, path, [&](const YAML::Node& c, const std::string& w) {
+    named_list(root, "clusters", "cluster", kc.clusters, path, [&](const yaml::Node& c, const std::string& w) {
       KubeConfig::Cluster out;
       out.server = scalar(c, "server", w);
       out.ca_file = resolve(scalar(c, "certificate-authority", w), dir);
@@ -111,7 +114,7 @@ void merge_kubeconfig(KubeConfig& kc, std::string_view text, const std::string& 
       out.insecure = scalar(c, "insecure-skip-tls-verify", w) == "true";
       return out;
     });
-    named_list(root, "users", "user", kc.users, path, [&](const YAML::Node& u, const std::string& w) {
+    named_list(root, "users", "user", kc.users, path, [&](const yaml::Node& u, const std::string& w) {
       KubeConfig::User out;
       out.token = scalar(u, "token", w);
       out.token_file = resolve(scalar(u, "tokenFile", w), dir);
@@ -120,18 +123,16 @@ void merge_kubeconfig(KubeConfig& kc, std::string_view text, const std::string& 
       std::string cd = scalar(u, "client-certificate-data", w), kd = scalar(u, "client-key-data", w);
       if (!cd.empty()) out.cert_pem = decode_data(cd, w + ": client-certificate-data");
       if (!kd.empty()) out.key_pem = decode_data(kd, w + ": client-key-data");
-      if (u["exec"] || u["auth-provider"]) out.unsupported = "exec/auth-provider credential plugins are not supported";
+      if (u.get("exec") || u.get("auth-provider")) out.unsupported = "exec/auth-provider credential plugins are not supported";
       return out;
     });
-    named_list(root, "contexts", "context", kc.contexts, path, [&](const YAML::Node& c, const std::string& w) {
+    named_list(root, "contexts", "context", kc.contexts, path, [&](const yaml::Node& c, const std::string& w) {
       KubeConfig::Context out;
       out.cluster = scalar(c, "cluster", w);
       out.user = scalar(c, "user", w);
       out.ns = scalar(c, "namespace", w);
       return out;
     });
-  } catch (const YAML::Exception& e) {
-    throw Error(path + ": " + e.what());
   }
 }
 

@@ -1,12 +1,11 @@
 #include "master/rbac.h"
 
-#include <yaml-cpp/yaml.h>
-
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
 
 #include "common/error.h"
+#include "common/yaml.h"
 
 namespace shimlet::master {
 namespace {
@@ -15,24 +14,26 @@ constexpr size_t kMaxPolicyBytes = 4 << 20;
 
 [[noreturn]] void bad(const std::string& where, const std::string& why) { throw Error(where + ": " + why); }
 
-std::string str_field(const YAML::Node& n, const char* key, const std::string& where, bool required) {
-  YAML::Node v = n[key];
-  if (!v || v.IsNull()) {
+using yaml::Node;
+
+std::string str_field(const Node& n, const char* key, const std::string& where, bool required) {
+  const Node* v = n.get(key);
+  if (!v || v->is_null()) {
     if (required) bad(where, std::string("missing ") + key);
     return "";
   }
-  if (!v.IsScalar()) bad(where, std::string(key) + " must be a string");
-  return v.Scalar();
+  if (!v->is_scalar()) bad(where, std::string(key) + " must be a string");
+  return v->scalar;
 }
 
-std::vector<std::string> str_list(const YAML::Node& n, const char* key, const std::string& where) {
+std::vector<std::string> str_list(const Node& n, const char* key, const std::string& where) {
   std::vector<std::string> out;
-  YAML::Node v = n[key];
-  if (!v || v.IsNull()) return out;
-  if (!v.IsSequence()) bad(where, std::string(key) + " must be a list of strings");
-  for (const auto& e : v) {
-    if (!e.IsScalar()) bad(where, std::string(key) + " must be a list of strings");
-    out.push_back(e.Scalar());
+  const Node* v = n.get(key);
+  if (!v || v->is_null()) return out;
+  if (!v->is_seq()) bad(where, std::string(key) + " must be a list of strings");
+  for (const auto& e : v->items) {
+    if (!e.is_scalar()) bad(where, std::string(key) + " must be a list of strings");
+    out.push_back(e.scalar);
   }
   return out;
 }
@@ -71,36 +72,36 @@ bool subject_matches(const Subject& s, const Binding& b, const Attributes& a) {
   return false;
 }
 
-void add_object(const YAML::Node& doc, const std::string& where, std::vector<Role>& roles,
-                std::vector<Binding>& bindings, int depth) {
-  if (!doc || doc.IsNull()) return;  // empty document ("---" at the end)
-  if (!doc.IsMap()) bad(where, "document is not a mapping");
+void add_object(const Node& doc, const std::string& where, std::vector<Role>& roles, std::vector<Binding>& bindings,
+                int depth) {
+  if (doc.is_null()) return;  // empty document ("---" at the end)
+  if (!doc.is_map()) bad(where, "document is not a mapping");
   std::string kind = str_field(doc, "kind", where, false);
   if (kind == "List") {
     if (depth > 2) bad(where, "nested List too deep");
-    YAML::Node items = doc["items"];
-    if (items && !items.IsSequence()) bad(where, "List items must be a list");
+    const Node* items = doc.get("items");
+    if (items && !items->is_null() && !items->is_seq()) bad(where, "List items must be a list");
     if (items)
-      for (const auto& it : items) add_object(it, where, roles, bindings, depth + 1);
+      for (const auto& it : items->items) add_object(it, where, roles, bindings, depth + 1);
     return;
   }
   if (kind != "Role" && kind != "ClusterRole" && kind != "RoleBinding" && kind != "ClusterRoleBinding") return;
   std::string api = str_field(doc, "apiVersion", where, false);
   if (!api.empty() && api.rfind("rbac.authorization.k8s.io/", 0) != 0)
     bad(where, kind + " with apiVersion " + api + " (want rbac.authorization.k8s.io/v1)");
-  YAML::Node md = doc["metadata"];
-  if (!md || !md.IsMap()) bad(where, kind + " without metadata");
-  std::string name = str_field(md, "name", where, true);
-  std::string ns = str_field(md, "namespace", where, false);
+  const Node* md = doc.get("metadata");
+  if (!md || !md->is_map()) bad(where, kind + " without metadata");
+  std::string name = str_field(*md, "name", where, true);
+  std::string ns = str_field(*md, "namespace", where, false);
   std::string here = where + ": " + kind + " " + (ns.empty() ? "" : ns + "/") + name;
   if ((kind == "Role" || kind == "RoleBinding") && ns.empty()) ns = "default";  // kubectl apply's default
   if (kind == "Role" || kind == "ClusterRole") {
     Role r{kind, kind == "Role" ? ns : "", name, {}};
-    YAML::Node rules = doc["rules"];
-    if (rules && !rules.IsNull()) {
-      if (!rules.IsSequence()) bad(here, "rules must be a list");
-      for (const auto& rn : rules) {
-        if (!rn.IsMap()) bad(here, "each rule must be a mapping");
+    const Node* rules = doc.get("rules");
+    if (rules && !rules->is_null()) {
+      if (!rules->is_seq()) bad(here, "rules must be a list");
+      for (const auto& rn : rules->items) {
+        if (!rn.is_map()) bad(here, "each rule must be a mapping");
         PolicyRule pr{str_list(rn, "verbs", here), str_list(rn, "apiGroups", here), str_list(rn, "resources", here),
                       str_list(rn, "resourceNames", here)};
         if (pr.verbs.empty()) bad(here, "rule without verbs");
@@ -111,18 +112,18 @@ void add_object(const YAML::Node& doc, const std::string& where, std::vector<Rol
     return;
   }
   Binding b{kind, kind == "RoleBinding" ? ns : "", name, "", "", {}};
-  YAML::Node ref = doc["roleRef"];
-  if (!ref || !ref.IsMap()) bad(here, "missing roleRef");
-  b.role_kind = str_field(ref, "kind", here, true);
-  b.role_name = str_field(ref, "name", here, true);
+  const Node* ref = doc.get("roleRef");
+  if (!ref || !ref->is_map()) bad(here, "missing roleRef");
+  b.role_kind = str_field(*ref, "kind", here, true);
+  b.role_name = str_field(*ref, "name", here, true);
   if (b.role_kind != "Role" && b.role_kind != "ClusterRole") bad(here, "roleRef.kind must be Role or ClusterRole");
   if (kind == "ClusterRoleBinding" && b.role_kind != "ClusterRole")
     bad(here, "a ClusterRoleBinding may only reference a ClusterRole");
-  YAML::Node subs = doc["subjects"];
-  if (subs && !subs.IsNull()) {
-    if (!subs.IsSequence()) bad(here, "subjects must be a list");
-    for (const auto& sn : subs) {
-      if (!sn.IsMap()) bad(here, "each subject must be a mapping");
+  const Node* subs = doc.get("subjects");
+  if (subs && !subs->is_null()) {
+    if (!subs->is_seq()) bad(here, "subjects must be a list");
+    for (const auto& sn : subs->items) {
+      if (!sn.is_map()) bad(here, "each subject must be a mapping");
       Subject s{str_field(sn, "kind", here, true), str_field(sn, "name", here, true),
                 str_field(sn, "namespace", here, false)};
       if (s.kind != "User" && s.kind != "Group" && s.kind != "ServiceAccount")
@@ -142,44 +143,20 @@ std::string describe(const Attributes& a) {
   return s;
 }
 
-// True when the text uses a YAML anchor or alias ('&' or '*' outside quotes and
-// comments). RBAC manifests never need them (an unquoted "*" is not a valid
-// verb anyway), and yaml-cpp 0.7 hangs on some anchor sequences (found by
-// master_rbac_fuzz; regression seed tests/fuzz/corpus/master_rbac/anchor-hang).
-bool uses_anchors(std::string_view y) {
-  bool sq = false, dq = false, comment = false;
-  char prev = '\n';
-  for (char c : y) {
-    if (c == '\n') comment = false;
-    if (!comment) {
-      if (!dq && c == '\'')
-        sq = !sq;
-      else if (!sq && c == '"' && prev != '\\')
-        dq = !dq;
-      else if (!sq && !dq && c == '#' && (prev == ' ' || prev == '\t' || prev == '\n'))
-        comment = true;
-      else if (!sq && !dq && (c == '&' || c == '*'))
-        return true;
-    }
-    prev = c;
-  }
-  return false;
-}
-
 }  // namespace
 
 void Policy::add_yaml(std::string_view yaml, const std::string& source) {
   if (yaml.size() > kMaxPolicyBytes) bad(source, "policy too large");
-  if (uses_anchors(yaml)) bad(source, "YAML anchors and aliases are not supported in RBAC manifests (quote \"*\")");
   std::vector<Role> roles;
   std::vector<Binding> bindings;
+  std::vector<Node> docs;
   try {
-    std::vector<YAML::Node> docs = YAML::LoadAll(std::string(yaml));
-    for (size_t i = 0; i < docs.size(); ++i)
-      add_object(docs[i], source + " document " + std::to_string(i + 1), roles, bindings, 0);
-  } catch (const YAML::Exception& e) {
-    bad(source, std::string("invalid YAML: ") + e.what());
+    docs = yaml::load_all(yaml);
+  } catch (const Error& e) {
+    bad(source, e.what());
   }
+  for (size_t i = 0; i < docs.size(); ++i)
+    add_object(docs[i], source + " document " + std::to_string(i + 1), roles, bindings, 0);
   // All or nothing per source.
   for (auto& r : roles) roles_.push_back(std::move(r));
   for (auto& b : bindings) bindings_.push_back(std::move(b));

@@ -1,4 +1,4 @@
-// RBAC YAML manifests (yaml-cpp) and the authorizer over whatever parsed.
+// RBAC YAML manifests (libyaml via common/yaml.h) and the authorizer over whatever parsed.
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -7,7 +7,7 @@
 #include "master/rbac.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  if (size > 64 * 1024) return 0;  // yaml-cpp recursion; the master bounds files at 4 MiB
+  if (size > 64 * 1024) return 0;  // bounded like the policy loader; the master bounds files at 4 MiB
   std::string in(reinterpret_cast<const char*>(data), size);
   shimlet::master::Policy p;
   try {
