@@ -89,7 +89,8 @@ class Builder {
           if (n.get(key.scalar)) throw Error("duplicate YAML key \"" + key.scalar + "\" (at " + where(km) + ")");
           Event v;
           next(v);
-          n.map.emplace_back(std::move(key.scalar), node(v, depth + 1));
+          n.items.push_back(node(v, depth + 1));
+          n.keys.push_back(std::move(key.scalar));
         }
         return n;
       }
@@ -107,8 +108,9 @@ class Builder {
 }  // namespace
 
 const Node* Node::get(std::string_view key) const {
-  for (const auto& [k, v] : map)
-    if (k == key) return &v;
+  if (kind != Kind::Map) return nullptr;
+  for (size_t i = 0; i < keys.size(); ++i)
+    if (keys[i] == key) return &items[i];
   return nullptr;
 }
 

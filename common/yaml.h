@@ -12,7 +12,6 @@
 #include <cstddef>
 #include <string>
 #include <string_view>
-#include <utility>
 #include <vector>
 
 namespace shimlet::yaml {
@@ -22,8 +21,8 @@ struct Node {
   Kind kind = Kind::Null;
   std::string scalar;                              // Kind::Scalar
   bool plain = false;                              // unquoted scalar (null/~ are Null, not Scalar)
-  std::vector<Node> items;                         // Kind::Sequence
-  std::vector<std::pair<std::string, Node>> map;   // Kind::Map, in document order
+  std::vector<Node> items;                         // Kind::Sequence; Kind::Map: the values
+  std::vector<std::string> keys;                   // Kind::Map: keys[i] names items[i], in document order
 
   bool is_null() const { return kind == Kind::Null; }
   bool is_scalar() const { return kind == Kind::Scalar; }
