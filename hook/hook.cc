@@ -549,6 +549,48 @@ Names names_from(const std::string& id, const std::map<std::string, std::string>
                pick({"io.kubernetes.container.name", "io.kubernetes.cri.container-name"}, own)};
 }
 
+json parse_isolation(const json& v) {
+  auto num = [](const json& x, const std::string& k, uint64_t lo, uint64_t hi) {
+    if (!x.is_number_unsigned() || x.get<uint64_t>() < lo || x.get<uint64_t>() > hi)
+      throw Error("hook config: " + k + " must be an integer in " + std::to_string(lo) + ".." + std::to_string(hi));
+  };
+  if (!v.is_object()) throw Error("hook config: isolation must be an object");
+  for (auto& [k, x] : v.items()) {
+    if (k == "cgroup" || k == "selinux") {
+      if (!x.is_boolean()) throw Error("hook config: isolation." + k + " must be a boolean");
+    } else if (k == "landlock") {
+      if (!x.is_string() || (x != "strict" && x != "compat" && x != "off"))
+        throw Error("hook config: isolation.landlock must be \"strict\", \"compat\" or \"off\"");
+    } else if (k == "selinux_categories") {
+      // cA.cB or cA-cB inside c0..c1023 (checked again by the session's parser).
+      std::string s = x.is_string() ? x.get<std::string>() : "";
+      unsigned a = 0, b = 0;
+      char sep = 0, c1 = 0, c2 = 0;
+      int used = 0;
+      if (s.size() > 16 || sscanf(s.c_str(), "%c%u%c%c%u%n", &c1, &a, &sep, &c2, &b, &used) != 5 ||
+          used != static_cast<int>(s.size()) || c1 != 'c' || c2 != 'c' || (sep != '.' && sep != '-') || a > b ||
+          b > 1023)
+        throw Error("hook config: isolation.selinux_categories must be cA.cB with A <= B <= 1023");
+    } else if (k == "limits" || k == "max_limits") {
+      if (!x.is_object()) throw Error("hook config: isolation." + k + " must be an object");
+      for (auto& [lk, lv] : x.items()) {
+        std::string name = "isolation." + k + "." + lk;
+        if (lk == "pids")
+          num(lv, name, 0, 4194304);
+        else if (lk == "memory")
+          num(lv, name, 0, uint64_t{1} << 50);
+        else if (lk == "cpu_weight")
+          num(lv, name, 0, 10000);
+        else
+          throw Error("hook config: isolation." + k + ": unknown key " + lk);
+      }
+    } else {
+      throw Error("hook config: isolation: unknown key " + k);
+    }
+  }
+  return v;
+}
+
 Config parse_config(std::string_view text, const std::string& dir) {
   if (text.size() > kMaxConfigBytes)
     throw Error("hook config: " + std::to_string(text.size()) + " bytes exceeds the limit of " +
@@ -625,6 +667,8 @@ Config parse_config(std::string_view text, const std::string& dir) {
       }
     } else if (k == "master") {
       c.master = parse_master(v, str, abs_path, num);
+    } else if (k == "isolation") {
+      c.isolation = parse_isolation(v);
     } else if (k == "fail_container_on_error") {
       if (!v.is_boolean()) throw Error("hook config: fail_container_on_error must be a boolean");
       c.fail_container_on_error = v.get<bool>();
@@ -681,7 +725,12 @@ json shim_json(const Config& c, const oci::State& st, const std::string& dir,
               {"max_sessions", c.max_sessions},
               {"tls_cert", dir + "/tls.crt"},
               {"tls_key", dir + "/tls.key"},
-              {"session_binary", c.session_binary}};
+              {"session_binary", c.session_binary},
+              {"isolation", [&] {
+                 json iso = c.isolation;
+                 iso["selinux_lock_dir"] = c.state_dir + "/selinux";
+                 return iso;
+               }()}};
 }
 
 void write_file_atomic(const std::string& path, std::string_view content, mode_t mode) {

@@ -52,6 +52,11 @@ struct Config {
   int64_t clock_leeway_s = 5;
   int drain_timeout_ms = 2000;
   int max_sessions = 256;
+  // Per-session isolation (docs/isolation.md "Configuration"), copied into
+  // shim.json: {"cgroup":bool,"landlock":"strict"|"compat"|"off","selinux":bool,
+  // "selinux_categories":"c1000.c1023","limits":{...},"max_limits":{...}}
+  // with limits {"pids":N,"memory":BYTES,"cpu_weight":N}. Validated here.
+  nlohmann::json isolation = nlohmann::json::object();
   std::optional<MasterConfig> master;  // no master: the node works with `shimctl --local` only
   std::string config_path;             // absolute path of this config file ("" = defaults), for the renewer
 };

@@ -72,7 +72,7 @@ constexpr size_t kMaxPasswdBytes = 1 << 20;
 
 // Child -> parent messages over the SOCK_SEQPACKET pair (fixed size, no
 // allocation in the child).
-enum : char { kMsgPty = 'T', kMsgExec = 'X', kMsgError = 'E' };
+enum : char { kMsgPty = 'T', kMsgExec = 'X', kMsgError = 'E', kMsgLandlock = 'L' };
 enum : int32_t { kSetup = 0, kNotFound = 127, kNotExecutable = 126 };
 struct Report {
   char type;
@@ -100,6 +100,11 @@ struct Plan {
   bool nnp = false;
   mode_t umask = 022;
   std::string selinux_label;
+  std::optional<selinux::Level> pty_level;  // relabel the pty slave to the session's level
+
+  std::optional<landlock::Options> landlock;
+  bool pty_exclusive = false;  // TIOCEXCL on the pty slave (sibling sessions cannot open it)
+  bool cap_sys_admin_granted = false;
 
   bool seccomp = false;
   std::vector<sock_filter> bpf;
@@ -302,7 +307,6 @@ Plan prepare(const Container& c, const Request& r, const Stdio& io) {
   Plan plan;
   if (r.argv.empty()) throw Error("nsenter: empty command");
   if (!r.place) throw Error("nsenter: Request.place is required");
-  if (r.landlock) throw Error("nsenter: Landlock confinement is not implemented yet");
   for (const auto& a : r.argv)
     if (a.find('\0') != std::string::npos) throw Error("nsenter: command argument contains a NUL byte");
 
@@ -364,6 +368,12 @@ Plan prepare(const Container& c, const Request& r, const Stdio& io) {
   // command with 0022 (its caller's usual umask); parity over the spec here.
   plan.umask = 022;
   plan.selinux_label = r.selinux_exec_label.empty() ? p.selinux_label : r.selinux_exec_label;
+  if (!r.selinux_exec_label.empty() && selinux::enabled())
+    plan.pty_level = selinux::Context::parse(r.selinux_exec_label).level;
+  plan.landlock = r.landlock;
+  plan.pty_exclusive = r.landlock.has_value();
+  for (const auto* set : {&p.caps.bounding, &p.caps.effective, &p.caps.permitted, &p.caps.inheritable, &p.caps.ambient})
+    for (const auto& n : *set) plan.cap_sys_admin_granted |= n == "CAP_SYS_ADMIN";
   if (c.config.seccomp) prepare_seccomp(*c.config.seccomp, plan);
 
   int last = last_cap();
@@ -446,6 +456,16 @@ void setup_tty(int sock, const Plan& plan) {
   int s = ::ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
   if (s < 0) child_fail(sock, "ioctl(TIOCGPTPEER)", errno);
   if (::ioctl(s, TIOCSCTTY, 0) < 0) child_fail(sock, "ioctl(TIOCSCTTY)", errno);
+  // Landlock does not cover opening a same-uid sibling's /dev/pts/N: with
+  // TIOCEXCL any further open needs CAP_SYS_ADMIN (docs/isolation.md "Ptys").
+  if (plan.pty_exclusive && ::ioctl(s, TIOCEXCL) < 0) child_fail(sock, "ioctl(TIOCEXCL)", errno);
+  if (plan.pty_level) {
+    try {
+      selinux::label_fd_level(s, *plan.pty_level);
+    } catch (...) {
+      child_fail(sock, "relabel the pty to the session's SELinux level", errno ? errno : EACCES);
+    }
+  }
   child_send_fd(sock, m);
   ::close(m);
   for (int fd = 0; fd < 3; fd++)
@@ -536,6 +556,18 @@ void fix_stdio_owner(int sock, const Plan& plan) {
   }
 
   if (::setsid() < 0) child_fail(sock, "setsid", errno);
+  // Own Landlock domain: after every setns (we hold CAP_SYS_ADMIN in the
+  // container's user namespace, so no NO_NEW_PRIVS is needed) and before the
+  // capability drop and seccomp (whose filter may not allow landlock_*).
+  if (plan.landlock) {
+    landlock::Applied applied;
+    int e = landlock::enter_session_domain(*plan.landlock, &applied);
+    if (e != 0 && e != ENOSYS && e != EOPNOTSUPP) child_fail(sock, "enter a Landlock session domain", e);
+    Report lr{};
+    lr.type = kMsgLandlock;
+    lr.code = e == 0 ? applied.abi : 0;
+    (void)::send(sock, &lr, sizeof lr, MSG_NOSIGNAL);
+  }
   if (plan.tty)
     setup_tty(sock, plan);
   else
@@ -590,6 +622,10 @@ void fix_stdio_owner(int sock, const Plan& plan) {
   if (capng_apply(CAPNG_SELECT_CAPS) < 0) child_fail(sock, "capset", errno ? errno : EPERM);
   if (::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
     child_fail(sock, "prctl(PR_CAP_AMBIENT_CLEAR_ALL)", errno);
+  // Issue 5: a session never keeps CAP_SYS_ADMIN unless the container's
+  // config grants it (with it, Landlock would not hide a sibling's environ).
+  if (plan.landlock && !landlock::cap_sys_admin_ok(plan.cap_sys_admin_granted))
+    child_fail(sock, "session would keep CAP_SYS_ADMIN that the container's config does not grant", EPERM);
 
   // Tell the parent we reached execve before a NO_NEW_PRIVS filter might
   // forbid talking to it.
@@ -763,6 +799,8 @@ Spawned spawn(const Container& c, const Request& r, const Stdio& io) {
     if (rep.type == kMsgPty) {
       if (!passed) throw Error("nsenter: child sent no pty master");
       out.pty_master = std::move(passed);
+    } else if (rep.type == kMsgLandlock) {
+      out.landlock_abi = rep.code;
     } else if (rep.type == kMsgExec) {
       reached_exec = true;
     } else if (rep.type == kMsgError) {

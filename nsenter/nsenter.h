@@ -11,18 +11,19 @@
 #include <vector>
 
 #include "common/fd.h"
+#include "landlock/landlock.h"
 #include "oci/oci.h"
 
 namespace shimlet::nsenter {
 
 // The container as the shim holds it.
 struct Container {
-  pid_t init_pid = 0;     // host pid of the container's init (for /proc lookups)
-  int pidfd = -1;         // pidfd of init (borrowed)
+  pid_t init_pid = 0;  // host pid of the container's init (for /proc lookups)
+  int pidfd = -1;      // pidfd of init (borrowed)
   // Namespace fds (borrowed), by type: "user","mnt","pid","net","ipc","uts","cgroup","time".
   // Only namespaces that differ from the shim's own are listed.
   std::vector<std::pair<std::string, int>> ns_fds;
-  oci::Config config;     // parsed bundle config.json
+  oci::Config config;  // parsed bundle config.json
 };
 
 // Opens /proc/PID/ns/* for every namespace of PID that differs from ours (by
@@ -49,14 +50,21 @@ struct Request {
   // before it sets anything up: puts it in its cgroups (the session uses
   // cgroup::attach / SessionCgroup::attach). Required.
   std::function<void(pid_t)> place;
-  std::string selinux_exec_label;  // empty: config.process.selinuxLabel when SELinux is on
-  bool landlock = false;           // issue 5: own Landlock domain
+  // SELinux exec label (setexeccon before execve); empty: config.process.selinuxLabel.
+  // With a label here the pty slave is also relabelled to its level.
+  std::string selinux_exec_label;
+  // Issue 5 (docs/isolation.md): the command gets its own Landlock domain
+  // (entered after the setns calls, before the capability drop); a kernel
+  // without Landlock is tolerated (Spawned.landlock_abi = 0). Its pty gets
+  // TIOCEXCL so a sibling session cannot open it.
+  std::optional<landlock::Options> landlock;
 };
 
 struct Spawned {
-  Fd pidfd;           // of the command (host view)
-  pid_t pid = 0;      // host pid
-  Fd pty_master;      // when tty
+  Fd pidfd;              // of the command (host view)
+  pid_t pid = 0;         // host pid
+  Fd pty_master;         // when tty
+  int landlock_abi = 0;  // Landlock ABI of the domain the command runs in (0: none)
 };
 
 // Thrown when the command cannot be started; exit_code 126/127 like a shell.

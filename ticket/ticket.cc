@@ -201,13 +201,16 @@ std::vector<Port> get_ports(const json& o) {
     if (!p.is_object()) throw Error("ticket claim \"ports\" has a non-object element");
     const json* port = find(p, "port");
     if (!port || !port->is_number_integer()) throw Error("ticket port has no integer \"port\"");
-    bool ok = port->is_number_unsigned() ? port->get<uint64_t>() >= 1 && port->get<uint64_t>() <= 65535
-                                         : port->get<int64_t>() >= 1 && port->get<int64_t>() <= 65535;
-    if (!ok) throw Error("ticket port " + port->dump() + " is out of range 1..65535");
+    // Port 0 = any TCP port (minted only by the master for kubectl, whose
+    // pods/portforward is not port-scoped; design.md issue 6).
+    bool ok = port->is_number_unsigned() ? port->get<uint64_t>() <= 65535
+                                         : port->get<int64_t>() >= 0 && port->get<int64_t>() <= 65535;
+    if (!ok) throw Error("ticket port " + port->dump() + " is out of range 0..65535");
     const json* proto = find(p, "proto");
     if (!proto || !proto->is_string()) throw Error("ticket port has no string \"proto\"");
     std::string pr = proto->get<std::string>();
     if (pr != "tcp" && pr != "udp") throw Error("ticket port proto \"" + printable(pr) + "\" is not tcp or udp");
+    if (port->get<int64_t>() == 0 && pr != "tcp") throw Error("ticket port 0 (any) is only for tcp");
     out.push_back(Port{static_cast<uint16_t>(port->get<int64_t>()), pr});
   }
   return out;
@@ -231,6 +234,30 @@ std::string get_cnf_jkt(const json& o) {
   return jkt;
 }
 
+Limits get_limits(const json& o) {
+  Limits l;
+  const json* v = find(o, "limits");
+  if (!v) return l;
+  if (!v->is_object()) throw Error("ticket claim \"limits\" is not an object");
+  for (auto& [k, x] : v->items()) {
+    uint64_t lo = 1, hi = 0;
+    uint64_t* dst = nullptr;
+    if (k == "pids") {
+      dst = &l.pids, hi = 4194304;
+    } else if (k == "memory") {
+      dst = &l.memory, lo = 1u << 20, hi = 1ull << 50;
+    } else if (k == "cpu_weight") {
+      dst = &l.cpu_weight, hi = 10000;
+    } else {
+      throw Error("ticket claim \"limits\" has an unknown key \"" + printable(k) + "\"");
+    }
+    if (!x.is_number_unsigned() || x.get<uint64_t>() < lo || x.get<uint64_t>() > hi)
+      throw Error("ticket limit \"" + k + "\" must be an integer in " + std::to_string(lo) + ".." + std::to_string(hi));
+    *dst = x.get<uint64_t>();
+  }
+  return l;
+}
+
 Claims claims_from_json(const json& o) {
   Claims c;
   c.iss = get_string(o, "iss", false);
@@ -247,6 +274,7 @@ Claims claims_from_json(const json& o) {
   c.tty = get_bool(o, "tty");
   c.ports = get_ports(o);
   c.cnf_jkt = get_cnf_jkt(o);
+  c.limits = get_limits(o);
   if (c.jti.empty()) throw Error("ticket claim \"jti\" is empty");
   return c;
 }
@@ -269,6 +297,13 @@ json claims_to_json(const Claims& c) {
     o["ports"] = std::move(ports);
   }
   if (!c.cnf_jkt.empty()) o["cnf"] = {{"jkt", c.cnf_jkt}};
+  if (c.limits != Limits{}) {
+    json l = json::object();
+    if (c.limits.pids) l["pids"] = c.limits.pids;
+    if (c.limits.memory) l["memory"] = c.limits.memory;
+    if (c.limits.cpu_weight) l["cpu_weight"] = c.limits.cpu_weight;
+    o["limits"] = std::move(l);
+  }
   if (!c.sid.empty()) o["sid"] = c.sid;
   if (!c.node.empty()) o["node"] = c.node;
   return o;

@@ -16,6 +16,15 @@ struct Port {
   bool operator==(const Port&) const = default;
 };
 
+// Per-session resource limits a ticket asks for ("limits" claim); 0 = not
+// asked (the shim's default applies). The shim caps each at its config's max.
+struct Limits {
+  uint64_t pids = 0;        // 1..4194304
+  uint64_t memory = 0;      // bytes, 1 MiB..1 PiB
+  uint64_t cpu_weight = 0;  // 1..10000 (cgroup v2 cpu.weight)
+  bool operator==(const Limits&) const = default;
+};
+
 struct Claims {
   std::string iss, sub, aud, jti, verb, sid, node;
   int64_t iat = 0, exp = 0;
@@ -23,6 +32,7 @@ struct Claims {
   bool stdin_ = false, tty = false;
   std::vector<Port> ports;
   std::string cnf_jkt;  // base64url SHA-256 of the client key's SPKI DER; empty = unbound
+  Limits limits;        // exec only
 };
 
 // Ed25519 keys (OpenSSL EVP_PKEY underneath).

@@ -60,7 +60,7 @@ std::string signed_token(const PrivateKey& key, std::string_view header, std::st
 bool same(const Claims& a, const Claims& b) {
   return a.iss == b.iss && a.sub == b.sub && a.aud == b.aud && a.jti == b.jti && a.verb == b.verb && a.sid == b.sid &&
          a.node == b.node && a.iat == b.iat && a.exp == b.exp && a.cmd == b.cmd && a.stdin_ == b.stdin_ &&
-         a.tty == b.tty && a.ports == b.ports && a.cnf_jkt == b.cnf_jkt;
+         a.tty == b.tty && a.ports == b.ports && a.cnf_jkt == b.cnf_jkt && a.limits == b.limits;
 }
 
 }  // namespace

@@ -11,6 +11,13 @@ of one container are started with the project's selinux/ code
 socket label via setsockcreatecon). Landlock is not used by the launcher, so
 the isolation seen is SELinux's alone (the guest prints its LSM list).
 
+The same checks then run on the real path ("real-*" checks): runc starts a
+third container with shimlet-hook as its createRuntime/poststop hook, the
+hook starts the real shim, and two `shimctl --local exec -t` sessions go
+through shimlet-session (TLS, ticket, nsenter with setexeccon and the pty
+relabelled). The guest's hook config sets isolation.landlock = "off", so the
+isolation seen there is SELinux's alone too.
+
 Needs root, debootstrap, qemu-system-x86, a Debian 6.1 kernel in /boot
 (scripts/deps) and network for the first build. Missing pieces FAIL.
 """
@@ -42,14 +49,19 @@ for _s in ("A", "B"):
     for _p in ("read-peer-environ", "read-peer-fd", "signal-peer", "write-peer-pty", "write-own-pty",
                "read-container-init-environ", "read-container-file", "write-container-file", "create-file"):
         EXPECTED_CHECKS.append(f"session-{_s}-{_p}")
+        EXPECTED_CHECKS.append(f"real-session-{_s}-{_p}")
+    EXPECTED_CHECKS += [f"real-session-{_s}-label", f"real-session-{_s}-pty-label", f"real-avc-session-{_s}-denied"]
+EXPECTED_CHECKS += ["real-hook-registered", "real-shim-domain", "real-sessions-distinct", "real-container-file-written",
+                    "real-container-cannot-read-session", "real-isolation-logged"]
 
 
 @pytest.fixture(scope="module")
 def vm_log():
     if os.geteuid() != 0:
         pytest.fail("the SELinux VM test needs root (debootstrap, chroot, mount)")
-    if not os.path.exists(os.path.join(BIN, "selinux-launch")):
-        pytest.fail(f"{BIN}/selinux-launch missing: build the project first (scripts/build)")
+    for b in ("selinux-launch", "shimlet", "shimlet-session", "shimlet-hook", "shimctl"):
+        if not os.path.exists(os.path.join(BIN, b)):
+            pytest.fail(f"{BIN}/{b} missing: build the project first (scripts/build)")
     os.makedirs(CACHE, exist_ok=True)
     log = os.path.join(CACHE, "run.log")
     if os.path.exists(log):
@@ -97,3 +109,12 @@ def test_denials_are_audited(vm_log):
     avcs = section[1]
     assert re.search(r"denied +\{ signal \}.*shimlet_container_t:s0:c1,c2,c10\d\d tcontext=\S+shimlet_container_t:s0:c1,c2,c10\d\d", avcs), avcs
     assert re.search(r"denied +\{ \w+ \}.*tcontext=\S+:s0:c1,c2,c10\d\d tclass=(file|dir|chr_file)", avcs), avcs
+
+
+def test_real_session_labels_are_supersets(vm_log):
+    labels = re.findall(r"^real session [AB]: pid=\d+ tty=\S+ label=(\S+)", vm_log, re.M)
+    assert len(labels) == 2 and labels[0] != labels[1], labels
+    for l in labels:
+        assert l.startswith("system_u:system_r:shimlet_container_t:s0:c5,c6,c"), l
+        cat = int(l.rsplit(",c", 1)[1])
+        assert 1000 <= cat <= 1023, l

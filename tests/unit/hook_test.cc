@@ -1,4 +1,3 @@
-#include "common/error.h"
 #include "hook/hook.h"
 
 #include <gtest/gtest.h>
@@ -9,6 +8,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "common/error.h"
 #include "shim/shim.h"
 
 using namespace shimlet;
@@ -125,12 +125,30 @@ TEST(Config, AllFields) {
 }
 
 TEST(Config, RefusesBadInputWithOneClearLine) {
-  for (const char* bad : {"", "[]", "nope", R"({"fail_container_on_errror":true})", R"({"state_dir":"rel"})",
-                          R"({"state_dir":5})", R"({"ready_timeout_ms":0})", R"({"ready_timeout_ms":1.5})",
-                          R"({"ready_timeout_ms":99999999999999999999})", R"({"max_sessions":-1})",
-                          R"({"fail_container_on_error":"yes"})", R"({"listen":"nocolon"})", R"({"trusted_keys":"/a"})",
-                          R"({"trusted_keys":[{"kid":"local","path":"/a"}]})", R"({"trusted_keys":[{"kid":"x"}]})",
-                          R"({"trusted_keys":[{"path":"/a","x":1}]})", R"({"a":[[[[[[[[[[[[]]]]]]]]]]]]})"}) {
+  for (const char* bad : {"",
+                          "[]",
+                          "nope",
+                          R"({"fail_container_on_errror":true})",
+                          R"({"state_dir":"rel"})",
+                          R"({"state_dir":5})",
+                          R"({"ready_timeout_ms":0})",
+                          R"({"ready_timeout_ms":1.5})",
+                          R"({"ready_timeout_ms":99999999999999999999})",
+                          R"({"max_sessions":-1})",
+                          R"({"fail_container_on_error":"yes"})",
+                          R"({"listen":"nocolon"})",
+                          R"({"trusted_keys":"/a"})",
+                          R"({"trusted_keys":[{"kid":"local","path":"/a"}]})",
+                          R"({"trusted_keys":[{"kid":"x"}]})",
+                          R"({"trusted_keys":[{"path":"/a","x":1}]})",
+                          R"({"a":[[[[[[[[[[[[]]]]]]]]]]]]})",
+                          R"({"isolation":[]})",
+                          R"({"isolation":{"landlock":"on"}})",
+                          R"({"isolation":{"cgroup":1}})",
+                          R"({"isolation":{"selinux_categories":"c1000.c1024"}})",
+                          R"({"isolation":{"x":1}})",
+                          R"({"isolation":{"limits":{"pids":-1}}})",
+                          R"({"isolation":{"max_limits":{"cpu":1}}})"}) {
     try {
       parse_config(bad, "/x");
       ADD_FAILURE() << "accepted: " << bad;
@@ -227,4 +245,22 @@ TEST(ShimListen, BindsLoopbackAndRefusesJunk) {
   EXPECT_THROW(shim::listen_on("localhost:0"), shim::Error);
   EXPECT_THROW(shim::listen_on("127.0.0.1"), shim::Error);
   EXPECT_THROW(shim::listen_on("127.0.0.1:70000"), shim::Error);
+}
+
+TEST(Config, IsolationCopiedIntoShimJson) {
+  Config c = parse_config(
+      R"({"state_dir":"/run/s","isolation":{"landlock":"compat","cgroup":false,"selinux_categories":"c900.c999",
+          "limits":{"pids":64,"memory":67108864},"max_limits":{"cpu_weight":500}}})",
+      "/x");
+  shimlet::oci::State st;
+  st.id = "c1";
+  st.pid = 1;
+  st.bundle = "/b";
+  auto j = shim_json(c, st, "/run/s/c1", {});
+  EXPECT_EQ(j["isolation"]["landlock"], "compat");
+  EXPECT_EQ(j["isolation"]["cgroup"], false);
+  EXPECT_EQ(j["isolation"]["limits"]["pids"], 64);
+  EXPECT_EQ(j["isolation"]["selinux_lock_dir"], "/run/s/selinux");
+  EXPECT_EQ(shim_json(parse_config("{}", "/x"), st, "/d", {})["isolation"],
+            nlohmann::json({{"selinux_lock_dir", "/run/shimlet/selinux"}}));
 }

@@ -335,9 +335,9 @@ TEST_F(TicketTest, RefusesWrongClaimTypes) {
       {"ports", json::object(), "\"ports\" is not an array"},
       {"ports", json::array({80}), "non-object element"},
       {"ports", json::array({{{"port", "80"}, {"proto", "tcp"}}}), "no integer \"port\""},
-      {"ports", json::array({{{"port", 0}, {"proto", "tcp"}}}), "out of range 1..65535"},
-      {"ports", json::array({{{"port", 65536}, {"proto", "tcp"}}}), "out of range 1..65535"},
-      {"ports", json::array({{{"port", -80}, {"proto", "tcp"}}}), "out of range 1..65535"},
+      {"ports", json::array({{{"port", 0}, {"proto", "udp"}}}), "port 0 (any) is only for tcp"},
+      {"ports", json::array({{{"port", 65536}, {"proto", "tcp"}}}), "out of range 0..65535"},
+      {"ports", json::array({{{"port", -80}, {"proto", "tcp"}}}), "out of range 0..65535"},
       {"ports", json::array({{{"port", 80}}}), "no string \"proto\""},
       {"ports", json::array({{{"port", 80}, {"proto", "sctp"}}}), "\"sctp\" is not tcp or udp"},
       {"cnf", "abc", "\"cnf\" is not an object"},
@@ -511,3 +511,19 @@ TEST(ReplayCache, DefaultCapacityIsBounded) {
 }
 
 }  // namespace
+
+TEST_F(TicketTest, LimitsRoundTripAndValidation) {
+  Claims c = base_claims();
+  c.limits = {64, 64u << 20, 100};
+  Claims got = verify(key.sign(c, "k1"), trusted, base_expect());
+  EXPECT_EQ(got.limits, c.limits);
+  EXPECT_EQ(verify(key.sign(base_claims(), "k1"), trusted, base_expect()).limits, Limits{});
+  json p = json::parse(R"({"iss":"local","aud":"abc","iat":0,"exp":60,"jti":"j","verb":"exec","cmd":["sh"]})");
+  p["iat"] = kNow;
+  p["exp"] = kNow + 60;
+  for (const char* bad : {R"({"pids":0})", R"({"pids":-1})", R"({"pids":4194305})", R"({"memory":1000})",
+                          R"({"cpu_weight":10001})", R"({"cpu_weight":1.5})", R"({"x":1})", R"([1])", R"("64M")"}) {
+    p["limits"] = json::parse(bad);
+    refused(token(p), "limit");
+  }
+}

@@ -33,11 +33,12 @@ SUITE = "bookworm"
 GUEST = os.path.join(HERE, "guest")
 POLICY_DIRS = [os.path.join(REPO, "policy"), os.path.join(HERE, "policy")]
 # Binaries the guest needs from build/bin (fail loudly when missing).
-REQUIRED_BINS = ["selinux-launch"]
+REQUIRED_BINS = ["selinux-launch", "shimlet", "shimlet-session", "shimlet-hook", "shimctl"]
 FILE_CONTEXTS = "/etc/selinux/default/contexts/files/file_contexts"
 # What install_payload writes (relabelled on every run).
-PAYLOAD_PATHS = ["/usr/local", "/root/vmtest", "/var/lib/shimlet-vm"]
-OPTIONAL_BINS = ["shimlet", "shimlet-session", "shimlet-hook", "shimctl"]
+PAYLOAD_PATHS = ["/usr/local", "/root/vmtest", "/var/lib/shimlet-vm", "/etc/shimlet"]
+OPTIONAL_BINS = []
+HOOK_CONFIG = "/etc/shimlet/hook.json"
 
 
 def log(msg):
@@ -187,7 +188,7 @@ def busybox_rootfs(path):
     shutil.copy2(os.path.join(GUEST, "probe.sh"), os.path.join(path, "probe.sh"))
 
 
-def runc_config(name, label):
+def runc_config(name, label, hooked=False):
     """config.json from the host's `runc spec` (same runc version as the guest's)."""
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(["runc", "spec"], cwd=d, check=True)
@@ -199,6 +200,10 @@ def runc_config(name, label):
     cfg["process"]["selinuxLabel"] = label
     cfg["root"]["readonly"] = False
     cfg["hostname"] = name
+    if hooked:  # the real path: shimlet-hook starts the shim at createRuntime
+        hook = lambda stage: [{"path": "/usr/local/bin/shimlet-hook",
+                               "args": ["shimlet-hook", "--config", HOOK_CONFIG, stage]}]
+        cfg["hooks"] = {"createRuntime": hook("createRuntime"), "poststop": hook("poststop")}
     return cfg
 
 
@@ -223,13 +228,20 @@ def install_payload(rootfs, bindir):
     for f in ("init.sh", "checks.sh"):
         shutil.copy2(os.path.join(GUEST, f), os.path.join(rootfs, "root/vmtest", f))
     os.chmod(os.path.join(rootfs, "root/vmtest/init.sh"), 0o755)
-    for name, level in (("ctr1", "s0:c1,c2"), ("ctr2", "s0:c3,c4")):
+    for name, level in (("ctr1", "s0:c1,c2"), ("ctr2", "s0:c3,c4"), ("ctr3", "s0:c5,c6")):
         bundle = os.path.join(rootfs, "var/lib/shimlet-vm/ctr", name)
         busybox_rootfs(os.path.join(bundle, "rootfs"))
         with open(os.path.join(bundle, "config.json"), "w") as f:
-            json.dump(runc_config(name, f"system_u:system_r:shimlet_container_t:{level}"), f, indent=1)
+            json.dump(runc_config(name, f"system_u:system_r:shimlet_container_t:{level}", hooked=name == "ctr3"), f,
+                      indent=1)
         with open(os.path.join(bundle, "level"), "w") as f:
             f.write(level + "\n")
+    # The hook config of the real path: Landlock off, so what isolates the
+    # sessions in the VM is SELinux alone.
+    os.makedirs(os.path.join(rootfs, "etc/shimlet"), exist_ok=True)
+    with open(os.path.join(rootfs, HOOK_CONFIG.lstrip("/")), "w") as f:
+        json.dump({"state_dir": "/run/shimlet", "fail_container_on_error": True,
+                   "isolation": {"landlock": "off", "selinux": True, "selinux_categories": "c1000.c1023"}}, f)
     # Every shared library of the copied binaries must resolve inside the guest.
     with proc_mounted(rootfs):
         for b in glob.glob(os.path.join(usr_bin, "shim*")) + glob.glob(os.path.join(libexec, "*")):
