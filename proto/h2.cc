@@ -35,15 +35,20 @@ constexpr size_t kSocketHighWater = 1u << 20;
 
 H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings)
     : base_(base), ssl_(ssl), role_(role), handler_(handler), settings_(settings) {
-  bev_ = bufferevent_openssl_socket_new(base, fd, ssl,
-                                        role == Role::Server ? BUFFEREVENT_SSL_ACCEPTING : BUFFEREVENT_SSL_CONNECTING,
-                                        BEV_OPT_CLOSE_ON_FREE);
+  // A handshake already done by the caller (the session picks its front door
+  // by ALPN first): start as connected, from the loop.
+  bool open = SSL_is_init_finished(ssl);
+  bev_ = bufferevent_openssl_socket_new(
+      base, fd, ssl,
+      open ? BUFFEREVENT_SSL_OPEN : (role == Role::Server ? BUFFEREVENT_SSL_ACCEPTING : BUFFEREVENT_SSL_CONNECTING),
+      BEV_OPT_CLOSE_ON_FREE);
   bufferevent_openssl_set_allow_dirty_shutdown(bev_, 1);
   bufferevent_setcb(bev_, on_read, on_write, on_event, this);
   bufferevent_setwatermark(bev_, EV_WRITE, kSocketHighWater / 4, 0);
   timeval tv{settings_.handshake_timeout_s, 0};
   bufferevent_set_timeouts(bev_, &tv, &tv);
   bufferevent_enable(bev_, EV_READ | EV_WRITE);
+  if (open) bufferevent_trigger_event(bev_, BEV_EVENT_CONNECTED, BEV_TRIG_DEFER_CALLBACKS);
 }
 
 H2Conn::~H2Conn() {

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <poll.h>
 #include <signal.h>
@@ -25,11 +26,13 @@
 #include "proto/frames.h"
 #include "proto/tls.h"
 #include "shim/session_internal.h"
+#include "shim/session_k8s.h"
 
 namespace shimlet::session {
 namespace {
 
 constexpr int kConnFd = 3, kShimFd = 4, kPidFd = 5;
+constexpr int kHandshakeTimeoutS = 10;
 
 std::string read_file(const std::string& path, size_t limit) {
   std::ifstream in(path, std::ios::binary);
@@ -74,39 +77,24 @@ Config load_config(const std::string& path) {
   c.drain_timeout_ms = j.value("drain_timeout_ms", c.drain_timeout_ms);
   c.tls_cert = j.at("tls_cert").get<std::string>();
   c.tls_key = j.at("tls_key").get<std::string>();
+  c.isolation = parse_isolation(j.value("isolation", nlohmann::json()));
   return c;
 }
 
-Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd, SSL* ssl)
+Context::Context(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd)
     : base_(base), cfg_(std::move(cfg)), ctr_(std::move(ctr)), shim_fd_(shim_fd) {
   sid_ = hex_encode(random_bytes(8));
   own_netns_ = Fd(::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC));
   if (!own_netns_) throw sys_error("open /proc/self/ns/net");
   peer_ = peer_of(conn_fd);
   log::set_context({{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}});
-  proto::H2Settings st;
-  // A client that vanished without a FIN (network gone, laptop closed) must
-  // not pin this session and its container sockets: an unanswered PING ends it.
-  st.ping_interval_s = 30;
-  conn_ = std::make_unique<proto::H2Conn>(base, conn_fd, ssl, proto::H2Conn::Role::Server, this, st);
 }
 
-Session::~Session() {
-  streams_.clear();
-  conn_.reset();
-}
-
-std::string Session::on_connected(SSL* ssl) {
+void Context::set_peer_cert(SSL* ssl) {
   if (X509* peer = SSL_get0_peer_certificate(ssl)) peer_jkt_ = proto::jkt_of_cert(peer);
-  return "";
 }
 
-void Session::refuse(int32_t stream, int status, const std::string& why, const std::string& event) {
-  log::audit(event, {{"status", status}, {"reason", why}, {"stream", stream}});
-  conn_->respond_simple(stream, status, "application/json", error_body(why).dump() + "\n");
-}
-
-bool Session::consume_jti(const ticket::Claims& c, std::string& why) {
+bool Context::consume_jti(const ticket::Claims& c, std::string& why) {
   // The replay cache lives in the shim so it outlives this process and is
   // shared by every session of the container (docs/design.md).
   std::string d = sha256(c.jti);
@@ -133,29 +121,8 @@ bool Session::consume_jti(const ticket::Claims& c, std::string& why) {
   return false;
 }
 
-std::optional<ticket::Claims> Session::authenticate(int32_t stream, const proto::Headers& h, const std::string& verb) {
-  const std::string* auth = proto::find_header(h, "authorization");
-  if (!auth || auth->rfind("Bearer ", 0) != 0) {
-    refuse(stream, 401, "missing ticket: send authorization: Bearer <ticket>");
-    return std::nullopt;
-  }
-  std::string token = auth->substr(7);
-  // Later streams of the same connection (port-forward) carry the ticket that
-  // already authenticated it: verified again, but not consumed twice.
-  bool same = accepted_claims_ && token == accepted_token_;
-  // The connection is the unit of authentication (as with kubelet's
-  // single-use streaming tokens): the byte-identical ticket was verified, its
-  // cnf checked against this connection's client certificate, and its jti
-  // consumed. A forward outlives the ticket's short exp, so later streams must
-  // not be refused as "expired".
-  if (same) {
-    // Authenticated once, but only for what the ticket is for.
-    if (accepted_claims_->verb != verb) {
-      refuse(stream, 403, "ticket is for " + accepted_claims_->verb + ", not " + verb);
-      return std::nullopt;
-    }
-    return accepted_claims_;
-  }
+AuthResult Context::verify_ticket(const std::string& token, const std::string& verb) const {
+  AuthResult r;
   ticket::Claims c;
   try {
     ticket::Expect e;
@@ -166,30 +133,93 @@ std::optional<ticket::Claims> Session::authenticate(int32_t stream, const proto:
     e.max_lifetime_s = cfg_.max_ticket_lifetime_s;
     c = ticket::verify(token, cfg_.keys, e);
   } catch (const std::exception& ex) {
-    refuse(stream, 403, ex.what());
-    return std::nullopt;
+    r.status = 403;
+    r.why = ex.what();
+    return r;
   }
   if (!c.cnf_jkt.empty() && c.cnf_jkt != peer_jkt_) {
-    refuse(stream, 403,
-           peer_jkt_.empty() ? "ticket is bound to a client key, but no client certificate was presented"
-                             : "ticket is bound to another client key");
+    r.status = 403;
+    r.why = peer_jkt_.empty() ? "ticket is bound to a client key, but no client certificate was presented"
+                              : "ticket is bound to another client key";
+    return r;
+  }
+  r.claims = std::move(c);
+  return r;
+}
+
+AuthResult Context::authenticate_once(const std::string& token, const std::string& verb) {
+  AuthResult r = verify_ticket(token, verb);
+  if (!r.claims) return r;
+  std::string why;
+  if (!consume_jti(*r.claims, why)) {
+    AuthResult f;
+    f.status = why.rfind("ticket already", 0) == 0 ? 403 : 503;
+    f.why = why;
+    return f;
+  }
+  log::set_context(
+      {{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}, {"user", r.claims->sub}, {"jti", r.claims->jti}});
+  return r;
+}
+
+Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd, SSL* ssl)
+    : Context(base, std::move(cfg), std::move(ctr), conn_fd, shim_fd) {
+  proto::H2Settings st;
+  // A client that vanished without a FIN (network gone, laptop closed) must
+  // not pin this session and its container sockets: an unanswered PING ends it.
+  st.ping_interval_s = 30;
+  conn_ = std::make_unique<proto::H2Conn>(base, conn_fd, ssl, proto::H2Conn::Role::Server, this, st);
+}
+
+Session::~Session() {
+  streams_.clear();
+  conn_.reset();
+}
+
+std::string Session::on_connected(SSL* ssl) {
+  set_peer_cert(ssl);
+  return "";
+}
+
+void Session::refuse(int32_t stream, int status, const std::string& why, const std::string& event) {
+  log::audit(event, {{"status", status}, {"reason", why}, {"stream", stream}});
+  conn_->respond_simple(stream, status, "application/json", error_body(why).dump() + "\n");
+}
+
+std::optional<ticket::Claims> Session::authenticate(int32_t stream, const proto::Headers& h, const std::string& verb) {
+  const std::string* auth = proto::find_header(h, "authorization");
+  if (!auth || auth->rfind("Bearer ", 0) != 0) {
+    refuse(stream, 401, "missing ticket: send authorization: Bearer <ticket>");
     return std::nullopt;
   }
-  if (!same) {
-    if (accepted_claims_) {
-      refuse(stream, 403, "a connection serves one ticket; open a new connection for another");
+  std::string token = auth->substr(7);
+  // The connection is the unit of authentication (as with kubelet's
+  // single-use streaming tokens): the byte-identical ticket was verified, its
+  // cnf checked against this connection's client certificate, and its jti
+  // consumed. A forward outlives the ticket's short exp, so later streams
+  // (port-forward) must not be refused as "expired".
+  if (accepted_claims_ && token == accepted_token_) {
+    // Authenticated once, but only for what the ticket is for.
+    if (accepted_claims_->verb != verb) {
+      refuse(stream, 403, "ticket is for " + accepted_claims_->verb + ", not " + verb);
       return std::nullopt;
     }
-    std::string why;
-    if (!consume_jti(c, why)) {
-      refuse(stream, why.rfind("ticket already", 0) == 0 ? 403 : 503, why);
-      return std::nullopt;
-    }
-    accepted_token_ = token;
-    accepted_claims_ = c;
-    log::set_context({{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}, {"user", c.sub}, {"jti", c.jti}});
+    return accepted_claims_;
   }
-  return c;
+  if (accepted_claims_) {
+    // Verified first so a bad ticket gets its precise reason.
+    AuthResult v = verify_ticket(token, verb);
+    refuse(stream, 403, v.claims ? "a connection serves one ticket; open a new connection for another" : v.why);
+    return std::nullopt;
+  }
+  AuthResult r = authenticate_once(token, verb);
+  if (!r.claims) {
+    refuse(stream, r.status, r.why);
+    return std::nullopt;
+  }
+  accepted_token_ = token;
+  accepted_claims_ = r.claims;
+  return r.claims;
 }
 
 void Session::on_headers(int32_t stream, const proto::Headers& h, bool) {
@@ -362,12 +392,43 @@ Args parse_args(int argc, char** argv) {
 }
 
 void on_signal(evutil_socket_t, short, void* arg) {
-  auto* s = static_cast<Session*>(arg);
   log::info("terminating on signal");
-  s->on_closed("session terminated by the shim");
+  static_cast<FrontDoor*>(arg)->terminate("session terminated by the shim");
 }
 
-void on_container_exit(evutil_socket_t, short, void* arg) { static_cast<Session*>(arg)->container_exited(); }
+void on_container_exit(evutil_socket_t, short, void* arg) { static_cast<FrontDoor*>(arg)->container_exited(); }
+
+// The TLS handshake, before any front door exists: which one serves the
+// connection depends on the ALPN it negotiates. Bounded by timeout_s; the
+// socket is non-blocking. Returns "" or why it failed.
+std::string tls_accept(SSL* ssl, int fd, int timeout_s) {
+  SSL_set_fd(ssl, fd);
+  timespec start{};
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  for (;;) {
+    ERR_clear_error();
+    int r = SSL_accept(ssl);
+    if (r == 1) return "";
+    int e = SSL_get_error(ssl, r);
+    short want;
+    if (e == SSL_ERROR_WANT_READ)
+      want = POLLIN;
+    else if (e == SSL_ERROR_WANT_WRITE)
+      want = POLLOUT;
+    else if (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
+      return std::string("TLS handshake failed: connection error: ") + (errno ? strerror(errno) : "unexpected EOF");
+    else
+      return "TLS handshake failed: TLS error: " + proto::ssl_error_string();
+    timespec now{};
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long left_ms = timeout_s * 1000L - ((now.tv_sec - start.tv_sec) * 1000L + (now.tv_nsec - start.tv_nsec) / 1000000);
+    if (left_ms <= 0) return "TLS handshake timed out";
+    pollfd p{fd, want, 0};
+    int pr = ::poll(&p, 1, static_cast<int>(left_ms));
+    if (pr < 0 && errno != EINTR) return std::string("TLS handshake failed: poll: ") + strerror(errno);
+    if (pr == 0) return "TLS handshake timed out";
+  }
+}
 
 }  // namespace
 
@@ -392,23 +453,42 @@ int main(int argc, char** argv) {
     ctr.pidfd = kPidFd;
     ctr.ns_fds = args.ns;
     ctr.config = oci::load_config(cfg.bundle);
-    proto::SslCtx ctx = proto::make_server_ctx(read_file(cfg.tls_cert, 1 << 16), read_file(cfg.tls_key, 1 << 16));
+    proto::SslCtx ctx = proto::make_server_ctx(read_file(cfg.tls_cert, 1 << 16), read_file(cfg.tls_key, 1 << 16),
+                                               /*allow_http1=*/true);
     SSL* ssl = SSL_new(ctx.get());
     if (!ssl) throw Error("SSL_new: " + proto::ssl_error_string());
     int one = 1;
     setsockopt(kConnFd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     evutil_make_socket_nonblocking(kConnFd);
+    if (std::string why = tls_accept(ssl, kConnFd, kHandshakeTimeoutS); !why.empty()) {
+      SSL_free(ssl);
+      log::set_context({{"container", cfg.id}, {"peer", peer_of(kConnFd)}});
+      log::audit("request.refused", {{"status", 0}, {"stream", 0}, {"reason", why}});
+      log::info("connection closed", {{"reason", why}});
+      return 0;
+    }
+    const unsigned char* alpn = nullptr;
+    unsigned alpn_len = 0;
+    SSL_get0_alpn_selected(ssl, &alpn, &alpn_len);
+    bool h2 = alpn_len == 2 && memcmp(alpn, "h2", 2) == 0;
     std::unique_ptr<event_base, decltype(&event_base_free)> base(event_base_new(), event_base_free);
     if (!base) throw Error("event_base_new failed");
-    Session session(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, ssl);
-    event* term = evsignal_new(base.get(), SIGTERM, on_signal, &session);
+    // ALPN h2: the native protocol; http/1.1 or none (kubectl sets none): Kubernetes streaming.
+    std::unique_ptr<FrontDoor> door;
+    if (h2)
+      door = std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, ssl);
+    else
+      door = make_http1_front_door(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, ssl);
+    event* term = evsignal_new(base.get(), SIGTERM, on_signal, door.get());
     event_add(term, nullptr);
-    event* cexit = event_new(base.get(), kPidFd, EV_READ, on_container_exit, &session);
+    event* cexit = event_new(base.get(), kPidFd, EV_READ, on_container_exit, door.get());
     event_add(cexit, nullptr);
     event_base_dispatch(base.get());
     event_free(term);
     event_free(cexit);
-    return session.exit_code();
+    int code = door->exit_code();
+    door.reset();
+    return code;
   } catch (const std::exception& e) {
     log::error("session failed", {{"error", e.what()}});
     return 1;

@@ -1,6 +1,9 @@
-// The exec request: start the command in the container (nsenter/), then
-// shuttle stdin/stdout/stderr/resize as frames (proto/frames.h) until the
-// process exits and its output is drained, and send its exact status.
+// The exec engine (shim/session_exec.h): starts the command in the container
+// (nsenter/), feeds stdin, reads stdout/stderr with backpressure until the
+// process exits and its output is drained, and reports the exact status.
+// Below it, the native HTTP/2 sink: frames (proto/frames.h) on one stream.
+#include "shim/session_exec.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -21,7 +24,6 @@ namespace shimlet::session {
 namespace {
 
 constexpr size_t kReadChunk = 64 * 1024;
-constexpr size_t kStdinHigh = 1u << 20;  // buffered stdin before we stop returning window
 
 int pidfd_signal(int pidfd, int sig) {
   return static_cast<int>(syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
@@ -34,45 +36,55 @@ std::string sanitize_term(const std::string& t) {
   return t;
 }
 
-class Exec : public StreamHandler {
- public:
-  Exec(Session& s, int32_t stream) : s_(s), stream_(stream) {}
-  ~Exec() override {
-    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_})
+}  // namespace
+
+struct ExecEngine::Impl {
+  Impl(Context& ctx, ExecSink& sink) : ctx_(ctx), sink_(sink) {}
+  ~Impl() {
+    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_})
       if (e) event_free(e);
     kill_all();
   }
 
-  // Returns false when a response was already sent (error).
-  void start(const proto::Headers& h, const ticket::Claims& claims) {
-    const std::string* spec_s = proto::find_header(h, proto::kExecHeader);
-    if (!spec_s) return refuse(400, std::string("missing ") + proto::kExecHeader + " header");
-    nlohmann::json spec = nlohmann::json::parse(*spec_s, nullptr, false);
-    if (!spec.is_object() || !spec.contains("command") || !spec["command"].is_array())
-      return refuse(400, std::string(proto::kExecHeader) + " must be a JSON object with a command array");
-    std::vector<std::string> argv;
-    for (auto& a : spec["command"]) {
-      if (!a.is_string()) return refuse(400, "command must be an array of strings");
-      argv.push_back(a.get<std::string>());
-    }
-    bool want_stdin = spec.value("stdin", false), want_tty = spec.value("tty", false);
-    if (argv.empty()) return refuse(400, "empty command");
-    if (argv != claims.cmd) return refuse(403, "ticket does not allow this command");
-    if (want_stdin != claims.stdin_ || want_tty != claims.tty)
-      return refuse(403, "ticket does not allow these stdin/tty flags");
-    tty_ = want_tty;
-    stdin_ = want_stdin;
+  // The one place a session process is created (per-session limits,
+  // Landlock and SELinux options go into req here).
+  nsenter::Spawned spawn_process(nsenter::Request& req, const nsenter::Stdio& io, const ticket::Claims& claims) {
+    conf_.emplace(ctx_.config().isolation, ctx_.container(), ctx_.sid(), claims.limits);
+    conf_->apply(req);
+    nsenter::Spawned sp = nsenter::spawn(ctx_.container(), req, io);
+    conf_->spawned(sp);
+    return sp;
+  }
 
+  // Limits are enforced by the kernel (pids.max refuses forks, the OOM
+  // killer kills one process); a session that hits one is ended whole, with a
+  // clear status (issue 5). Polled: v1 memory OOM has no pollable file.
+  static void on_watch(evutil_socket_t, short, void* arg) {
+    auto* self = static_cast<Impl*>(arg);
+    if (self->finished_ || !self->conf_) return;
+    if (auto hit = self->conf_->limit_hit()) {
+      ExecResult r;
+      r.signal = SIGKILL;
+      r.exit_code = 128 + SIGKILL;
+      r.error = hit->message;
+      r.killed = hit->kind;
+      self->finish_with(r);
+    }
+  }
+
+  void start(const ExecSpec& spec, const ticket::Claims& claims) {
+    tty_ = spec.tty;
+    stdin_ = spec.stdin_;
+    keep_stderr_ = spec.stderr_;
     nsenter::Request req;
-    req.argv = argv;
+    req.argv = spec.argv;
     nsenter::Stdio io;
     io.tty = tty_;
     Pipe in_p = make_pipe(), out_p = make_pipe(), err_p = make_pipe();
     if (tty_) {
-      int cols = spec.value("cols", 80), rows = spec.value("rows", 24);
-      io.cols = static_cast<unsigned short>(std::clamp(cols, 1, 65535));
-      io.rows = static_cast<unsigned short>(std::clamp(rows, 1, 65535));
-      req.extra_env.push_back("TERM=" + sanitize_term(spec.value("term", std::string("xterm"))));
+      io.cols = std::max<uint16_t>(spec.cols, 1);
+      io.rows = std::max<uint16_t>(spec.rows, 1);
+      req.extra_env.push_back("TERM=" + sanitize_term(spec.term));
     } else {
       io.in = in_p.read.get();
       io.out = out_p.write.get();
@@ -81,28 +93,22 @@ class Exec : public StreamHandler {
       fcntl(out_p.read.get(), F_SETPIPE_SZ, 1 << 20);
       fcntl(err_p.read.get(), F_SETPIPE_SZ, 1 << 20);
     }
-    const auto& membership = cgroup_membership();
-    req.place = [this, &membership](pid_t pid) {
-      if (cg_)
-        cg_->attach(pid);
-      else
-        cgroup::attach(membership, pid);
-    };
     try {
-      try {
-        cg_.emplace(cgroup::SessionCgroup::create(membership, s_.sid(), cgroup::Limits{}));
-      } catch (const std::exception& e) {
-        log::warn("no session cgroup; joining the container's cgroups only", {{"error", e.what()}});
-      }
-      proc_ = nsenter::spawn(s_.container(), req, io);
+      proc_ = spawn_process(req, io, claims);
     } catch (const nsenter::ExecError& e) {
       // Like a shell: the request was fine, the command could not run.
-      respond_ok();
-      log::audit("exec.start", {{"command", argv}, {"tty", tty_}, {"stdin", stdin_}, {"error", e.what()}});
-      return finish_with(e.exit_code, 0, e.what());
+      log::audit("exec.start", {{"command", spec.argv}, {"tty", tty_}, {"stdin", stdin_}, {"error", e.what()}});
+      sink_.on_started(0);
+      ExecResult r;
+      r.exit_code = e.exit_code;
+      r.error = e.what();
+      return finish_with(r);
     }
-    log::audit("exec.start", {{"command", argv}, {"tty", tty_}, {"stdin", stdin_}, {"pid", proc_.pid}});
-    respond_ok();
+    log::audit("exec.start", {{"command", spec.argv},
+                              {"tty", tty_},
+                              {"stdin", stdin_},
+                              {"pid", proc_.pid},
+                              {"isolation", conf_->describe()}});
     if (tty_) {
       out_fd_ = std::move(proc_.pty_master);
       set_nonblocking(out_fd_.get());
@@ -117,9 +123,9 @@ class Exec : public StreamHandler {
         in_fd_ = std::move(in_p.write);
         set_nonblocking(in_fd_.get());
       }
-      // Without -i the command sees EOF at once: in_p.write closes with this scope.
+      // Without stdin the command sees EOF at once: in_p.write closes with this scope.
     }
-    event_base* b = s_.base();
+    event_base* b = ctx_.base();
     ev_out_ = event_new(b, out_fd_.get(), EV_READ | EV_PERSIST, on_readable, this);
     event_add(ev_out_, nullptr);
     if (err_fd_) {
@@ -129,103 +135,72 @@ class Exec : public StreamHandler {
     if (in_fd_) ev_in_ = event_new(b, in_fd_.get(), EV_WRITE, on_writable, this);
     ev_exit_ = event_new(b, proc_.pidfd.get(), EV_READ, on_exit, this);
     event_add(ev_exit_, nullptr);
-  }
-
-  // Refused before anything ran: nothing to end or kill when the stream closes
-  // (and no "session.end" audit line for a session that never started).
-  void refuse(int status, const std::string& why) {
-    finished_ = true;
-    s_.refuse(stream_, status, why);
-  }
-
-  void on_data(const uint8_t* data, size_t len) override {
-    dec_.feed(std::string_view(reinterpret_cast<const char*>(data), len));
-    owed_ += len;
-    while (auto f = dec_.next()) {
-      switch (f->type) {
-        case proto::FrameType::Stdin:
-          if (in_fd_ && !stdin_closed_) stdin_buf_ += f->payload;
-          break;
-        case proto::FrameType::StdinEof:
-          stdin_eof_ = true;
-          break;
-        case proto::FrameType::Resize: {
-          uint16_t c, r;
-          if (tty_ && out_fd_ && proto::parse_resize(f->payload, c, r)) {
-            winsize ws{r, c, 0, 0};
-            ioctl(out_fd_.get(), TIOCSWINSZ, &ws);
-          }
-          break;
-        }
-        default:
-          break;
-      }
+    if (conf_->watch()) {
+      ev_watch_ = event_new(b, -1, EV_PERSIST, on_watch, this);
+      timeval tv{0, 100 * 1000};
+      event_add(ev_watch_, &tv);
     }
-    if (!dec_.error().empty()) {
-      log::warn("bad exec frame from client", {{"error", dec_.error()}});
-      s_.conn().reset(stream_, NGHTTP2_PROTOCOL_ERROR);
+    sink_.on_started(proc_.pid);
+  }
+
+  void write_stdin(const uint8_t* data, size_t len) {
+    if (finished_ || !in_fd_ || stdin_closed_) {
+      sink_.on_stdin_consumed(len);  // nowhere to go: dropped, like a closed pipe
       return;
     }
+    stdin_buf_.append(reinterpret_cast<const char*>(data), len);
     flush_stdin();
   }
 
-  void on_remote_end() override {
+  void close_stdin() {
     stdin_eof_ = true;
     flush_stdin();
   }
 
-  void on_drain() override { resume_reading(); }
-
-  void on_close(uint32_t code) override {
-    if (!finished_) abort(code ? "stream reset by client" : "stream closed");
+  void resize(uint16_t cols, uint16_t rows) {
+    if (!tty_ || !out_fd_ || finished_) return;
+    winsize ws{std::max<uint16_t>(rows, 1), std::max<uint16_t>(cols, 1), 0, 0};
+    ioctl(out_fd_.get(), TIOCSWINSZ, &ws);
   }
 
-  void abort(const std::string& why) override {
+  void resume_output() {
+    if (!paused_ || finished_) return;
+    paused_ = false;
+    if (ev_out_ && !out_eof_) event_add(ev_out_, nullptr);
+    if (ev_err_ && !err_eof_) event_add(ev_err_, nullptr);
+  }
+
+  void abort(const std::string& why) {
     if (finished_) return;
     finished_ = true;
     log::audit("session.end", {{"reason", why}, {"killed", true}});
+    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_})
+      if (e) event_del(e);
     kill_all();
   }
 
-  void container_exited() override {}  // the command dies with the pid namespace; its exit is reported
+  static void on_readable(evutil_socket_t fd, short, void* arg) { static_cast<Impl*>(arg)->read_from(fd, false); }
 
-  bool done() const override { return finished_; }
-
- private:
-  const cgroup::Membership& cgroup_membership() {
-    membership_ = cgroup::of_pid(s_.container().init_pid);
-    return membership_;
-  }
-
-  void respond_ok() {
-    s_.conn().respond(stream_, {{":status", "200"}, {"content-type", "application/x-shimlet-exec"}});
-  }
-
-  static void on_readable(evutil_socket_t fd, short, void* arg) {
-    auto* self = static_cast<Exec*>(arg);
-    self->read_from(fd, false);
-  }
-
-  // Reads what is available on an output fd into frames. With force, reads
-  // even when the client is slow (final drain: bounded by the pipe size).
+  // Reads what is available on an output fd. With force, reads even when the
+  // client is slow (final drain: bounded by the pipe size).
   void read_from(int fd, bool force) {
     bool is_err = err_fd_ && fd == err_fd_.get();
     char buf[kReadChunk];
     for (int rounds = 0; rounds < 64; rounds++) {
-      if (!force && s_.conn().outbound(stream_) > s_.conn().settings().out_high_water) {
+      if (!force && sink_.out_queued() > kOutHighWater) {
         pause_reading();
         return;
       }
       ssize_t n = ::read(fd, buf, sizeof buf);
       if (n > 0) {
-        std::string frame;
-        proto::append_frame(frame, is_err ? proto::FrameType::Stderr : proto::FrameType::Stdout,
-                            std::string_view(buf, static_cast<size_t>(n)));
-        s_.conn().send(stream_, frame.data(), frame.size());
-        if (is_err)
+        if (is_err) {
           bytes_err_ += n;
-        else
+          if (keep_stderr_) sink_.on_output(2, buf, static_cast<size_t>(n));
+        } else {
           bytes_out_ += n;
+          sink_.on_output(1, buf, static_cast<size_t>(n));
+        }
+        if (finished_) return;  // the sink aborted us from inside on_output
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
@@ -253,16 +228,10 @@ class Exec : public StreamHandler {
     paused_ = true;
   }
 
-  void resume_reading() {
-    if (!paused_ || finished_) return;
-    paused_ = false;
-    if (ev_out_ && !out_eof_) event_add(ev_out_, nullptr);
-    if (ev_err_ && !err_eof_) event_add(ev_err_, nullptr);
-  }
-
-  static void on_writable(evutil_socket_t, short, void* arg) { static_cast<Exec*>(arg)->flush_stdin(); }
+  static void on_writable(evutil_socket_t, short, void* arg) { static_cast<Impl*>(arg)->flush_stdin(); }
 
   void flush_stdin() {
+    size_t before = stdin_buf_.size();
     if (in_fd_ && !stdin_closed_) {
       while (!stdin_buf_.empty()) {
         ssize_t n = ::write(in_fd_.get(), stdin_buf_.data(), stdin_buf_.size());
@@ -287,15 +256,11 @@ class Exec : public StreamHandler {
     } else {
       stdin_buf_.clear();
     }
-    // Return flow-control window only for what left our buffer.
-    if (stdin_buf_.size() < kStdinHigh && owed_ > 0) {
-      s_.conn().consume(stream_, owed_);
-      owed_ = 0;
-    }
+    if (before > stdin_buf_.size()) sink_.on_stdin_consumed(before - stdin_buf_.size());
   }
 
   static void on_exit(evutil_socket_t, short, void* arg) {
-    auto* self = static_cast<Exec*>(arg);
+    auto* self = static_cast<Impl*>(arg);
     siginfo_t si{};
     if (waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(self->proc_.pidfd.get()), &si, WEXITED | WNOHANG) <
             0 ||
@@ -303,53 +268,171 @@ class Exec : public StreamHandler {
       return;
     self->exited_ = true;
     if (si.si_code == CLD_EXITED) {
-      self->exit_code_ = si.si_status;
+      self->result_.exit_code = si.si_status;
     } else {
-      self->signal_ = si.si_status;
-      self->exit_code_ = 128 + si.si_status;
+      self->result_.signal = si.si_status;
+      self->result_.exit_code = 128 + si.si_status;
     }
     // Bounded drain: a background child holding stdout must not hang us.
-    self->ev_drain_ = evtimer_new(self->s_.base(), on_drain_timeout, self);
-    timeval tv{self->s_.config().drain_timeout_ms / 1000, (self->s_.config().drain_timeout_ms % 1000) * 1000};
+    self->ev_drain_ = evtimer_new(self->ctx_.base(), on_drain_timeout, self);
+    int ms = self->ctx_.config().drain_timeout_ms;
+    timeval tv{ms / 1000, (ms % 1000) * 1000};
     evtimer_add(self->ev_drain_, &tv);
     self->maybe_finish();
   }
 
   static void on_drain_timeout(evutil_socket_t, short, void* arg) {
-    auto* self = static_cast<Exec*>(arg);
+    auto* self = static_cast<Impl*>(arg);
     log::info("output not closed after the command exited; ending after the drain timeout");
     if (self->out_fd_ && !self->out_eof_) self->read_from(self->out_fd_.get(), true);
-    if (self->err_fd_ && !self->err_eof_) self->read_from(self->err_fd_.get(), true);
+    if (self->err_fd_ && !self->err_eof_ && !self->finished_) self->read_from(self->err_fd_.get(), true);
     self->out_eof_ = self->err_eof_ = true;
     self->maybe_finish();
   }
 
   void maybe_finish() {
     if (finished_ || !exited_ || !out_eof_ || !err_eof_) return;
-    finish_with(exit_code_, signal_, "");
+    finish_with(result_);
   }
 
-  void finish_with(int code, int sig, const std::string& error) {
+  void finish_with(ExecResult r) {
     finished_ = true;
     kill_all();
-    nlohmann::json st = {{"exit_code", code}};
-    if (sig) st["signal"] = sig;
-    if (!error.empty()) st["error"] = error;
-    std::string frame;
-    proto::append_frame(frame, proto::FrameType::Status, st.dump());
-    nlohmann::json rec = {{"exit_code", code}, {"bytes_stdout", bytes_out_}, {"bytes_stderr", bytes_err_}};
-    if (sig) rec["signal"] = sig;
-    if (cg_) {
-      auto u = cg_->usage();
-      rec["cpu_usec"] = u.cpu_usec;
-      rec["memory_peak"] = u.memory_peak;
-    }
+    // The main process may have died of the limit (OOM-killed) or exited
+    // after fork failures: report the limit, not a bare status.
+    if (r.killed.empty() && conf_)
+      if (auto hit = conf_->limit_hit()) {
+        r.killed = hit->kind;
+        r.error = hit->message;
+      }
+    nlohmann::json rec = {{"exit_code", r.exit_code}, {"bytes_stdout", bytes_out_}, {"bytes_stderr", bytes_err_}};
+    if (r.signal) rec["signal"] = r.signal;
+    if (!r.killed.empty()) rec["killed"] = r.killed;
+    if (conf_) conf_->usage_into(rec);
     log::audit("session.end", rec);
-    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_})
+    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_})
       if (e) event_del(e);
     in_fd_.reset();
     out_fd_.reset();
     err_fd_.reset();
+    // Last, touching nothing of ours afterwards: the sink may destroy the engine.
+    sink_.on_exit(r);
+  }
+
+  // The session owns its processes: when it ends they end (docs/design.md).
+  void kill_all() {
+    if (proc_.pidfd) pidfd_signal(proc_.pidfd.get(), SIGKILL);
+    if (proc_.pid > 0) ::kill(-proc_.pid, SIGKILL);  // its process group (it called setsid)
+    if (conf_) conf_->kill_all();
+    if (proc_.pidfd && !exited_) {
+      siginfo_t si{};
+      waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(proc_.pidfd.get()), &si, WEXITED);
+      exited_ = true;
+    }
+  }
+
+  Context& ctx_;
+  ExecSink& sink_;
+  bool tty_ = false, stdin_ = false, keep_stderr_ = true;
+  nsenter::Spawned proc_;
+  std::optional<Confinement> conf_;  // the session's cgroup, label, Landlock (outlives proc_'s kill)
+  Fd in_fd_, out_fd_, err_fd_;
+  event *ev_out_ = nullptr, *ev_err_ = nullptr, *ev_in_ = nullptr, *ev_exit_ = nullptr, *ev_drain_ = nullptr,
+        *ev_watch_ = nullptr;
+  std::string stdin_buf_;
+  bool stdin_eof_ = false, stdin_closed_ = false, paused_ = false;
+  bool out_eof_ = false, err_eof_ = false, exited_ = false, finished_ = false;
+  ExecResult result_;
+  int64_t bytes_out_ = 0, bytes_err_ = 0;
+};
+
+ExecEngine::ExecEngine(Context& ctx, ExecSink& sink) : impl_(std::make_unique<Impl>(ctx, sink)) {}
+ExecEngine::~ExecEngine() = default;
+void ExecEngine::start(const ExecSpec& spec, const ticket::Claims& claims) { impl_->start(spec, claims); }
+void ExecEngine::write_stdin(const uint8_t* data, size_t len) { impl_->write_stdin(data, len); }
+void ExecEngine::close_stdin() { impl_->close_stdin(); }
+size_t ExecEngine::stdin_queued() const { return impl_->stdin_buf_.size(); }
+void ExecEngine::resize(uint16_t cols, uint16_t rows) { impl_->resize(cols, rows); }
+void ExecEngine::resume_output() { impl_->resume_output(); }
+void ExecEngine::abort(const std::string& why) { impl_->abort(why); }
+bool ExecEngine::done() const { return impl_->finished_; }
+
+// ---------------------------------------------------------------- native HTTP/2 sink
+
+namespace {
+
+class Exec : public StreamHandler, public ExecSink {
+ public:
+  Exec(Session& s, int32_t stream) : s_(s), stream_(stream), engine_(s, *this) {}
+
+  void start(const proto::Headers& h, const ticket::Claims& claims) {
+    const std::string* spec_s = proto::find_header(h, proto::kExecHeader);
+    if (!spec_s) return refuse(400, std::string("missing ") + proto::kExecHeader + " header");
+    nlohmann::json spec = nlohmann::json::parse(*spec_s, nullptr, false);
+    if (!spec.is_object() || !spec.contains("command") || !spec["command"].is_array())
+      return refuse(400, std::string(proto::kExecHeader) + " must be a JSON object with a command array");
+    ExecSpec es;
+    for (auto& a : spec["command"]) {
+      if (!a.is_string()) return refuse(400, "command must be an array of strings");
+      es.argv.push_back(a.get<std::string>());
+    }
+    try {
+      es.stdin_ = spec.value("stdin", false);
+      es.tty = spec.value("tty", false);
+      if (es.tty) {
+        es.cols = static_cast<uint16_t>(std::clamp(spec.value("cols", 80), 1, 65535));
+        es.rows = static_cast<uint16_t>(std::clamp(spec.value("rows", 24), 1, 65535));
+        es.term = spec.value("term", std::string("xterm"));
+      }
+    } catch (const nlohmann::json::exception&) {
+      return refuse(400, std::string(proto::kExecHeader) + ": stdin/tty must be booleans, cols/rows numbers");
+    }
+    if (es.argv.empty()) return refuse(400, "empty command");
+    if (es.argv != claims.cmd) return refuse(403, "ticket does not allow this command");
+    if (es.stdin_ != claims.stdin_ || es.tty != claims.tty)
+      return refuse(403, "ticket does not allow these stdin/tty flags");
+    tty_ = es.tty;
+    engine_.start(es, claims);
+  }
+
+  // Refused before anything ran: nothing to end or kill when the stream closes
+  // (and no "session.end" audit line for a session that never started).
+  void refuse(int status, const std::string& why) {
+    finished_ = true;
+    s_.refuse(stream_, status, why);
+  }
+
+  // ExecSink
+  void on_started(pid_t) override {
+    s_.conn().respond(stream_, {{":status", "200"}, {"content-type", "application/x-shimlet-exec"}});
+  }
+  void on_output(int fd, const char* data, size_t len) override {
+    std::string frame;
+    proto::append_frame(frame, fd == 2 ? proto::FrameType::Stderr : proto::FrameType::Stdout,
+                        std::string_view(data, len));
+    s_.conn().send(stream_, frame.data(), frame.size());
+  }
+  size_t out_queued() const override {
+    // Same per-stream limit the H2 connection drains against (on_drain resumes).
+    size_t q = s_.conn().outbound(stream_);
+    return q > s_.conn().settings().out_high_water ? ExecEngine::kOutHighWater + 1 : 0;
+  }
+  void on_stdin_consumed(size_t n) override {
+    (void)n;
+    // Return flow-control window only while the engine's stdin buffer has room.
+    if (engine_.stdin_queued() < ExecEngine::kStdinHighWater && owed_ > 0) {
+      s_.conn().consume(stream_, owed_);
+      owed_ = 0;
+    }
+  }
+  void on_exit(const ExecResult& r) override {
+    finished_ = true;
+    nlohmann::json st = {{"exit_code", r.exit_code}};
+    if (r.signal) st["signal"] = r.signal;
+    if (!r.error.empty()) st["error"] = r.error;
+    if (!r.killed.empty()) st["killed"] = r.killed;
+    std::string frame;
+    proto::append_frame(frame, proto::FrameType::Status, st.dump());
     // Last, touching nothing of ours afterwards: when the client already
     // ended its side, end() closes the stream and the session destroys this
     // handler before it returns.
@@ -359,39 +442,56 @@ class Exec : public StreamHandler {
     s.conn().end(stream);
   }
 
-  // The session owns its processes: when it ends they end (docs/design.md).
-  void kill_all() {
-    if (proc_.pidfd) pidfd_signal(proc_.pidfd.get(), SIGKILL);
-    if (proc_.pid > 0) ::kill(-proc_.pid, SIGKILL);  // its process group (it called setsid)
-    if (cg_) {
-      try {
-        cg_->kill_all();
-      } catch (const std::exception& e) {
-        log::warn("session cgroup kill failed", {{"error", e.what()}});
+  // StreamHandler
+  void on_data(const uint8_t* data, size_t len) override {
+    dec_.feed(std::string_view(reinterpret_cast<const char*>(data), len));
+    owed_ += len;
+    while (auto f = dec_.next()) {
+      switch (f->type) {
+        case proto::FrameType::Stdin:
+          engine_.write_stdin(reinterpret_cast<const uint8_t*>(f->payload.data()), f->payload.size());
+          break;
+        case proto::FrameType::StdinEof:
+          engine_.close_stdin();
+          break;
+        case proto::FrameType::Resize: {
+          uint16_t c, r;
+          if (tty_ && proto::parse_resize(f->payload, c, r)) engine_.resize(c, r);
+          break;
+        }
+        default:
+          break;
       }
+      if (finished_) return;
     }
-    if (proc_.pidfd && !exited_) {
-      siginfo_t si{};
-      waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(proc_.pidfd.get()), &si, WEXITED);
-      exited_ = true;
+    if (!dec_.error().empty()) {
+      log::warn("bad exec frame from client", {{"error", dec_.error()}});
+      s_.conn().reset(stream_, NGHTTP2_PROTOCOL_ERROR);
+      return;
     }
+    on_stdin_consumed(0);
   }
 
+  void on_remote_end() override { engine_.close_stdin(); }
+  void on_drain() override { engine_.resume_output(); }
+  void on_close(uint32_t code) override {
+    if (!finished_) abort(code ? "stream reset by client" : "stream closed");
+  }
+  void abort(const std::string& why) override {
+    if (finished_) return;
+    finished_ = true;
+    engine_.abort(why);
+  }
+  void container_exited() override {}  // the command dies with the pid namespace; its exit is reported
+  bool done() const override { return finished_; }
+
+ private:
   Session& s_;
   int32_t stream_;
-  bool tty_ = false, stdin_ = false;
-  nsenter::Spawned proc_;
-  cgroup::Membership membership_;
-  std::optional<cgroup::SessionCgroup> cg_;
-  Fd in_fd_, out_fd_, err_fd_;
-  event *ev_out_ = nullptr, *ev_err_ = nullptr, *ev_in_ = nullptr, *ev_exit_ = nullptr, *ev_drain_ = nullptr;
+  bool tty_ = false, finished_ = false;
   proto::FrameDecoder dec_;
-  std::string stdin_buf_;
-  size_t owed_ = 0;
-  bool stdin_eof_ = false, stdin_closed_ = false, paused_ = false;
-  bool out_eof_ = false, err_eof_ = false, exited_ = false, finished_ = false;
-  int exit_code_ = 0, signal_ = 0;
-  int64_t bytes_out_ = 0, bytes_err_ = 0;
+  size_t owed_ = 0;  // received bytes whose flow-control window is not returned yet
+  ExecEngine engine_;
 };
 
 }  // namespace

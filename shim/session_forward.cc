@@ -16,6 +16,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "shim/session_internal.h"
+#include "shim/session_netns.h"
 
 namespace shimlet::session {
 namespace {
@@ -23,46 +24,6 @@ namespace {
 constexpr size_t kChunk = 64 * 1024;
 constexpr size_t kSockBufHigh = 1u << 20;  // bytes from the client not yet written to the socket
 constexpr int kUdpIdleSeconds = 120;
-
-// Creates a socket in the container's network namespace and returns to ours.
-Fd socket_in_netns(const Session& s, int family, int type) {
-  int target = -1;
-  for (auto& [kind, fd] : s.container().ns_fds)
-    if (kind == "net") target = fd;
-  if (target < 0) {  // the container shares our network namespace
-    Fd fd(::socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-    if (!fd) throw sys_error("socket");
-    return fd;
-  }
-  if (::setns(target, CLONE_NEWNET) < 0) throw sys_error("setns(container net)");
-  Fd fd(::socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-  int err = errno;
-  if (::setns(s.own_netns(), CLONE_NEWNET) < 0) {
-    // We cannot continue in the wrong namespace: every later socket would be misplaced.
-    log::error("cannot return to the session's network namespace", {{"errno", strerror(errno)}});
-    _exit(70);
-  }
-  if (!fd) throw sys_error("socket in the container's network namespace", err);
-  return fd;
-}
-
-sockaddr_storage loopback(int family, uint16_t port, socklen_t& len) {
-  sockaddr_storage ss{};
-  if (family == AF_INET) {
-    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
-    a->sin_family = AF_INET;
-    a->sin_port = htons(port);
-    a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    len = sizeof(sockaddr_in);
-  } else {
-    auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
-    a->sin6_family = AF_INET6;
-    a->sin6_port = htons(port);
-    a->sin6_addr = in6addr_loopback;
-    len = sizeof(sockaddr_in6);
-  }
-  return ss;
-}
 
 class Forward : public StreamHandler {
  public:
@@ -72,11 +33,11 @@ class Forward : public StreamHandler {
   void start() {
     log::audit("portforward.open", {{"port", port_}, {"proto", udp_ ? "udp" : "tcp"}, {"stream", stream_}});
     if (udp_) return start_udp();
-    try_connect(AF_INET);
+    connect();
   }
 
   void on_data(const uint8_t* data, size_t len) override {
-    if (!sock_ || failed_) {
+    if (failed_ || (udp_ && !sock_)) {
       s_.conn().consume(stream_, len);
       return;
     }
@@ -97,6 +58,8 @@ class Forward : public StreamHandler {
       touch();
       return;
     }
+    // Held while the connection is still being made (bounded: the window is
+    // returned only once bytes reach the socket).
     out_.append(reinterpret_cast<const char*>(data), len);
     owed_ += len;
     flush_out();
@@ -139,42 +102,15 @@ class Forward : public StreamHandler {
   }
 
  private:
-  void try_connect(int family) {
-    family_ = family;
-    try {
-      sock_ = socket_in_netns(s_, family, SOCK_STREAM);
-    } catch (const std::exception& e) {
-      return fail(502, e.what());
-    }
-    int one = 1;
-    setsockopt(sock_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    socklen_t len;
-    sockaddr_storage ss = loopback(family, port_, len);
-    int r = ::connect(sock_.get(), reinterpret_cast<sockaddr*>(&ss), len);
-    if (r == 0) return connected();
-    if (errno != EINPROGRESS) return connect_failed(errno);
-    ev_conn_ = event_new(s_.base(), sock_.get(), EV_WRITE, on_connect_done, this);
-    timeval tv{10, 0};
-    event_add(ev_conn_, &tv);
-  }
-
-  static void on_connect_done(evutil_socket_t fd, short what, void* arg) {
-    auto* self = static_cast<Forward*>(arg);
-    event_free(self->ev_conn_);
-    self->ev_conn_ = nullptr;
-    if (what & EV_TIMEOUT) return self->connect_failed(ETIMEDOUT);
-    int err = 0;
-    socklen_t len = sizeof err;
-    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-    if (err) return self->connect_failed(err);
-    self->connected();
-  }
-
-  void connect_failed(int err) {
-    sock_.reset();
-    // As kubelet does: IPv4 loopback first, then IPv6 loopback.
-    if (family_ == AF_INET) return try_connect(AF_INET6);
-    fail(502, "cannot connect to port " + std::to_string(port_) + " in the container: " + strerror(err));
+  void connect() {
+    // Connected or not, the connector reports from the loop, never from inside start().
+    connector_ = std::make_unique<LoopbackConnector>(s_, port_, [this](Fd sock, const std::string& error) {
+      auto keep = std::move(connector_);  // destroyed when this callback returns
+      if (!sock) return fail(502, error);
+      sock_ = std::move(sock);
+      connected();
+    });
+    connector_->start();
   }
 
   void fail(int status, const std::string& why) {
@@ -195,7 +131,7 @@ class Forward : public StreamHandler {
     try {
       sock_ = socket_in_netns(s_, AF_INET, SOCK_DGRAM);
       socklen_t len;
-      sockaddr_storage ss = loopback(AF_INET, port_, len);
+      sockaddr_storage ss = loopback_addr(AF_INET, port_, len);
       if (::connect(sock_.get(), reinterpret_cast<sockaddr*>(&ss), len) < 0) throw sys_error("connect udp");
     } catch (const std::exception& e) {
       return fail(502, e.what());
@@ -296,7 +232,8 @@ class Forward : public StreamHandler {
   }
 
   void stop() {
-    for (event** e : {&ev_read_, &ev_write_, &ev_conn_, &ev_idle_})
+    connector_.reset();
+    for (event** e : {&ev_read_, &ev_write_, &ev_idle_})
       if (*e) {
         event_free(*e);
         *e = nullptr;
@@ -308,9 +245,9 @@ class Forward : public StreamHandler {
   int32_t stream_;
   uint16_t port_;
   bool udp_;
-  int family_ = AF_INET;
   Fd sock_;
-  event *ev_read_ = nullptr, *ev_write_ = nullptr, *ev_conn_ = nullptr, *ev_idle_ = nullptr;
+  std::unique_ptr<LoopbackConnector> connector_;
+  event *ev_read_ = nullptr, *ev_write_ = nullptr, *ev_idle_ = nullptr;
   std::string out_, dgram_in_;
   size_t owed_ = 0;
   bool remote_ended_ = false, shut_wr_ = false, sock_eof_ = false, paused_ = false, failed_ = false, closed_ = false;

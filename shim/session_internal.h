@@ -11,21 +11,10 @@
 #include "common/fd.h"
 #include "nsenter/nsenter.h"
 #include "proto/h2.h"
+#include "shim/session_context.h"
 #include "ticket/ticket.h"
 
 namespace shimlet::session {
-
-struct Config {
-  std::string id;  // container id (tickets' aud)
-  pid_t pid = 0;   // container init (host pid)
-  std::string bundle;
-  std::vector<ticket::TrustedKey> keys;
-  int64_t max_ticket_lifetime_s = 300;
-  int64_t clock_leeway_s = 5;
-  int drain_timeout_ms = 2000;
-  std::string tls_cert, tls_key;
-};
-Config load_config(const std::string& path);
 
 class Session;
 
@@ -53,25 +42,20 @@ void resume_forward(StreamHandler& h);
 std::unique_ptr<StreamHandler> start_exec(Session& s, int32_t stream, const proto::Headers& h,
                                           const ticket::Claims& claims);
 
-class Session : public proto::H2Conn::Handler {
+// The native front door: HTTP/2 over an established TLS connection (ALPN h2).
+class Session : public Context, public FrontDoor, public proto::H2Conn::Handler {
  public:
   Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd, SSL* ssl);
   ~Session() override;
 
-  event_base* base() const { return base_; }
   proto::H2Conn& conn() { return *conn_; }
-  const Config& config() const { return cfg_; }
-  const nsenter::Container& container() const { return ctr_; }
-  const std::string& sid() const { return sid_; }
-  const std::string& peer() const { return peer_; }
   // Refuses a request with an HTTP status and one clear line (and logs it).
   void refuse(int32_t stream, int status, const std::string& why, const std::string& event = "request.refused");
   // Ends the whole session (after in-flight frames are written).
   void finish();
-  void container_exited();
-  int exit_code() const { return exit_code_; }
-  // Our own network namespace (to return to after creating a socket inside the container's).
-  int own_netns() const { return own_netns_.get(); }
+  void container_exited() override;
+  int exit_code() const override { return exit_code_; }
+  void terminate(const std::string& why) override { on_closed(why); }
   // True when the connection holds more outbound bytes than the session budget.
   bool over_budget() const { return conn_->total_outbound() > kSessionOutBudget; }
   static constexpr size_t kSessionOutBudget = 32u << 20;
@@ -88,17 +72,11 @@ class Session : public proto::H2Conn::Handler {
 
  private:
   std::optional<ticket::Claims> authenticate(int32_t stream, const proto::Headers& h, const std::string& verb);
-  bool consume_jti(const ticket::Claims& c, std::string& why);
 
-  event_base* base_;
-  Config cfg_;
-  nsenter::Container ctr_;
-  int shim_fd_;
   std::unique_ptr<proto::H2Conn> conn_;
   std::map<int32_t, std::unique_ptr<StreamHandler>> streams_;
-  std::string sid_, peer_, peer_jkt_, accepted_token_;
+  std::string accepted_token_;
   std::optional<ticket::Claims> accepted_claims_;
-  Fd own_netns_;
   bool exec_started_ = false;
   bool finishing_ = false;
   int exit_code_ = 0;

@@ -1,0 +1,85 @@
+// What every front door of a session (native HTTP/2, Kubernetes HTTP/1.1) and
+// every request handler (exec, port-forward, SPDY) share: the loop, the
+// config, the container, and ticket verification + single-use consumption.
+// Internal to shimlet-session (not a public header).
+#pragma once
+#include <event2/event.h>
+#include <openssl/ssl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/fd.h"
+#include "nsenter/nsenter.h"
+#include "shim/session_isolation.h"
+#include "ticket/ticket.h"
+
+namespace shimlet::session {
+
+struct Config {
+  std::string id;  // container id (tickets' aud)
+  pid_t pid = 0;   // container init (host pid)
+  std::string bundle;
+  std::vector<ticket::TrustedKey> keys;
+  int64_t max_ticket_lifetime_s = 300;
+  int64_t clock_leeway_s = 5;
+  int drain_timeout_ms = 2000;
+  std::string tls_cert, tls_key;
+  Isolation isolation;  // per-session cgroup, SELinux label, Landlock (shim/session_isolation.h)
+};
+Config load_config(const std::string& path);
+
+// Outcome of a ticket check: claims, or an HTTP status and one clear line.
+struct AuthResult {
+  std::optional<ticket::Claims> claims;
+  int status = 0;
+  std::string why;
+};
+
+class Context {
+ public:
+  Context(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd);
+  virtual ~Context() = default;
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  event_base* base() const { return base_; }
+  const Config& config() const { return cfg_; }
+  const nsenter::Container& container() const { return ctr_; }
+  const std::string& sid() const { return sid_; }
+  const std::string& peer() const { return peer_; }
+  // Our own network namespace (to return to after creating a socket inside the container's).
+  int own_netns() const { return own_netns_.get(); }
+  // Records the TLS client certificate's key (cnf.jkt checks) after the handshake.
+  void set_peer_cert(SSL* ssl);
+
+  // Signature, aud, verb, lifetime and cnf.jkt against the client
+  // certificate. Does not consume the jti.
+  AuthResult verify_ticket(const std::string& token, const std::string& verb) const;
+  // Asks the shim's replay cache to consume the ticket's jti (fail closed).
+  bool consume_jti(const ticket::Claims& c, std::string& why);
+  // verify_ticket + consume_jti + audit context (user, jti): a ticket's one use.
+  AuthResult authenticate_once(const std::string& token, const std::string& verb);
+
+ protected:
+  event_base* base_;
+  Config cfg_;
+  nsenter::Container ctr_;
+  int shim_fd_;
+  std::string sid_, peer_, peer_jkt_;
+  Fd own_netns_;
+};
+
+// What main() drives once TLS is up: the native HTTP/2 Session (ALPN h2) or
+// the Kubernetes HTTP/1.1 front door (session_k8s.h).
+struct FrontDoor {
+  virtual ~FrontDoor() = default;
+  // SIGTERM from the shim: kill everything, end the loop.
+  virtual void terminate(const std::string& why) = 0;
+  // The container's init exited.
+  virtual void container_exited() = 0;
+  virtual int exit_code() const = 0;
+};
+
+}  // namespace shimlet::session
