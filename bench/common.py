@@ -65,12 +65,12 @@ def require_bins(*names):
 class HookedContainer:
     """A runc container with createRuntime/poststop hooks and its own state dir."""
 
-    def __init__(self, args=("sleep", "100000"), name=None, edit=None):
+    def __init__(self, args=("sleep", "100000"), name=None, edit=None, hook_config=None):
         self.tmp = tempfile.mkdtemp(prefix="shimlet-bench-")
         self.state = os.path.join(self.tmp, "state")
         cfg = os.path.join(self.tmp, "hook.json")
         with open(cfg, "w") as f:
-            json.dump({"state_dir": self.state, "listen": "127.0.0.1:0"}, f)
+            json.dump({"state_dir": self.state, "listen": "127.0.0.1:0", **(hook_config or {})}, f)
         hook = {"path": os.path.join(BIN, "shimlet-hook"), "args": ["shimlet-hook", "--config", cfg]}
         try:
             self.c = containers.Container(name=name, args=args, edit=edit,

@@ -10,7 +10,8 @@ namespace shimlet::client {
 namespace {
 
 constexpr const char* kExecUsage =
-    "shimctl [--local [--state-dir DIR] | --server URL --token T | --kubeconfig F] exec [-i] [-t] [-n NS] TARGET [-c "
+    "shimctl [--local [--state-dir DIR] | [--proxy] --server URL --token T | --kubeconfig F] exec [-i] [-t] [-n NS] "
+    "TARGET [-c "
     "CONTAINER] -- CMD [ARGS...]";
 constexpr const char* kPortForwardUsage =
     "shimctl [--local] [--state-dir DIR] port-forward [-n NS] TARGET [-c CONTAINER] [--address ADDR[,ADDR]] "
@@ -55,6 +56,10 @@ Invocation parse_args(const std::vector<std::string>& argv) {
   app.add_option("--client-key", inv.master.client_key, "Key of --client-certificate (PEM)");
   app.add_option("--kubeconfig", inv.master.kubeconfig, "kubeconfig file (default $KUBECONFIG or ~/.kube/config)");
   app.add_option("--context", inv.master.context, "kubeconfig context (default its current-context)");
+  bool proxy = false;
+  app.add_flag("--proxy", proxy,
+               "Reach the shim through the master's tunnel (default: directly, through the master only when the "
+               "node does not answer within 2 s)");
   app.require_subcommand(1);
 
   CLI::App* exec = app.add_subcommand("exec", "Execute a command in a container");
@@ -64,6 +69,15 @@ Invocation parse_args(const std::vector<std::string>& argv) {
   exec->add_flag("-i,--stdin", inv.exec.stdin_, "Pass stdin to the container");
   exec->add_flag("-t,--tty", inv.exec.tty, "Stdin is a TTY");
   exec->add_option("-c,--container", inv.exec.container, "Container name within the pod");
+  exec->add_option("--limit-pids", inv.exec.limits.pids, "Session pids limit (--local; capped by the shim's config)")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{4194304}));
+  exec->add_option("--limit-memory", inv.exec.limits.memory,
+                   "Session memory limit, e.g. 64M (--local; capped by the shim's config)")
+      ->transform(CLI::AsSizeValue(false))
+      ->check(CLI::Range(uint64_t{1} << 20, uint64_t{1} << 50));
+  exec->add_option("--limit-cpu-weight", inv.exec.limits.cpu_weight,
+                   "Session CPU weight 1..10000 (--local; capped by the shim's config)")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{10000}));
   exec->add_option("TARGET", positional, "Container id, unique id prefix, or pod name");
 
   CLI::App* pf = app.add_subcommand("port-forward", "Forward local ports (or stdin/stdout) to ports in a container");
@@ -113,6 +127,8 @@ Invocation parse_args(const std::vector<std::string>& argv) {
   }
 
   inv.state_dir = state_dir.empty() ? default_state_dir() : state_dir;
+  if (proxy && inv.local) throw UsageError("--proxy goes through the master; it cannot be combined with --local");
+  inv.proxy = proxy ? ProxyMode::Always : ProxyMode::Auto;
   inv.ns_set = ns_opt->count() > 0;
   if (exec->parsed()) {
     inv.verb = "exec";

@@ -9,6 +9,7 @@
 
 #include "common/error.h"
 #include "proto/tls.h"
+#include "ticket/ticket.h"
 
 namespace shimlet::client {
 
@@ -18,10 +19,14 @@ struct UsageError : Error {
 };
 
 inline constexpr int kOwnErrorExit = 255;  // like ssh
+// The shim killed the session for exceeding its pids/memory limit (STATUS
+// "killed"; docs/design.md "Exec"); printed as "error: session killed: ...".
+inline constexpr int kSessionKilledExit = 254;
 inline constexpr const char* kDefaultStateDir = "/run/shimlet";
 
 struct ExecOptions {
   std::string target;                // container id, unique id prefix, or pod name
+  ticket::Limits limits;             // --limit-*: the ticket's "limits" claim (--local; capped by the shim)
   std::string container;             // -c: container name within the pod
   bool stdin_ = false;               // -i
   bool tty = false;                  // -t
@@ -62,6 +67,13 @@ struct MasterFlags {
   std::string context;      // --context (else current-context)
 };
 
+// How shimctl reaches the shim in master mode (docs/design.md "Proxy mode").
+enum class ProxyMode {
+  Auto,    // direct TCP to the shim; the master's tunnel when that fails within kDirectConnectTimeoutMs
+  Always,  // --proxy: always through the master's tunnel
+};
+inline constexpr int kDirectConnectTimeoutMs = 2000;
+
 struct Invocation {
   bool help = false;  // -h/--help: help_text goes to stdout, exit 0
   std::string help_text;
@@ -70,6 +82,7 @@ struct Invocation {
   std::string ns = "default";  // -n/--namespace (pod name lookups)
   bool ns_set = false;         // -n given (else the kubeconfig context's namespace applies in master mode)
   MasterFlags master;
+  ProxyMode proxy = ProxyMode::Auto;
   std::string verb;  // "exec" | "port-forward"
   ExecOptions exec;
   PortForwardOptions pf;
@@ -105,6 +118,12 @@ struct Grant {
   std::string endpoint;  // "host:port" / "[v6]:port"
   std::string pin;       // "sha256/<base64>"
   std::string ticket;    // compact JWS
+  // Master mode: how to ask the master for a tunnel to this shim when it
+  // cannot (or, with --proxy, must not) be reached directly. Empty
+  // tunnel_path = local mode: direct only.
+  std::string tunnel_path;  // /apis/shimlet.io/v1/namespaces/NS/pods/POD/tunnel?container=C
+  ProxyMode proxy = ProxyMode::Auto;
+  const Invocation* inv = nullptr;  // for the master's address and credentials
 };
 // The one place that decides where endpoint+pin+ticket come from. Local mode
 // reads the state dir and mints with STATE_DIR/local.key; the master mode

@@ -66,7 +66,9 @@ class ExecClient : public proto::H2Conn::Handler {
  private:
   // ---- connection setup ----
   void start_connect() {
-    sock_ = client::start_connect(grant_.endpoint);
+    ShimLink link = connect_shim(base_.get(), grant_);
+    sock_ = std::move(link.fd);
+    bridge_ = std::move(link.bridge);
     connect_ev_.reset(event_new(base_.get(), sock_.get(), EV_WRITE, &ExecClient::on_connect_cb, this));
     timeval tv{kConnectTimeoutS, 0};
     event_add(connect_ev_.get(), &tv);
@@ -309,6 +311,12 @@ class ExecClient : public proto::H2Conn::Handler {
     std::string msg;
     if (auto e = j.find("error"); e != j.end() && e->is_string() && !e->get<std::string>().empty())
       msg = "error: " + one_line(e->get<std::string>(), 4096);
+    // Killed by the shim for a session limit: a distinct exit code, so
+    // scripts can tell it from the command's own status.
+    if (auto k = j.find("killed"); k != j.end() && k->is_string()) {
+      if (msg.empty()) msg = "error: session killed: " + one_line(k->get<std::string>(), 64) + " limit exceeded";
+      return finish(kSessionKilledExit, msg);
+    }
     finish(static_cast<int>(code->get<int64_t>()), msg);
   }
 
@@ -406,6 +414,7 @@ class ExecClient : public proto::H2Conn::Handler {
   const ExecOptions& ex_;
   proto::SslCtx ctx_;
   EventBase base_;
+  TunnelBridgePtr bridge_;  // proxy mode: the pump into the master's tunnel (before base_ goes)
   Fd sock_;
   Event connect_ev_, start_ev_, stdin_ev_, winch_ev_, grace_ev_, pump_ev_, out_ev_[2];
   std::unique_ptr<proto::H2Conn> conn_;

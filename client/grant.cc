@@ -45,6 +45,7 @@ Grant local_exec_grant(const std::string& state_dir, const std::string& ns, cons
   c.cmd = ex.command;
   c.stdin_ = ex.stdin_;
   c.tty = ex.tty;
+  c.limits = ex.limits;
   return sign_local(state_dir, reg, std::move(c), client, now);
 }
 
@@ -81,7 +82,12 @@ Grant sign_local(const std::string& state_dir, const Registration& reg, ticket::
   c.sid = base64url_encode(random_bytes(12));
   // Bind the ticket to this run's TLS key: a stolen ticket is useless without it.
   c.cnf_jkt = ticket::jkt_of_public_pem(ticket::PrivateKey::from_pem(client.key_pem).public_pem());
-  return Grant{reg.id, reg.endpoint, reg.pin, key.sign(c, "local")};
+  Grant g;
+  g.container_id = reg.id;
+  g.endpoint = reg.endpoint;
+  g.pin = reg.pin;
+  g.ticket = key.sign(c, "local");
+  return g;
 }
 
 }  // namespace

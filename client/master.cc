@@ -123,7 +123,8 @@ void merge_kubeconfig(KubeConfig& kc, std::string_view text, const std::string& 
       std::string cd = scalar(u, "client-certificate-data", w), kd = scalar(u, "client-key-data", w);
       if (!cd.empty()) out.cert_pem = decode_data(cd, w + ": client-certificate-data");
       if (!kd.empty()) out.key_pem = decode_data(kd, w + ": client-key-data");
-      if (u.get("exec") || u.get("auth-provider")) out.unsupported = "exec/auth-provider credential plugins are not supported";
+      if (u.get("exec") || u.get("auth-provider"))
+        out.unsupported = "exec/auth-provider credential plugins are not supported";
       return out;
     });
     named_list(root, "contexts", "context", kc.contexts, path, [&](const yaml::Node& c, const std::string& w) {
@@ -263,8 +264,19 @@ Grant request_grant(const Invocation& inv, const std::string& pod, const std::st
       throw Error(std::string("the master's grant has no valid \"") + k + "\"");
     return g[k].get<std::string>();
   };
-  Grant out{field("container_id"), field("endpoint"), field("pin"), field("ticket")};
+  Grant out;
+  out.container_id = field("container_id");
+  out.endpoint = field("endpoint");
+  out.pin = field("pin");
+  out.ticket = field("ticket");
   if (out.pin.rfind("sha256/", 0) != 0) throw Error("the master's grant has a malformed pin");
+  // The tunnel names the pod and container; the master looks the endpoint up
+  // itself (never from us), and the pin above still authenticates the shim.
+  out.tunnel_path = "/apis/shimlet.io/v1/namespaces/" + masterclient::path_segment(ns) + "/pods/" +
+                    masterclient::path_segment(pod) +
+                    "/tunnel?container=" + masterclient::path_segment(field("container"));
+  out.proxy = inv.proxy;
+  out.inv = &inv;
   return out;
 }
 

@@ -318,7 +318,9 @@ class Forwarder : public proto::H2Conn::Handler {
  private:
   // ---- connection setup ----
   void start_connect() {
-    sock_ = client::start_connect(grant_.endpoint);
+    ShimLink link = connect_shim(base_.get(), grant_);
+    sock_ = std::move(link.fd);
+    bridge_ = std::move(link.bridge);
     connect_ev_.reset(event_new(base_.get(), sock_.get(), EV_WRITE, &Forwarder::on_connect_cb, this));
     timeval tv{kConnectTimeoutS, 0};
     event_add(connect_ev_.get(), &tv);
@@ -594,6 +596,7 @@ class Forwarder : public proto::H2Conn::Handler {
   const PortForwardOptions& pf_;
   proto::SslCtx ctx_;
   EventBase base_;
+  TunnelBridgePtr bridge_;  // proxy mode: the pump into the master's tunnel (before base_ goes)
   Fd sock_;
   Event connect_ev_, defer_ev_, grace_ev_, accept_retry_ev_;
   std::vector<Event> signals_;

@@ -216,8 +216,9 @@ int Http1Parser::fail(int status, std::string why) {
 }
 
 bool Http1Parser::feed(const char* data, size_t len) {
+  consumed_ = 0;
   if (err_status_ || upgraded_) return false;
-  http_parser_execute(parser_.get(), &kH1Settings, data, len);
+  consumed_ = http_parser_execute(parser_.get(), &kH1Settings, data, len);
   if (HTTP_PARSER_ERRNO(parser_.get()) != HPE_OK) {
     if (!err_status_) {
       err_status_ = 400;
@@ -231,6 +232,8 @@ bool Http1Parser::feed(const char* data, size_t len) {
 }
 
 // ---------------------------------------------------------------- server
+
+void BufferEventFree::operator()(bufferevent* b) const { bufferevent_free(b); }
 
 struct Server::Impl {
   event_base* base;
@@ -269,6 +272,7 @@ struct Server::Conn {
   event* linger = nullptr;
   bool closing = false;
   std::vector<std::pair<Request, bool>> pending;  // completed HTTP/1.1 requests
+  UpgradeHandler takeover;                        // set: hand the connection over after this read
 
   ~Conn() {
     if (h2) nghttp2_session_del(h2);
@@ -289,19 +293,28 @@ struct Server::Conn {
   }
 
   // --- HTTP/1.1
-  void h1_input(const char* data, size_t len) {
+  // Returns the bytes used; fewer than len only when the connection is being
+  // taken over (the rest belongs to the upgraded protocol).
+  size_t h1_input(const char* data, size_t len) {
     bool ok = h1->feed(data, len);
+    size_t used = h1->consumed();
     for (auto& [req, keep] : pending) {
       req.peer_ip = peer_ip;
       req.peer_port = peer_port;
       req.ssl = ssl;
-      Response resp = req.upgrade ? status_error(400, "protocol upgrades are not supported") : run(req);
+      Response resp = run(req);
       if (closing) continue;
+      if (req.upgrade && resp.upgrade) {
+        takeover = std::move(resp.upgrade);
+        pending.clear();
+        return used;
+      }
       std::string s = serialize_http1(resp, keep, req.method == "HEAD");
       evbuffer_add(output(), s.data(), s.size());
       if (!keep) closing = true;
     }
     pending.clear();
+    if (h1->upgraded()) closing = true;  // an upgrade that was answered, not taken over
     if (!ok && !closing) {
       if (h1->error_status()) {
         std::string s = serialize_http1(status_error(h1->error_status(), h1->error()), false, false);
@@ -309,7 +322,7 @@ struct Server::Conn {
       }
       closing = true;
     }
-    if (closing) return;  // input is drained while the answer goes out (see linger)
+    if (closing) return len;  // input is drained while the answer goes out (see linger)
     if (h1->in_request()) {
       if (!evtimer_pending(deadline, nullptr)) {
         timeval tv{srv->limits.request_timeout_s, 0};
@@ -317,6 +330,26 @@ struct Server::Conn {
       }
     } else {
       evtimer_del(deadline);
+    }
+    return len;
+  }
+
+  // Detaches the connection from the server and gives it to the upgrade
+  // handler; `this` is gone afterwards.
+  void hand_over() {
+    UpgradeHandler h = std::move(takeover);
+    evtimer_del(deadline);
+    bufferevent_setcb(bev, nullptr, nullptr, nullptr, nullptr);
+    bufferevent_set_timeouts(bev, nullptr, nullptr);
+    bufferevent_disable(bev, EV_READ);
+    Upgraded up{srv->base, BevPtr(bev)};
+    bev = nullptr;
+    srv->close(this);
+    try {
+      h(std::move(up));
+    } catch (const std::exception& e) {
+      // The handler owned the connection; it is closed with `up`.
+      log::error("upgrade handler failed", {{"error", e.what()}});
     }
   }
 
@@ -507,8 +540,12 @@ struct Server::Conn {
           break;
         }
       } else {
-        c->h1_input(data, len);
-        evbuffer_drain(in, len);
+        size_t used = c->h1_input(data, len);
+        evbuffer_drain(in, used);
+        if (c->takeover) {
+          c->hand_over();  // `c` is gone
+          return;
+        }
       }
     }
     c->after_io();

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+struct bufferevent;
 struct event_base;
 struct http_parser;
 
@@ -31,7 +32,7 @@ struct Request {
   std::string peer_ip;
   uint16_t peer_port = 0;
   SSL* ssl = nullptr;    // the connection (peer certificate), valid while handling
-  bool upgrade = false;  // HTTP/1.1 Upgrade / CONNECT request (not served yet)
+  bool upgrade = false;  // HTTP/1.1 Upgrade / CONNECT request (a handler may take the connection over)
 
   // First header with that (lower-case) name, or "".
   std::string header(std::string_view name) const;
@@ -40,11 +41,30 @@ struct Request {
   std::multimap<std::string, std::string> query_params() const;
 };
 
+struct BufferEventFree {
+  void operator()(bufferevent* b) const;
+};
+// Owns a bufferevent: freeing it closes the socket (and frees its SSL).
+using BevPtr = std::unique_ptr<bufferevent, BufferEventFree>;
+
+// A client connection handed over after an HTTP/1.1 upgrade request. Bytes
+// the client sent after the request head are left in bev's input buffer; the
+// receiver owns the connection (callbacks and timeouts are reset to none).
+struct Upgraded {
+  event_base* base = nullptr;
+  BevPtr bev;
+};
+using UpgradeHandler = std::function<void(Upgraded)>;
+
 struct Response {
   int status = 200;
   std::string content_type = "application/json";
   std::string body;
   std::vector<std::pair<std::string, std::string>> headers;
+  // Only for an HTTP/1.1 upgrade request: when set, the server writes nothing
+  // and hands the connection to it (status is only what gets audited).
+  // Otherwise an upgrade request gets the response and the connection closes.
+  UpgradeHandler upgrade;
 };
 
 using Handler = std::function<Response(const Request&)>;
@@ -81,6 +101,9 @@ class Http1Parser {
   const std::string& error() const { return err_; }
   bool in_request() const { return in_message_; }
   bool upgraded() const { return upgraded_; }
+  // Bytes of the last feed() that belong to the request(s): after an upgrade
+  // request the rest belongs to the upgraded protocol.
+  size_t consumed() const { return consumed_; }
 
   struct Cb;  // http_parser callbacks (http.cc)
 
@@ -91,7 +114,7 @@ class Http1Parser {
   Request cur_;
   std::string field_, value_;
   bool last_was_value_ = false, in_message_ = false, upgraded_ = false;
-  size_t header_bytes_ = 0;
+  size_t header_bytes_ = 0, consumed_ = 0;
   int err_status_ = 0;
   std::string err_;
   void finish_header();

@@ -81,6 +81,9 @@ int main(int argc, char** argv) {
   app.add_option("--lease-duration", lease, "registration lease (e.g. 60s, 2m)")->capture_default_str();
   app.add_option("--ticket-lifetime", ticket_life, "ticket validity (≤ the shims' max_ticket_lifetime_s)")
       ->capture_default_str();
+  app.add_option("--kube-version", cfg.kube_version,
+                 "gitVersion served at /version (kubectl's dispatcher picks its client version by it)")
+      ->capture_default_str();
   app.add_option("--max-request-body-bytes", cfg.limits.max_body_bytes)->capture_default_str();
   app.add_option("--max-request-header-bytes", cfg.limits.max_header_bytes)->capture_default_str();
   app.add_option("--request-timeout", cfg.limits.request_timeout_s, "seconds for a request to arrive")
@@ -102,6 +105,9 @@ int main(int argc, char** argv) {
       log::warn("no --authorization-policy-file: every request will be denied");
 
     signal(SIGPIPE, SIG_IGN);
+    // The loop outlives the master: its relays free bufferevents of this base.
+    std::unique_ptr<event_base, EventBaseFree> base(event_base_new());
+    if (!base) throw Error("event_base_new failed");
     master::Master m(cfg);
     auto ctx = proto::make_server_ctx(slurp(cfg.tls_cert_file), slurp(cfg.tls_private_key_file), true);
     // The full chain for clients that need intermediates.
@@ -114,8 +120,6 @@ int main(int argc, char** argv) {
       if (!names) throw Error("cannot read client CA names from " + cfg.client_ca_file);
       SSL_CTX_set_client_CA_list(ctx.get(), names);
     }
-    std::unique_ptr<event_base, EventBaseFree> base(event_base_new());
-    if (!base) throw Error("event_base_new failed");
     master::Server server(
         base.get(), ctx.get(), [&m](const master::Request& r) { return m.handle(r); }, cfg.limits);
     uint16_t port = server.listen(cfg.bind_address, cfg.secure_port);

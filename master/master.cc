@@ -6,6 +6,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "master/kube.h"
 #include "proto/tls.h"
 
 namespace shimlet::master {
@@ -77,11 +78,6 @@ std::string forbidden_message(const Attributes& a) {
 
 }  // namespace
 
-struct Master::Ctx {
-  Identity id;
-  json ev = json::object();
-};
-
 Master::Master(const Config& cfg)
     : Master(cfg, load_authn(cfg), load_policy(cfg), load_key(cfg),
              cfg.audit_log_path.empty() ? AuditLog() : AuditLog(cfg.audit_log_path)) {}
@@ -96,6 +92,14 @@ Master::Master(const Config& cfg, Authenticator authn, Policy policy, ticket::Pr
   grant_cfg_.issuer = cfg.issuer;
   grant_cfg_.kid = cfg.ticket_key_id;
   grant_cfg_.lifetime_s = cfg.ticket_lifetime_s;
+  kube::version_json(cfg.kube_version);  // validates the flag
+  // The relay's identity lives only in memory: tickets minted for kubectl are
+  // bound to it, so they are useless to anyone but this process.
+  proto::Identity id = proto::generate_identity("shimlet-master-relay");
+  relay_ctx_ = proto::make_client_ctx(id);
+  static const unsigned char alpn[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
+  SSL_CTX_set_alpn_protos(relay_ctx_.get(), alpn, sizeof alpn);
+  relay_jkt_ = ticket::jkt_of_public_pem(ticket::PrivateKey::from_pem(id.key_pem).public_pem());
 }
 
 void Master::expire_leases() {
@@ -114,6 +118,8 @@ Response Master::handle(const Request& req) {
     r.body = "ok";
     return r;
   }
+  if (req.method == "GET" && req.path == "/version")  // public, as kube-apiserver's system:public-info-viewer
+    return json_response(200, kube::version_json(cfg_.kube_version));
   expire_leases();
   Ctx ctx;
   ctx.ev = {{"source", req.peer_ip + ":" + std::to_string(req.peer_port)},
@@ -161,7 +167,18 @@ Response Master::route(Ctx& ctx, const Request& req) {
       if (seg[i++] != p) return false;
     return true;
   };
+  // Discovery, for every authenticated user (kube-apiserver's system:discovery).
+  if (req.method == "GET" && (seg == std::vector<std::string>{"api"} || seg == std::vector<std::string>{"apis"} ||
+                              seg == std::vector<std::string>{"api", "v1"})) {
+    ctx.ev["decision"] = "allow";
+    ctx.ev["reason"] = "discovery";
+    if (seg.size() == 2) return json_response(200, kube::api_v1_resources());
+    if (seg[0] == "apis") return json_response(200, kube::api_group_list());
+    return json_response(200, kube::api_versions(req.header("host")));
+  }
   if (is({"api", "v1"}) && (seg.size() == 3 || seg.size() >= 5)) return pods(ctx, req, seg);
+  if (is({"apis", "shimlet.io", "v1", "namespaces"}) && seg.size() == 8 && seg[5] == "pods" && seg[7] == "tunnel")
+    return tunnel(ctx, req, seg[4], seg[6]);  // shimctl --proxy (master/tunnel.cc)
   if (is({"apis", "shimlet.io", "v1", "namespaces"}) && seg.size() == 8 && seg[5] == "pods" &&
       (seg[7] == "exec" || seg[7] == "portforward")) {
     if (req.method != "POST") return status_error(405, "use POST for " + seg[7] + " grants", "MethodNotAllowed");
@@ -207,13 +224,7 @@ Response Master::pods(Ctx& ctx, const Request& req, const std::vector<std::strin
     ctx.ev["decision"] = d.allowed ? "allow" : "deny";
     ctx.ev["reason"] = d.reason;
     if (!d.allowed) return status_error(403, forbidden_message(a), "Forbidden");
-    // Kubernetes-path streaming (HTTP/1.1 upgrades relayed to the shim) is a
-    // later step; shimctl uses the grant API.
-    return status_error(400,
-                        "streaming through the Kubernetes " + a.subresource +
-                            " subresource is not supported yet; use POST /apis/shimlet.io/v1/namespaces/" +
-                            a.namespace_ + "/pods/" + a.name + "/" + a.subresource,
-                        "BadRequest");
+    return stream(ctx, req, a.namespace_, a.name, a.subresource);
   }
   if (req.method != "GET" && req.method != "HEAD")
     return status_error(405, "only get and list are served for pods", "MethodNotAllowed");
@@ -229,6 +240,92 @@ Response Master::pods(Ctx& ctx, const Request& req, const std::vector<std::strin
   auto pod = registry_.pod_json(a.namespace_, a.name, now);
   if (!pod) return status_error(404, "pods \"" + a.name + "\" not found", "NotFound");
   return json_response(200, *pod);
+}
+
+// kubectl's exec/portforward: an HTTP/1.1 upgrade (WebSocket or SPDY) that is
+// already authorized. kubectl cannot follow a redirect, so the master mints a
+// ticket bound to its relay key, and the connection is relayed to the shim
+// with the request head unchanged but for the ticket (design.md, issue 6).
+Response Master::stream(Ctx& ctx, const Request& req, const std::string& ns, const std::string& pod,
+                        const std::string& sub) {
+  auto fail = [&](int code, const std::string& why) {
+    ctx.ev["decision"] = "error";
+    ctx.ev["reason"] = why;
+    return status_error(code, why);
+  };
+  if (req.method != "GET" && req.method != "POST") return fail(405, "use GET (WebSocket) or POST (SPDY) for " + sub);
+  if (!req.upgrade) return fail(400, "Upgrade request required");
+  // Relayed connections leave the server's connection count: bound them too.
+  if (relays_.active() >= cfg_.limits.max_connections)
+    return fail(429, "too many exec/port-forward sessions through this master");
+  GrantRequest gr;
+  gr.verb = sub;
+  gr.jkt = relay_jkt_;
+  if (sub == "exec") {
+    kube::ExecParams ep;
+    try {
+      ep = kube::parse_exec_query(req.query);
+    } catch (const Error& e) {
+      return fail(400, e.what());
+    }
+    if (!ep.container.empty() && !valid_name(ep.container)) return fail(400, "invalid container name");
+    gr.container = ep.container;
+    gr.command = ep.command;
+    gr.stdin_ = ep.stdin_;
+    gr.tty = ep.tty;
+    ctx.ev["command"] = gr.command;
+    ctx.ev["stdin"] = gr.stdin_;
+    ctx.ev["tty"] = gr.tty;
+  } else {
+    // kubectl names no ports and pods/portforward is not port-scoped: port 0 = any TCP port.
+    gr.ports = {ticket::Port{0, "tcp"}};
+    ctx.ev["ports"] = json::array({{{"port", 0}, {"proto", "tcp"}}});
+  }
+  std::string why;
+  auto target = registry_.find(ns, pod, gr.container, monotonic_ms(), &why);
+  if (!target) return fail(why.find("not found") != std::string::npos ? 404 : 400, why);
+  Grant g = mint_grant(key_, grant_cfg_, ctx.id.user, gr, *target, wall_s());
+  ctx.ev["decision"] = "allow";
+  ctx.ev["container"] = target->container;
+  ctx.ev["shim"] = {{"endpoint", target->endpoint}, {"container_id", target->id}, {"node", target->node}};
+  ctx.ev["session_id"] = g.claims.sid;
+  ctx.ev["jti"] = g.claims.jti;
+  ctx.ev["ticket_expires"] = rfc3339(g.claims.exp);
+  ctx.ev["relay"] = true;
+
+  RelayOptions opt;
+  opt.endpoint = target->endpoint;
+  opt.tls = relay_ctx_.get();
+  opt.pin = target->pin;
+  opt.shim_preamble = kube::relay_request_head(req, g.ticket);
+  opt.connect_error_response = [pod](const std::string& why) {
+    return serialize_http1(status_error(502, "error dialing backend for pod " + pod + ": " + why), false, false);
+  };
+  json end = {{"session_id", g.claims.sid},
+              {"user", ctx.id.user},
+              {"verb", sub},
+              {"namespace", ns},
+              {"pod", pod},
+              {"container", target->container},
+              {"container_id", target->id},
+              {"node", target->node},
+              {"jti", g.claims.jti},
+              {"via", "relay"},
+              {"start", rfc3339_now()}};
+  opt.on_end = [this, end](const RelayStats& st) mutable {
+    end["end"] = rfc3339_now();
+    end["bytes_in"] = st.bytes_in;
+    end["bytes_out"] = st.bytes_out;
+    end["duration_ms"] = st.duration_ms;
+    if (!st.error.empty()) end["error"] = st.error;
+    audit_.write("session_end", std::move(end));
+  };
+  Response r;
+  r.status = 101;  // what is audited: the shim answers the upgrade itself
+  r.upgrade = [this, opt = std::move(opt)](Upgraded up) mutable {
+    relays_.start(up.base, std::move(up.bev), std::move(opt));
+  };
+  return r;
 }
 
 Response Master::grant(Ctx& ctx, const Request& req, const std::string& ns, const std::string& pod,

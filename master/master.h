@@ -14,6 +14,8 @@
 #include "master/http.h"
 #include "master/rbac.h"
 #include "master/registry.h"
+#include "master/relay.h"
+#include "proto/tls.h"
 #include "ticket/ticket.h"
 
 namespace shimlet::master {
@@ -29,6 +31,7 @@ struct Config {
   std::string issuer = "shimlet-master";
   int64_t lease_duration_s = 60;
   int64_t ticket_lifetime_s = 60;
+  std::string kube_version = "v1.32.4";  // /version gitVersion (kubectl's dispatcher picks its client by it)
   Limits limits;
 };
 
@@ -50,12 +53,23 @@ class Master {
 
   Registry& registry() { return registry_; }
   const Config& config() const { return cfg_; }
+  // Live kubectl exec/port-forward relays.
+  size_t relays() const { return relays_.active(); }
+  // The key the master's relay presents to shims (tickets it mints for kubectl are bound to it).
+  const std::string& relay_jkt() const { return relay_jkt_; }
 
  private:
-  struct Ctx;
+  // One request: who, and its audit event (filled while routing).
+  struct Ctx {
+    Identity id;
+    nlohmann::json ev = nlohmann::json::object();
+  };
   Response route(Ctx& ctx, const Request& req);
   Response pods(Ctx& ctx, const Request& req, const std::vector<std::string>& seg);
+  Response stream(Ctx& ctx, const Request& req, const std::string& ns, const std::string& pod, const std::string& sub);
   Response grant(Ctx& ctx, const Request& req, const std::string& ns, const std::string& pod, const std::string& verb);
+  // shimctl --proxy: raw tunnel to the pod's shim (master/tunnel.cc).
+  Response tunnel(Ctx& ctx, const Request& req, const std::string& ns, const std::string& pod);
   Response node_put(Ctx& ctx, const Request& req, const std::string& node, const std::string& id);
   Response node_delete(Ctx& ctx, const Request& req, const std::string& node, const std::string& id);
   Response session_end(Ctx& ctx, const Request& req, const std::string& node, const std::string& sid);
@@ -69,6 +83,9 @@ class Master {
   AuditLog audit_;
   Registry registry_;
   GrantConfig grant_cfg_;
+  proto::SslCtx relay_ctx_;  // TLS client context toward shims (fresh Ed25519 identity, ALPN http/1.1)
+  std::string relay_jkt_;
+  Relayer relays_;
 };
 
 }  // namespace shimlet::master

@@ -321,11 +321,18 @@ bool ResponseParser::feed(const char* data, size_t len) {
 
 // ---------------------------------------------------------------- request
 
-Response request(const Target& t, const std::string& method, const std::string& path, const std::string& body) {
+namespace {
+
+struct Conn {
+  Fd sock;
+  Ssl ssl;
+  Url url;
+};
+
+// Connects, handshakes and verifies the master's certificate before the deadline.
+Conn open_conn(const Target& t, int64_t deadline, const std::string& where) {
   Url u = parse_url(t.server);
-  const std::string where = "the master at " + one_line(t.server, 256);
-  const int64_t deadline = now_ms() + t.timeout_ms;
-  Ctx ctx = make_ctx(t);
+  Ctx ctx = make_ctx(t);  // the SSL keeps its own reference
   Fd sock = connect_to(u, deadline, where);
   Ssl ssl(SSL_new(ctx.get()));
   if (!ssl) throw Error("SSL_new: " + ssl_err());
@@ -349,38 +356,110 @@ Response request(const Target& t, const std::string& method, const std::string& 
                   ": server certificate not trusted: " + X509_verify_cert_error_string(v));
     throw;
   }
+  return Conn{std::move(sock), std::move(ssl), std::move(u)};
+}
 
+std::string request_head(const Target& t, const Url& u, const std::string& method, const std::string& path) {
   std::string host_hdr = u.host.find(':') != std::string::npos ? "[" + u.host + "]" : u.host;
   if (u.port != 443) host_hdr += ":" + std::to_string(u.port);
   std::string req = method + " " + u.prefix + path + " HTTP/1.1\r\nHost: " + host_hdr +
-                    "\r\nUser-Agent: " + t.user_agent + "\r\nAccept: application/json\r\nConnection: close\r\n";
+                    "\r\nUser-Agent: " + t.user_agent + "\r\nAccept: application/json\r\n";
   if (!t.token.empty()) {
     if (t.token.find_first_of("\r\n") != std::string::npos) throw Error("the token contains a line break");
     req += "Authorization: Bearer " + t.token + "\r\n";
   }
-  if (!body.empty() || method == "PUT" || method == "POST")
-    req += "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n";
-  req += "\r\n";
-  req += body;
+  return req;
+}
+
+void send_all(Conn& c, const std::string& data, int64_t deadline, const std::string& where) {
+  SSL* s = c.ssl.get();
   size_t off = 0;
-  while (off < req.size()) {
-    int n = ssl_io(s, sock.get(), deadline, "sending to " + where, [&] {
-      return SSL_write(s, req.data() + off, static_cast<int>(std::min<size_t>(req.size() - off, 1 << 20)));
+  while (off < data.size()) {
+    int n = ssl_io(s, c.sock.get(), deadline, "sending to " + where, [&] {
+      return SSL_write(s, data.data() + off, static_cast<int>(std::min<size_t>(data.size() - off, 1 << 20)));
     });
     if (n <= 0) throw Error("sending to " + where + ": connection closed");
     off += static_cast<size_t>(n);
   }
+}
+
+}  // namespace
+
+Response request(const Target& t, const std::string& method, const std::string& path, const std::string& body) {
+  const std::string where = "the master at " + one_line(t.server, 256);
+  const int64_t deadline = now_ms() + t.timeout_ms;
+  Conn c = open_conn(t, deadline, where);
+  SSL* s = c.ssl.get();
+  std::string req = request_head(t, c.url, method, path) + "Connection: close\r\n";
+  if (!body.empty() || method == "PUT" || method == "POST")
+    req += "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n";
+  req += "\r\n";
+  req += body;
+  send_all(c, req, deadline, where);
 
   ResponseParser parser;
   char buf[16384];
   while (!parser.done()) {
-    int n =
-        ssl_io(s, sock.get(), deadline, "reading the answer of " + where, [&] { return SSL_read(s, buf, sizeof buf); });
+    int n = ssl_io(s, c.sock.get(), deadline, "reading the answer of " + where,
+                   [&] { return SSL_read(s, buf, sizeof buf); });
     if (n < 0) throw Error("reading the answer of " + where + ": " + strerror(errno));
     if (!parser.feed(buf, static_cast<size_t>(n))) throw Error(where + ": " + parser.error());
     if (n == 0) break;
   }
   return std::move(parser.response());
+}
+
+Upgraded upgrade(const Target& t, const std::string& method, const std::string& path, const std::string& protocol) {
+  const std::string where = "the master at " + one_line(t.server, 256);
+  const int64_t deadline = now_ms() + t.timeout_ms;
+  if (protocol.empty() || protocol.find_first_of("\r\n ,") != std::string::npos)
+    throw Error("bad upgrade protocol name");
+  Conn c = open_conn(t, deadline, where);
+  SSL* s = c.ssl.get();
+  send_all(c,
+           request_head(t, c.url, method, path) + "Connection: Upgrade\r\nUpgrade: " + protocol +
+               "\r\nContent-Length: 0\r\n\r\n",
+           deadline, where);
+  // Only the response head is read here: after a 101 the next bytes belong to
+  // the tunnel. The head is bounded like any response's headers.
+  std::string head;
+  size_t end = std::string::npos;
+  char buf[16384];
+  while (end == std::string::npos) {
+    int n = ssl_io(s, c.sock.get(), deadline, "reading the answer of " + where,
+                   [&] { return SSL_read(s, buf, sizeof buf); });
+    if (n <= 0) throw Error(where + ": connection closed before the upgrade answer");
+    head.append(buf, static_cast<size_t>(n));
+    end = head.find("\r\n\r\n");
+    if (end == std::string::npos && head.size() > kMaxResponseHeaders)
+      throw Error(where + ": response headers exceed " + std::to_string(kMaxResponseHeaders) + " bytes");
+  }
+  int status = 0;
+  if (head.size() >= 12 && head.compare(0, 5, "HTTP/") == 0) {
+    size_t sp = head.find(' ');
+    if (sp != std::string::npos && sp + 4 <= head.size())
+      std::from_chars(head.data() + sp + 1, head.data() + sp + 4, status);
+  }
+  if (status == 101) {
+    Upgraded u;
+    u.leftover = head.substr(end + 4);
+    u.sock = std::move(c.sock);
+    u.ssl = std::unique_ptr<SSL, void (*)(SSL*)>(c.ssl.release(), SSL_free);
+    return u;
+  }
+  // A refusal: read the whole (bounded) response for its Status message.
+  ResponseParser parser;
+  bool ok = parser.feed(head.data(), head.size());
+  while (ok && !parser.done()) {
+    int n = ssl_io(s, c.sock.get(), deadline, "reading the answer of " + where,
+                   [&] { return SSL_read(s, buf, sizeof buf); });
+    if (n < 0) break;
+    ok = parser.feed(buf, static_cast<size_t>(n));
+    if (n == 0) break;
+  }
+  Response r = parser.response();
+  if (r.status == 0) r.status = status;
+  throw Error(error_message(r));
 }
 
 std::string error_message(const Response& r) {

@@ -10,7 +10,11 @@
 #include <string>
 #include <string_view>
 
+#include "common/fd.h"
+
 struct http_parser;
+struct ssl_st;
+typedef struct ssl_st SSL;
 
 namespace shimlet::masterclient {
 
@@ -49,6 +53,18 @@ inline constexpr size_t kMaxResponseHeaders = 64 * 1024;
 // response whatever its status. Throws shimlet::Error (one line: what failed
 // and where) on transport, TLS, verification or protocol failures.
 Response request(const Target& t, const std::string& method, const std::string& path, const std::string& body);
+
+// An HTTP/1.1 upgrade accepted by the master (101): the TLS connection is now
+// a byte stream to whatever the master splices it to (shimctl --proxy).
+struct Upgraded {
+  Fd sock;  // non-blocking, CLOEXEC
+  std::unique_ptr<SSL, void (*)(SSL*)> ssl{nullptr, nullptr};
+  std::string leftover;  // bytes read past the 101 response (the tunnel's first bytes)
+};
+// Sends METHOD PREFIX+path with `Connection: Upgrade`, `Upgrade: protocol`
+// (no body) and waits, under t.timeout_ms, for the answer. 101 -> the
+// connection; any other status -> Error(error_message of that response).
+Upgraded upgrade(const Target& t, const std::string& method, const std::string& path, const std::string& protocol);
 
 // One line for a non-2xx response: the Kubernetes Status "message", else
 // "the master answered HTTP N"; control characters removed, bounded.

@@ -91,6 +91,11 @@ TEST(MasterHttp1, UpgradeHandedOutThenStops) {
   EXPECT_TRUE(c.reqs[0].upgrade);
   EXPECT_FALSE(c.keep[0]);
   EXPECT_TRUE(p->upgraded());
+  // The bytes after the head belong to the upgraded protocol (the server
+  // leaves them for the connection's new owner).
+  EXPECT_EQ(in.substr(p->consumed()), "\x81\x05hello");
+  EXPECT_FALSE(p->feed("x", 1));
+  EXPECT_EQ(p->consumed(), 0u);
 }
 
 TEST(MasterHttp, StatusErrorShape) {

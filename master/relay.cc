@@ -1,0 +1,260 @@
+#include "master/relay.h"
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+#include <event2/util.h>
+#include <openssl/err.h>
+#include <sys/socket.h>
+
+#include <cstring>
+
+#include "common/log.h"
+#include "proto/tls.h"
+
+namespace shimlet::master {
+
+namespace {
+
+int64_t now_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+struct EventFree {
+  void operator()(event* e) const { event_free(e); }
+};
+using EventPtr = std::unique_ptr<event, EventFree>;
+
+// Why a bufferevent reported an error: the socket's errno or OpenSSL's queue.
+std::string bev_error(bufferevent* bev, short what) {
+  if (what & BEV_EVENT_TIMEOUT) return "timed out";
+  std::string why;
+  while (unsigned long e = bufferevent_get_openssl_error(bev)) {
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof buf);
+    if (!why.empty()) why += "; ";
+    why += buf;
+  }
+  int err = EVUTIL_SOCKET_ERROR();
+  if (why.empty() && err) why = evutil_socket_error_to_string(err);
+  return why.empty() ? "connection error" : why;
+}
+
+}  // namespace
+
+struct Relayer::Relay {
+  Relayer* owner = nullptr;
+  event_base* base = nullptr;
+  BevPtr client, shim;
+  RelayOptions opt;
+  RelayStats st;
+  int64_t start_ms = now_ms();
+  bool closing = false;
+  EventPtr idle, linger;
+
+  // ---- setup
+  void begin() {
+    idle.reset(evtimer_new(base, on_idle, this));
+    linger.reset(evtimer_new(base, on_linger, this));
+    bufferevent_setcb(client.get(), on_client_read, on_client_write, on_client_event, this);
+    bufferevent_disable(client.get(), EV_READ);  // until the shim is connected
+    bufferevent_enable(client.get(), EV_WRITE);
+
+    sockaddr_storage ss{};
+    int sl = sizeof ss;
+    if (evutil_parse_sockaddr_port(opt.endpoint.c_str(), reinterpret_cast<sockaddr*>(&ss), &sl) != 0)
+      return fail_connect("bad shim endpoint \"" + opt.endpoint + "\"");
+    bufferevent* b = nullptr;
+    if (opt.tls) {
+      SSL* ssl = SSL_new(opt.tls);
+      if (!ssl) return fail_connect("SSL_new: " + proto::ssl_error_string());
+      b = bufferevent_openssl_socket_new(base, -1, ssl, BUFFEREVENT_SSL_CONNECTING,
+                                         BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+      if (!b) {
+        SSL_free(ssl);
+        return fail_connect("cannot create the TLS connection");
+      }
+      bufferevent_openssl_set_allow_dirty_shutdown(b, 1);
+    } else {
+      b = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+      if (!b) return fail_connect("cannot create the connection");
+    }
+    shim.reset(b);
+    timeval tv{opt.connect_timeout_ms / 1000, (opt.connect_timeout_ms % 1000) * 1000};
+    bufferevent_set_timeouts(b, &tv, &tv);  // covers connect (write) and the TLS handshake (read)
+    bufferevent_setcb(b, on_shim_read, on_shim_write, on_shim_event, this);
+    bufferevent_enable(b, EV_READ | EV_WRITE);
+    if (bufferevent_socket_connect(b, reinterpret_cast<sockaddr*>(&ss), sl) != 0)
+      return fail_connect("cannot connect to " + opt.endpoint + ": " +
+                          evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+  }
+
+  void connected() {
+    if (opt.tls) {
+      std::string bad = proto::check_pin(bufferevent_openssl_get_ssl(shim.get()), opt.pin);
+      if (!bad.empty()) return fail_connect(bad);
+    }
+    st.connected = true;
+    bufferevent_set_timeouts(shim.get(), nullptr, nullptr);
+    if (!opt.shim_preamble.empty()) bufferevent_write(shim.get(), opt.shim_preamble.data(), opt.shim_preamble.size());
+    if (!opt.client_preamble.empty())
+      bufferevent_write(client.get(), opt.client_preamble.data(), opt.client_preamble.size());
+    touch();
+    bufferevent_enable(client.get(), EV_READ);
+    bufferevent_enable(shim.get(), EV_READ);
+    // Bytes the client sent after its request head are already buffered.
+    if (evbuffer_get_length(bufferevent_get_input(client.get()))) pump(client.get(), shim.get(), st.bytes_in);
+  }
+
+  void fail_connect(const std::string& why) {
+    st.error = "cannot reach the shim at " + opt.endpoint + ": " + why;
+    shim.reset();
+    if (opt.connect_error_response) {
+      std::string r = opt.connect_error_response(st.error);
+      bufferevent_write(client.get(), r.data(), r.size());
+    }
+    start_close();
+  }
+
+  // ---- splice
+  void touch() {
+    timeval tv{opt.idle_timeout_s, 0};
+    evtimer_add(idle.get(), &tv);
+  }
+
+  // Moves what `from` received to `to`'s output; pauses `from` while `to`
+  // has more than max_buffer queued (resumed by to's write callback).
+  void pump(bufferevent* from, bufferevent* to, uint64_t& count) {
+    evbuffer* in = bufferevent_get_input(from);
+    size_t n = evbuffer_get_length(in);
+    if (!n) return;
+    if (!to) {
+      evbuffer_drain(in, n);
+      return;
+    }
+    count += n;
+    evbuffer_add_buffer(bufferevent_get_output(to), in);
+    touch();
+    if (evbuffer_get_length(bufferevent_get_output(to)) >= opt.max_buffer) {
+      bufferevent_disable(from, EV_READ);
+      bufferevent_setwatermark(to, EV_WRITE, opt.max_buffer / 2, 0);
+    }
+  }
+
+  void drained(bufferevent* to, bufferevent* from) {
+    if (closing) {
+      maybe_finish();
+      return;
+    }
+    bufferevent_setwatermark(to, EV_WRITE, 0, 0);
+    if (from) bufferevent_enable(from, EV_READ);
+  }
+
+  // Either side closed or failed: stop reading, flush what is queued toward
+  // the side still open (bounded by linger_ms), then end.
+  void side_closed(bool is_client, short what) {
+    bufferevent* gone = is_client ? client.get() : shim.get();
+    bufferevent* other = is_client ? shim.get() : client.get();
+    if (!closing && st.connected) pump(gone, other, is_client ? st.bytes_in : st.bytes_out);
+    if (!(what & BEV_EVENT_EOF) && st.error.empty())
+      st.error = std::string(is_client ? "client" : "shim") + ": " + bev_error(gone, what);
+    if (is_client)
+      client.reset();
+    else if (!st.connected && !closing)
+      return fail_connect(bev_error(gone, what));
+    else
+      shim.reset();
+    start_close();
+  }
+
+  void start_close() {
+    if (!closing) {
+      closing = true;
+      evtimer_del(idle.get());
+      timeval tv{opt.linger_ms / 1000, (opt.linger_ms % 1000) * 1000};
+      evtimer_add(linger.get(), &tv);
+    }
+    if (client) bufferevent_disable(client.get(), EV_READ);
+    if (shim) bufferevent_disable(shim.get(), EV_READ);
+    maybe_finish();
+  }
+
+  void maybe_finish() {
+    for (bufferevent* b : {client.get(), shim.get()})
+      if (b && evbuffer_get_length(bufferevent_get_output(b))) return;  // on_*_write calls again
+    finish();
+  }
+
+  void finish() {
+    // close_notify where the output is flushed, so TLS peers see a clean end.
+    for (bufferevent* b : {client.get(), shim.get()})
+      if (b && !evbuffer_get_length(bufferevent_get_output(b)))
+        if (SSL* ssl = bufferevent_openssl_get_ssl(b)) SSL_shutdown(ssl);
+    st.duration_ms = now_ms() - start_ms;
+    auto on_end = std::move(opt.on_end);
+    RelayStats stats = st;
+    Relayer* o = owner;
+    o->relays_.erase(this);  // `this` is gone
+    if (on_end) {
+      try {
+        on_end(stats);
+      } catch (const std::exception& e) {
+        log::error("relay end callback failed", {{"error", e.what()}});
+      }
+    }
+  }
+
+  // ---- libevent callbacks
+  static Relay* self(void* p) { return static_cast<Relay*>(p); }
+  static void on_client_read(bufferevent*, void* p) {
+    auto* r = self(p);
+    r->pump(r->client.get(), r->shim.get(), r->st.bytes_in);
+  }
+  static void on_shim_read(bufferevent*, void* p) {
+    auto* r = self(p);
+    r->pump(r->shim.get(), r->client.get(), r->st.bytes_out);
+  }
+  static void on_client_write(bufferevent*, void* p) {
+    auto* r = self(p);
+    r->drained(r->client.get(), r->shim.get());
+  }
+  static void on_shim_write(bufferevent*, void* p) {
+    auto* r = self(p);
+    r->drained(r->shim.get(), r->client.get());
+  }
+  static void on_client_event(bufferevent*, short what, void* p) { self(p)->side_closed(true, what); }
+  static void on_shim_event(bufferevent*, short what, void* p) {
+    auto* r = self(p);
+    if (what & BEV_EVENT_CONNECTED) return r->connected();
+    r->side_closed(false, what);
+  }
+  static void on_idle(evutil_socket_t, short, void* p) {
+    auto* r = self(p);
+    r->st.error = "idle for " + std::to_string(r->opt.idle_timeout_s) + "s";
+    r->start_close();
+  }
+  static void on_linger(evutil_socket_t, short, void* p) {
+    auto* r = self(p);
+    if (r->st.error.empty()) r->st.error = "peer did not read the remaining output";
+    r->finish();
+  }
+};
+
+Relayer::Relayer() = default;
+Relayer::~Relayer() = default;
+
+void Relayer::start(event_base* base, BevPtr client, RelayOptions opt) {
+  auto r = std::make_unique<Relay>();
+  Relay* raw = r.get();
+  r->owner = this;
+  r->base = base;
+  r->client = std::move(client);
+  r->opt = std::move(opt);
+  relays_.emplace(raw, std::move(r));
+  raw->begin();  // may end (and free) the relay at once
+}
+
+}  // namespace shimlet::master
