@@ -303,6 +303,7 @@ Response Master::stream(Ctx& ctx, const Request& req, const std::string& ns, con
   };
   json end = {{"session_id", g.claims.sid},
               {"user", ctx.id.user},
+              {"source", req.peer_ip + ":" + std::to_string(req.peer_port)},
               {"verb", sub},
               {"namespace", ns},
               {"pod", pod},
@@ -312,7 +313,11 @@ Response Master::stream(Ctx& ctx, const Request& req, const std::string& ns, con
               {"jti", g.claims.jti},
               {"via", "relay"},
               {"start", rfc3339_now()}};
-  opt.on_end = [this, end](const RelayStats& st) mutable {
+  return relay_upgrade(std::move(opt), std::move(end));
+}
+
+Response Master::relay_upgrade(RelayOptions opt, json end) {
+  opt.on_end = [this, end = std::move(end)](const RelayStats& st) mutable {
     end["end"] = rfc3339_now();
     end["bytes_in"] = st.bytes_in;
     end["bytes_out"] = st.bytes_out;
@@ -321,7 +326,7 @@ Response Master::stream(Ctx& ctx, const Request& req, const std::string& ns, con
     audit_.write("session_end", std::move(end));
   };
   Response r;
-  r.status = 101;  // what is audited: the shim answers the upgrade itself
+  r.status = 101;  // what is audited: the far end answers the upgrade itself
   r.upgrade = [this, opt = std::move(opt)](Upgraded up) mutable {
     relays_.start(up.base, std::move(up.bev), std::move(opt));
   };

@@ -70,6 +70,10 @@ class Master {
   Response grant(Ctx& ctx, const Request& req, const std::string& ns, const std::string& pod, const std::string& verb);
   // shimctl --proxy: raw tunnel to the pod's shim (master/tunnel.cc).
   Response tunnel(Ctx& ctx, const Request& req, const std::string& ns, const std::string& pod);
+  // Answers an upgrade by handing the connection to a relay; `end` (the
+  // session's audit fields) is completed with end time and bytes and written
+  // as a session_end line when the relay closes. Shared by stream() and tunnel().
+  Response relay_upgrade(RelayOptions opt, nlohmann::json end);
   Response node_put(Ctx& ctx, const Request& req, const std::string& node, const std::string& id);
   Response node_delete(Ctx& ctx, const Request& req, const std::string& node, const std::string& id);
   Response session_end(Ctx& ctx, const Request& req, const std::string& node, const std::string& sid);

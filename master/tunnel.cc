@@ -85,20 +85,7 @@ Response Master::tunnel(Ctx& ctx, const Request& req, const std::string& ns, con
               {"shim", target->endpoint},
               {"via", "tunnel"},
               {"start", rfc3339_now()}};
-  opt.on_end = [this, end](const RelayStats& st) mutable {
-    end["end"] = rfc3339_now();
-    end["bytes_in"] = st.bytes_in;
-    end["bytes_out"] = st.bytes_out;
-    end["duration_ms"] = st.duration_ms;
-    if (!st.error.empty()) end["error"] = st.error;
-    audit_.write("session_end", std::move(end));
-  };
-  Response r;
-  r.status = 101;
-  r.upgrade = [this, opt = std::move(opt)](Upgraded up) mutable {
-    relays_.start(up.base, std::move(up.bev), std::move(opt));
-  };
-  return r;
+  return relay_upgrade(std::move(opt), std::move(end));
 }
 
 }  // namespace shimlet::master
