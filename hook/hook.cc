@@ -714,23 +714,27 @@ json shim_json(const Config& c, const oci::State& st, const std::string& dir,
                const std::vector<std::pair<std::string, std::string>>& trusted) {
   json keys = json::array();
   for (const auto& [kid, pem] : trusted) keys.push_back({{"kid", kid}, {"pem", pem}});
-  return json{{"id", st.id},
-              {"pid", st.pid},
-              {"bundle", st.bundle},
-              {"listen", c.listen},
-              {"trusted_keys", keys},
-              {"max_ticket_lifetime_s", c.max_ticket_lifetime_s},
-              {"clock_leeway_s", c.clock_leeway_s},
-              {"drain_timeout_ms", c.drain_timeout_ms},
-              {"max_sessions", c.max_sessions},
-              {"tls_cert", dir + "/tls.crt"},
-              {"tls_key", dir + "/tls.key"},
-              {"session_binary", c.session_binary},
-              {"isolation", [&] {
-                 json iso = c.isolation;
-                 iso["selinux_lock_dir"] = c.state_dir + "/selinux";
-                 return iso;
-               }()}};
+  json j{{"id", st.id},
+         {"pid", st.pid},
+         {"bundle", st.bundle},
+         {"listen", c.listen},
+         {"trusted_keys", keys},
+         {"max_ticket_lifetime_s", c.max_ticket_lifetime_s},
+         {"clock_leeway_s", c.clock_leeway_s},
+         {"drain_timeout_ms", c.drain_timeout_ms},
+         {"max_sessions", c.max_sessions},
+         {"tls_cert", dir + "/tls.crt"},
+         {"tls_key", dir + "/tls.key"},
+         {"session_binary", c.session_binary},
+         {"isolation", [&] {
+            json iso = c.isolation;
+            iso["selinux_lock_dir"] = c.state_dir + "/selinux";
+            return iso;
+          }()}};
+  // Container ids are unique per node only: the session refuses a ticket
+  // whose `node` claim names another node.
+  if (c.master) j["node"] = c.master->node;
+  return j;
 }
 
 void write_file_atomic(const std::string& path, std::string_view content, mode_t mode) {

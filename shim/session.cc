@@ -70,6 +70,7 @@ Config load_config(const std::string& path) {
   c.id = j.at("id").get<std::string>();
   c.pid = j.at("pid").get<pid_t>();
   c.bundle = j.at("bundle").get<std::string>();
+  c.node = j.value("node", std::string());
   for (auto& k : j.value("trusted_keys", nlohmann::json::array()))
     c.keys.push_back({k.at("kid").get<std::string>(), ticket::PublicKey::from_pem(k.at("pem").get<std::string>())});
   c.max_ticket_lifetime_s = j.value("max_ticket_lifetime_s", c.max_ticket_lifetime_s);
@@ -135,6 +136,12 @@ AuthResult Context::verify_ticket(const std::string& token, const std::string& v
   } catch (const std::exception& ex) {
     r.status = 403;
     r.why = ex.what();
+    return r;
+  }
+  // aud is unique per node only; local tickets carry no node claim.
+  if (!cfg_.node.empty() && !c.node.empty() && c.node != cfg_.node) {
+    r.status = 403;
+    r.why = "ticket is for node " + c.node + ", not " + cfg_.node;
     return r;
   }
   if (!c.cnf_jkt.empty() && c.cnf_jkt != peer_jkt_) {

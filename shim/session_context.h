@@ -18,8 +18,9 @@
 namespace shimlet::session {
 
 struct Config {
-  std::string id;  // container id (tickets' aud)
-  pid_t pid = 0;   // container init (host pid)
+  std::string id;    // container id (tickets' aud)
+  std::string node;  // this node's name (hook master.node); empty: no master, not checked
+  pid_t pid = 0;     // container init (host pid)
   std::string bundle;
   std::vector<ticket::TrustedKey> keys;
   int64_t max_ticket_lifetime_s = 300;

@@ -22,6 +22,7 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -55,7 +56,9 @@ constexpr size_t kMaxBody = 4u << 20;  // bound on what we keep of any response
 
 const char* kUsage =
     "usage: shimlet-probe (--endpoint HOST:PORT --pin PIN | --state-dir S --id ID)\n"
-    "  [--no-client-cert] [--timeout S]\n"
+    "  [--no-client-cert] [--identity PREFIX] [--timeout S]\n"
+    "      --identity: client key/cert from PREFIX.key/PREFIX.crt, created there if absent\n"
+    "      (so a grant from shimlet-master can be bound to this probe's key)\n"
     "  [--ticket TOKEN | --mint --key PEM [--kid KID] --claims JSON] [--mint-only]\n"
     "      claims: arbitrary JSON; iat/exp/jti default to now/now+30/random;\n"
     "      \"cnf_jkt\":\"self\" binds to this probe's key (any other value is used as is)\n"
@@ -65,7 +68,7 @@ const char* kUsage =
     "         --raw-garbage [--bytes N] | --streams N (port-forward streams on --path)\n";
 
 struct Opts {
-  std::string endpoint, pin, state_dir, id;
+  std::string endpoint, pin, state_dir, id, identity;
   bool no_client_cert = false;
   int timeout_s = 20;
   std::string ticket;
@@ -98,6 +101,8 @@ Opts parse(int argc, char** argv) {
       o.id = need(i);
     else if (a == "--no-client-cert")
       o.no_client_cert = true;
+    else if (a == "--identity")
+      o.identity = need(i);
     else if (a == "--timeout")
       o.timeout_s = std::stoi(need(i));
     else if (a == "--ticket")
@@ -824,6 +829,22 @@ json run_streams(const Ctx& c) {
   return j;
 }
 
+// A stable identity lets a test ask the master for a ticket bound to the key
+// this probe will present; without --identity every run has a fresh key.
+proto::Identity load_or_create_identity(const std::string& prefix) {
+  if (prefix.empty()) return proto::generate_identity("shimlet-probe");
+  if (::access((prefix + ".key").c_str(), F_OK) == 0)
+    return proto::Identity{read_file(prefix + ".key"), read_file(prefix + ".crt")};
+  proto::Identity id = proto::generate_identity("shimlet-probe");
+  for (auto [path, pem] : {std::pair{prefix + ".key", &id.key_pem}, std::pair{prefix + ".crt", &id.cert_pem}}) {
+    std::ofstream f(path, std::ios::binary | std::ios::trunc);
+    f << *pem;
+    if (!f.flush()) throw Error("write " + path + " failed");
+  }
+  if (::chmod((prefix + ".key").c_str(), 0600) < 0) throw shimlet::sys_error("chmod " + prefix + ".key");
+  return id;
+}
+
 int real_main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
   Ctx c;
@@ -838,7 +859,7 @@ int real_main(int argc, char** argv) {
     if (c.o.state_dir.empty()) throw Error("--mint needs --key (or --state-dir for STATE/local.key)");
     c.o.key = c.o.state_dir + "/local.key";
   }
-  c.id = proto::generate_identity("shimlet-probe");
+  c.id = load_or_create_identity(c.o.identity);
   c.jkt = shimlet::ticket::jkt_of_public_pem(shimlet::ticket::PrivateKey::from_pem(c.id.key_pem).public_pem());
   c.ticket = c.o.mint ? mint(c.o, c.jkt) : c.o.ticket;
   if (c.o.mint_only) {

@@ -44,3 +44,14 @@ TEST(HookMasterConfig, RefusesBadOnes) {
        })
     EXPECT_THROW(parse_config(bad, "/bin"), Error) << bad;
 }
+
+// Sessions refuse tickets for another node: shim.json carries the node.
+TEST(HookMasterConfig, ShimJsonCarriesTheNode) {
+  oci::State st;
+  st.id = "c1";
+  st.pid = 1;
+  st.bundle = "/b";
+  Config c = parse_config(R"({"master": {"url": "https://m", "node": "n7", "token_file": "/tok"}})", "/bin");
+  EXPECT_EQ(shim_json(c, st, "/d", {})["node"], "n7");
+  EXPECT_FALSE(shim_json(parse_config("{}", "/bin"), st, "/d", {}).contains("node"));  // no master: not checked
+}
