@@ -320,7 +320,10 @@ def test_1000_concurrent_connections(env):
     assert mem["session_fds"] >= 1000
     print(f"\n1000 open connections: session Pss {mem['session_pss_kb']} kB ({mem['session_fds']} fds), "
           f"shimctl Pss {mem['shimctl_pss_kb']} kB")
-    assert mem["session_pss_kb"] < 64 * 1024, mem
+    # Plain: ~3-4 MB for 1000 connections. ASan's shadow memory and quarantine
+    # (and a binary that grew with the Kubernetes protocols) need far more.
+    limit = 128 * 1024 if os.environ.get("SHIMLET_ASAN") == "1" else 16 * 1024
+    assert mem["session_pss_kb"] < limit, mem
     assert fw.p.poll() is None and "error" not in fw.stderr()
 
 
