@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import random
+import select
 import socket
 import ssl
 import struct
@@ -108,12 +109,61 @@ class Stream:
         return bytes(self.data)
 
 
+class SerialTls:
+    """One TLS connection shared by a reader thread and sender threads.
+
+    An OpenSSL SSL object must not be used by two threads at once, and
+    Python's ssl module releases the GIL inside SSL_read/SSL_write: a blocking
+    recv() in the reader racing a sendall() in a sender corrupts the
+    connection state (seen as a spurious EOF under load). Here every SSL call
+    holds one lock on a non-blocking socket, and waiting happens outside it."""
+
+    def __init__(self, sock, timeout=60):
+        self.sock, self.lock, self.timeout = sock, threading.Lock(), timeout
+        sock.setblocking(False)
+
+    def _wait(self, readable, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("TLS connection idle too long")
+        select.select([self.sock] if readable else [], [] if readable else [self.sock], [], min(left, 0.2))
+
+    def sendall(self, b):
+        """All of b; not atomic against other senders (they lock around it)."""
+        view, deadline = memoryview(b), time.monotonic() + self.timeout
+        while view:
+            with self.lock:
+                try:
+                    n = self.sock.send(view[:1 << 16])
+                except ssl.SSLWantReadError:
+                    n, readable = 0, True
+                except ssl.SSLWantWriteError:
+                    n, readable = 0, False
+            if n:
+                view, deadline = view[n:], time.monotonic() + self.timeout
+            else:
+                self._wait(readable, deadline)
+
+    def recv(self, n):
+        """Some bytes, or b"" at EOF; raises on errors and on a silent peer."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with self.lock:
+                try:
+                    return self.sock.recv(n)
+                except ssl.SSLWantReadError:
+                    readable = True
+                except ssl.SSLWantWriteError:
+                    readable = False
+            self._wait(readable, deadline)
+
+
 class RawTransport:
     def __init__(self, sock, leftover=b""):
-        self.sock, self.leftover, self.lock = sock, leftover, threading.Lock()
+        self.sock, self.leftover, self.lock = SerialTls(sock), leftover, threading.Lock()
 
     def send(self, b):
-        with self.lock:
+        with self.lock:  # whole frames: sendall may interleave with other senders otherwise
             self.sock.sendall(b)
 
     def recv(self):
@@ -130,7 +180,7 @@ class WsTransport:
     """Client side of RFC 6455 carrying SPDY bytes in binary messages."""
 
     def __init__(self, sock, leftover=b""):
-        self.sock, self.buf, self.lock = sock, bytearray(leftover), threading.Lock()
+        self.sock, self.buf, self.lock = SerialTls(sock), bytearray(leftover), threading.Lock()
         self.close_code = None
 
     def _frame(self, opcode, payload):
