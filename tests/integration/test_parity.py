@@ -95,8 +95,26 @@ def started(edit=None, userns=False):
         c.cleanup()
 
 
+@contextlib.contextmanager
+def caller_nofile_below_hard():
+    """runc 1.1.5 (Debian 12) gives `runc exec` the container's NOFILE soft
+    limit only when its caller's soft limit is below its hard one; with
+    soft == hard (e.g. `ulimit -n 20000` shells, CI) the exec'd process gets
+    soft = hard (the Go runtime's RLIMIT_NOFILE raise in runc init). Pin the
+    caller to the common soft < hard shape so runc follows the config, which
+    is what we compare against."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard - 1), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def assert_parity(c, extra=()):
-    ref = c.exec("sh", "-c", PROBE)
+    with caller_nofile_below_hard():
+        ref = c.exec("sh", "-c", PROBE)
     got = ours(c, ["sh", "-c", PROBE])
     assert ref.returncode == 0, ref.stderr
     assert got.returncode == 0, got.stderr
@@ -199,19 +217,8 @@ def test_rlimits():
             {"type": "RLIMIT_MEMLOCK", "soft": 1 << 20, "hard": 1 << 22},
         ]
 
-    # runc 1.1.5 (Debian 12) gives `runc exec` the container's NOFILE soft
-    # limit only when its caller's soft limit is below its hard one; with
-    # soft == hard (e.g. `ulimit -n 20000` shells) the exec'd process gets
-    # soft = hard = 512 (Go runtime's RLIMIT_NOFILE raise in runc init). Pin
-    # the caller to the common soft < hard shape so runc follows the config.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard - 1), hard))
-    try:
-        with started(edit) as c:
-            s = assert_parity(c)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with started(edit) as c:
+        s = assert_parity(c)
     assert any(l.startswith("Max open files") and "256" in l and "512" in l for l in s["limits"]), s["limits"]
     assert any(l.startswith("Max locked memory") and str(1 << 22) in l for l in s["limits"]), s["limits"]
 
