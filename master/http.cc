@@ -20,6 +20,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "proto/http1.h"
 
 namespace shimlet::master {
 
@@ -103,133 +104,29 @@ std::string serialize_http1(const Response& r, bool keep_alive, bool head_reques
 
 // ---------------------------------------------------------------- HTTP/1.1
 
-struct Http1Parser::Cb {
-  static Http1Parser* self(http_parser* p) { return static_cast<Http1Parser*>(p->data); }
-  static int on_message_begin(http_parser* p) {
-    auto* s = self(p);
-    s->cur_ = Request{};
-    s->cur_.protocol = "http/1.1";
-    s->field_.clear();
-    s->value_.clear();
-    s->last_was_value_ = false;
-    s->in_message_ = true;
-    s->header_bytes_ = 0;
-    return 0;
-  }
-  static int on_url(http_parser* p, const char* at, size_t len) {
-    auto* s = self(p);
-    s->header_bytes_ += len;
-    if (s->header_bytes_ > s->limits_.max_header_bytes) return s->fail(414, "request URI too long");
-    s->cur_.target.append(at, len);
-    return 0;
-  }
-  static int on_header_field(http_parser* p, const char* at, size_t len) {
-    auto* s = self(p);
-    if (s->last_was_value_) s->finish_header();
-    if (s->err_status_) return -1;
-    s->last_was_value_ = false;
-    s->header_bytes_ += len;
-    if (s->header_bytes_ > s->limits_.max_header_bytes) return s->fail(431, "request headers too large");
-    s->field_.append(at, len);
-    return 0;
-  }
-  static int on_header_value(http_parser* p, const char* at, size_t len) {
-    auto* s = self(p);
-    s->last_was_value_ = true;
-    s->header_bytes_ += len;
-    if (s->header_bytes_ > s->limits_.max_header_bytes) return s->fail(431, "request headers too large");
-    s->value_.append(at, len);
-    return 0;
-  }
-  static int on_headers_complete(http_parser* p) {
-    auto* s = self(p);
-    if (!s->field_.empty() || s->last_was_value_) s->finish_header();
-    if (s->err_status_) return -1;
-    Request& r = s->cur_;
-    r.method = http_method_str(static_cast<http_method>(p->method));
-    size_t q = r.target.find('?');
-    r.path = r.target.substr(0, q);
-    if (q != std::string::npos) r.query = r.target.substr(q + 1);
-    r.upgrade = p->upgrade;
-    if ((p->flags & F_CONTENTLENGTH) && p->content_length > s->limits_.max_body_bytes)
-      return s->fail(413, "request body too large");
-    return 0;
-  }
-  static int on_body(http_parser* p, const char* at, size_t len) {
-    auto* s = self(p);
-    if (s->cur_.body.size() + len > s->limits_.max_body_bytes) return s->fail(413, "request body too large");
-    s->cur_.body.append(at, len);
-    return 0;
-  }
-  static int on_message_complete(http_parser* p) {
-    auto* s = self(p);
-    s->in_message_ = false;
-    bool keep = http_should_keep_alive(p) && !p->upgrade;
-    Request r = std::move(s->cur_);
-    s->cur_ = Request{};
-    s->on_request_(std::move(r), keep);
-    return 0;
-  }
-};
-
 namespace {
-const http_parser_settings kH1Settings = [] {
-  http_parser_settings st{};
-  http_parser_settings_init(&st);
-  st.on_message_begin = Http1Parser::Cb::on_message_begin;
-  st.on_url = Http1Parser::Cb::on_url;
-  st.on_header_field = Http1Parser::Cb::on_header_field;
-  st.on_header_value = Http1Parser::Cb::on_header_value;
-  st.on_headers_complete = Http1Parser::Cb::on_headers_complete;
-  st.on_body = Http1Parser::Cb::on_body;
-  st.on_message_complete = Http1Parser::Cb::on_message_complete;
-  return st;
-}();
+proto::http1::Limits h1_limits(const Limits& l) {
+  // One header line may use the whole head budget: bearer tokens (OIDC
+  // JWTs) can be long, and that was the bound before the shared reader.
+  return {.max_head_bytes = l.max_header_bytes,
+          .max_headers = l.max_headers,
+          .max_header_line_bytes = l.max_header_bytes,
+          .max_body_bytes = l.max_body_bytes};
+}
+
+Request from_http1(proto::http1::Request&& in) {
+  Request r;
+  r.method = std::move(in.method);
+  r.target = std::move(in.target);
+  r.path = std::move(in.path);
+  r.query = std::move(in.query);
+  r.headers = std::move(in.headers);
+  r.body = std::move(in.body);
+  r.protocol = "http/1.1";
+  r.upgrade = in.upgrade;
+  return r;
+}
 }  // namespace
-
-Http1Parser::Http1Parser(const Limits& limits, std::function<void(Request&&, bool)> on_request)
-    : parser_(std::make_unique<http_parser>()), limits_(limits), on_request_(std::move(on_request)) {
-  http_parser_init(parser_.get(), HTTP_REQUEST);
-  parser_->data = this;
-}
-Http1Parser::~Http1Parser() = default;
-
-void Http1Parser::finish_header() {
-  if (cur_.headers.size() >= limits_.max_headers) {
-    fail(431, "too many request headers");
-    return;
-  }
-  std::string name = std::move(field_);
-  for (auto& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  cur_.headers.emplace_back(std::move(name), std::move(value_));
-  field_.clear();
-  value_.clear();
-  last_was_value_ = false;
-}
-
-int Http1Parser::fail(int status, std::string why) {
-  if (!err_status_) {
-    err_status_ = status;
-    err_ = std::move(why);
-  }
-  return -1;
-}
-
-bool Http1Parser::feed(const char* data, size_t len) {
-  consumed_ = 0;
-  if (err_status_ || upgraded_) return false;
-  consumed_ = http_parser_execute(parser_.get(), &kH1Settings, data, len);
-  if (HTTP_PARSER_ERRNO(parser_.get()) != HPE_OK) {
-    if (!err_status_) {
-      err_status_ = 400;
-      err_ = std::string("malformed HTTP/1.1 request: ") +
-             http_errno_description(static_cast<http_errno>(HTTP_PARSER_ERRNO(parser_.get())));
-    }
-    return false;
-  }
-  if (parser_->upgrade) upgraded_ = true;
-  return true;
-}
 
 // ---------------------------------------------------------------- server
 
@@ -265,7 +162,7 @@ struct Server::Conn {
   SSL* ssl = nullptr;
   std::string peer_ip;
   uint16_t peer_port = 0;
-  std::unique_ptr<Http1Parser> h1;
+  std::unique_ptr<proto::http1::RequestReader> h1;
   nghttp2_session* h2 = nullptr;
   std::map<int32_t, H2Stream> streams;
   event* deadline = nullptr;
@@ -296,7 +193,7 @@ struct Server::Conn {
   // Returns the bytes used; fewer than len only when the connection is being
   // taken over (the rest belongs to the upgraded protocol).
   size_t h1_input(const char* data, size_t len) {
-    bool ok = h1->feed(data, len);
+    bool ok = h1->feed(data, len) != proto::http1::RequestReader::State::Error;
     size_t used = h1->consumed();
     for (auto& [req, keep] : pending) {
       req.peer_ip = peer_ip;
@@ -314,7 +211,8 @@ struct Server::Conn {
       if (!keep) closing = true;
     }
     pending.clear();
-    if (h1->upgraded()) closing = true;  // an upgrade that was answered, not taken over
+    if (h1->state() == proto::http1::RequestReader::State::Done)
+      closing = true;  // an upgrade that was answered, not taken over
     if (!ok && !closing) {
       if (h1->error_status()) {
         std::string s = serialize_http1(status_error(h1->error_status(), h1->error()), false, false);
@@ -595,8 +493,11 @@ struct Server::Conn {
       if (alpnlen == 2 && memcmp(alpn, "h2", 2) == 0) {
         c->start_h2();
       } else {
-        c->h1 = std::make_unique<Http1Parser>(
-            c->srv->limits, [c](Request&& r, bool keep) { c->pending.emplace_back(std::move(r), keep); });
+        c->h1 = std::make_unique<proto::http1::RequestReader>(h1_limits(c->srv->limits), proto::http1::Mode::Messages,
+                                                              [c](proto::http1::Request&& r) {
+                                                                bool keep = r.keep_alive;
+                                                                c->pending.emplace_back(from_http1(std::move(r)), keep);
+                                                              });
       }
       c->after_io();
       return;

@@ -1,5 +1,5 @@
 // The master's HTTPS front end: TLS 1.3 (OpenSSL) on a libevent loop, HTTP/2
-// (nghttp2) or HTTP/1.1 (Node's http-parser, Debian libhttp-parser) chosen by
+// (nghttp2) or HTTP/1.1 (the shared bounded reader, proto/http1.h) chosen by
 // ALPN, both feeding one synchronous handler with a Request and getting a
 // Response. Headers, bodies, connection count and time are all bounded; a bad
 // request gets a Kubernetes Status error and the server keeps serving.
@@ -17,7 +17,6 @@
 
 struct bufferevent;
 struct event_base;
-struct http_parser;
 
 namespace shimlet::master {
 
@@ -75,7 +74,7 @@ Response status_error(int code, const std::string& message, const std::string& r
 std::string status_reason(int code);
 
 struct Limits {
-  size_t max_header_bytes = 32 * 1024;  // request line/pseudo-headers + all headers
+  size_t max_header_bytes = 32 * 1024;  // request line/pseudo-headers + all headers (also one header line)
   size_t max_headers = 100;
   size_t max_body_bytes = 1024 * 1024;
   int handshake_timeout_s = 10;
@@ -83,42 +82,6 @@ struct Limits {
   int idle_timeout_s = 120;    // no bytes at all
   size_t max_connections = 1024;
   uint32_t max_concurrent_streams = 100;
-};
-
-// HTTP/1.1 request parsing, independent of sockets (fuzzed). Feed bytes;
-// complete requests come out through on_request. After an error, or after an
-// Upgrade request (handed out with upgrade = true), further input is refused.
-class Http1Parser {
- public:
-  Http1Parser(const Limits& limits, std::function<void(Request&&, bool keep_alive)> on_request);
-  ~Http1Parser();
-  Http1Parser(const Http1Parser&) = delete;
-  Http1Parser& operator=(const Http1Parser&) = delete;
-
-  // Returns false on a protocol error: error_status()/error() say what to answer.
-  bool feed(const char* data, size_t len);
-  int error_status() const { return err_status_; }
-  const std::string& error() const { return err_; }
-  bool in_request() const { return in_message_; }
-  bool upgraded() const { return upgraded_; }
-  // Bytes of the last feed() that belong to the request(s): after an upgrade
-  // request the rest belongs to the upgraded protocol.
-  size_t consumed() const { return consumed_; }
-
-  struct Cb;  // http_parser callbacks (http.cc)
-
- private:
-  std::unique_ptr<http_parser> parser_;
-  Limits limits_;
-  std::function<void(Request&&, bool)> on_request_;
-  Request cur_;
-  std::string field_, value_;
-  bool last_was_value_ = false, in_message_ = false, upgraded_ = false;
-  size_t header_bytes_ = 0, consumed_ = 0;
-  int err_status_ = 0;
-  std::string err_;
-  void finish_header();
-  int fail(int status, std::string why);
 };
 
 // Serializes a response for HTTP/1.1.

@@ -1,6 +1,5 @@
 // The Kubernetes front door's pure parts (no sockets; fuzzed by
-// tests/fuzz/shim_http1_fuzz.cc): one bounded HTTP/1.1 request head parsed
-// with http_parser, query decoding, routing of the Kubernetes API and CRI
+// tests/fuzz/http1_fuzz.cc): query decoding, routing of the Kubernetes API and CRI
 // streaming URL shapes, protocol negotiation, the WebSocket accept key, and
 // the Kubernetes channel protocol's message decoding.
 #pragma once
@@ -13,60 +12,18 @@
 #include <utility>
 #include <vector>
 
-struct http_parser;
+#include "proto/http1.h"
 
 namespace shimlet::session::http1 {
 
-struct Request {
-  std::string method;
-  std::string target;                                        // as sent: path[?query]
-  std::string path;                                          // before '?'
-  std::string query;                                         // after '?', raw
-  std::vector<std::pair<std::string, std::string>> headers;  // names lower-case
-  // First value of a header (lower-case name), or nullopt.
-  std::optional<std::string> header(std::string_view name) const;
-  // Every value of a header, comma-separated lists split, blanks trimmed.
-  std::vector<std::string> header_list(std::string_view name) const;
-};
+// The request head comes from the shared bounded reader (proto/http1.h).
+using proto::http1::Request;
+using proto::http1::RequestReader;
 
-struct Limits {
-  size_t max_head_bytes = 64 * 1024;  // request line + headers (kubectl's command is in the URL)
-  size_t max_headers = 64;
-};
-
-// Reads exactly one request head; what follows it is not HTTP (an upgraded
-// protocol) and is left to the caller.
-class RequestReader {
- public:
-  enum class State { Incomplete, Done, Error };
-  explicit RequestReader(Limits limits = {});
-  ~RequestReader();
-  RequestReader(const RequestReader&) = delete;
-  RequestReader& operator=(const RequestReader&) = delete;
-
-  // Feeds bytes; consumed() says how many belonged to the head.
-  State feed(const char* data, size_t len);
-  size_t consumed() const { return consumed_; }
-  State state() const { return state_; }
-  int error_status() const { return err_status_; }  // 400, 414, 431
-  const std::string& error() const { return err_; }
-  const Request& request() const { return req_; }
-
-  struct Cb;
-
- private:
-  std::unique_ptr<http_parser> parser_;
-  Limits limits_;
-  Request req_;
-  std::string field_, value_;
-  bool last_was_value_ = false;
-  size_t head_bytes_ = 0, consumed_ = 0;
-  State state_ = State::Incomplete;
-  int err_status_ = 0;
-  std::string err_;
-  void finish_header();
-  int fail(int status, std::string why);
-};
+// The front door's bounds: kubectl's command is in the URL, and a ticket (up
+// to 64 KiB) may come in one Authorization header line.
+inline constexpr proto::http1::Limits kDoorLimits{
+    .max_head_bytes = 64 * 1024, .max_headers = 64, .max_header_line_bytes = 64 * 1024, .max_body_bytes = 0};
 
 // application/x-www-form-urlencoded query: key/value pairs in order,
 // percent-decoded ('+' is a space). nullopt on a malformed escape.

@@ -548,7 +548,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
   bufferevent* bev_ = nullptr;
   event *deadline_ = nullptr, *kick_ = nullptr, *keepalive_ = nullptr;
   wslay_event_context_ptr ws_ = nullptr;
-  RequestReader reader_;
+  RequestReader reader_{kDoorLimits};  // HeadOnly: one request head
   Mode mode_ = Mode::Reading;
   std::optional<ticket::Claims> claims_;
   std::unique_ptr<ExecEngine> engine_;
