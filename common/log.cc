@@ -34,4 +34,13 @@ void warn(const std::string& msg, const nlohmann::json& f) { emit("warn", msg, f
 void error(const std::string& msg, const nlohmann::json& f) { emit("error", msg, f); }
 void audit(const std::string& event, const nlohmann::json& f) { emit("audit", event, f); }
 
+std::string rfc3339(int64_t unix_seconds) {
+  time_t tt = static_cast<time_t>(unix_seconds);
+  tm g{};
+  gmtime_r(&tt, &g);
+  char buf[32];
+  strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &g);
+  return buf;
+}
+
 }  // namespace shimlet::log

@@ -2,6 +2,7 @@
 // sessions have stderr pointed at the container's shim.log by the hook).
 #pragma once
 #include <nlohmann/json.hpp>
+#include <cstdint>
 #include <string>
 
 namespace shimlet::log {
@@ -16,5 +17,8 @@ void warn(const std::string& msg, const nlohmann::json& fields = nlohmann::json:
 void error(const std::string& msg, const nlohmann::json& fields = nlohmann::json::object());
 // Audit events (requests, decisions, session ends) always go out, level "audit".
 void audit(const std::string& event, const nlohmann::json& fields);
+
+// "2026-11-27T03:04:05Z" for a Unix time in seconds (UTC), as audit records carry it.
+std::string rfc3339(int64_t unix_seconds);
 
 }  // namespace shimlet::log

@@ -24,14 +24,7 @@ bool is_secret_key(std::string k) {
 
 }  // namespace
 
-std::string rfc3339(int64_t t) {
-  time_t tt = static_cast<time_t>(t);
-  tm tmv{};
-  gmtime_r(&tt, &tmv);
-  char buf[32];
-  strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tmv);
-  return buf;
-}
+std::string rfc3339(int64_t t) { return log::rfc3339(t); }
 
 std::string rfc3339_now() {
   timespec ts{};
