@@ -24,6 +24,7 @@
 #include "common/fd.h"
 #include "common/log.h"
 #include "masterclient/masterclient.h"
+#include "masterclient/spool.h"
 #include "proto/tls.h"
 
 namespace shimlet::hook {
@@ -35,6 +36,14 @@ constexpr size_t kMaxStateBytes = 1 << 20;
 constexpr size_t kMaxPemBytes = 64 * 1024;
 constexpr size_t kMaxRegistrationBytes = 256 * 1024;
 constexpr int kStdinTimeoutMs = 5000;
+constexpr size_t kEndsPerRenewal = 200;  // session end records posted per renewal (the rest: next tick)
+constexpr int kPoststopFlushMs = 2000;   // poststop's final flush: the runtime is waiting
+
+int64_t monotonic_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
 
 // glibc 2.36's <sys/pidfd.h> lacks extern "C": use the syscalls directly.
 int pidfd_open_(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
@@ -45,6 +54,7 @@ int pidfd_signal_(int pidfd, int sig) {
 // For the SIGALRM deadline handler (async-signal-safe state only).
 volatile sig_atomic_t g_shim_pidfd = -1;
 volatile sig_atomic_t g_fail_exit = 0;
+int64_t g_start_ms = 0;  // when main() started (the renewer's deadline is counted from it)
 
 void on_deadline(int) {
   if (g_shim_pidfd >= 0) pidfd_signal_(g_shim_pidfd, SIGKILL);
@@ -733,7 +743,16 @@ json shim_json(const Config& c, const oci::State& st, const std::string& dir,
           }()}};
   // Container ids are unique per node only: the session refuses a ticket
   // whose `node` claim names another node.
-  if (c.master) j["node"] = c.master->node;
+  if (c.master) {
+    j["node"] = c.master->node;
+    // Session end records for the master (docs/design.md "Session end records").
+    j["ends_dir"] = dir + "/ends";
+  }
+  // The Kubernetes front door refuses requests naming another pod/container.
+  Names n = names_from(st.id, st.annotations);
+  j["namespace"] = n.ns;
+  j["pod"] = n.pod;
+  j["container"] = n.container;
   return j;
 }
 
@@ -775,6 +794,7 @@ Started start(const Config& c, const oci::State& st) {
   proto::Identity id = proto::generate_identity("shimlet " + st.id);
   write_new_file(dir + "/tls.key", id.key_pem, 0600);
   write_new_file(dir + "/tls.crt", id.cert_pem, 0644);
+  if (c.master && ::mkdir((dir + "/ends").c_str(), 0700) < 0) throw sys_error("mkdir " + dir + "/ends");
   Started s;
   s.pin = proto::pin_of_cert_pem(id.cert_pem);
   const std::string shim_config = dir + "/shim.json";
@@ -842,6 +862,18 @@ void cleanup(const Config& c, const std::string& id) {
     // No registration: the start failed or was interrupted, its shim was killed then.
     if (::access((dir + "/registration.json").c_str(), F_OK) == 0) first_error = e.what();
   }
+  if (c.master) {
+    // Last chance for the sessions' end records (the shim, hence its
+    // sessions, are gone now): short, the runtime waits for us.
+    try {
+      FlushResult f = flush_session_ends(c, id, masterclient::spool::kMaxPending, kPoststopFlushMs);
+      if (f.kept)
+        log::warn("session end records not delivered to the master (lost with the state directory)",
+                  {{"kept", f.kept}, {"posted", f.posted}, {"error", f.error}});
+    } catch (const std::exception& e) {
+      log::warn("session end records not delivered to the master", {{"error", e.what()}});
+    }
+  }
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
   if (ec) throw Error("remove " + dir + ": " + ec.message());
@@ -879,15 +911,106 @@ int renew(const Config& c, const std::string& id) {
       return 0;
     }
     register_container(c, id);
-    return 0;
   } catch (const std::exception& e) {
     // Only logged: the next renewal retries, and the lease covers a few misses.
     log::error("lease renewal failed", {{"error", e.what()}});
     return 1;
   }
+  // Within the renewer's deadline (alarm: timeout_ms + 5 s from its start),
+  // keeping a second for the exit.
+  int64_t started = g_start_ms ? g_start_ms : monotonic_ms();
+  int budget = c.master->timeout_ms + 4000 - static_cast<int>(monotonic_ms() - started);
+  FlushResult f;
+  try {
+    f = flush_session_ends(c, id, kEndsPerRenewal, budget);
+  } catch (const std::exception& e) {
+    f.error = e.what();
+  }
+  if (!f.error.empty()) {
+    log::error("posting session end records failed (kept for the next renewal)",
+               {{"error", f.error}, {"posted", f.posted}, {"kept", f.kept}});
+    return 1;
+  }
+  return 0;
+}
+
+FlushResult flush_session_ends(const Config& c, const std::string& id, size_t max, int budget_ms) {
+  FlushResult res;
+  if (!c.master) return res;
+  if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);
+  const int64_t deadline = monotonic_ms() + budget_ms;
+  const std::string dir = c.state_dir + "/" + id;
+  std::vector<masterclient::spool::Pending> pending = masterclient::spool::list(dir + "/ends", max);
+  if (pending.empty()) return res;
+  // Names the session cannot know: from the registration (as the master has them).
+  json names = json::object();
+  try {
+    json reg = json::parse(read_file(dir + "/registration.json", kMaxRegistrationBytes));
+    for (const char* k : {"namespace", "pod", "container"})
+      if (reg.contains(k) && reg[k].is_string()) names[k] = reg[k];
+  } catch (const std::exception&) {
+    // Posted without names; the container id is in the record.
+  }
+  masterclient::Target t;
+  try {
+    t = master_target(*c.master);
+  } catch (const std::exception& e) {
+    res.error = e.what();
+    res.kept = pending.size();
+    return res;
+  }
+  for (size_t i = 0; i < pending.size(); i++) {
+    auto& p = pending[i];
+    if (p.record.is_discarded()) {
+      // Never deliverable: it would block the outbox forever.
+      log::error("dropping an unreadable session end record", {{"path", p.path}});
+      ::unlink(p.path.c_str());
+      res.dropped++;
+      continue;
+    }
+    int64_t left = deadline - monotonic_ms();
+    if (left < 100) {
+      res.kept += pending.size() - i;
+      if (res.error.empty()) res.error = "deadline reached";
+      break;
+    }
+    t.timeout_ms = static_cast<int>(std::min<int64_t>(c.master->timeout_ms, left));
+    std::string sid = p.record.value("session_id", std::string());
+    if (!masterclient::spool::valid_sid(sid)) sid = p.sid;
+    json body = p.record;
+    for (auto& [k, v] : names.items())
+      if (!body.contains(k)) body[k] = v;
+    std::string path = "/apis/shimlet.io/v1/nodes/" + masterclient::path_segment(c.master->node) + "/sessions/" +
+                       masterclient::path_segment(sid);
+    try {
+      masterclient::Response r = masterclient::request(t, "POST", path, body.dump());
+      if (r.status >= 200 && r.status < 300) {
+        ::unlink(p.path.c_str());
+        res.posted++;
+        continue;
+      }
+      if (r.status == 400 || r.status == 413) {
+        log::error("the master refused a session end record as malformed: dropped",
+                   {{"session_id", sid}, {"status", r.status}, {"error", masterclient::error_message(r)}});
+        ::unlink(p.path.c_str());
+        res.dropped++;
+        continue;
+      }
+      res.error = "POST " + path + ": HTTP " + std::to_string(r.status) + ": " + masterclient::error_message(r);
+    } catch (const std::exception& e) {
+      res.error = e.what();
+    }
+    // The master is down or refuses us: the rest waits for the next try.
+    res.kept += pending.size() - i;
+    break;
+  }
+  if (res.posted || res.dropped)
+    log::info("session end records flushed", {{"posted", res.posted}, {"dropped", res.dropped}});
+  return res;
 }
 
 int main(int argc, char** argv) {
+  g_start_ms = monotonic_ms();
   log::set_component("hook");
   // The runtime waits for us: whatever happens, exit within a bound.
   signal(SIGALRM, on_deadline);

@@ -117,6 +117,20 @@ void unregister_container(const Config& c, const std::string& id);
 // ours (its registration.json exists); returns the exit code.
 int renew(const Config& c, const std::string& id);
 
+// Session end records (docs/design.md "Session end records"): posts the
+// pending records of STATE_DIR/<id>/ends/ (oldest first, at most max, within
+// budget_ms) to POST /apis/shimlet.io/v1/nodes/NODE/sessions/SID, adding the
+// registration's namespace/pod/container. A record the master accepts (2xx)
+// or refuses as malformed (400/413: it never would accept it) is deleted;
+// any other failure stops the flush and keeps the rest for the next try.
+// Called by renew() after the PUT and by cleanup() before the state directory
+// goes. No master configured: nothing to do.
+struct FlushResult {
+  size_t posted = 0, dropped = 0, kept = 0;
+  std::string error;  // why records were kept ("" = none kept)
+};
+FlushResult flush_session_ends(const Config& c, const std::string& id, size_t max, int budget_ms);
+
 // The whole hook (argv, stdin, overall deadline); returns the exit code.
 int main(int argc, char** argv);
 

@@ -455,9 +455,12 @@ Response Master::session_end(Ctx& ctx, const Request& req, const std::string& no
   json j = json::parse(req.body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return status_error(400, "body must be a JSON object");
   // Only known fields, type-checked, so a node cannot write arbitrary records.
-  json ev = {{"node", node}, {"session_id", sid.substr(0, 64)}};
-  for (const char* k :
-       {"container_id", "user", "verb", "start", "end", "jti", "error", "namespace", "pod", "container"})
+  // "via":"node" tells it from the relay's own session_end ("via":"relay")
+  // for the same session_id (docs/design.md "Session end records"); "node"
+  // is the authenticated node, whatever the body says.
+  json ev = {{"node", node}, {"session_id", sid.substr(0, 64)}, {"via", "node"}};
+  for (const char* k : {"container_id", "user", "verb", "start", "end", "jti", "error", "namespace", "pod", "container",
+                        "peer", "shim_session"})
     if (auto it = j.find(k); it != j.end() && it->is_string()) ev[k] = it->get<std::string>().substr(0, 1024);
   for (const char* k : {"exit_code", "signal", "bytes_in", "bytes_out"})
     if (auto it = j.find(k); it != j.end() && it->is_number_integer()) ev[k] = it->get<int64_t>();

@@ -23,6 +23,7 @@
 #include "common/base64.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "masterclient/spool.h"
 #include "proto/frames.h"
 #include "proto/tls.h"
 #include "shim/session_internal.h"
@@ -71,6 +72,9 @@ Config load_config(const std::string& path) {
   c.pid = j.at("pid").get<pid_t>();
   c.bundle = j.at("bundle").get<std::string>();
   c.node = j.value("node", std::string());
+  c.ns = j.value("namespace", std::string());
+  c.pod = j.value("pod", std::string());
+  c.container = j.value("container", std::string());
   for (auto& k : j.value("trusted_keys", nlohmann::json::array()))
     c.keys.push_back({k.at("kid").get<std::string>(), ticket::PublicKey::from_pem(k.at("pem").get<std::string>())});
   c.max_ticket_lifetime_s = j.value("max_ticket_lifetime_s", c.max_ticket_lifetime_s);
@@ -78,6 +82,7 @@ Config load_config(const std::string& path) {
   c.drain_timeout_ms = j.value("drain_timeout_ms", c.drain_timeout_ms);
   c.tls_cert = j.at("tls_cert").get<std::string>();
   c.tls_key = j.at("tls_key").get<std::string>();
+  c.ends_dir = j.value("ends_dir", std::string());
   c.isolation = parse_isolation(j.value("isolation", nlohmann::json()));
   return c;
 }
@@ -88,7 +93,44 @@ Context::Context(event_base* base, Config cfg, nsenter::Container ctr, int conn_
   own_netns_ = Fd(::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC));
   if (!own_netns_) throw sys_error("open /proc/self/ns/net");
   peer_ = peer_of(conn_fd);
+  start_unix_ = time(nullptr);
   log::set_context({{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}});
+}
+
+Context::~Context() {
+  // A destructor must not throw; a lost record is logged (the shim.log audit
+  // line "session.end" still has the session).
+  try {
+    write_end_record();
+  } catch (const std::exception& e) {
+    log::error("cannot write the session end record", {{"dir", cfg_.ends_dir}, {"error", e.what()}});
+  }
+}
+
+void Context::write_end_record() const {
+  if (cfg_.ends_dir.empty() || !end_claims_) return;
+  const ticket::Claims& c = *end_claims_;
+  // session_id: the master's (ticket sid) so the record joins the grant's
+  // audit line; the file is named by our own random id (unique per
+  // connection even if a local ticket reuses a sid).
+  nlohmann::json r = {{"session_id", masterclient::spool::valid_sid(c.sid) ? c.sid : sid_},
+                      {"shim_session", sid_},
+                      {"container_id", cfg_.id},
+                      {"user", c.sub},
+                      {"verb", c.verb},
+                      {"jti", c.jti},
+                      {"peer", peer_},
+                      {"start", log::rfc3339(start_unix_)},
+                      {"end", log::rfc3339(time(nullptr))},
+                      {"bytes_in", end_bytes_in_},
+                      {"bytes_out", end_bytes_out_}};
+  if (c.verb == "exec") r["command"] = c.cmd;
+  if (end_exit_) r["exit_code"] = *end_exit_;
+  if (end_signal_) r["signal"] = end_signal_;
+  if (!end_error_.empty()) r["error"] = end_error_.substr(0, 1000);
+  for (const std::string& gone : masterclient::spool::write(cfg_.ends_dir, sid_, r))
+    log::warn("session end outbox full: dropped the oldest record",
+              {{"dropped_session", gone}, {"limit", masterclient::spool::kMaxPending}});
 }
 
 void Context::set_peer_cert(SSL* ssl) {
@@ -166,6 +208,7 @@ AuthResult Context::authenticate_once(const std::string& token, const std::strin
   }
   log::set_context(
       {{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}, {"user", r.claims->sub}, {"jti", r.claims->jti}});
+  if (!end_claims_) end_claims_ = r.claims;
   return r;
 }
 

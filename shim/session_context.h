@@ -6,6 +6,7 @@
 #include <event2/event.h>
 #include <openssl/ssl.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -22,11 +23,17 @@ struct Config {
   std::string node;  // this node's name (hook master.node); empty: no master, not checked
   pid_t pid = 0;     // container init (host pid)
   std::string bundle;
+  // Kubernetes names of this container (the registration's; hook names_from).
+  // Empty (a shim.json written before they existed): requests are not checked.
+  std::string ns, pod, container;
   std::vector<ticket::TrustedKey> keys;
   int64_t max_ticket_lifetime_s = 300;
   int64_t clock_leeway_s = 5;
   int drain_timeout_ms = 2000;
   std::string tls_cert, tls_key;
+  // Outbox for the session's end record (shim.json "ends_dir", set by the hook
+  // only when a master is configured); empty: no record is written.
+  std::string ends_dir;
   Isolation isolation;  // per-session cgroup, SELinux label, Landlock (shim/session_isolation.h)
 };
 Config load_config(const std::string& path);
@@ -41,7 +48,10 @@ struct AuthResult {
 class Context {
  public:
   Context(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd);
-  virtual ~Context() = default;
+  // Writes the session's end record (docs/design.md "Session end records")
+  // when a ticket was accepted and cfg.ends_dir is set. Every front door's
+  // handlers are destroyed before this base, so their byte counts are in.
+  virtual ~Context();
   Context(const Context&) = delete;
   Context& operator=(const Context&) = delete;
 
@@ -63,6 +73,23 @@ class Context {
   // verify_ticket + consume_jti + audit context (user, jti): a ticket's one use.
   AuthResult authenticate_once(const std::string& token, const std::string& verb);
 
+  // For the end record: application bytes client->container (stdin,
+  // forwarded) and container->client (stdout+stderr, forwarded).
+  void add_bytes(uint64_t in, uint64_t out) {
+    end_bytes_in_ += in;
+    end_bytes_out_ += out;
+  }
+  // The exec's status (exit_code is 128+signal when signal != 0).
+  void note_exit(int exit_code, int signal, const std::string& error) {
+    end_exit_ = exit_code;
+    end_signal_ = signal;
+    if (!error.empty()) end_error_ = error;
+  }
+  // Why the session ended abnormally (client gone, killed).
+  void note_error(const std::string& error) {
+    if (end_error_.empty()) end_error_ = error;
+  }
+
  protected:
   event_base* base_;
   Config cfg_;
@@ -70,6 +97,15 @@ class Context {
   int shim_fd_;
   std::string sid_, peer_, peer_jkt_;
   Fd own_netns_;
+
+ private:
+  void write_end_record() const;
+  std::optional<ticket::Claims> end_claims_;  // the accepted ticket (first one of the connection)
+  int64_t start_unix_ = 0;
+  uint64_t end_bytes_in_ = 0, end_bytes_out_ = 0;
+  std::optional<int> end_exit_;
+  int end_signal_ = 0;
+  std::string end_error_;
 };
 
 // What main() drives once TLS is up: the native HTTP/2 Session (ALPN h2) or

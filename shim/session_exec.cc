@@ -44,6 +44,8 @@ struct ExecEngine::Impl {
     for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_})
       if (e) event_free(e);
     kill_all();
+    // The session's end record (written by the Context) counts every transport's exec here.
+    ctx_.add_bytes(bytes_in_, static_cast<uint64_t>(bytes_out_ + bytes_err_));
   }
 
   // The one place a session process is created (per-session limits,
@@ -75,6 +77,9 @@ struct ExecEngine::Impl {
   void start(const ExecSpec& spec, const ticket::Claims& claims) {
     tty_ = spec.tty;
     stdin_ = spec.stdin_;
+    // A stream the client did not ask for is still read, then dropped: the
+    // process never blocks on it and the exit drain works the same.
+    keep_stdout_ = spec.stdout_;
     keep_stderr_ = spec.stderr_;
     nsenter::Request req;
     req.argv = spec.argv;
@@ -149,6 +154,7 @@ struct ExecEngine::Impl {
       return;
     }
     stdin_buf_.append(reinterpret_cast<const char*>(data), len);
+    bytes_in_ += len;
     flush_stdin();
   }
 
@@ -174,6 +180,7 @@ struct ExecEngine::Impl {
     if (finished_) return;
     finished_ = true;
     log::audit("session.end", {{"reason", why}, {"killed", true}});
+    ctx_.note_error("session ended: " + why);
     for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_})
       if (e) event_del(e);
     kill_all();
@@ -198,7 +205,7 @@ struct ExecEngine::Impl {
           if (keep_stderr_) sink_.on_output(2, buf, static_cast<size_t>(n));
         } else {
           bytes_out_ += n;
-          sink_.on_output(1, buf, static_cast<size_t>(n));
+          if (keep_stdout_) sink_.on_output(1, buf, static_cast<size_t>(n));
         }
         if (finished_) return;  // the sink aborted us from inside on_output
         continue;
@@ -310,6 +317,7 @@ struct ExecEngine::Impl {
     if (!r.killed.empty()) rec["killed"] = r.killed;
     if (conf_) conf_->usage_into(rec);
     log::audit("session.end", rec);
+    ctx_.note_exit(r.exit_code, r.signal, r.error);
     for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_})
       if (e) event_del(e);
     in_fd_.reset();
@@ -333,7 +341,7 @@ struct ExecEngine::Impl {
 
   Context& ctx_;
   ExecSink& sink_;
-  bool tty_ = false, stdin_ = false, keep_stderr_ = true;
+  bool tty_ = false, stdin_ = false, keep_stdout_ = true, keep_stderr_ = true;
   nsenter::Spawned proc_;
   std::optional<Confinement> conf_;  // the session's cgroup, label, Landlock (outlives proc_'s kill)
   Fd in_fd_, out_fd_, err_fd_;
@@ -344,6 +352,7 @@ struct ExecEngine::Impl {
   bool out_eof_ = false, err_eof_ = false, exited_ = false, finished_ = false;
   ExecResult result_;
   int64_t bytes_out_ = 0, bytes_err_ = 0;
+  uint64_t bytes_in_ = 0;  // stdin accepted from the client
 };
 
 ExecEngine::ExecEngine(Context& ctx, ExecSink& sink) : impl_(std::make_unique<Impl>(ctx, sink)) {}

@@ -26,17 +26,18 @@ namespace shimlet::session {
 
 struct ExecSpec {
   std::vector<std::string> argv;
-  bool stdin_ = false;   // the client sends stdin; without it the command sees EOF at once
-  bool tty = false;      // a pty (stdout and stderr merged, as a terminal does)
-  bool stderr_ = true;   // Kubernetes stderr=false: stderr output is discarded
+  bool stdin_ = false;  // the client sends stdin; without it the command sees EOF at once
+  bool tty = false;     // a pty (stdout and stderr merged, as a terminal does)
+  bool stdout_ = true;  // Kubernetes stdout=false: stdout output (with a tty: all output) is discarded
+  bool stderr_ = true;  // Kubernetes stderr=false: stderr output is discarded
   uint16_t cols = 80, rows = 24;
   std::string term = "xterm";  // sanitized by the engine
 };
 
 struct ExecResult {
   int exit_code = 0;
-  int signal = 0;     // killed by this signal (exit_code = 128 + signal)
-  std::string error;  // could not start (exit_code 127 not found, 126 not executable), or why it was killed
+  int signal = 0;      // killed by this signal (exit_code = 128 + signal)
+  std::string error;   // could not start (exit_code 127 not found, 126 not executable), or why it was killed
   std::string killed;  // "memory" | "pids": the shim killed the session for exceeding that limit
 };
 
@@ -59,7 +60,7 @@ class ExecSink {
 
 class ExecEngine {
  public:
-  static constexpr size_t kOutHighWater = 1u << 20;   // sink queue above this: stop reading output
+  static constexpr size_t kOutHighWater = 1u << 20;    // sink queue above this: stop reading output
   static constexpr size_t kStdinHighWater = 1u << 20;  // stdin buffered above this: the sink should stop reading
 
   ExecEngine(Context& ctx, ExecSink& sink);

@@ -28,7 +28,10 @@ constexpr int kUdpIdleSeconds = 120;
 class Forward : public StreamHandler {
  public:
   Forward(Session& s, int32_t stream, uint16_t port, bool udp) : s_(s), stream_(stream), port_(port), udp_(udp) {}
-  ~Forward() override { stop(); }
+  ~Forward() override {
+    s_.add_bytes(static_cast<uint64_t>(bytes_in_), static_cast<uint64_t>(bytes_out_));  // the session's end record
+    stop();
+  }
 
   void start() {
     log::audit("portforward.open", {{"port", port_}, {"proto", udp_ ? "udp" : "tcp"}, {"stream", stream_}});

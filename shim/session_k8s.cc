@@ -82,9 +82,10 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
   }
   void on_exit(const ExecResult& r) override {
     if (!r.error.empty()) {
-      // Shown to the user (kubectl prints stderr; with a tty everything is stdout).
+      // Shown to the user (kubectl prints stderr; with a tty everything is
+      // stdout), on a stream the client asked for; the status has it too.
       std::string line = "shimlet: " + r.error + "\r\n";
-      send_channel(tty_ ? 1 : 2, line.data(), line.size());
+      if (tty_ ? stdout_ : stderr_) send_channel(tty_ ? 1 : 2, line.data(), line.size());
     }
     std::string st = status_json(r).dump();
     send_channel(3, st.data(), st.size());
@@ -244,6 +245,14 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     if (!a.claims) return refuse(a.status, a.why);
     const ticket::Claims& c = *a.claims;
 
+    // This shim serves one container: a Kubernetes path naming another pod is
+    // not ours (as the API server: 404). Checked after the ticket so an
+    // unauthenticated caller learns nothing about the names. Names are
+    // compared raw: valid Kubernetes names need no percent-encoding.
+    if (rt.kube_api && !cfg_.pod.empty() && (rt.ns != cfg_.ns || rt.pod != cfg_.pod))
+      return refuse(404, "pods \"" + rt.pod + "\" not found in namespace " + rt.ns + " on this shim (it serves " +
+                             cfg_.ns + "/" + cfg_.pod + ")");
+
     ExecSpec spec;
     if (rt.verb == Verb::Exec) {
       spec.argv = c.cmd;
@@ -251,29 +260,46 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
       spec.tty = c.tty;
       spec.stderr_ = !c.tty;
       if (rt.kube_api) {
-        // The query must ask for exactly what the ticket allows.
+        // The query must ask for exactly what the ticket allows (command,
+        // stdin, tty); stdout/stderr only choose which output is shown.
         auto q = parse_query(r.query);
         if (!q) return refuse(400, "malformed query string");
         std::vector<std::string> cmd;
-        bool want_stdin = false, want_tty = false, want_stderr = false;
+        std::optional<std::string> container;
+        bool want_stdin = false, want_tty = false, want_stdout = false, want_stderr = false;
         for (auto& [k, v] : *q) {
-          std::optional<bool> b;
           if (k == "command") {
             cmd.push_back(v);
             continue;
           }
+          if (k == "container") {
+            container = v;
+            continue;
+          }
           if (k != "stdin" && k != "tty" && k != "stderr" && k != "stdout") continue;
-          b = parse_bool(v);
+          std::optional<bool> b = parse_bool(v);
           if (!b) return refuse(400, "query parameter " + k + " is not a boolean");
           if (k == "stdin") want_stdin = *b;
           if (k == "tty") want_tty = *b;
+          if (k == "stdout") want_stdout = *b;
           if (k == "stderr") want_stderr = *b;
         }
+        // As the API server for a container the pod does not have (400). An
+        // empty container= means the pod's default: this one.
+        if (container && !container->empty() && !cfg_.container.empty() && *container != cfg_.container &&
+            *container != cfg_.id)
+          return refuse(400, "container " + *container + " is not valid for pod " + rt.pod);
+        // As the kubelet (remotecommand NewOptions): a tty has no stderr
+        // (merged into stdout, the flag is dropped), and at least one stream.
+        if (want_tty) want_stderr = false;
+        if (!want_stdin && !want_stdout && !want_stderr)
+          return refuse(400, "you must specify at least 1 of stdin, stdout, stderr");
         if (cmd.empty()) return refuse(400, "missing command (query parameter command)");
         if (cmd != c.cmd) return refuse(403, "ticket does not allow this command");
         if (want_stdin != c.stdin_ || want_tty != c.tty)
           return refuse(403, "ticket does not allow these stdin/tty flags");
-        spec.stderr_ = want_stderr && !want_tty;
+        spec.stdout_ = want_stdout;
+        spec.stderr_ = want_stderr;
       }
     }
     std::string why;
@@ -321,6 +347,8 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     v5_ = n.protocol == "v5.channel.k8s.io";
     stdin_ = spec.stdin_;
     tty_ = spec.tty;
+    stdout_ = spec.stdout_;
+    stderr_ = spec.stderr_;
     start_ws();
     write_101(n);
     mode_ = Mode::WsExec;
@@ -554,7 +582,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
   std::unique_ptr<ExecEngine> engine_;
   std::unique_ptr<SpdyEndpoint> spdy_;
   std::string pending_, close_reason_;
-  bool v5_ = false, stdin_ = false, tty_ = false;
+  bool v5_ = false, stdin_ = false, tty_ = false, stdout_ = true, stderr_ = true;
   bool sent_101_ = false, input_paused_ = false, ending_ = false;
   int64_t last_rx_ = now();
 };

@@ -89,8 +89,9 @@ class SpdyExec : public SpdyBase, public ExecSink {
     v4_ = start_.protocol == "v4.channel.k8s.io";
     bool resize_capable = v4_ || start_.protocol == "v3.channel.k8s.io";
     // What kubectl creates (client-go remotecommand): error, then stdin with
-    // -i, stdout, stderr without a tty, resize with a tty (v3+).
-    expected_ = {"error", "stdout"};
+    // -i, stdout unless stdout=false, stderr without a tty, resize with a tty (v3+).
+    expected_ = {"error"};
+    if (start_.exec.stdout_) expected_.insert("stdout");
     if (start_.exec.stdin_) expected_.insert("stdin");
     if (start_.exec.stderr_ && !start_.exec.tty) expected_.insert("stderr");
     if (start_.exec.tty && resize_capable) expected_.insert("resize");
@@ -452,6 +453,7 @@ class SpdyForward : public SpdyBase {
     ~Pair() {
       for (event* e : {ev_read, ev_write, ev_wait})
         if (e) event_free(e);
+      f.ctx_.add_bytes(static_cast<uint64_t>(bytes_in), static_cast<uint64_t>(bytes_out));  // session end record
     }
 
     void arm_wait() {

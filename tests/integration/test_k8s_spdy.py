@@ -435,10 +435,11 @@ def upgrade(env, cid, path, ticket, protocols, websocket=False):
     return status, hdrs, SpdyClient(t)
 
 
-def query(argv, stdin, tty):
-    q = "&".join("command=" + _qe(a) for a in argv) + "&stdout=true"
+def query(argv, stdin, tty, stdout=True, container=None):
+    q = "&".join("command=" + _qe(a) for a in argv) + ("&stdout=true" if stdout else "&stdout=false")
     q += "&stdin=true" if stdin else ""
     q += "&tty=true" if tty else "&stderr=true"
+    q += "&container=" + _qe(container) if container is not None else ""
     return q
 
 
@@ -448,11 +449,12 @@ def _qe(s):
 
 
 def spdy_exec(env, c, argv, stdin=None, tty=False, protocol="v4.channel.k8s.io", resizes=(), shape="api",
-              timeout=60):
-    """Runs argv as kubectl exec does over SPDY; returns (stdout, stderr, error-stream bytes, client)."""
+              timeout=60, stdout=True, container=None):
+    """Runs argv as kubectl exec does over SPDY; returns (stdout, stderr, error-stream bytes, client).
+    stdout=False: no stdout stream is created (client-go with Stdout nil); stdout is then None."""
     t = mint(env, c.id, "exec", cmd=list(argv), stdin=stdin is not None, tty=tty)
     if shape == "api":
-        path = f"/api/v1/namespaces/default/pods/{c.id}/exec?" + query(argv, stdin is not None, tty)
+        path = f"/api/v1/namespaces/default/pods/{c.id}/exec?" + query(argv, stdin is not None, tty, stdout, container)
     else:
         path = f"/exec/{t}"
     status, hdrs, cl = upgrade(env, c.id, path, t, [protocol, "channel.k8s.io"] if protocol != "channel.k8s.io"
@@ -465,8 +467,10 @@ def spdy_exec(env, c, argv, stdin=None, tty=False, protocol="v4.channel.k8s.io",
     if stdin is not None:
         sin = cl.open({"streamtype": "stdin"})
         sin.wait_reply()
-    out = cl.open({"streamtype": "stdout"})
-    out.wait_reply()
+    out = None
+    if stdout:
+        out = cl.open({"streamtype": "stdout"})
+        out.wait_reply()
     serr = None
     if not tty:
         serr = cl.open({"streamtype": "stderr"})
@@ -480,7 +484,7 @@ def spdy_exec(env, c, argv, stdin=None, tty=False, protocol="v4.channel.k8s.io",
     if stdin is not None:
         cl.send(sin, stdin, fin=True)
     status_bytes = err.wait_fin(timeout)
-    o = out.wait_fin(timeout)
+    o = out.wait_fin(timeout) if out else None
     e = serr.wait_fin(timeout) if serr else b""
     # As client-go: reset what is left, GOAWAY, hang up.
     cl.send_goaway()
@@ -565,6 +569,36 @@ def test_exec_claims_must_match(env):
     path = f"/api/v1/namespaces/default/pods/{c.id}/exec?" + query(["sh"], False, False)
     status, _, body = upgrade(env, c.id, path, t, ["v4.channel.k8s.io"])
     assert status == 403, (status, body)
+
+
+def test_exec_stdout_false(env):
+    # client-go creates no stdout stream: the command must start without one,
+    # its stdout (more than a pipe holds) is discarded, stderr and the status arrive.
+    c = env.container()
+    for protocol in ("v4.channel.k8s.io", "v2.channel.k8s.io"):
+        o, e, st, _ = spdy_exec(env, c, ["sh", "-c", "seq 200000; echo visible >&2; exit 6"], stdout=False,
+                                protocol=protocol, timeout=30)
+        assert o is None and e == b"visible\n"
+        if protocol == "v4.channel.k8s.io":
+            assert json.loads(st)["details"]["causes"] == [{"reason": "ExitCode", "message": "6"}], st
+        else:
+            assert st == b"command terminated with non-zero exit code: exit status 6", st
+
+
+def test_exec_no_stream_refused_and_container_checked(env):
+    c = env.container()
+    t = mint(env, c.id, "exec", cmd=["id"], stdin=False, tty=True)
+    # tty drops stderr (kubelet), stdout=false: no stream left.
+    path = f"/api/v1/namespaces/default/pods/{c.id}/exec?command=id&stdout=false&stderr=true&tty=true"
+    status, _, body = upgrade(env, c.id, path, t, ["v4.channel.k8s.io"])
+    assert status == 400 and body == b"you must specify at least 1 of stdin, stdout, stderr\n", (status, body)
+    t = mint(env, c.id, "exec", cmd=["id"], stdin=False, tty=False)
+    path = f"/api/v1/namespaces/default/pods/{c.id}/exec?" + query(["id"], False, False, container="nope")
+    status, _, body = upgrade(env, c.id, path, t, ["v4.channel.k8s.io"])
+    assert status == 400 and body == f"container nope is not valid for pod {c.id}\n".encode(), (status, body)
+    # Its own name (no Kubernetes annotations: the container id) works.
+    o, _, st, _ = spdy_exec(env, c, ["echo", "named"], container=c.id)
+    assert o == b"named\n" and json.loads(st)["status"] == "Success"
 
 
 # ------------------------------------------------------------ port-forward

@@ -37,9 +37,15 @@ def env():
         e.cleanup()
 
 
+# The names kube_path() uses: the shim refuses a request naming another
+# namespace/pod/container (as the API server and kubelet do).
+NAMES = {"io.kubernetes.pod.namespace": "default", "io.kubernetes.pod.name": "p",
+         "io.kubernetes.container.name": "c"}
+
+
 @pytest.fixture(scope="module")
 def ctr(env):
-    return env.container()
+    return env.container(annotations=NAMES)
 
 
 def mint(env, ctr, cmd=("echo", "ok"), stdin=False, tty=False, verb="exec", **kw):
@@ -55,16 +61,17 @@ def mint(env, ctr, cmd=("echo", "ok"), stdin=False, tty=False, verb="exec", **kw
     return json.loads(p.stdout)["ticket"]
 
 
-def kube_path(cmd, stdin=False, tty=False, stderr=None):
-    q = [("command", a) for a in cmd] + [("stdout", "true")]
+def kube_path(cmd, stdin=False, tty=False, stderr=None, stdout=True, container="c", ns="default", pod="p"):
+    q = [("command", a) for a in cmd] + [("stdout", "true" if stdout else "false")]
     if stdin:
         q.append(("stdin", "true"))
     if tty:
         q.append(("tty", "true"))
     if stderr if stderr is not None else not tty:
         q.append(("stderr", "true"))
-    q.append(("container", "c"))
-    return "/api/v1/namespaces/default/pods/p/exec?" + urllib.parse.urlencode(q)
+    if container is not None:
+        q.append(("container", container))
+    return f"/api/v1/namespaces/{ns}/pods/{pod}/exec?" + urllib.parse.urlencode(q)
 
 
 class Conn:
@@ -463,6 +470,82 @@ def test_query_must_match_ticket(env, ctr, shimlog):
     status, _, body, ws = ws_open(env, ctr, kube_path(["echo", "ok"], stdin=True), ticket=t)
     assert status == 403 and b"stdin/tty flags" in body, body
     _, _, body, ws = ws_open(env, ctr, kube_path(["echo", "ok"]), ticket=t)
+    assert ws, body
+    assert run_exec(ws)[0] == b"ok\n"
+
+
+# ---- which streams: stdout=false, stderr=false, none ----
+
+@pytest.mark.parametrize("protocol", ["v5.channel.k8s.io", "v4.channel.k8s.io"])
+def test_stdout_false_discards_stdout(env, ctr, protocol):
+    # Plenty of stdout (more than a pipe holds) that must never arrive, and
+    # must not block the command either; stderr and the exit code do arrive.
+    cmd = ["sh", "-c", "seq 200000; echo visible >&2; seq 3; exit 7"]
+    t = mint(env, ctr, cmd)
+    _, _, body, ws = ws_open(env, ctr, kube_path(cmd, stdout=False), protocols=(protocol,), ticket=t)
+    assert ws, body
+    out, err, st = run_exec(ws, half_close=protocol.startswith("v5"))
+    assert out == b"" and err == b"visible\n"
+    assert exit_code_of(st) == 7, st
+    assert ws.close_code == 1000
+
+
+def test_stderr_false_discards_stderr(env, ctr):
+    cmd = ["sh", "-c", "echo out; echo hidden >&2"]
+    t = mint(env, ctr, cmd)
+    _, _, body, ws = ws_open(env, ctr, kube_path(cmd, stderr=False), ticket=t)
+    assert ws, body
+    assert run_exec(ws)[:2] == (b"out\n", b"")
+
+
+def test_stdin_only_runs(env, ctr):
+    # stdin alone is a valid choice (kubelet: at least one of the three).
+    cmd = ["sh", "-c", "cat > /tmp/k8sgaps-in; exit 5"]
+    t = mint(env, ctr, cmd, stdin=True)
+    _, _, body, ws = ws_open(env, ctr, kube_path(cmd, stdin=True, stdout=False, stderr=False), ticket=t)
+    assert ws, body
+    out, err, st = run_exec(ws, stdin_chunks=[b"data"])
+    assert (out, err) == (b"", b"") and exit_code_of(st) == 5, st
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_no_stream_refused_400(env, ctr, shimlog, tty):
+    # All three false; or tty=true with stderr only: the tty drops stderr
+    # (kubelet), so nothing is left either.
+    cmd = ["echo", "ok"]
+    t = mint(env, ctr, cmd, tty=tty)
+    status, _, body, _ = ws_open(env, ctr, kube_path(cmd, tty=tty, stdout=False, stderr=tty), ticket=t)
+    assert status == 400 and body == b"you must specify at least 1 of stdin, stdout, stderr\n", body
+    shimlog.wait_refusal("you must specify at least 1 of stdin, stdout, stderr")
+    # Refused before use: the ticket still works.
+    _, _, body, ws = ws_open(env, ctr, kube_path(cmd, tty=tty), ticket=t)
+    assert ws, body
+    assert run_exec(ws)[0].strip() == b"ok"
+
+
+# ---- container=, namespace and pod must be this shim's ----
+
+def test_container_param_checked(env, ctr, shimlog):
+    cmd = ["echo", "ok"]
+    t = mint(env, ctr, cmd)
+    status, _, body, _ = ws_open(env, ctr, kube_path(cmd, container="other"), ticket=t)
+    assert status == 400 and body == b"container other is not valid for pod p\n", body
+    shimlog.wait_refusal("container other is not valid for pod p")
+    for container in ("c", ctr.id, None, ""):  # its name, its id, none, empty (= the default)
+        t = mint(env, ctr, cmd)
+        _, _, body, ws = ws_open(env, ctr, kube_path(cmd, container=container), ticket=t)
+        assert ws, (container, body)
+        assert run_exec(ws)[0] == b"ok\n"
+
+
+@pytest.mark.parametrize("ns,pod", [("default", "q"), ("kube-system", "p")])
+def test_other_pod_404(env, ctr, shimlog, ns, pod):
+    cmd = ["echo", "ok"]
+    t = mint(env, ctr, cmd)
+    status, _, body, _ = ws_open(env, ctr, kube_path(cmd, ns=ns, pod=pod), ticket=t)
+    assert status == 404 and f'pods "{pod}" not found in namespace {ns}'.encode() in body, body
+    shimlog.wait_refusal(f'pods "{pod}" not found')
+    _, _, body, ws = ws_open(env, ctr, kube_path(cmd), ticket=t)  # not used up
     assert ws, body
     assert run_exec(ws)[0] == b"ok\n"
 

@@ -3,11 +3,14 @@ certificates, a token file, RBAC YAML), real runc containers whose
 shimlet-hook registers them with the master (node token) and whose shim
 renews the lease, and shimctl in master mode (flags and kubeconfig files)
 getting its grants from the master."""
+import http.client
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -240,3 +243,174 @@ def test_unreachable_master_never_fails_the_container(env):
     assert p.returncode == 0 and p.stdout == b"ok\n", p.stderr
     c.stop()
     assert not os.path.exists(os.path.join(state, c.id))
+
+
+# ---------------------------------------------------------------- session ends reach the master (issue 4)
+# The session writes STATE/<id>/ends/<sid>.json; the shim's renewer (every
+# renew_interval_s = 1 s here) POSTs it to /nodes/n1/sessions/SID and deletes it.
+
+def _session_ends(env, sid):
+    return [l for l in env.audit_lines() if l["event"] == "session_end" and l.get("session_id") == sid]
+
+
+def _node_end(env, sid):
+    return wait_for(lambda: [l for l in _session_ends(env, sid) if l.get("via") == "node"], 10,
+                    f"the node's session_end for {sid}")[0]
+
+
+def _ends_dir_empty(env, cid):
+    d = os.path.join(env.state, cid, "ends")
+    return os.path.isdir(d) and not [n for n in os.listdir(d) if n.endswith(".json")]
+
+
+def test_exec_session_end_reaches_the_master(env, web):
+    cmd = ["sh", "-c", "echo hi; exit 3"]
+    p = env.shimctl(*flags(env), "--token", TOKENS["alice"], "exec", web.pod, "--", *cmd)
+    assert p.returncode == 3 and p.stdout == b"hi\n", p.stderr
+    grant = [l for l in env.audit_lines() if l.get("resource") == "pods/exec" and l.get("command") == cmd][-1]
+    sid = grant["session_id"]
+    end = _node_end(env, sid)
+    assert end["user"] == "alice" and end["verb"] == "exec" and end["command"] == cmd, end
+    assert end["exit_code"] == 3 and "signal" not in end, end
+    assert end["bytes_out"] >= 3 and end["bytes_in"] == 0, end
+    assert end["node"] == NODE and end["container_id"] == web.id and end["jti"] == grant["jti"], end
+    assert (end["namespace"], end["pod"], end["container"]) == ("default", web.pod, "app"), end
+    assert end["start"] <= end["end"] and end["peer"].startswith("127.0.0.1:"), end
+    # Delivered once, and the outbox is empty again.
+    wait_for(lambda: _ends_dir_empty(env, web.id), 5, "the outbox emptied")
+    time.sleep(2.5)  # two more renewals: nothing posted twice
+    assert len([l for l in _session_ends(env, sid) if l.get("via") == "node"]) == 1
+    # The posts themselves are audited as the node's requests.
+    posts = [l for l in env.audit_lines() if l.get("verb") == "session_end" and l.get("session_id") == sid]
+    assert posts and posts[-1]["user"] == f"system:node:{NODE}" and posts[-1]["code"] == 200, posts
+
+
+def test_exec_signal_and_stdin_bytes_in_the_session_end(env, web):
+    cmd = ["sh", "-c", "cat >/dev/null; kill -9 $$"]
+    p = env.shimctl(*flags(env), "--token", TOKENS["alice"], "exec", "-i", web.pod, "--", *cmd,
+                    stdin=None, input=b"x" * 1000)
+    assert p.returncode == 137, p.stderr
+    grant = [l for l in env.audit_lines() if l.get("resource") == "pods/exec" and l.get("command") == cmd][-1]
+    end = _node_end(env, grant["session_id"])
+    assert end["exit_code"] == 137 and end["signal"] == 9 and end["bytes_in"] == 1000, end
+
+
+def test_port_forward_session_end_reaches_the_master(env, web):
+    pf = subprocess.Popen([SHIMCTL, *flags(env), "--token", TOKENS["alice"], "port-forward", web.pod, "0:8080"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOME": env.home})
+    try:
+        line = pf.stdout.readline().decode()
+        m = re.match(r"Forwarding from 127\.0\.0\.1:(\d+) -> 8080", line)
+        assert m, (line, pf.poll())
+        body = wait_for(lambda: _get(f"http://127.0.0.1:{m.group(1)}/"), 10, "HTTP through the forward")
+        assert body.strip() == "hello-through-master"
+    finally:
+        pf.send_signal(signal.SIGINT)
+        try:
+            pf.wait(5)
+        except subprocess.TimeoutExpired:
+            pf.kill()
+            pf.wait()
+    grant = [l for l in env.audit_lines() if l.get("resource") == "pods/portforward" and l.get("code") == 201][-1]
+    end = _node_end(env, grant["session_id"])
+    assert end["verb"] == "portforward" and end["user"] == "alice" and "command" not in end, end
+    # An HTTP GET one way, the response (headers + body) the other.
+    assert end["bytes_in"] >= len("GET / HTTP/1.1\r\n"), end
+    assert end["bytes_out"] > len("hello-through-master\n"), end
+    assert end["node"] == NODE and end["pod"] == web.pod and end["jti"] == grant["jti"], end
+
+
+def test_tunnel_and_node_session_ends_are_distinguishable(env, web):
+    cmd = ["sh", "-c", "echo via-tunnel; exit 5"]
+    p = env.shimctl(*flags(env), "--token", TOKENS["alice"], "--proxy", "exec", web.pod, "--", *cmd)
+    assert p.returncode == 5 and p.stdout == b"via-tunnel\n", p.stderr
+    grant = [l for l in env.audit_lines() if l.get("resource") == "pods/exec" and l.get("command") == cmd][-1]
+    end = _node_end(env, grant["session_id"])
+    assert end["exit_code"] == 5 and end["via"] == "node", end
+    tunnels = wait_for(lambda: [l for l in env.audit_lines() if l["event"] == "session_end" and
+                                l.get("via") == "tunnel" and l.get("container_id") == web.id], 5, "tunnel end")
+    assert all("exit_code" not in t for t in tunnels), tunnels
+
+
+def _post_session_end(env, node, sid, token, body):
+    ctx = ssl.create_default_context(cafile=env.ca)
+    conn = http.client.HTTPSConnection("127.0.0.1", env.port, context=ctx, timeout=10)
+    try:
+        conn.request("POST", f"/apis/shimlet.io/v1/nodes/{node}/sessions/{sid}", body=json.dumps(body),
+                     headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_session_end_needs_the_nodes_own_credential(env, web):
+    sid = "forged" + uuid.uuid4().hex[:8]
+    body = {"container_id": web.id, "user": "mallory", "verb": "exec", "exit_code": 0, "node": "n2"}
+    st, _ = _post_session_end(env, "n2", sid, TOKENS["node"], body)  # n1's token for n2
+    assert st == 403
+    st, _ = _post_session_end(env, NODE, sid, TOKENS["alice"], body)  # not a node at all
+    assert st == 403
+    assert not _session_ends(env, sid)
+    # The node's own: recorded, attributed to the authenticated node whatever the body says.
+    st, _ = _post_session_end(env, NODE, sid, TOKENS["node"], {**body, "via": "relay", "bogus": "x"})
+    assert st == 200
+    (line,) = _session_ends(env, sid)
+    assert line["node"] == NODE and line["via"] == "node" and "bogus" not in line, line
+
+
+def test_session_end_kept_until_the_master_accepts_it(env):
+    """With the master unreachable the record stays in the outbox (renewals
+    fail); once the hook config points at the master again (the renewer
+    reads it at every tick) the next renewal delivers it."""
+    cfg_path = env.path("hook-later.json")
+    env.write_hook_config(cfg_path, env.state, "https://127.0.0.1:1", fail=False)
+    pod = "ends-" + uuid.uuid4().hex[:6]
+    c = env.container(pod, config=cfg_path)
+    try:
+        p = env.shimctl("--local", "--state-dir", env.state, "exec", c.id, "--", "sh", "-c", "echo kept; exit 4")
+        assert p.returncode == 4 and p.stdout == b"kept\n", p.stderr
+        ends = os.path.join(env.state, c.id, "ends")
+        files = wait_for(lambda: [n for n in os.listdir(ends) if n.endswith(".json")], 5, "the record spooled")
+        assert len(files) == 1
+        st = os.stat(os.path.join(ends, files[0]))
+        assert st.st_mode & 0o777 == 0o600
+        with open(os.path.join(ends, files[0])) as f:
+            rec = json.load(f)
+        assert rec["exit_code"] == 4 and rec["command"] == ["sh", "-c", "echo kept; exit 4"], rec
+        time.sleep(2.5)  # renewals fail: still there
+        assert os.path.exists(os.path.join(ends, files[0]))
+        env.write_hook_config(cfg_path, env.state, env.url, fail=False)
+        end = _node_end(env, rec["session_id"])
+        assert end["exit_code"] == 4 and end["pod"] == pod and end["container"] == "app", end
+        assert end["bytes_out"] == len("kept\n"), end
+        wait_for(lambda: _ends_dir_empty(env, c.id), 5, "the outbox emptied")
+    finally:
+        c.stop()
+
+
+def test_poststop_flushes_the_last_session_ends(env):
+    """Renewals too rare to matter (1 h): only poststop's final flush can
+    deliver the record before the state directory goes."""
+    cfg_path = env.path("hook-rare-renewals.json")
+    env.write_hook_config(cfg_path, env.state, env.url)
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["master"]["renew_interval_s"] = 3600
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    pod = "last-" + uuid.uuid4().hex[:6]
+    c = env.container(pod, config=cfg_path)
+    try:
+        cmd = ["sh", "-c", "echo bye; exit 6"]
+        p = env.shimctl(*flags(env), "--token", TOKENS["alice"], "exec", pod, "--", *cmd)
+        assert p.returncode == 6, p.stderr
+        grant = [l for l in env.audit_lines() if l.get("resource") == "pods/exec" and l.get("command") == cmd][-1]
+        ends = os.path.join(env.state, c.id, "ends")
+        wait_for(lambda: [n for n in os.listdir(ends) if n.endswith(".json")], 5, "the record spooled")
+        assert not _session_ends(env, grant["session_id"])
+    finally:
+        c.stop()
+    end = _node_end(env, grant["session_id"])
+    assert end["exit_code"] == 6 and end["pod"] == pod, end
+    assert not os.path.exists(os.path.join(env.state, c.id))

@@ -1,0 +1,127 @@
+#include "masterclient/spool.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+
+#include "common/error.h"
+#include "common/fd.h"
+
+namespace shimlet::masterclient::spool {
+namespace {
+
+constexpr std::string_view kSuffix = ".json";
+
+struct Entry {
+  timespec mtime;
+  std::string name;
+};
+
+bool older(const Entry& a, const Entry& b) {
+  if (a.mtime.tv_sec != b.mtime.tv_sec) return a.mtime.tv_sec < b.mtime.tv_sec;
+  if (a.mtime.tv_nsec != b.mtime.tv_nsec) return a.mtime.tv_nsec < b.mtime.tv_nsec;
+  return a.name < b.name;
+}
+
+// Every <sid>.json in dir (no temp files), unsorted.
+std::vector<Entry> scan(const std::string& dir) {
+  std::vector<Entry> out;
+  std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir(dir.c_str()), ::closedir);
+  if (!d) {
+    if (errno == ENOENT) return out;
+    throw sys_error("opendir " + dir);
+  }
+  while (dirent* e = ::readdir(d.get())) {
+    std::string_view n = e->d_name;
+    if (n.size() <= kSuffix.size() || n.substr(n.size() - kSuffix.size()) != kSuffix) continue;
+    if (!valid_sid(n.substr(0, n.size() - kSuffix.size()))) continue;
+    struct stat st {};
+    if (::fstatat(::dirfd(d.get()), e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISREG(st.st_mode)) continue;
+    out.push_back({st.st_mtim, std::string(n)});
+  }
+  return out;
+}
+
+std::string read_bounded(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  if (!fd) return {};
+  std::string s;
+  char buf[8192];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    s.append(buf, static_cast<size_t>(n));
+    if (s.size() > kMaxRecordBytes) return {};
+  }
+  return s;
+}
+
+}  // namespace
+
+bool valid_sid(std::string_view sid) {
+  if (sid.empty() || sid.size() > 64) return false;
+  for (char c : sid)
+    if (!(isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-')) return false;
+  return true;
+}
+
+std::vector<std::string> write(const std::string& dir, const std::string& sid, const nlohmann::json& record,
+                               size_t max_pending) {
+  if (!valid_sid(sid)) throw Error("session end record: invalid session id \"" + sid.substr(0, 80) + "\"");
+  std::string body = record.dump() + "\n";
+  if (body.size() > kMaxRecordBytes)
+    throw Error("session end record for " + sid + ": " + std::to_string(body.size()) + " bytes, more than " +
+                std::to_string(kMaxRecordBytes));
+  const std::string path = dir + "/" + sid + std::string(kSuffix);
+  std::string tmp = dir + "/." + sid + ".XXXXXX";
+  Fd fd(::mkostemp(tmp.data(), O_CLOEXEC));
+  if (!fd) throw sys_error("create temp file in " + dir);
+  try {
+    if (::fchmod(fd.get(), 0600) < 0) throw sys_error("fchmod " + tmp);
+    write_all(fd.get(), body.data(), body.size());
+    if (::rename(tmp.c_str(), path.c_str()) < 0) throw sys_error("rename " + tmp + " -> " + path);
+  } catch (...) {
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  std::vector<std::string> dropped;
+  std::vector<Entry> all = scan(dir);
+  if (all.size() <= max_pending) return dropped;
+  // Bounded outbox (a master that is down for long must not fill the node's
+  // tmpfs): the oldest records go first, never the one just written.
+  std::sort(all.begin(), all.end(), older);
+  const std::string mine = sid + std::string(kSuffix);
+  size_t excess = all.size() - max_pending;
+  for (const Entry& e : all) {
+    if (excess == 0) break;
+    if (e.name == mine) continue;
+    if (::unlink((dir + "/" + e.name).c_str()) == 0)
+      dropped.push_back(e.name.substr(0, e.name.size() - kSuffix.size()));
+    excess--;
+  }
+  return dropped;
+}
+
+std::vector<Pending> list(const std::string& dir, size_t max) {
+  std::vector<Entry> all = scan(dir);
+  std::sort(all.begin(), all.end(), older);
+  if (all.size() > max) all.resize(max);
+  std::vector<Pending> out;
+  for (const Entry& e : all) {
+    Pending p;
+    p.sid = e.name.substr(0, e.name.size() - kSuffix.size());
+    p.path = dir + "/" + e.name;
+    p.record = nlohmann::json::parse(read_bounded(p.path), nullptr, false);
+    if (!p.record.is_discarded() && !p.record.is_object()) p.record = nlohmann::json::value_t::discarded;
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+}  // namespace shimlet::masterclient::spool

@@ -1,0 +1,39 @@
+// The node's outbox of session-end records (docs/design.md "Session end
+// records"): shimlet-session writes one JSON file per ended session into
+// STATE_DIR/<id>/ends/, the hook's renewer (and poststop) posts them to the
+// master and deletes each one the master accepted. A directory of small files
+// because the writer (one process per session) and the reader (a short-lived
+// renewer) never run at the same time by design and must not share a lock.
+#pragma once
+#include <cstddef>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace shimlet::masterclient::spool {
+
+inline constexpr size_t kMaxPending = 1000;           // more: the oldest are dropped (and logged)
+inline constexpr size_t kMaxRecordBytes = 60 * 1024;  // below the master's 64 KiB body limit
+
+// [A-Za-z0-9_-]{1,64}: a session id usable as a file name and URL segment.
+bool valid_sid(std::string_view sid);
+
+// Writes DIR/<sid>.json atomically (temp file + rename, mode 0600). When more
+// than max_pending records are then pending, the oldest are removed; returns
+// their session ids (the caller logs them). Throws shimlet::Error with context
+// (bad sid, record too large, I/O errors).
+std::vector<std::string> write(const std::string& dir, const std::string& sid, const nlohmann::json& record,
+                               size_t max_pending = kMaxPending);
+
+struct Pending {
+  std::string sid;
+  std::string path;
+  nlohmann::json record;  // object; discarded (is_discarded()) when the file is unreadable or not JSON
+};
+
+// At most max pending records, oldest first (mtime, then name). Temp files
+// and names that are not <valid sid>.json are skipped. A missing dir is empty.
+std::vector<Pending> list(const std::string& dir, size_t max);
+
+}  // namespace shimlet::masterclient::spool
