@@ -1,8 +1,8 @@
 // Structured logging: one JSON object per line on stderr (the shim and its
 // sessions have stderr pointed at the container's shim.log by the hook).
 #pragma once
-#include <nlohmann/json.hpp>
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 
 namespace shimlet::log {
