@@ -11,6 +11,10 @@
 #include "proto/tls.h"
 #include "ticket/ticket.h"
 
+namespace shimlet::masterclient {
+struct Target;
+}
+
 namespace shimlet::client {
 
 // Own errors and usage errors: main prints "error: " + what() and exits 255.
@@ -174,6 +178,8 @@ struct MasterSettings {
 // Flags beat the kubeconfig, field by field. Throws UsageError when no master
 // or no credential is configured, Error on unreadable/invalid files.
 MasterSettings master_settings(const Invocation& inv);
+// The masterclient connection settings for s (shimctl's user agent).
+masterclient::Target master_target(const MasterSettings& s, int timeout_ms);
 // POST .../namespaces/NS/pods/POD/{exec,portforward} with this run's jkt; the
 // master's refusal becomes Error(its Status message).
 Grant master_exec_grant(const Invocation& inv, const proto::Identity& client);

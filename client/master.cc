@@ -156,6 +156,18 @@ std::vector<std::string> kubeconfig_paths(const std::string& flag) {
   return out;
 }
 
+masterclient::Target master_target(const MasterSettings& s, int timeout_ms) {
+  masterclient::Target t;
+  t.server = s.server;
+  t.ca_pem = s.ca_pem;
+  t.token = s.token;
+  t.cert_pem = s.cert_pem;
+  t.key_pem = s.key_pem;
+  t.timeout_ms = timeout_ms;
+  t.user_agent = "shimctl";
+  return t;
+}
+
 MasterSettings master_settings(const Invocation& inv) {
   const MasterFlags& f = inv.master;
   KubeConfig kc;
@@ -243,14 +255,7 @@ Grant request_grant(const Invocation& inv, const std::string& pod, const std::st
                     const proto::Identity& client) {
   MasterSettings s = master_settings(inv);
   const std::string ns = inv.ns_set || s.ns.empty() ? inv.ns : s.ns;
-  masterclient::Target t;
-  t.server = s.server;
-  t.ca_pem = s.ca_pem;
-  t.token = s.token;
-  t.cert_pem = s.cert_pem;
-  t.key_pem = s.key_pem;
-  t.timeout_ms = kMasterTimeoutMs;
-  t.user_agent = "shimctl";
+  masterclient::Target t = master_target(s, kMasterTimeoutMs);
   // Bind the ticket to this run's TLS key (cnf.jkt): the shim checks it.
   body["jkt"] = ticket::jkt_of_public_pem(ticket::PrivateKey::from_pem(client.key_pem).public_pem());
   const std::string path = "/apis/shimlet.io/v1/namespaces/" + masterclient::path_segment(ns) + "/pods/" +

@@ -186,15 +186,7 @@ void TunnelBridgeFree::operator()(TunnelBridge* b) const { std::default_delete<T
 namespace {
 
 ShimLink open_tunnel(event_base* base, const Grant& g) {
-  MasterSettings s = master_settings(*g.inv);
-  masterclient::Target t;
-  t.server = s.server;
-  t.ca_pem = s.ca_pem;
-  t.token = s.token;
-  t.cert_pem = s.cert_pem;
-  t.key_pem = s.key_pem;
-  t.timeout_ms = kTunnelTimeoutMs;
-  t.user_agent = "shimctl";
+  masterclient::Target t = master_target(master_settings(*g.inv), kTunnelTimeoutMs);
   masterclient::Upgraded up = masterclient::upgrade(t, "POST", g.tunnel_path, "shimlet-tunnel");
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0) throw sys_error("socketpair");
