@@ -152,6 +152,18 @@ Response Master::handle(const Request& req) {
   return resp;
 }
 
+// Mints the ticket for an authorized request and records it in the audit line.
+Grant Master::allow(Ctx& ctx, const GrantRequest& gr, const Registration& target) {
+  Grant g = mint_grant(key_, grant_cfg_, ctx.id.user, gr, target, wall_s());
+  ctx.ev["decision"] = "allow";
+  ctx.ev["container"] = target.container;
+  ctx.ev["shim"] = {{"endpoint", target.endpoint}, {"container_id", target.id}, {"node", target.node}};
+  ctx.ev["session_id"] = g.claims.sid;
+  ctx.ev["jti"] = g.claims.jti;
+  ctx.ev["ticket_expires"] = rfc3339(g.claims.exp);
+  return g;
+}
+
 Response Master::deny(Ctx& ctx, const std::string& reason) {
   ctx.ev["decision"] = "deny";
   ctx.ev["reason"] = reason;
@@ -284,13 +296,7 @@ Response Master::stream(Ctx& ctx, const Request& req, const std::string& ns, con
   std::string why;
   auto target = registry_.find(ns, pod, gr.container, monotonic_ms(), &why);
   if (!target) return fail(why.find("not found") != std::string::npos ? 404 : 400, why);
-  Grant g = mint_grant(key_, grant_cfg_, ctx.id.user, gr, *target, wall_s());
-  ctx.ev["decision"] = "allow";
-  ctx.ev["container"] = target->container;
-  ctx.ev["shim"] = {{"endpoint", target->endpoint}, {"container_id", target->id}, {"node", target->node}};
-  ctx.ev["session_id"] = g.claims.sid;
-  ctx.ev["jti"] = g.claims.jti;
-  ctx.ev["ticket_expires"] = rfc3339(g.claims.exp);
+  Grant g = allow(ctx, gr, *target);
   ctx.ev["relay"] = true;
 
   RelayOptions opt;
@@ -382,14 +388,8 @@ Response Master::grant(Ctx& ctx, const Request& req, const std::string& ns, cons
     ctx.ev["reason"] = why;
     return status_error(404, why, "NotFound");
   }
-  Grant g = mint_grant(key_, grant_cfg_, ctx.id.user, gr, *target, wall_s());
-  ctx.ev["decision"] = "allow";
-  ctx.ev["container"] = target->container;
-  ctx.ev["shim"] = {{"endpoint", target->endpoint}, {"container_id", target->id}, {"node", target->node}};
-  ctx.ev["session_id"] = g.claims.sid;
-  ctx.ev["jti"] = g.claims.jti;
+  Grant g = allow(ctx, gr, *target);
   ctx.ev["jkt"] = g.claims.cnf_jkt;
-  ctx.ev["ticket_expires"] = rfc3339(g.claims.exp);
   return json_response(201, g.response);
 }
 

@@ -77,6 +77,7 @@ class Master {
   Response node_put(Ctx& ctx, const Request& req, const std::string& node, const std::string& id);
   Response node_delete(Ctx& ctx, const Request& req, const std::string& node, const std::string& id);
   Response session_end(Ctx& ctx, const Request& req, const std::string& node, const std::string& sid);
+  Grant allow(Ctx& ctx, const GrantRequest& gr, const Registration& target);
   Response deny(Ctx& ctx, const std::string& reason);
   std::optional<Response> require_node(Ctx& ctx, const std::string& node);
 
