@@ -18,6 +18,7 @@
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "common/error.h"
 #include "gtest/gtest.h"
@@ -314,6 +315,11 @@ TEST_F(CgroupTest, CpuUsageAndWeight) {
   auto s = cgroup::SessionCgroup::create(container_, "cpu", {.memory_max = 1u << 30, .cpu_weight = 100});
   EXPECT_EQ(slurp(entry("cpu").dir + "/shimlet-cpu/cpu.shares"), "2597\n");  // runc's mapping of weight 100
   auto c = spawn([] {
+    // Fresh pages after the attach, so the session's memory cgroup is charged
+    // (a spinning child touches none: the peak was 0 now and then).
+    std::vector<char> touched(4u << 20, 1);
+    volatile char keep = touched[touched.size() / 2];  // not optimised away
+    (void)keep;
     // 300 ms of CPU time, however loaded the host is.
     timespec ts{};
     do ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
