@@ -18,6 +18,17 @@ RUNC_ROOT = "/run/shimlet-test/runc"
 BUSYBOX = "/bin/busybox"  # Debian busybox-static
 
 
+def wait_for(pred, timeout=5.0, what="condition", interval=0.05):
+    """pred()'s first truthy value within timeout seconds, else AssertionError naming what."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def run(cmd, check=True, **kw):
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.PIPE)

@@ -14,11 +14,10 @@ import subprocess
 import tempfile
 import time
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from containers import BIN, Container
-from test_master import _cert, _name, _write_cert, _write_key  # PKI helpers
+from containers import BIN, Container, wait_for
+from test_master import _cert, _name, _write_cert, _write_key, _write_ticket_keys  # PKI helpers
 
 HOOK = os.path.join(BIN, "shimlet-hook")
 SHIMCTL = os.path.join(BIN, "shimctl")
@@ -79,16 +78,6 @@ roleRef:
 """
 
 
-def wait_for(pred, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 class MasterEnv:
     """PKI, a running shimlet-master, a hook config pointing at it."""
 
@@ -127,14 +116,9 @@ class MasterEnv:
             _write_cert(crt, _cert(_name(who, ["people"]), k, ca_name, ca_key, client=True))
             _write_key(key, k)
             self.certs[who] = (crt, key)
-        tk = ed25519.Ed25519PrivateKey.generate()
-        self.ticket_key = self.path("ticket.key")
-        _write_key(self.ticket_key, tk)
         # The shims trust the master's ticket key: kid "master" from the file name.
-        self.master_pub = self.path("master.pub")
-        with open(self.master_pub, "wb") as f:
-            f.write(tk.public_key().public_bytes(serialization.Encoding.PEM,
-                                                 serialization.PublicFormat.SubjectPublicKeyInfo))
+        self.ticket_key, self.master_pub = self.path("ticket.key"), self.path("master.pub")
+        _write_ticket_keys(self.ticket_key, self.master_pub)
 
     def _start_master(self):
         tokens = self.path("tokens.csv")

@@ -18,21 +18,11 @@ import uuid
 
 import pytest
 
-from containers import BIN, Container, run
+from containers import BIN, Container, run, wait_for
 
 HOOK = os.path.join(BIN, "shimlet-hook")
 SHIMCTL = os.path.join(BIN, "shimctl")
 SEQ_N = 2000000
-
-
-def wait_for(pred, timeout=5.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def alive(pid):

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from containers import BIN, REPO, Container, run, shared_rootfs
+from containers import BIN, REPO, Container, run, shared_rootfs, wait_for
 
 HOOK = os.path.join(BIN, "shimlet-hook")
 SHIM = os.path.join(BIN, "shimlet")
@@ -31,16 +31,6 @@ CONMON_USS_KB, CONMON_PSS_KB = 528, 855
 # ASan pass runs a dynamic, instrumented shim, whose size says nothing. The
 # plain pass of scripts/test asserts it.
 FOOTPRINT_CHECKED = os.environ.get("SHIMLET_ASAN") != "1"
-
-
-def wait_for(pred, timeout=5.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def alive(pid):

@@ -21,22 +21,12 @@ import time
 
 import pytest
 
-from containers import BIN, Container
+from containers import BIN, Container, wait_for
 
 HOOK = os.path.join(BIN, "shimlet-hook")
 SHIMCTL = os.path.join(BIN, "shimctl")
 PTRACE_PROBE = os.path.join(BIN, "shimlet-ptrace-probe")
 KILLED_EXIT = 254  # client/client.h kSessionKilledExit, docs/design.md
-
-
-def wait_for(pred, timeout=10.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def landlock_abi():

@@ -27,7 +27,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from test_portforward import PfEnv, wait_for
+from test_portforward import env, wait_for  # noqa: F401 (env: the fixture)
 
 SEQ_N = 2000000
 
@@ -490,14 +490,6 @@ def spdy_exec(env, c, argv, stdin=None, tty=False, protocol="v4.channel.k8s.io",
     cl.send_goaway()
     assert cl.eof.wait(10), "the shim did not close after GOAWAY"
     return o, e, status_bytes, cl
-
-
-@pytest.fixture
-def env():
-    e = PfEnv()
-    yield e
-    e.cleanup()
-    assert not e.sanitizer, "".join(e.sanitizer[:20])
 
 
 # ------------------------------------------------------------------ exec

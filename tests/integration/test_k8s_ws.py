@@ -21,20 +21,11 @@ import urllib.parse
 import pytest
 
 from containers import BIN
-from test_exec import ShimEnv, alive, pids_with_cmdline, seq_bytes, wait_for
+from test_exec import alive, env, pids_with_cmdline, seq_bytes, wait_for  # noqa: F401 (env: the fixture)
 
 PROBE = os.path.join(BIN, "shimlet-probe")
 SEQ_N = 2000000
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-@pytest.fixture(scope="module")
-def env():
-    e = ShimEnv()
-    try:
-        yield e
-    finally:
-        e.cleanup()
 
 
 # The names kube_path() uses: the shim refuses a request naming another

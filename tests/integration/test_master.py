@@ -187,6 +187,16 @@ def _write_key(path, key):
     os.chmod(path, 0o600)
 
 
+def _write_ticket_keys(key_path, pub_path):
+    """A fresh master ticket key (Ed25519) and its public PEM, which shims trust."""
+    tk = ed25519.Ed25519PrivateKey.generate()
+    _write_key(key_path, tk)
+    with open(pub_path, "wb") as f:
+        f.write(tk.public_key().public_bytes(serialization.Encoding.PEM,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    return tk
+
+
 def _write_cert(path, cert):
     with open(path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))

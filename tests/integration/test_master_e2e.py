@@ -152,10 +152,8 @@ def test_bad_credentials_and_missing_master(env, web):
     assert p.returncode == 255 and b"forbidden" in p.stderr, p.stderr
 
 
-def test_port_forward_through_master(env, web):
-    kc = env.kubeconfig("kubeconfig-pf")
-    pf = subprocess.Popen([SHIMCTL, "--kubeconfig", kc, "port-forward", web.pod, "0:8080"], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env={**os.environ, "HOME": env.home})
+def _fetch_once_through(pf):
+    """One HTTP GET through a running `shimctl port-forward POD 0:8080`, then SIGINT it."""
     try:
         line = pf.stdout.readline().decode()
         m = re.match(r"Forwarding from 127\.0\.0\.1:(\d+) -> 8080", line)
@@ -169,6 +167,13 @@ def test_port_forward_through_master(env, web):
         except subprocess.TimeoutExpired:
             pf.kill()
             pf.wait()
+
+
+def test_port_forward_through_master(env, web):
+    kc = env.kubeconfig("kubeconfig-pf")
+    pf = subprocess.Popen([SHIMCTL, "--kubeconfig", kc, "port-forward", web.pod, "0:8080"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env={**os.environ, "HOME": env.home})
+    _fetch_once_through(pf)
     grants = [l for l in env.audit_lines() if l.get("resource") == "pods/portforward" and l.get("code") == 201]
     assert grants and grants[-1]["ports"] == [{"port": 8080, "proto": "tcp"}], grants[-1:]
 
@@ -298,19 +303,7 @@ def test_exec_signal_and_stdin_bytes_in_the_session_end(env, web):
 def test_port_forward_session_end_reaches_the_master(env, web):
     pf = subprocess.Popen([SHIMCTL, *flags(env), "--token", TOKENS["alice"], "port-forward", web.pod, "0:8080"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOME": env.home})
-    try:
-        line = pf.stdout.readline().decode()
-        m = re.match(r"Forwarding from 127\.0\.0\.1:(\d+) -> 8080", line)
-        assert m, (line, pf.poll())
-        body = wait_for(lambda: _get(f"http://127.0.0.1:{m.group(1)}/"), 10, "HTTP through the forward")
-        assert body.strip() == "hello-through-master"
-    finally:
-        pf.send_signal(signal.SIGINT)
-        try:
-            pf.wait(5)
-        except subprocess.TimeoutExpired:
-            pf.kill()
-            pf.wait()
+    _fetch_once_through(pf)
     grant = [l for l in env.audit_lines() if l.get("resource") == "pods/portforward" and l.get("code") == 201][-1]
     end = _node_end(env, grant["session_id"])
     assert end["verb"] == "portforward" and end["user"] == "alice" and "command" not in end, end

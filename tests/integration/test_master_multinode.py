@@ -29,11 +29,11 @@ import uuid
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from containers import BIN, Container, run
-from test_master import _name, _write_cert, _write_key
+from containers import BIN, Container, run, wait_for
+from test_master import _name, _write_cert, _write_key, _write_ticket_keys
 
 HOOK = os.path.join(BIN, "shimlet-hook")
 SHIMCTL = os.path.join(BIN, "shimctl")
@@ -65,16 +65,6 @@ metadata: {name: alice}
 subjects: [{kind: User, name: alice}]
 roleRef: {kind: ClusterRole, name: pod-access}
 """
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def ip(*args, check=True):
@@ -192,13 +182,9 @@ class Cluster:
         self.server_crt, self.server_key = self.path("server.crt"), self.path("server.key")
         _write_cert(self.server_crt, cert(_name("shimlet-master"), k, ips=(IP["m"], MASTER_P_IP)))
         _write_key(self.server_key, k)
-        tk = ed25519.Ed25519PrivateKey.generate()
-        self.ticket_key = self.path("ticket.key")
-        _write_key(self.ticket_key, tk)
-        self.master_pub = self.path("master.pub")
-        with open(self.master_pub, "wb") as f:
-            f.write(tk.public_key().public_bytes(serialization.Encoding.PEM,
-                                                 serialization.PublicFormat.SubjectPublicKeyInfo))
+        # The shims trust the master's ticket key: kid "master" from the file name.
+        self.ticket_key, self.master_pub = self.path("ticket.key"), self.path("master.pub")
+        _write_ticket_keys(self.ticket_key, self.master_pub)
 
     def _files(self):
         self.tokens = self.path("tokens.csv")

@@ -25,7 +25,7 @@ import uuid
 
 import pytest
 
-from containers import BIN, REPO, Container, kill_tree, run
+from containers import BIN, REPO, Container, kill_tree, run, wait_for
 
 HOOK = os.path.join(BIN, "shimlet-hook")
 SHIMCTL = os.path.join(BIN, "shimctl")
@@ -40,16 +40,6 @@ from pf_peers import bulk_payload, stream_block  # noqa: E402
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if _soft < min(_hard, 16384):
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(_hard, 16384), _hard))
-
-
-def wait_for(pred, timeout=5.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def alive(pid):
