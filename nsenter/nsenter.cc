@@ -35,6 +35,7 @@
 #include <chrono>
 #include <memory>
 #include <set>
+#include <utility>
 
 #include "common/error.h"
 #include "selinux/label.h"
@@ -72,11 +73,11 @@ constexpr size_t kMaxPasswdBytes = 1 << 20;
 
 // Child -> parent messages over the SOCK_SEQPACKET pair (fixed size, no
 // allocation in the child).
-enum : char { kMsgPty = 'T', kMsgExec = 'X', kMsgError = 'E', kMsgLandlock = 'L' };
+enum : char { kMsgPty = 'T', kMsgExec = 'X', kMsgError = 'E', kMsgLandlock = 'L', kMsgForked = 'F' };
 enum : int32_t { kSetup = 0, kNotFound = 127, kNotExecutable = 126 };
 struct Report {
   char type;
-  int32_t code;  // kSetup / kNotFound / kNotExecutable
+  int32_t code;  // kSetup / kNotFound / kNotExecutable; kMsgForked: the command's host pid
   int32_t err;   // errno
   char step[120];
 };
@@ -302,13 +303,18 @@ void prepare_seccomp(const oci::Seccomp& s, Plan& plan) {
   plan.seccomp = true;
 }
 
+// The request's own errors, reported by the caller before anything is forked.
+void validate(const Request& r) {
+  if (r.argv.empty()) throw Error("nsenter: empty command");
+  for (const auto& a : r.argv)
+    if (a.find('\0') != std::string::npos) throw Error("nsenter: command argument contains a NUL byte");
+  if (r.argv[0].empty()) throw ExecError("exec: empty command name", 127);
+}
+
 Plan prepare(const Container& c, const Request& r, const Stdio& io) {
   const oci::Process& p = c.config.process;
   Plan plan;
-  if (r.argv.empty()) throw Error("nsenter: empty command");
-  if (!r.place) throw Error("nsenter: Request.place is required");
-  for (const auto& a : r.argv)
-    if (a.find('\0') != std::string::npos) throw Error("nsenter: command argument contains a NUL byte");
+  validate(r);
 
   plan.argv_s = r.argv;
   for (const auto& e : p.env) set_env(plan.env_s, e);
@@ -669,92 +675,173 @@ std::string quote(const std::string& s) {
   return out + "\"";
 }
 
-}  // namespace
+// ---------- the zygote ----------
 
-OpenedContainer open_container(pid_t pid) {
-  if (pid <= 0) throw Error("open_container: bad pid " + std::to_string(pid));
-  OpenedContainer oc;
-  oc.pidfd = Fd(sys_pidfd_open(pid));
-  if (!oc.pidfd) throw sys_error("pidfd_open pid " + std::to_string(pid));
-  for (const auto& t : kNsTypes) {
-    std::string ours = std::string("/proc/self/ns/") + t.name;
-    std::string theirs = "/proc/" + std::to_string(pid) + "/ns/" + t.name;
-    struct stat a, b;
-    if (::stat(ours.c_str(), &a) < 0) {
-      if (errno == ENOENT) continue;  // this kernel lacks the namespace type
-      throw sys_error("stat " + ours);
-    }
-    Fd fd(::open(theirs.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd) throw sys_error("open " + theirs);
-    if (::fstat(fd.get(), &b) < 0) throw sys_error("fstat " + theirs);
-    if (a.st_dev == b.st_dev && a.st_ino == b.st_ino) continue;
-    oc.ns.emplace_back(t.name, std::move(fd));
-  }
-  // Still alive after the opens: /proc/PID was this process throughout (a
-  // pid is not reused while its process lives).
-  if (::syscall(SYS_pidfd_send_signal, oc.pidfd.get(), 0, nullptr, 0) < 0)
-    throw sys_error("pid " + std::to_string(pid) + " exited while its namespaces were being opened");
-  return oc;
+// The request crosses from the session to its zygote as one SOCK_SEQPACKET
+// message (a private, fixed format between two copies of this code; stdio
+// fds ride along as SCM_RIGHTS): u8 tty, u8 landlock, u8 scope_signal,
+// u8 scope_abstract_unix, u16 cols, u16 rows, then length-prefixed (u32)
+// string lists argv and extra_env, then the SELinux label.
+constexpr size_t kMaxRequestBytes = 1 << 20;
+
+void put_u32(std::string& b, uint32_t v) { b.append(reinterpret_cast<const char*>(&v), sizeof v); }
+void put_str(std::string& b, const std::string& v) {
+  put_u32(b, static_cast<uint32_t>(v.size()));
+  b += v;
+}
+void put_list(std::string& b, const std::vector<std::string>& l) {
+  put_u32(b, static_cast<uint32_t>(l.size()));
+  for (const auto& v : l) put_str(b, v);
 }
 
-Spawned spawn(const Container& c, const Request& r, const Stdio& io) {
-  // /proc/init_pid is read below (HOME, setgroups): it must still be the container's init.
-  if (c.pidfd >= 0 && ::syscall(SYS_pidfd_send_signal, c.pidfd, 0, nullptr, 0) < 0)
-    throw sys_error("nsenter: container init " + std::to_string(c.init_pid) + " is gone");
-  Plan plan = prepare(c, r, io);
+std::string encode(const Request& r, const Stdio& io) {
+  std::string b;
+  b += static_cast<char>(io.tty);
+  b += static_cast<char>(r.landlock.has_value());
+  b += static_cast<char>(r.landlock && r.landlock->scope_signal);
+  b += static_cast<char>(r.landlock && r.landlock->scope_abstract_unix);
+  b.append(reinterpret_cast<const char*>(&io.cols), sizeof io.cols);
+  b.append(reinterpret_cast<const char*>(&io.rows), sizeof io.rows);
+  put_list(b, r.argv);
+  put_list(b, r.extra_env);
+  put_str(b, r.selinux_exec_label);
+  if (b.size() > kMaxRequestBytes)
+    throw Error("nsenter: command and environment too large (" + std::to_string(b.size()) + " bytes, limit " +
+                std::to_string(kMaxRequestBytes) + ")");
+  return b;
+}
 
-  int sp[2];
-  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) throw sys_error("socketpair");
-  Fd parent_sock(sp[0]), child_sock(sp[1]);
-  // The child dup2()s onto 0..2: keep its socket out of the way.
-  if (child_sock.get() < 3) {
-    Fd moved(::fcntl(child_sock.get(), F_DUPFD_CLOEXEC, 3));
-    if (!moved) throw sys_error("fcntl(F_DUPFD_CLOEXEC)");
-    child_sock = std::move(moved);
+struct Reader {
+  const char* p;
+  const char* end;
+  bool ok = true;
+  bool take(void* out, size_t n) {
+    if (!ok || static_cast<size_t>(end - p) < n) return ok = false;
+    memcpy(out, p, n);
+    p += n;
+    return true;
   }
+  std::string str() {
+    uint32_t n = 0;
+    if (!take(&n, sizeof n) || static_cast<size_t>(end - p) < n) {
+      ok = false;
+      return {};
+    }
+    std::string v(p, n);
+    p += n;
+    return v;
+  }
+  std::vector<std::string> list() {
+    uint32_t n = 0;
+    std::vector<std::string> l;
+    if (!take(&n, sizeof n) || n > static_cast<size_t>(end - p) / sizeof(uint32_t)) {
+      ok = false;
+      return l;
+    }
+    for (uint32_t i = 0; i < n && ok; i++) l.push_back(str());
+    return l;
+  }
+};
 
-  // Our direct child must be born in the container's pid namespace: set our
-  // pid_for_children, fork, and restore it.
-  int pidns = -1;
+bool decode(const char* data, size_t len, Request& r, Stdio& io) {
+  Reader rd{data, data + len};
+  unsigned char f[4];
+  if (!rd.take(f, sizeof f) || !rd.take(&io.cols, sizeof io.cols) || !rd.take(&io.rows, sizeof io.rows)) return false;
+  io.tty = f[0];
+  if (f[1]) {
+    landlock::Options o;
+    o.scope_signal = f[2];
+    o.scope_abstract_unix = f[3];
+    r.landlock = o;
+  }
+  r.argv = rd.list();
+  r.extra_env = rd.list();
+  r.selinux_exec_label = rd.str();
+  return rd.ok && rd.p == rd.end;
+}
+
+Plan prepare_or_report(int sock, const Container& c, const Request& r, const Stdio& io) {
+  try {
+    return prepare(c, r, io);
+  } catch (const ExecError& e) {
+    child_fail(sock, e.what(), ENOENT, e.exit_code == 126 ? kNotExecutable : kNotFound);
+  } catch (const std::exception& e) {
+    child_fail(sock, e.what(), EINVAL);
+  }
+}
+
+// The zygote: wait for the request, prepare the command's plan from the
+// container as it was at fork time, fork the command as our parent's child
+// and exit. Errors go to the parent as reports, like the command's.
+[[noreturn]] void zygote_main(int sock, const Container& c, pid_t parent) {
+  if (::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || ::getppid() != parent) _exit(1);
+  // It holds the session's host resources, like the command before execve.
+  ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  std::vector<char> buf(kMaxRequestBytes);
+  iovec iov{buf.data(), buf.size()};
+  alignas(cmsghdr) char cbuf[CMSG_SPACE(3 * sizeof(int))] = {};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = cbuf;
+  msg.msg_controllen = sizeof cbuf;
+  ssize_t n;
+  do n = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+  while (n < 0 && errno == EINTR);
+  if (n <= 0) _exit(0);  // the parent dropped us unused
+  if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) child_fail(sock, "zygote: request truncated", EMSGSIZE);
+  int fds[3] = {-1, -1, -1};
+  size_t nfds = 0;
+  for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm))
+    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+      nfds = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      if (nfds > 3) child_fail(sock, "zygote: too many fds", EINVAL);
+      memcpy(fds, CMSG_DATA(cm), nfds * sizeof(int));
+    }
+  Request r;
+  Stdio io;
+  if (!decode(buf.data(), static_cast<size_t>(n), r, io)) child_fail(sock, "zygote: malformed request", EINVAL);
+  if (!io.tty) {
+    if (nfds != 3) child_fail(sock, "zygote: stdio fds missing", EINVAL);
+    io.in = fds[0];
+    io.out = fds[1];
+    io.err = fds[2];
+  }
+  std::vector<char>().swap(buf);
+  // Initialised from a prvalue: the Plan's char* point into its own strings.
+  const Plan plan = prepare_or_report(sock, c, r, io);
+  // Our direct child would be born in the container's pid namespace; we exit
+  // right after, so our own pid_for_children needs no restoring.
   for (const auto& [type, fd] : c.ns_fds)
-    if (type == "pid") pidns = fd;
-  Fd own_pidns;
-  if (pidns >= 0) {
-    own_pidns = Fd(::open("/proc/self/ns/pid_for_children", O_RDONLY | O_CLOEXEC));
-    if (!own_pidns) throw sys_error("open /proc/self/ns/pid_for_children");
-    if (::setns(pidns, CLONE_NEWPID) < 0) throw sys_error("setns(container pid namespace) for children");
-  }
-  pid_t pid = ::fork();
-  int fork_errno = errno;
-  if (pid == 0) {
-    parent_sock.reset();
-    child_main(child_sock.get(), plan);
-  }
-  if (own_pidns && ::setns(own_pidns.get(), CLONE_NEWPID) < 0) {
-    int e = errno;
-    if (pid > 0) ChildGuard kill_it{pid};
-    // Further children would land in the container: this process must stop.
-    throw sys_error("setns: restoring our own pid_for_children namespace", e);
-  }
-  if (pid < 0) throw sys_error("fork", fork_errno);
-  ChildGuard guard{pid};
-  child_sock.reset();
+    if (type == "pid" && ::setns(fd, CLONE_NEWPID) < 0) child_fail(sock, "setns(container pid namespace)", errno);
+  // A raw clone: glibc's fork() has no CLONE_PARENT. The child is single-
+  // threaded like us and only runs child_main (syscalls, then execve).
+  long pid = ::syscall(SYS_clone, CLONE_PARENT | SIGCHLD, nullptr, nullptr, nullptr, nullptr);
+  if (pid < 0) child_fail(sock, "clone(CLONE_PARENT) the command", errno);
+  if (pid == 0) child_main(sock, plan);
+  Report rep{};
+  rep.type = kMsgForked;
+  rep.code = static_cast<int32_t>(pid);
+  (void)::send(sock, &rep, sizeof rep, MSG_NOSIGNAL);
+  _exit(0);
+}
 
+// Reads the command's reports until it passes execve (the socket's EOF).
+Spawned await_exec(int sock, pid_t pid, const Request& r, bool tty, ChildGuard& guard) {
   Spawned out;
   out.pid = pid;
   out.pidfd = Fd(sys_pidfd_open(pid));  // our unreaped child: no pid reuse race
   if (!out.pidfd) throw sys_error("pidfd_open child " + std::to_string(pid));
-
-  r.place(pid);
   char go = 'G';
-  if (::send(parent_sock.get(), &go, 1, MSG_NOSIGNAL) != 1) throw sys_error("release the nsenter child");
+  if (::send(sock, &go, 1, MSG_NOSIGNAL) != 1) throw sys_error("release the nsenter child");
 
+  const bool searched = r.argv[0].find('/') == std::string::npos;
   auto deadline = std::chrono::steady_clock::now() + kChildTimeout;
   bool reached_exec = false;
   for (;;) {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0) throw Error("nsenter: child " + std::to_string(pid) + " did not reach execve in time");
-    pollfd pfd{parent_sock.get(), POLLIN, 0};
+    pollfd pfd{sock, POLLIN, 0};
     int pr = ::poll(&pfd, 1, static_cast<int>(left.count()));
     if (pr < 0) {
       if (errno == EINTR) continue;
@@ -770,7 +857,7 @@ Spawned spawn(const Container& c, const Request& r, const Stdio& io) {
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf;
     msg.msg_controllen = sizeof cbuf;
-    ssize_t n = ::recvmsg(parent_sock.get(), &msg, MSG_CMSG_CLOEXEC);
+    ssize_t n = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
     if (n < 0) {
       if (errno == EINTR) continue;
       throw sys_error("recvmsg from nsenter child");
@@ -810,7 +897,7 @@ Spawned spawn(const Container& c, const Request& r, const Stdio& io) {
       guard.pid = 0;
       std::string err = strerror(rep.err);
       if (rep.code == kNotFound) {
-        if (plan.searched) throw ExecError("exec " + quote(r.argv[0]) + ": executable file not found in $PATH", 127);
+        if (searched) throw ExecError("exec " + quote(r.argv[0]) + ": executable file not found in $PATH", 127);
         throw ExecError("exec " + quote(r.argv[0]) + ": " + err, 127);
       }
       if (rep.code == kNotExecutable) throw ExecError("exec " + quote(r.argv[0]) + ": " + err, 126);
@@ -819,9 +906,146 @@ Spawned spawn(const Container& c, const Request& r, const Stdio& io) {
       throw Error("nsenter: unknown report from child");
     }
   }
-  if (io.tty && !out.pty_master) throw Error("nsenter: no pty master received");
+  if (tty && !out.pty_master) throw Error("nsenter: no pty master received");
   guard.pid = 0;
   return out;
+}
+
+}  // namespace
+
+OpenedContainer open_container(pid_t pid) {
+  if (pid <= 0) throw Error("open_container: bad pid " + std::to_string(pid));
+  OpenedContainer oc;
+  oc.pidfd = Fd(sys_pidfd_open(pid));
+  if (!oc.pidfd) throw sys_error("pidfd_open pid " + std::to_string(pid));
+  for (const auto& t : kNsTypes) {
+    std::string ours = std::string("/proc/self/ns/") + t.name;
+    std::string theirs = "/proc/" + std::to_string(pid) + "/ns/" + t.name;
+    struct stat a, b;
+    if (::stat(ours.c_str(), &a) < 0) {
+      if (errno == ENOENT) continue;  // this kernel lacks the namespace type
+      throw sys_error("stat " + ours);
+    }
+    Fd fd(::open(theirs.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) throw sys_error("open " + theirs);
+    if (::fstat(fd.get(), &b) < 0) throw sys_error("fstat " + theirs);
+    if (a.st_dev == b.st_dev && a.st_ino == b.st_ino) continue;
+    oc.ns.emplace_back(t.name, std::move(fd));
+  }
+  // Still alive after the opens: /proc/PID was this process throughout (a
+  // pid is not reused while its process lives).
+  if (::syscall(SYS_pidfd_send_signal, oc.pidfd.get(), 0, nullptr, 0) < 0)
+    throw sys_error("pid " + std::to_string(pid) + " exited while its namespaces were being opened");
+  return oc;
+}
+
+Zygote Zygote::start(const Container& c, const std::function<void(pid_t)>& place) {
+  if (!place) throw Error("nsenter: Request.place is required");
+  // /proc/init_pid is read by the zygote (HOME, setgroups): it must still be the container's init.
+  if (c.pidfd >= 0 && ::syscall(SYS_pidfd_send_signal, c.pidfd, 0, nullptr, 0) < 0)
+    throw sys_error("nsenter: container init " + std::to_string(c.init_pid) + " is gone");
+  int sp[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) throw sys_error("socketpair");
+  Fd parent_sock(sp[0]), child_sock(sp[1]);
+  // The command dup2()s onto 0..2: keep its socket out of the way.
+  if (child_sock.get() < 3) {
+    Fd moved(::fcntl(child_sock.get(), F_DUPFD_CLOEXEC, 3));
+    if (!moved) throw sys_error("fcntl(F_DUPFD_CLOEXEC)");
+    child_sock = std::move(moved);
+  }
+  // One request message of up to kMaxRequestBytes (root may exceed wmem_max).
+  int big = static_cast<int>(2 * kMaxRequestBytes);
+  if (::setsockopt(parent_sock.get(), SOL_SOCKET, SO_SNDBUFFORCE, &big, sizeof big) < 0)
+    throw sys_error("setsockopt(SO_SNDBUFFORCE) for the zygote");
+  pid_t self = ::getpid();
+  pid_t pid = ::fork();
+  if (pid < 0) throw sys_error("fork the nsenter zygote");
+  if (pid == 0) {
+    parent_sock.reset();
+    zygote_main(child_sock.get(), c, self);
+  }
+  Zygote z;
+  z.init_pid_ = c.init_pid;
+  z.init_pidfd_ = c.pidfd;
+  z.pid_ = pid;
+  z.sock_ = std::move(parent_sock);
+  place(pid);  // on a throw, ~Zygote kills it
+  return z;
+}
+
+Zygote::Zygote(Zygote&& o) noexcept
+    : init_pid_(o.init_pid_), init_pidfd_(o.init_pidfd_), pid_(std::exchange(o.pid_, -1)), sock_(std::move(o.sock_)) {}
+
+Zygote& Zygote::operator=(Zygote&& o) noexcept {
+  if (this != &o) {
+    Zygote old(std::move(*this));
+    init_pid_ = o.init_pid_;
+    init_pidfd_ = o.init_pidfd_;
+    pid_ = std::exchange(o.pid_, -1);
+    sock_ = std::move(o.sock_);
+  }
+  return *this;
+}
+
+Zygote::~Zygote() { ChildGuard kill_it{pid_}; }
+
+Spawned Zygote::spawn(const Request& r, const Stdio& io, const std::function<void()>& before_go) {
+  if (pid_ <= 0) throw Error("nsenter: zygote already used");
+  validate(r);
+  if (!io.tty && (io.in < 0 || io.out < 0 || io.err < 0)) throw Error("nsenter: stdio fds are required without a tty");
+  if (init_pidfd_ >= 0 && ::syscall(SYS_pidfd_send_signal, init_pidfd_, 0, nullptr, 0) < 0)
+    throw sys_error("nsenter: container init " + std::to_string(init_pid_) + " is gone");
+  std::string req = encode(r, io);
+  Fd sock = std::move(sock_);
+  ChildGuard zygote{std::exchange(pid_, -1)};
+
+  iovec iov{req.data(), req.size()};
+  alignas(cmsghdr) char cbuf[CMSG_SPACE(3 * sizeof(int))] = {};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  if (!io.tty) {
+    msg.msg_control = cbuf;
+    msg.msg_controllen = sizeof cbuf;
+    cmsghdr* cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(3 * sizeof(int));
+    int fds[3] = {io.in, io.out, io.err};
+    memcpy(CMSG_DATA(cm), fds, sizeof fds);
+  }
+  ssize_t sent;
+  do sent = ::sendmsg(sock.get(), &msg, MSG_NOSIGNAL);
+  while (sent < 0 && errno == EINTR);
+  if (sent != static_cast<ssize_t>(req.size())) throw sys_error("send the request to the nsenter zygote");
+
+  // The zygote answers with the command's pid (or an error), then exits.
+  pollfd pfd{sock.get(), POLLIN, 0};
+  int pr;
+  do pr = ::poll(&pfd, 1, static_cast<int>(std::chrono::milliseconds(kChildTimeout).count()));
+  while (pr < 0 && errno == EINTR);
+  if (pr <= 0) throw Error("nsenter: zygote " + std::to_string(zygote.pid) + " did not answer in time");
+  Report rep{};
+  ssize_t n = ::recv(sock.get(), &rep, sizeof rep, 0);
+  // Reaped before anything else: it must not count in the session's pids.max.
+  { ChildGuard reap{std::exchange(zygote.pid, 0)}; }
+  if (n == 0) throw Error("nsenter: zygote died before forking the command");
+  if (n != static_cast<ssize_t>(sizeof rep)) throw sys_error("recv from the nsenter zygote");
+  if (rep.type == kMsgError) {
+    rep.step[sizeof rep.step - 1] = '\0';
+    if (rep.code == kNotFound || rep.code == kNotExecutable) throw ExecError(rep.step, rep.code);
+    throw Error(std::string("nsenter: ") + rep.step + ": " + strerror(rep.err));
+  }
+  if (rep.type != kMsgForked || rep.code <= 0) throw Error("nsenter: unknown report from the zygote");
+  pid_t pid = rep.code;
+  ChildGuard guard{pid};
+  if (before_go) before_go();
+  return await_exec(sock.get(), pid, r, io.tty, guard);
+}
+
+Spawned spawn(const Container& c, const Request& r, const Stdio& io) {
+  validate(r);
+  return Zygote::start(c, r.place).spawn(r, io);
 }
 
 }  // namespace shimlet::nsenter

@@ -73,9 +73,45 @@ struct ExecError : std::runtime_error {
   int exit_code;
 };
 
-// Starts the command. Must be called from a process that is not multi-threaded.
-// Returns once the child has passed execve (or throws ExecError/Error with
-// the child's reason). The child is a direct child of the caller.
+// A process forked and placed in its cgroups before the command is known,
+// so that a request does not wait for the cgroup migration (the first
+// cgroup.procs write waits for an RCU grace period: docs/performance.md).
+// It stays in the host's pid namespace (invisible to the container) and
+// holds nothing of the container; on spawn() it computes the command's setup
+// from the Container as it was at start(), forks the command into the
+// container's pid namespace as the caller's own child (CLONE_PARENT), and
+// exits. One use. Must be started and used from a process that is not
+// multi-threaded; dies with its parent (PR_SET_PDEATHSIG).
+class Zygote {
+ public:
+  Zygote() = default;
+  // Forks it and calls place(pid) while it waits (Request.place's contract).
+  // The zygote works from its own copy of c as it was at this call.
+  static Zygote start(const Container& c, const std::function<void(pid_t)>& place);
+  Zygote(Zygote&& o) noexcept;
+  Zygote& operator=(Zygote&& o) noexcept;
+  Zygote(const Zygote&) = delete;
+  Zygote& operator=(const Zygote&) = delete;
+  ~Zygote();  // kills and reaps an unused zygote
+  explicit operator bool() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
+  // Starts the command (Request.place is not used: the zygote was placed).
+  // before_go runs once the zygote has exited and the command waits, before
+  // it sets anything up: limits that count processes are written there.
+  // Returns once the command has passed execve, like spawn().
+  Spawned spawn(const Request& r, const Stdio& io, const std::function<void()>& before_go = {});
+
+ private:
+  pid_t init_pid_ = 0;
+  int init_pidfd_ = -1;  // borrowed, as in Container
+  pid_t pid_ = -1;
+  Fd sock_;
+};
+
+// Starts the command: Zygote::start(c, r.place) then its spawn(r, io).
+// Must be called from a process that is not multi-threaded. Returns once the
+// child has passed execve (or throws ExecError/Error with the child's
+// reason). The child is a direct child of the caller.
 Spawned spawn(const Container& c, const Request& r, const Stdio& io);
 
 }  // namespace shimlet::nsenter
