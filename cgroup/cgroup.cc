@@ -239,21 +239,37 @@ void validate_name(const std::string& name) {
     throw Error("invalid session cgroup name '" + name.substr(0, 80) + "': want [A-Za-z0-9][A-Za-z0-9_.-]{0,63}");
 }
 
-SessionCgroup SessionCgroup::create(const Membership& container, const std::string& name, const Limits& limits) {
-  validate_name(name);
-  if (limits.cpu_weight > 10000) throw Error("cpu_weight " + std::to_string(limits.cpu_weight) + " out of 1..10000");
-  const std::string leaf = "shimlet-" + name;
+// Which hierarchies get a session child for these limits (by index in
+// container.entries): v1 children only where a limit needs them (or for
+// tracking without v2): creating a v1 memory cgroup costs ~20 ms, most of an
+// exec's budget.
+std::vector<bool> session_layout(const Membership& container, const Limits& limits) {
   const bool have_v2 = container.unified() != nullptr;
+  std::vector<bool> make;
+  for (const Entry& e : container.entries)
+    make.push_back(e.v2() || (e.has("pids") && (limits.pids_max || !have_v2)) ||
+                   (e.has("memory") && (limits.memory_max || !have_v2)) || (e.has("cpu") && limits.cpu_weight) ||
+                   (!have_v2 && (e.has("cpuacct") || e.has("freezer"))));
+  return make;
+}
+
+SessionCgroup SessionCgroup::create(const Membership& container, const std::string& name, const Limits& limits) {
+  SessionCgroup s = make(container, name, limits);
+  s.apply(limits);
+  return s;
+}
+
+SessionCgroup SessionCgroup::make(const Membership& container, const std::string& name, const Limits& shape) {
+  validate_name(name);
+  if (shape.cpu_weight > 10000) throw Error("cpu_weight " + std::to_string(shape.cpu_weight) + " out of 1..10000");
+  const std::string leaf = "shimlet-" + name;
   SessionCgroup s;  // on a throw below, its destructor removes what was made
-  const Entry *v2 = nullptr, *pids = nullptr, *mem = nullptr, *cpu = nullptr, *acct = nullptr;
-  for (const Entry& e : container.entries) {
+  s.name_ = name;
+  s.layout_ = session_layout(container, shape);
+  for (size_t i = 0; i < container.entries.size(); i++) {
+    const Entry& e = container.entries[i];
     Entry se = e;
-    // v1 children only where a limit needs them (or for tracking without v2):
-    // creating a v1 memory cgroup costs ~20 ms, most of an exec's budget.
-    bool make = e.v2() || (e.has("pids") && (limits.pids_max || !have_v2)) ||
-                (e.has("memory") && (limits.memory_max || !have_v2)) || (e.has("cpu") && limits.cpu_weight) ||
-                (!have_v2 && (e.has("cpuacct") || e.has("freezer")));
-    if (make) {
+    if (s.layout_[i]) {
       se.dir = e.dir + "/" + leaf;
       se.path = (e.path == "/" ? "" : e.path) + "/" + leaf;
       if (::mkdir(se.dir.c_str(), 0755) != 0) throw sys_error("create session cgroup " + se.dir);
@@ -261,31 +277,46 @@ SessionCgroup SessionCgroup::create(const Membership& container, const std::stri
     }
     s.m_.entries.push_back(std::move(se));
   }
-  for (const Entry& e : s.m_.entries) {
-    if (e.dir.size() < leaf.size() || e.dir.compare(e.dir.size() - leaf.size(), leaf.size(), leaf) != 0) continue;
-    if (e.v2()) v2 = &e;
-    if (e.has("pids")) pids = &e;
-    if (e.has("memory")) mem = &e;
-    if (e.has("cpu")) cpu = &e;
-    if (e.has("cpuacct")) acct = &e;
-  }
-  if (v2)
+  if (const Entry* v2 = s.own("")) {
     s.track_ = v2->dir;
-  else if (pids)
+  } else if (const Entry* pids = s.own("pids")) {
     s.track_ = pids->dir;
-  else if (!s.created_.empty())
+  } else if (!s.created_.empty()) {
     s.track_ = s.created_.front();
-  else
+  } else {
     throw Error("no cgroup hierarchy (v2, pids or memory) to hold session " + name);
+  }
+  s.container_ = container;
+  return s;
+}
 
+const Entry* SessionCgroup::own(const std::string& controller) const {
+  const std::string leaf = "/shimlet-" + name_;
+  for (const Entry& e : m_.entries) {
+    if (e.dir.size() < leaf.size() || e.dir.compare(e.dir.size() - leaf.size(), leaf.size(), leaf) != 0) continue;
+    if (controller.empty() ? e.v2() : e.has(controller)) return &e;
+  }
+  return nullptr;
+}
+
+bool SessionCgroup::fits(const Limits& limits) const {
+  return limits.cpu_weight <= 10000 && session_layout(container_, limits) == layout_;
+}
+
+void SessionCgroup::apply(const Limits& limits) {
+  if (limits.cpu_weight > 10000) throw Error("cpu_weight " + std::to_string(limits.cpu_weight) + " out of 1..10000");
+  const Entry* v2 = own("");
+  const Entry* pids = own("pids");
+  const Entry* mem = own("memory");
+  const Entry* cpu = own("cpu");
   // On v2 a limit needs its controller in the child's cgroup.controllers,
   // i.e. enabled in the container cgroup's subtree_control. We never enable it
   // ourselves: the container's cgroup holds the container's processes, so the
   // no-internal-processes rule forbids it (EBUSY), and changing the
   // container's own cgroup would break runc (exec, update). docs/cgroups.md.
   auto skip = [&](const std::string& what, const std::string& why) {
-    s.skipped_.push_back(what + ": " + why);
-    log::warn("session cgroup limit not applied", {{"session", name}, {"limit", what}, {"reason", why}});
+    skipped_.push_back(what + ": " + why);
+    log::warn("session cgroup limit not applied", {{"session", name_}, {"limit", what}, {"reason", why}});
   };
   const char* no_v2 =
       "the container's cgroup v2 does not delegate this controller (no-internal-processes rule); "
@@ -323,12 +354,13 @@ SessionCgroup SessionCgroup::create(const Membership& container, const std::stri
       skip("cpu_weight", v2 ? no_v2 : "no cpu controller");
     }
   }
-  (void)acct;
-  return s;
 }
 
 SessionCgroup::SessionCgroup(SessionCgroup&& o) noexcept
     : m_(std::move(o.m_)),
+      container_(std::move(o.container_)),
+      name_(std::move(o.name_)),
+      layout_(std::move(o.layout_)),
       created_(std::exchange(o.created_, {})),
       track_(std::move(o.track_)),
       skipped_(std::move(o.skipped_)) {}
@@ -337,6 +369,9 @@ SessionCgroup& SessionCgroup::operator=(SessionCgroup&& o) noexcept {
   if (this != &o) {
     destroy();
     m_ = std::move(o.m_);
+    container_ = std::move(o.container_);
+    name_ = std::move(o.name_);
+    layout_ = std::move(o.layout_);
     created_ = std::exchange(o.created_, {});
     track_ = std::move(o.track_);
     skipped_ = std::move(o.skipped_);

@@ -68,6 +68,13 @@ class SessionCgroup {
   // limits whose controller is not available are skipped and logged (see
   // skipped()). Nothing is left behind on failure.
   static SessionCgroup create(const Membership& container, const std::string& name, const Limits& limits);
+  // create() in two steps, for a session placed before its request (a warm
+  // session, docs/performance.md): make() creates the directories that
+  // `shape` needs and writes no limit; apply() writes limits. fits() says
+  // whether limits need exactly the directories that were made.
+  static SessionCgroup make(const Membership& container, const std::string& name, const Limits& shape);
+  void apply(const Limits& limits);
+  bool fits(const Limits& limits) const;
   SessionCgroup(SessionCgroup&&) noexcept;
   SessionCgroup& operator=(SessionCgroup&&) noexcept;
   SessionCgroup(const SessionCgroup&) = delete;
@@ -96,7 +103,11 @@ class SessionCgroup {
  private:
   SessionCgroup() = default;
   void destroy() noexcept;
+  const Entry* own(const std::string& controller) const;  // our child in that hierarchy ("" = v2)
   Membership m_;
+  Membership container_;
+  std::string name_;
+  std::vector<bool> layout_;          // per container entry: a child was made
   std::vector<std::string> created_;  // directories we made, removed in reverse
   std::string track_;
   std::vector<std::string> skipped_;
