@@ -692,6 +692,8 @@ Config parse_config(std::string_view text, const std::string& dir) {
       c.drain_timeout_ms = static_cast<int>(num(v, k, 0, 600000));
     } else if (k == "max_sessions") {
       c.max_sessions = static_cast<int>(num(v, k, 1, 65536));
+    } else if (k == "warm_idle_s") {
+      c.warm_idle_s = static_cast<int>(num(v, k, 0, 3600));
     } else {
       throw Error("hook config: unknown key " + k);
     }
@@ -817,6 +819,8 @@ Started start(const Config& c, const oci::State& st) {
                                    c.listen,
                                    "--max-sessions",
                                    std::to_string(c.max_sessions),
+                                   "--warm-idle-s",
+                                   std::to_string(c.warm_idle_s),
                                    "--ready-fd",
                                    "3"};
   if (c.master) {

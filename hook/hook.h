@@ -52,6 +52,9 @@ struct Config {
   int64_t clock_leeway_s = 5;
   int drain_timeout_ms = 2000;
   int max_sessions = 256;
+  // After a first connection the shim keeps one warm session ready, which
+  // exits after this many seconds unused; 0: none (docs/design.md "Warm sessions").
+  int warm_idle_s = 60;
   // Per-session isolation (docs/isolation.md "Configuration"), copied into
   // shim.json: {"cgroup":bool,"landlock":"strict"|"compat"|"off","selinux":bool,
   // "selinux_categories":"c1000.c1023","limits":{...},"max_limits":{...}}

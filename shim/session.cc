@@ -209,6 +209,9 @@ AuthResult Context::authenticate_once(const std::string& token, const std::strin
   log::set_context(
       {{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}, {"user", r.claims->sub}, {"jti", r.claims->jti}});
   if (!end_claims_) end_claims_ = r.claims;
+  // A warm session's placed zygote serves execs only: a forward gives its
+  // cgroup and process back now rather than when the connection ends.
+  if (verb != "exec") Confinement::discard_warm();
   return r;
 }
 
@@ -415,6 +418,7 @@ namespace {
 struct Args {
   std::string config;
   std::vector<std::pair<std::string, int>> ns;
+  int warm_idle_s = 0;  // > 0: set up now, serve the connection the shim passes within this time
 };
 
 Args parse_args(int argc, char** argv) {
@@ -425,6 +429,9 @@ Args parse_args(int argc, char** argv) {
     std::string v = argv[++i];
     if (k == "--config") {
       a.config = v;
+    } else if (k == "--warm") {
+      a.warm_idle_s = std::stoi(v);
+      if (a.warm_idle_s <= 0 || a.warm_idle_s > 3600) throw Error("bad --warm " + v + " (1..3600 seconds)");
     } else if (k == "--ns") {
       std::stringstream ss(v);
       std::string item;
@@ -437,7 +444,7 @@ Args parse_args(int argc, char** argv) {
       throw Error("unknown argument " + k);
     }
   }
-  if (a.config.empty()) throw Error("usage: shimlet-session --config PATH [--ns TYPE=FD,...]");
+  if (a.config.empty()) throw Error("usage: shimlet-session --config PATH [--ns TYPE=FD,...] [--warm IDLE_S]");
   return a;
 }
 
@@ -480,6 +487,76 @@ std::string tls_accept(SSL* ssl, int fd, int timeout_s) {
   }
 }
 
+volatile sig_atomic_t g_warm_term = 0;
+void on_warm_term(int) { g_warm_term = 1; }
+
+// A warm session (docs/design.md "Warm sessions"): everything that does not
+// depend on the connection is done before it arrives (config, TLS context,
+// the placement of the command's zygote in its cgroups); then it waits, at
+// most idle_s, for the shim to pass the accepted socket over the control
+// socket. Returns false when it should just exit (idle, SIGTERM, container
+// or shim gone).
+bool await_connection(const Config& cfg, const nsenter::Container& ctr, int idle_s) {
+  // SIGTERM (the shim stopping) must not kill us once the placement exists
+  // (its cgroup would be left behind): from here it only sets a flag, and is
+  // delivered only while ppoll waits, so none is lost between check and wait.
+  // The flag handler stays until the event loop's own SIGTERM event replaces
+  // it (main checks the flag then).
+  struct sigaction sa {};
+  sa.sa_handler = on_warm_term;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigset_t term, old;
+  sigemptyset(&term);
+  sigaddset(&term, SIGTERM);
+  sigprocmask(SIG_BLOCK, &term, &old);
+  sigset_t during = old;
+  sigdelset(&during, SIGTERM);
+  // The shim started us at the lowest priority so warming never competes
+  // with a live session; the placement below takes the global cgroup lock
+  // and everything after it serves a request: normal priority from here.
+  setpriority(PRIO_PROCESS, 0, 0);
+  prctl(PR_SET_NAME, "shimlet-warm", 0, 0, 0);  // not a session (yet) in ps and the tests
+  try {
+    Confinement::prepare_warm(cfg.isolation, ctr);
+  } catch (const std::exception& e) {
+    log::warn("warm session without a placed zygote", {{"error", e.what()}});
+  }
+  pollfd pfd[2] = {{kShimFd, POLLIN, 0}, {kPidFd, POLLIN, 0}};
+  timespec idle{idle_s, 0};
+  int n = 0;
+  while (!g_warm_term) {
+    n = ppoll(pfd, 2, &idle, &during);
+    if (n >= 0 || errno != EINTR) break;
+  }
+  sigprocmask(SIG_SETMASK, &old, nullptr);
+  if (g_warm_term || n <= 0 || pfd[1].revents) return false;
+
+  char tag = 0;
+  iovec iov{&tag, 1};
+  alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = cbuf;
+  msg.msg_controllen = sizeof cbuf;
+  ssize_t got = recvmsg(kShimFd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  int fd = -1;
+  for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); got > 0 && cm; cm = CMSG_NXTHDR(&msg, cm))
+    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
+      memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+  if (got != 1 || tag != 'C' || fd < 0) {
+    if (fd >= 0) close(fd);
+    if (got != 0) log::warn("warm session: unexpected message from the shim");
+    return false;
+  }
+  // The connection takes its contract number (dup2 leaves it inheritable, as
+  // a cold session's fd 3 is; nsenter closes it before the command runs).
+  if (dup2(fd, kConnFd) < 0) throw sys_error("dup2 the passed connection");
+  close(fd);
+  prctl(PR_SET_NAME, "shimlet-session", 0, 0, 0);
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -505,6 +582,7 @@ int main(int argc, char** argv) {
     ctr.config = oci::load_config(cfg.bundle);
     proto::SslCtx ctx = proto::make_server_ctx(read_file(cfg.tls_cert, 1 << 16), read_file(cfg.tls_key, 1 << 16),
                                                /*allow_http1=*/true);
+    if (args.warm_idle_s && !await_connection(cfg, ctr, args.warm_idle_s)) return 0;
     SSL* ssl = SSL_new(ctx.get());
     if (!ssl) throw Error("SSL_new: " + proto::ssl_error_string());
     int one = 1;
@@ -531,6 +609,7 @@ int main(int argc, char** argv) {
       door = make_http1_front_door(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, ssl);
     event* term = evsignal_new(base.get(), SIGTERM, on_signal, door.get());
     event_add(term, nullptr);
+    if (g_warm_term) on_signal(SIGTERM, 0, door.get());  // arrived after a warm session's wait
     event* cexit = event_new(base.get(), kPidFd, EV_READ, on_container_exit, door.get());
     event_add(cexit, nullptr);
     event_base_dispatch(base.get());

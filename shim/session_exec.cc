@@ -52,10 +52,7 @@ struct ExecEngine::Impl {
   // Landlock and SELinux options go into req here).
   nsenter::Spawned spawn_process(nsenter::Request& req, const nsenter::Stdio& io, const ticket::Claims& claims) {
     conf_.emplace(ctx_.config().isolation, ctx_.container(), ctx_.sid(), claims.limits);
-    conf_->apply(req);
-    nsenter::Spawned sp = nsenter::spawn(ctx_.container(), req, io);
-    conf_->spawned(sp);
-    return sp;
+    return conf_->spawn(req, io);
   }
 
   // Limits are enforced by the kernel (pids.max refuses forks, the OOM

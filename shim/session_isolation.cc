@@ -1,5 +1,6 @@
 #include "shim/session_isolation.h"
 
+#include "common/base64.h"
 #include "common/error.h"
 #include "common/log.h"
 
@@ -104,39 +105,108 @@ const std::string& forward_socket_label(const Isolation& iso, const nsenter::Con
   return *label;
 }
 
-Confinement::Confinement(const Isolation& iso, const nsenter::Container& c, const std::string& sid,
-                         const ticket::Limits& asked)
-    : iso_(iso) {
-  membership_ = cgroup::of_pid(c.init_pid);
-  limits_ = effective_limits(iso, asked);
+namespace {
+// A warm session's placement (docs/performance.md "Warm sessions"): the
+// session cgroup shaped for the default limits and a zygote already in it,
+// made before any request. One per process (one connection per process);
+// whatever is left is destroyed at exit: the zygote killed, the cgroup removed.
+struct Warm {
+  cgroup::Membership membership;
+  std::optional<cgroup::SessionCgroup> cg;
+  nsenter::Zygote zygote;
+};
+std::optional<Warm>& warm() {
+  static std::optional<Warm> w;
+  return w;
+}
+
+bool any_limit(const cgroup::Limits& l) { return l.pids_max || l.memory_max || l.cpu_weight; }
+}  // namespace
+
+void Confinement::prepare_warm(const Isolation& iso, const nsenter::Container& c) {
+  Warm w;
+  w.membership = cgroup::of_pid(c.init_pid);
   if (iso.cgroup) {
     try {
-      cg_.emplace(cgroup::SessionCgroup::create(membership_, sid, limits_));
-      for (const auto& s : cg_->skipped()) log::warn("session cgroup limit not applied", {{"reason", s}});
+      // Shaped for a ticket without limits. Not named after the session id
+      // (unknown yet): a name of its own, in the audit's "cgroup".
+      w.cg.emplace(cgroup::SessionCgroup::make(w.membership, "warm-" + hex_encode(random_bytes(8)),
+                                               effective_limits(iso, ticket::Limits{})));
     } catch (const std::exception& e) {
-      // Without limits the session still joins the container's cgroups (as
-      // runc exec); a limit that was asked for must hold, so refuse then.
-      if (limits_.pids_max || limits_.memory_max || limits_.cpu_weight)
-        throw Error(std::string("cannot create the session's cgroup for its limits: ") + e.what());
-      log::warn("no session cgroup; joining the container's cgroups only", {{"error", e.what()}});
+      log::warn("no warm session cgroup; a request will get a fresh one", {{"error", e.what()}});
+      return;
+    }
+  }
+  auto& cg = w.cg;
+  auto& m = w.membership;
+  w.zygote = nsenter::Zygote::start(c, [&](pid_t pid) {
+    if (cg)
+      cg->attach(pid);
+    else
+      cgroup::attach(m, pid);
+  });
+  warm().emplace(std::move(w));
+}
+
+void Confinement::discard_warm() { warm().reset(); }
+
+Confinement::Confinement(const Isolation& iso, const nsenter::Container& c, const std::string& sid,
+                         const ticket::Limits& asked)
+    : iso_(iso), c_(c) {
+  limits_ = effective_limits(iso, asked);
+  // The warm placement serves the request if it has exactly the cgroups the
+  // limits need; otherwise it is dropped now, not at exit.
+  if (auto& w = warm()) {
+    bool usable = w->cg ? w->cg->fits(limits_) : !iso.cgroup && !any_limit(limits_);
+    if (usable) {
+      membership_ = std::move(w->membership);
+      cg_ = std::move(w->cg);
+      zygote_ = std::move(w->zygote);
+    } else {
+      log::info("warm session placement does not fit the ticket's limits; placing afresh");
+    }
+    w.reset();
+  }
+  if (!zygote_) {
+    membership_ = cgroup::of_pid(c.init_pid);
+    if (iso.cgroup) {
+      try {
+        cg_.emplace(cgroup::SessionCgroup::make(membership_, sid, limits_));
+      } catch (const std::exception& e) {
+        // Without limits the session still joins the container's cgroups (as
+        // runc exec); a limit that was asked for must hold, so refuse then.
+        if (any_limit(limits_))
+          throw Error(std::string("cannot create the session's cgroup for its limits: ") + e.what());
+        log::warn("no session cgroup; joining the container's cgroups only", {{"error", e.what()}});
+      }
     }
   }
   if (iso.selinux && selinux::enabled()) label_ = session_label(iso, c.init_pid, category_);
 }
 
-void Confinement::apply(nsenter::Request& r) {
-  r.place = [this](pid_t pid) {
-    if (cg_)
-      cg_->attach(pid);
-    else
-      cgroup::attach(membership_, pid);
-  };
+nsenter::Spawned Confinement::spawn(nsenter::Request& r, const nsenter::Stdio& io) {
   r.selinux_exec_label = label_;
   if (iso_.landlock != "off") {
     landlock::Options o;
     o.scope_signal = o.scope_abstract_unix = iso_.landlock == "strict";
     r.landlock = o;
   }
+  if (!zygote_)
+    zygote_ = nsenter::Zygote::start(c_, [this](pid_t pid) {
+      if (cg_)
+        cg_->attach(pid);
+      else
+        cgroup::attach(membership_, pid);
+    });
+  // Limits once the zygote is gone (it would count in pids.max) and before
+  // the command does anything.
+  nsenter::Spawned sp = zygote_.spawn(r, io, [this] {
+    if (!cg_) return;
+    cg_->apply(limits_);
+    for (const auto& s : cg_->skipped()) log::warn("session cgroup limit not applied", {{"reason", s}});
+  });
+  landlock_abi_ = sp.landlock_abi;
+  return sp;
 }
 
 std::optional<Confinement::Hit> Confinement::limit_hit() const {

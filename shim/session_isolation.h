@@ -51,11 +51,18 @@ class Confinement {
   // session never runs with less isolation than configured), except the
   // documented fallbacks (SELinux disabled, Landlock missing, v2 controllers
   // not delegated), which are logged.
+  // A warm session's placement, when one was prepared and its cgroups fit
+  // the limits, is taken over instead (prepare_warm).
   Confinement(const Isolation& iso, const nsenter::Container& c, const std::string& sid, const ticket::Limits& asked);
-  // Sets Request.place, selinux_exec_label and landlock.
-  void apply(nsenter::Request& r);
-  // After spawn: records what the kernel applied (Landlock ABI).
-  void spawned(const nsenter::Spawned& s) { landlock_abi_ = s.landlock_abi; }
+  // Starts the command confined (sets r's SELinux label and Landlock; the
+  // limits are written once the command exists and before it runs). Once.
+  nsenter::Spawned spawn(nsenter::Request& r, const nsenter::Stdio& io);
+  // A warm session, before its connection arrives: the session cgroup with
+  // the default limits' shape and a zygote already placed in it, so the
+  // request skips the cgroup migration (docs/performance.md). Throws Error.
+  static void prepare_warm(const Isolation& iso, const nsenter::Container& c);
+  // Removes the warm placement, if any (the request is not an exec).
+  static void discard_warm();
   // True when a limit is set that the exec must watch (pids, memory).
   bool watch() const { return cg_ && (limits_.pids_max || limits_.memory_max); }
   // A limit the session hit: {"memory", "session killed: memory limit (64 MiB) exceeded"}, or nullopt.
@@ -73,8 +80,10 @@ class Confinement {
 
  private:
   const Isolation& iso_;
+  const nsenter::Container& c_;
   cgroup::Membership membership_;
   std::optional<cgroup::SessionCgroup> cg_;
+  nsenter::Zygote zygote_;  // declared after cg_: destroyed (killed) before the cgroup goes
   cgroup::Limits limits_;
   std::optional<selinux::SessionCategory> category_;
   std::string label_;  // the session's SELinux process label ("" when not applied)

@@ -244,6 +244,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     AuthResult a = verify_ticket(token, verb);
     if (!a.claims) return refuse(a.status, a.why);
     const ticket::Claims& c = *a.claims;
+    if (verb != "exec") Confinement::discard_warm();  // as in authenticate_once
 
     // This shim serves one container: a Kubernetes path naming another pod is
     // not ours (as the API server: 404). Checked after the ticket so an

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <array>
 #include <charconv>
+#include <concepts>
 #include <cstdint>
 #include <optional>
 
@@ -97,14 +99,15 @@ void json_escape(std::string& out, std::string_view s) {
   }
 }
 
-// One field of a log line: a string (escaped) or a number.
+// One field of a log line: a string (escaped), a number or a boolean.
 struct F {
   const char* key;
   std::string str;
-  bool is_num = false;
+  bool is_num = false;  // written raw
   F(const char* k, std::string_view v) : key(k), str(v) {}
   F(const char* k, const char* v) : key(k), str(v) {}
   F(const char* k, long long v) : key(k), str(std::to_string(v)), is_num(true) {}
+  F(const char* k, std::same_as<bool> auto v) : key(k), str(v ? "true" : "false"), is_num(true) {}
 };
 
 void log(const char* level, std::string_view msg, std::initializer_list<F> fields = {}) {
@@ -159,6 +162,9 @@ constexpr size_t kReplayRequest = 32 + 8;
 struct Session {
   pid_t pid = -1;
   Fd ctl;  // our end of the SOCK_SEQPACKET; closed (-1) once the session hung up
+  // Started ahead of a connection (docs/design.md "Warm sessions"): it waits
+  // on ctl for the next accepted socket. False once it has been given one.
+  bool warm = false;
 };
 
 // The shim's state; the main loop is a hand-written poll() over three kinds
@@ -172,7 +178,8 @@ class Shim {
  private:
   void setup();
   void accept_connections();
-  void spawn_session(Fd conn);
+  void spawn_session(Fd conn, bool warm);
+  bool hand_to_warm(const Fd& conn);
   void handle_replay(Session& s);
   void reap();
   void spawn_renewer();
@@ -186,7 +193,7 @@ class Shim {
   bool accept_paused_ = false;  // after EMFILE/ENOMEM until a session ends
   // Prepared once: argv/envp of every session (the child only execs).
   std::vector<std::string> argv_store_;
-  std::vector<char*> argv_;
+  std::vector<char*> argv_, warm_argv_;
   std::vector<int> ns_src_;
   std::vector<std::string> renew_store_;
   std::vector<char*> renew_argv_;
@@ -224,9 +231,13 @@ void Shim::setup() {
     ns_arg += held_.ns[i].first + "=" + std::to_string(kFirstNsFd + static_cast<int>(i));
     ns_src_.push_back(held_.ns[i].second.get());
   }
-  argv_store_ = {opt_.session_binary, "--config", opt_.config, "--ns", ns_arg};
-  for (auto& a : argv_store_) argv_.push_back(a.data());
+  // A warm session's argv is a cold one's plus "--warm IDLE_S".
+  argv_store_ = {
+      opt_.session_binary, "--config", opt_.config, "--ns", ns_arg, "--warm", std::to_string(opt_.warm_idle_s)};
+  for (auto& a : argv_store_) warm_argv_.push_back(a.data());
+  argv_.assign(warm_argv_.begin(), warm_argv_.end() - 2);
   argv_.push_back(nullptr);
+  warm_argv_.push_back(nullptr);
   if (opt_.renew_every_s) {
     renew_store_ = {opt_.renew_exec, "--config", opt_.renew_config, "renew", opt_.id};
     for (auto& a : renew_store_) renew_argv_.push_back(a.data());
@@ -306,21 +317,63 @@ void Shim::accept_connections() {
     }
     Fd conn(c);
     size_t live = 0;
-    for (auto& s : sessions_) live += s.pid > 0;
+    for (auto& s : sessions_) live += s.pid > 0 && !s.warm;
     if (live >= opt_.max_sessions) {
       log("warn", "too many sessions, connection closed",
           {F("max_sessions", static_cast<long long>(opt_.max_sessions))});
       continue;  // conn closes here
     }
     try {
-      spawn_session(std::move(conn));
+      if (!(opt_.warm_idle_s && hand_to_warm(conn))) spawn_session(std::move(conn), false);
     } catch (const std::exception& e) {
       log("error", "cannot start session", {F("error", e.what())});
+    }
+    // The next connection finds one ready. Only after a first connection,
+    // so a shim that is never used stays one small process; the warm
+    // session exits by itself after a minute without a connection.
+    bool have_warm = false;
+    for (auto& s : sessions_) have_warm |= s.warm;
+    if (opt_.warm_idle_s && !have_warm && live + 1 < opt_.max_sessions) {
+      try {
+        spawn_session(Fd(), true);
+      } catch (const std::exception& e) {
+        log("warn", "cannot start a warm session", {F("error", e.what())});
+      }
     }
   }
 }
 
-void Shim::spawn_session(Fd conn) {
+// Passes conn to the warm session, if there is one: true when it took it.
+bool Shim::hand_to_warm(const Fd& conn) {
+  for (auto& s : sessions_) {
+    if (!s.warm) continue;
+    s.warm = false;  // given this connection, or broken: never offered again
+    char tag = 'C';
+    iovec iov{&tag, 1};
+    alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf;
+    msg.msg_controllen = sizeof cbuf;
+    cmsghdr* cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    int fd = conn.get();
+    memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+    if (s.ctl && ::sendmsg(s.ctl.get(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
+      log("info", "session started", {F("session_pid", static_cast<long long>(s.pid)), F("warm", true)});
+      return true;
+    }
+    log("warn", "warm session unreachable, starting a fresh one",
+        {F("session_pid", static_cast<long long>(s.pid)), F("error", errdesc(errno))});
+    ::kill(s.pid, SIGKILL);  // reaped in reap()
+  }
+  return false;
+}
+
+void Shim::spawn_session(Fd conn, bool warm) {
   int sp[2];
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) throw sys_error("socketpair(SOCK_SEQPACKET)");
   Fd ours(sp[0]), theirs(sp[1]);
@@ -330,7 +383,7 @@ void Shim::spawn_session(Fd conn) {
   std::vector<int> src(kFirstNsFd);
   src[0] = src[1] = devnull_.get();
   src[2] = 2;
-  src[kConnFd] = conn.get();
+  src[kConnFd] = warm ? devnull_.get() : conn.get();  // a warm session gets it later
   src[kCtlFd] = theirs.get();
   src[kPidFd] = held_.pidfd.get();
   src.insert(src.end(), ns_src_.begin(), ns_src_.end());
@@ -362,14 +415,19 @@ void Shim::spawn_session(Fd conn) {
     signal(SIGPIPE, SIG_DFL);
     sigprocmask(SIG_SETMASK, &none, nullptr);
     if (chdir("/") < 0) _exit(1);
-    execve(argv_[0], argv_.data(), envp);
+    // Warming runs at the lowest priority (the session raises it once placed).
+    if (warm && setpriority(PRIO_PROCESS, 0, 19) < 0) _exit(1);
+    execve(argv_[0], warm ? warm_argv_.data() : argv_.data(), envp);
     static const char msg[] = "{\"level\":\"error\",\"component\":\"shim\",\"msg\":\"execve session binary failed\"}\n";
     ssize_t r = ::write(2, msg, sizeof msg - 1);
     (void)r;
     _exit(127);
   }
-  sessions_.push_back(Session{pid, std::move(ours)});
-  log("info", "session started", {F("session_pid", static_cast<long long>(pid))});
+  sessions_.push_back(Session{pid, std::move(ours), warm});
+  if (warm)
+    log("info", "warm session started", {F("session_pid", static_cast<long long>(pid))});
+  else
+    log("info", "session started", {F("session_pid", static_cast<long long>(pid))});
 }
 
 // One lease renewal: fork + exec the hook's `renew` (it has its own deadline).
@@ -544,6 +602,10 @@ Options parse_args(int argc, const char* const* argv) {
       o.renew_exec = v;
     } else if (a == "--renew-config") {
       o.renew_config = v;
+    } else if (a == "--warm-idle-s") {
+      auto n = to_num(v, 0, 3600);
+      if (!n) throw Error("shimlet: bad --warm-idle-s " + std::string(v) + " (0..3600)");
+      o.warm_idle_s = static_cast<unsigned>(*n);
     } else if (a == "--max-sessions") {
       auto n = to_num(v, 1, 65536);
       if (!n) throw Error("shimlet: bad --max-sessions " + std::string(v) + " (1..65536)");
@@ -555,7 +617,7 @@ Options parse_args(int argc, const char* const* argv) {
   if (o.config.empty() || o.session_binary.empty() || o.pid <= 0)
     throw Error(
         "usage: shimlet --config PATH --pid PID --session-binary PATH [--id ID] [--listen ADDR:PORT] "
-        "[--ready-fd N] [--max-sessions N]");
+        "[--ready-fd N] [--max-sessions N] [--warm-idle-s N]");
   if (o.session_binary[0] != '/') throw Error("shimlet: --session-binary must be absolute: " + o.session_binary);
   if (o.renew_every_s && (o.renew_exec.empty() || o.renew_exec[0] != '/' || o.renew_config.empty() || o.id.empty()))
     throw Error("shimlet: --renew-every needs an absolute --renew-exec, --renew-config and --id");

@@ -62,6 +62,10 @@ struct Options {
   std::string listen = "127.0.0.1:0";
   int ready_fd = -1;            // "ready PORT\n" is written here, then closed
   unsigned max_sessions = 256;  // connections beyond this are closed at once
+  // Keep one warm session ready after the first connection (docs/design.md
+  // "Warm sessions"): a request skips the session's start and cgroup
+  // placement. It exits after this many seconds unused; 0: no warm sessions.
+  unsigned warm_idle_s = 60;
   // Master lease renewal (docs/design.md "Master registration"): every
   // renew_every_s seconds run `RENEW_EXEC renew --config RENEW_CONFIG ID`, a
   // short-lived process that does the HTTPS so the shim never links TLS.

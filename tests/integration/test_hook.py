@@ -72,6 +72,9 @@ class HookEnv:
         self.config = os.path.join(self.dir, "hook.json")
         cfg.setdefault("state_dir", self.state)
         cfg.setdefault("session_binary", FAKE_SESSION)
+        # The fake session speaks only the cold contract (fd 3 at start);
+        # warm sessions are tested with the real one in test_warm.py.
+        cfg.setdefault("warm_idle_s", 0)
         with open(self.config, "w") as f:
             json.dump(cfg, f)
 

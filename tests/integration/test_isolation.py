@@ -160,8 +160,9 @@ def verdicts(text):
     return out
 
 
-def shimlet_dirs(c):
-    """Every session cgroup directory under the container's cgroups (v1 and v2)."""
+def shimlet_dirs(c, warm=False):
+    """Every session cgroup directory under the container's cgroups (v1 and
+    v2); a warm session's (shimlet-warm-*, test_warm.py) only with warm=True."""
     found = []
     with open(f"/proc/{c.pid}/cgroup") as f:
         for line in f:
@@ -170,7 +171,7 @@ def shimlet_dirs(c):
                 d = root + path
                 if os.path.isdir(d):
                     found += glob.glob(os.path.join(d, "shimlet-*"))
-    return sorted(set(found))
+    return sorted({d for d in found if warm or not os.path.basename(d).startswith("shimlet-warm-")})
 
 
 def test_sibling_sessions_are_isolated(strict):
