@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
       fputs(inv.help_text.c_str(), stdout);
       return 0;
     }
+    if (inv.verb == "exec" && inv.local) return run_local_exec(inv);
     // A fresh key per run: the ticket binds it (cnf.jkt), TLS proves it.
     proto::Identity id = proto::generate_identity("shimctl");
     if (inv.verb == "port-forward") return run_port_forward(obtain_portforward_grant(inv, id), inv.pf, id);

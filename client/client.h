@@ -137,6 +137,21 @@ Grant obtain_exec_grant(const Invocation& inv, const proto::Identity& client);
 // Local implementation (exposed for tests).
 Grant local_exec_grant(const std::string& state_dir, const std::string& ns, const ExecOptions& ex,
                        const proto::Identity& client, int64_t now);
+// Local exec in two steps, so that shimctl can mint its TLS identity and the
+// ticket while the shim answers the connection (client/exec.cc):
+// local_exec_target resolves TARGET and reads (does not parse) the node key,
+// so a bad target or a non-root caller fails before any connection;
+// mint_local_exec_ticket parses the key and fills grant.ticket for `client`.
+struct LocalExec {
+  LocalExec() = default;
+  LocalExec(const LocalExec&) = default;
+  LocalExec& operator=(const LocalExec&) = default;
+  ~LocalExec();  // wipes key_pem
+  Grant grant;   // ticket empty until minted
+  std::string key_path, key_pem;
+};
+LocalExec local_exec_target(const std::string& state_dir, const std::string& ns, const ExecOptions& ex);
+void mint_local_exec_ticket(LocalExec& le, const ExecOptions& ex, const proto::Identity& client, int64_t now);
 // Same for `port-forward`: the ticket's verb is "portforward" and its ports
 // claim lists every REMOTE (the shim refuses any other port).
 Grant obtain_portforward_grant(const Invocation& inv, const proto::Identity& client);
@@ -191,6 +206,9 @@ std::string invoking_user();
 // Runs the exec stream against the shim; returns the process's exit code
 // (255 for our own errors, which it has already printed).
 int run_exec(const Grant& grant, const ExecOptions& ex, const proto::Identity& client);
+// The same for --local: connects first, and makes this run's identity and
+// ticket while the shim starts and answers the ClientHello.
+int run_local_exec(const Invocation& inv);
 
 // Runs `port-forward` until interrupted (exit 0), the connection to the shim
 // is lost (1), or, with --stdio, both directions are done (0 / 1 on error).

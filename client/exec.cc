@@ -16,6 +16,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <ctime>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -41,8 +43,22 @@ constexpr int kFinishGraceMs = 500;                // after STATUS: time to flus
 
 class ExecClient : public proto::H2Conn::Handler {
  public:
+  // Makes this run's identity and fills grant.ticket (local mode).
+  using Minter = std::function<void(Grant& grant, proto::Identity& id)>;
+
+  // With an identity and a complete grant (master mode)...
   ExecClient(const Grant& g, const ExecOptions& ex, const proto::Identity& id)
       : grant_(g), ex_(ex), ctx_(proto::make_client_ctx(id)) {
+    init();
+  }
+  // ...or with a minter that runs once the ClientHello is out (or, at the
+  // latest, when the shim asks for our certificate), so that the key
+  // generation and the ticket's signature overlap the shim's side. The TLS
+  // context, too, is made after the TCP connect has started (run()).
+  ExecClient(const Grant& g, const ExecOptions& ex, Minter mint) : grant_(g), ex_(ex), mint_(std::move(mint)) {
+    init();
+  }
+  void init() {
     base_.reset(event_base_new());
     if (!base_) throw Error("event_base_new failed");
     out_[0].reset(evbuffer_new());
@@ -58,6 +74,12 @@ class ExecClient : public proto::H2Conn::Handler {
   // Runs to completion; returns the exit code, message() is the line to print.
   int run() {
     start_connect();
+    if (!ctx_) {
+      // OpenSSL's first fetches and DRBG seeding happen here, while the
+      // kernel completes the connect and the shim starts its session.
+      ctx_ = proto::make_client_ctx_deferred();
+      SSL_CTX_set_cert_cb(ctx_.get(), &ExecClient::cert_cb, this);
+    }
     event_base_dispatch(base_.get());
     return exit_code_;
   }
@@ -90,9 +112,49 @@ class ExecClient : public proto::H2Conn::Handler {
     st.handshake_timeout_s = kConnectTimeoutS;
     c->conn_ =
         std::make_unique<proto::H2Conn>(c->base_.get(), c->sock_.release(), ssl, proto::H2Conn::Role::Client, c, st);
+    if (c->mint_) {
+      // Runs after the ClientHello is written: libevent runs the socket's
+      // write event before timers that expire in the same loop turn.
+      c->mint_ev_.reset(evtimer_new(
+          c->base_.get(),
+          [](evutil_socket_t, short, void* self) {
+            auto* c = static_cast<ExecClient*>(self);
+            if (!c->ensure_minted()) c->fail_now(c->mint_error_);
+          },
+          c));
+      timeval zero{0, 0};
+      event_add(c->mint_ev_.get(), &zero);
+    }
+  }
+
+  // Makes identity and ticket once; false (mint_error_ set) when that failed.
+  bool ensure_minted() {
+    if (mint_ && !minted_) {
+      minted_ = true;
+      try {
+        mint_(grant_, id_);
+      } catch (const std::exception& e) {
+        mint_error_ = e.what();
+      }
+    }
+    return mint_error_.empty();
+  }
+
+  // The shim asked for our certificate: it must exist now.
+  static int cert_cb(SSL* ssl, void* self) {
+    auto* c = static_cast<ExecClient*>(self);
+    if (!c->ensure_minted()) return 0;
+    try {
+      proto::use_client_identity(ssl, c->id_);
+    } catch (const std::exception& e) {
+      c->mint_error_ = e.what();
+      return 0;
+    }
+    return 1;
   }
 
   std::string on_connected(SSL* ssl) override {
+    if (!ensure_minted()) return mint_error_;
     if (std::string e = proto::check_pin(ssl, grant_.pin); !e.empty()) {
       pin_error_ = e;
       return e;
@@ -347,6 +409,7 @@ class ExecClient : public proto::H2Conn::Handler {
   void on_closed(const std::string& why) override {
     net_closed_ = true;
     if (!tls_ready_) {
+      if (!mint_error_.empty()) return fail_now(mint_error_);
       if (!pin_error_.empty()) return fail_now(pin_error_);
       return fail_now("cannot connect to shim at " + grant_.endpoint + ": " + why);
     }
@@ -410,13 +473,17 @@ class ExecClient : public proto::H2Conn::Handler {
     if (net_closed_ || !conn_ || conn_->closed() || grace_over_) event_base_loopbreak(base_.get());
   }
 
-  const Grant& grant_;
+  Grant grant_;
   const ExecOptions& ex_;
   proto::SslCtx ctx_;
+  Minter mint_;
+  proto::Identity id_;  // made by mint_
+  bool minted_ = false;
+  std::string mint_error_;
   EventBase base_;
   TunnelBridgePtr bridge_;  // proxy mode: the pump into the master's tunnel (before base_ goes)
   Fd sock_;
-  Event connect_ev_, start_ev_, stdin_ev_, winch_ev_, grace_ev_, pump_ev_, out_ev_[2];
+  Event connect_ev_, mint_ev_, start_ev_, stdin_ev_, winch_ev_, grace_ev_, pump_ev_, out_ev_[2];
   std::unique_ptr<proto::H2Conn> conn_;
   EvBuffer out_[2];
   std::optional<LocalStdio> stdio_;
@@ -434,20 +501,49 @@ class ExecClient : public proto::H2Conn::Handler {
 
 }  // namespace
 
-int run_exec(const Grant& grant, const ExecOptions& ex, const proto::Identity& client) {
+namespace {
+
+int run(ExecClient& c) {
   signal(SIGPIPE, SIG_IGN);  // EPIPE is handled where it happens
-  int code;
-  std::string msg;
-  {
-    ExecClient c(grant, ex, client);
-    code = c.run();
-    msg = c.message();
-  }  // terminal and fd flags restored here, before we print
+  return c.run();
+}
+
+int print_and_return(int code, std::string msg) {
   if (!msg.empty()) {
     msg += "\n";
     (void)!write(2, msg.data(), msg.size());
   }
   return code;
+}
+
+}  // namespace
+
+int run_exec(const Grant& grant, const ExecOptions& ex, const proto::Identity& client) {
+  int code;
+  std::string msg;
+  {
+    ExecClient c(grant, ex, client);
+    code = run(c);
+    msg = c.message();
+  }  // terminal and fd flags restored here, before we print
+  return print_and_return(code, std::move(msg));
+}
+
+int run_local_exec(const Invocation& inv) {
+  LocalExec le = local_exec_target(inv.state_dir, inv.ns, inv.exec);
+  int code;
+  std::string msg;
+  {
+    ExecClient c(le.grant, inv.exec, [&](Grant& g, proto::Identity& id) {
+      // A fresh key per run: the ticket binds it (cnf.jkt), TLS proves it.
+      id = proto::generate_identity("shimctl");
+      mint_local_exec_ticket(le, inv.exec, id, static_cast<int64_t>(std::time(nullptr)));
+      g.ticket = le.grant.ticket;
+    });
+    code = run(c);
+    msg = c.message();
+  }
+  return print_and_return(code, std::move(msg));
 }
 
 }  // namespace shimlet::client

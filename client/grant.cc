@@ -1,6 +1,7 @@
 // Where endpoint + pin + ticket come from. Local mode: the state dir and a
 // ticket minted with the node's local.key. Master mode (the default): a grant
 // from shimlet-master (client/master.cc).
+#include <openssl/crypto.h>
 #include <pwd.h>
 #include <unistd.h>
 
@@ -30,67 +31,95 @@ std::string invoking_user() {
 
 namespace {
 
-// Signs claims (everything but the common fields) for reg with STATE_DIR/local.key.
-Grant sign_local(const std::string& state_dir, const Registration& reg, ticket::Claims c, const proto::Identity& client,
-                 int64_t now);
+constexpr const char* kNodeKeyError = "cannot load the node key (--local needs root on the node): ";
 
-}  // namespace
+Grant grant_for(const Registration& reg) {
+  Grant g;
+  g.container_id = reg.id;
+  g.endpoint = reg.endpoint;
+  g.pin = reg.pin;
+  return g;
+}
 
-Grant local_exec_grant(const std::string& state_dir, const std::string& ns, const ExecOptions& ex,
-                       const proto::Identity& client, int64_t now) {
-  std::vector<Registration> regs = load_registrations(state_dir);
-  const Registration& reg = resolve_target(regs, ex.target, ns, ex.container);
+// Signs claims (everything but the common fields) for g's container with the
+// node key in key_pem.
+void sign_local(Grant& g, const std::string& key_path, const std::string& key_pem, ticket::Claims c,
+                const proto::Identity& client, int64_t now) {
+  ticket::PrivateKey key;
+  try {
+    key = ticket::PrivateKey::from_pem(key_pem);
+  } catch (const std::exception& e) {
+    throw Error(std::string(kNodeKeyError) + key_path + ": " + e.what());
+  }
+  c.iss = "local";
+  c.sub = invoking_user();
+  c.aud = g.container_id;
+  c.iat = now;
+  c.exp = now + kTicketLifetimeS;
+  c.jti = base64url_encode(random_bytes(16));
+  c.sid = base64url_encode(random_bytes(12));
+  // Bind the ticket to this run's TLS key: a stolen ticket is useless without it.
+  c.cnf_jkt = proto::jkt_of_identity(client);
+  g.ticket = key.sign(c, "local");
+}
+
+std::string read_node_key(const std::string& state_dir) {
+  try {
+    return ticket::PrivateKey::read_pem(state_dir + "/local.key");
+  } catch (const std::exception& e) {
+    throw Error(std::string(kNodeKeyError) + e.what());
+  }
+}
+
+ticket::Claims exec_claims(const ExecOptions& ex) {
   ticket::Claims c;
   c.verb = "exec";
   c.cmd = ex.command;
   c.stdin_ = ex.stdin_;
   c.tty = ex.tty;
   c.limits = ex.limits;
-  return sign_local(state_dir, reg, std::move(c), client, now);
+  return c;
+}
+
+}  // namespace
+
+LocalExec::~LocalExec() { OPENSSL_cleanse(key_pem.data(), key_pem.size()); }
+
+LocalExec local_exec_target(const std::string& state_dir, const std::string& ns, const ExecOptions& ex) {
+  std::vector<Registration> regs = load_registrations(state_dir);
+  LocalExec le;
+  le.grant = grant_for(resolve_target(regs, ex.target, ns, ex.container));
+  le.key_path = state_dir + "/local.key";
+  le.key_pem = read_node_key(state_dir);
+  return le;
+}
+
+void mint_local_exec_ticket(LocalExec& le, const ExecOptions& ex, const proto::Identity& client, int64_t now) {
+  sign_local(le.grant, le.key_path, le.key_pem, exec_claims(ex), client, now);
+}
+
+Grant local_exec_grant(const std::string& state_dir, const std::string& ns, const ExecOptions& ex,
+                       const proto::Identity& client, int64_t now) {
+  LocalExec le = local_exec_target(state_dir, ns, ex);
+  mint_local_exec_ticket(le, ex, client, now);
+  return le.grant;
 }
 
 Grant local_portforward_grant(const std::string& state_dir, const std::string& ns, const PortForwardOptions& pf,
                               const proto::Identity& client, int64_t now) {
   std::vector<Registration> regs = load_registrations(state_dir);
-  const Registration& reg = resolve_target(regs, pf.target, ns, pf.container);
+  Grant g = grant_for(resolve_target(regs, pf.target, ns, pf.container));
   ticket::Claims c;
   c.verb = "portforward";
   for (const PortSpec& p : pf.ports) {
     ticket::Port tp{p.remote, p.udp ? "udp" : "tcp"};
     if (std::find(c.ports.begin(), c.ports.end(), tp) == c.ports.end()) c.ports.push_back(tp);
   }
-  return sign_local(state_dir, reg, std::move(c), client, now);
-}
-
-namespace {
-
-Grant sign_local(const std::string& state_dir, const Registration& reg, ticket::Claims c, const proto::Identity& client,
-                 int64_t now) {
-  std::string key_path = state_dir + "/local.key";
-  ticket::PrivateKey key;
-  try {
-    key = ticket::PrivateKey::load(key_path);
-  } catch (const std::exception& e) {
-    throw Error(std::string("cannot load the node key (--local needs root on the node): ") + e.what());
-  }
-  c.iss = "local";
-  c.sub = invoking_user();
-  c.aud = reg.id;
-  c.iat = now;
-  c.exp = now + kTicketLifetimeS;
-  c.jti = base64url_encode(random_bytes(16));
-  c.sid = base64url_encode(random_bytes(12));
-  // Bind the ticket to this run's TLS key: a stolen ticket is useless without it.
-  c.cnf_jkt = ticket::jkt_of_public_pem(ticket::PrivateKey::from_pem(client.key_pem).public_pem());
-  Grant g;
-  g.container_id = reg.id;
-  g.endpoint = reg.endpoint;
-  g.pin = reg.pin;
-  g.ticket = key.sign(c, "local");
+  std::string key_pem = read_node_key(state_dir);
+  sign_local(g, state_dir + "/local.key", key_pem, std::move(c), client, now);
+  OPENSSL_cleanse(key_pem.data(), key_pem.size());
   return g;
 }
-
-}  // namespace
 
 Grant obtain_exec_grant(const Invocation& inv, const proto::Identity& client) {
   if (!inv.local) return master_exec_grant(inv, client);

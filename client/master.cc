@@ -257,7 +257,7 @@ Grant request_grant(const Invocation& inv, const std::string& pod, const std::st
   const std::string ns = inv.ns_set || s.ns.empty() ? inv.ns : s.ns;
   masterclient::Target t = master_target(s, kMasterTimeoutMs);
   // Bind the ticket to this run's TLS key (cnf.jkt): the shim checks it.
-  body["jkt"] = ticket::jkt_of_public_pem(ticket::PrivateKey::from_pem(client.key_pem).public_pem());
+  body["jkt"] = proto::jkt_of_identity(client);
   const std::string path = "/apis/shimlet.io/v1/namespaces/" + masterclient::path_segment(ns) + "/pods/" +
                            masterclient::path_segment(pod) + "/" + verb;
   masterclient::Response r = masterclient::request(t, "POST", path, body.dump());

@@ -89,10 +89,12 @@ std::vector<Registration> load_registrations(const std::string& state_dir) {
     std::string path = state_dir + "/" + name + "/registration.json";
     std::ifstream f(path, std::ios::binary);
     if (!f) continue;  // not a container dir, or one being created/removed
+    // Chunked read up to the cap: sizing a buffer to the cap up front would
+    // zero a megabyte per registration on every shimctl start.
     std::string text;
-    text.resize(kMaxRegistrationSize + 1);
-    f.read(text.data(), static_cast<std::streamsize>(text.size()));
-    text.resize(static_cast<size_t>(f.gcount()));
+    char buf[4096];
+    while (text.size() <= kMaxRegistrationSize && f.read(buf, sizeof buf).gcount() > 0)
+      text.append(buf, static_cast<size_t>(f.gcount()));
     if (text.size() > kMaxRegistrationSize) continue;
     try {
       out.push_back(parse_registration(text, path));

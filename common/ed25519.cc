@@ -62,14 +62,19 @@ std::string ed25519_private_pem(EVP_PKEY* k) {
   return pem;
 }
 
-std::string ed25519_public_pem(EVP_PKEY* k) {
+std::string ed25519_spki_der(EVP_PKEY* k) {
   unsigned char raw[32];
   size_t len = sizeof raw;
-  if (EVP_PKEY_get_base_id(k) != EVP_PKEY_ED25519 || EVP_PKEY_get_raw_public_key(k, raw, &len) != 1 || len != 32)
+  if (!k || EVP_PKEY_get_base_id(k) != EVP_PKEY_ED25519 || EVP_PKEY_get_raw_public_key(k, raw, &len) != 1 || len != 32)
     return "";
   std::string der(reinterpret_cast<const char*>(kSpkiPrefix), sizeof kSpkiPrefix);
   der.append(reinterpret_cast<const char*>(raw), 32);
-  return pem_wrap(der, "PUBLIC KEY");
+  return der;
+}
+
+std::string ed25519_public_pem(EVP_PKEY* k) {
+  std::string der = ed25519_spki_der(k);
+  return der.empty() ? "" : pem_wrap(der, "PUBLIC KEY");
 }
 
 EVP_PKEY* ed25519_public_from_pem(std::string_view pem) {

@@ -23,5 +23,8 @@ EVP_PKEY* ed25519_generate();
 // PEM text of an Ed25519 key in the same fixed shapes (empty if not Ed25519).
 std::string ed25519_private_pem(EVP_PKEY* k);
 std::string ed25519_public_pem(EVP_PKEY* k);
+// SubjectPublicKeyInfo DER of an Ed25519 key (empty if not Ed25519): built
+// from the raw bytes, because OpenSSL 3.0 runs its encoder framework for it.
+std::string ed25519_spki_der(EVP_PKEY* k);
 
 }  // namespace shimlet

@@ -105,7 +105,9 @@ std::string ssl_error_string() {
 
 Identity generate_identity(const std::string& common_name, int days) {
   Pkey key(ed25519_generate());
+  std::string spki = ed25519_spki_der(key.get());
   X509p cert(X509_new());
+  if (!cert || spki.empty()) throw Error("cannot create a certificate: " + ssl_error_string());
   X509_set_version(cert.get(), 2);
   std::string serial = random_bytes(16);
   serial[0] &= 0x7f;
@@ -114,15 +116,43 @@ Identity generate_identity(const std::string& common_name, int days) {
   BN_free(bn);
   X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
   X509_gmtime_adj(X509_getm_notAfter(cert.get()), static_cast<long>(days) * 86400);
-  X509_set_pubkey(cert.get(), key.get());
+  // The public key goes in as its raw 32 bytes (RFC 8410: no parameters):
+  // X509_set_pubkey would run OpenSSL 3.0's encoder and then its decoder on it.
+  auto* raw = static_cast<unsigned char*>(OPENSSL_malloc(32));
+  if (!raw) throw Error("OPENSSL_malloc failed");
+  memcpy(raw, spki.data() + spki.size() - 32, 32);
+  if (X509_PUBKEY_set0_param(X509_get_X509_PUBKEY(cert.get()), OBJ_nid2obj(NID_ED25519), V_ASN1_UNDEF, nullptr, raw,
+                             32) != 1) {
+    OPENSSL_free(raw);
+    throw Error("cannot set the certificate's public key: " + ssl_error_string());
+  }
   X509_NAME* name = X509_get_subject_name(cert.get());
   X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8, reinterpret_cast<const unsigned char*>(common_name.c_str()), -1,
                              -1, 0);
   X509_set_issuer_name(cert.get(), name);
   if (X509_sign(cert.get(), key.get(), nullptr) <= 0) throw Error("X509_sign: " + ssl_error_string());
+  // Read the signed DER back once, so the X509 carries its decoded public key
+  // (SSL_CTX_use_certificate needs it) and is exactly what the peer will see.
+  unsigned char* der = nullptr;
+  int n = i2d_X509(cert.get(), &der);
+  if (n <= 0) throw Error("cannot encode certificate: " + ssl_error_string());
+  const unsigned char* p = der;
+  X509p parsed(d2i_X509(nullptr, &p, n));
+  OPENSSL_free(der);
+  if (!parsed || EVP_PKEY_eq(X509_get0_pubkey(parsed.get()), key.get()) != 1)
+    throw Error("generated certificate does not carry its key: " + ssl_error_string());
   Bio cb(BIO_new(BIO_s_mem()));
-  if (PEM_write_bio_X509(cb.get(), cert.get()) != 1) throw Error("PEM encode: " + ssl_error_string());
-  return Identity{ed25519_private_pem(key.get()), bio_string(cb.get())};
+  if (!cb || PEM_write_bio_X509(cb.get(), parsed.get()) != 1) throw Error("PEM encode: " + ssl_error_string());
+  Identity id(ed25519_private_pem(key.get()), bio_string(cb.get()));
+  id.key = std::shared_ptr<EVP_PKEY>(key.release(), EVP_PKEY_free);
+  id.cert = std::shared_ptr<X509>(parsed.release(), X509_free);
+  return id;
+}
+
+std::string jkt_of_identity(const Identity& id) {
+  if (std::string der = ed25519_spki_der(id.key.get()); !der.empty()) return base64url_encode(sha256(der));
+  if (id.cert) return jkt_of_cert(id.cert.get());
+  return jkt_of_cert(cert_from_pem(id.cert_pem).get());
 }
 
 std::string pin_of_cert(X509* cert) { return "sha256/" + base64_encode(sha256(spki_der(cert))); }
@@ -140,9 +170,29 @@ SslCtx make_server_ctx(const std::string& cert_pem, const std::string& key_pem, 
 }
 
 SslCtx make_client_ctx(const Identity& client) {
+  SslCtx ctx = make_client_ctx_deferred();
+  if (client.key && client.cert) {
+    if (SSL_CTX_use_certificate(ctx.get(), client.cert.get()) != 1 ||
+        SSL_CTX_use_PrivateKey(ctx.get(), client.key.get()) != 1 || SSL_CTX_check_private_key(ctx.get()) != 1)
+      throw Error("cannot use TLS identity: " + ssl_error_string());
+  } else {
+    use_identity(ctx.get(), client.cert_pem, client.key_pem);
+  }
+  return ctx;
+}
+
+void use_client_identity(SSL* ssl, const Identity& client) {
+  if (!client.key || !client.cert) throw Error("TLS identity was not generated in this process");
+  if (SSL_use_certificate(ssl, client.cert.get()) != 1 || SSL_use_PrivateKey(ssl, client.key.get()) != 1 ||
+      SSL_check_private_key(ssl) != 1)
+    throw Error("cannot use TLS identity: " + ssl_error_string());
+}
+
+SslCtx make_client_ctx_deferred() {
   SslCtx ctx = base_ctx(TLS_client_method());
-  use_identity(ctx.get(), client.cert_pem, client.key_pem);
   SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, accept_any_cert);  // pin checked after handshake
+  // One connection per context: nothing to resume, so keep no sessions.
+  SSL_CTX_set_session_cache_mode(ctx.get(), SSL_SESS_CACHE_OFF);
   static const unsigned char alpn[] = {2, 'h', '2'};
   SSL_CTX_set_alpn_protos(ctx.get(), alpn, sizeof alpn);
   return ctx;

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 
 namespace shimlet::proto {
 
@@ -15,12 +16,23 @@ struct SslCtxDeleter {
 using SslCtx = std::unique_ptr<SSL_CTX, SslCtxDeleter>;
 
 struct Identity {
+  Identity() = default;
+  Identity(std::string key, std::string cert) : key_pem(std::move(key)), cert_pem(std::move(cert)) {}
   std::string key_pem;   // PKCS#8 Ed25519 private key
   std::string cert_pem;  // self-signed X.509
+  // The same key and certificate already parsed (set by generate_identity;
+  // null when the identity came from PEM files): shimctl mints one identity
+  // per run and must not pay OpenSSL 3.0's decoder (~1 ms a key) to read back
+  // what it just made.
+  std::shared_ptr<EVP_PKEY> key;
+  std::shared_ptr<X509> cert;
 };
 // Fresh Ed25519 key and a self-signed certificate (CN = common_name, valid
 // from one hour ago for `days`).
 Identity generate_identity(const std::string& common_name, int days = 3650);
+// base64url(SHA-256(SPKI DER)) of the identity's key: the cnf.jkt a ticket
+// binds it with (same value as jkt_of_cert on its certificate).
+std::string jkt_of_identity(const Identity& id);
 
 // "sha256/" + base64(SHA-256(SPKI DER)) of a certificate.
 std::string pin_of_cert_pem(std::string_view cert_pem);
@@ -34,6 +46,12 @@ SslCtx make_server_ctx(const std::string& cert_pem, const std::string& key_pem, 
 // Client: TLS 1.3 only, ALPN h2, presents identity; verification is by pin
 // (call check_pin after the handshake), never by CA.
 SslCtx make_client_ctx(const Identity& client);
+// The same without an identity yet: the caller installs one per connection
+// with use_client_identity before the server's CertificateRequest is
+// answered (SSL_CTX_set_cert_cb), so the key can be made during the handshake.
+SslCtx make_client_ctx_deferred();
+// Installs identity on one client connection; throws Error.
+void use_client_identity(SSL* ssl, const Identity& client);
 // Returns an error line, or "" when the peer certificate matches pin.
 std::string check_pin(SSL* ssl, const std::string& pin);
 

@@ -358,6 +358,8 @@ PrivateKey PrivateKey::from_pem(std::string_view pem) {
   return out;
 }
 
+std::string PrivateKey::read_pem(const std::string& path) { return read_small_file(path); }
+
 PrivateKey PrivateKey::load(const std::string& path) {
   std::string pem = read_small_file(path);
   try {

@@ -41,6 +41,10 @@ class PrivateKey {
   static PrivateKey generate();
   static PrivateKey from_pem(std::string_view pem);
   static PrivateKey load(const std::string& path);  // PEM file
+  // load() in two steps: read the file (bounded; errors name the path), then
+  // parse with from_pem. For callers that must fail early on an unreadable
+  // key but parse it later (shimctl overlaps that with the TLS handshake).
+  static std::string read_pem(const std::string& path);
   std::string to_pem() const;
   std::string public_pem() const;
   // Writes PEM with mode 0600 (atomically: temp file + rename).

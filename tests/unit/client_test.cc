@@ -280,3 +280,52 @@ TEST(ClientGrant, MissingKeyIsClear) {
     EXPECT_NE(std::string(e.what()).find("node key"), std::string::npos) << e.what();
   }
 }
+
+TEST(ClientGrant, LocalExecTargetFailsBeforeMintingAndMintBindsTheIdentity) {
+  TempDir d;
+  write_file(d.path / "cid" / "registration.json", R"({"id":"cid","endpoint":"127.0.0.1:7","pin":"sha256/P"})");
+  sc::ExecOptions ex;
+  ex.target = "cid";
+  ex.command = {"true"};
+  // No key: the first step already fails (shimctl must not connect then).
+  try {
+    sc::local_exec_target(d.path, "default", ex);
+    FAIL() << "no throw";
+  } catch (const shimlet::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("node key"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("local.key"), std::string::npos) << e.what();
+  }
+  // A key that does not parse fails at minting, with the same prefix and the path.
+  write_file(d.path / "local.key", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
+  sc::LocalExec bad = sc::local_exec_target(d.path, "default", ex);
+  EXPECT_EQ(bad.grant.endpoint, "127.0.0.1:7");
+  EXPECT_TRUE(bad.grant.ticket.empty());
+  try {
+    sc::mint_local_exec_ticket(bad, ex, shimlet::proto::generate_identity("t"), time(nullptr));
+    FAIL() << "no throw";
+  } catch (const shimlet::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot load the node key"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("local.key"), std::string::npos) << e.what();
+  }
+  auto node = shimlet::ticket::PrivateKey::generate();
+  node.save(d.path / "local.key");
+  sc::LocalExec le = sc::local_exec_target(d.path, "default", ex);
+  auto id = shimlet::proto::generate_identity("t");
+  int64_t now = time(nullptr);
+  sc::mint_local_exec_ticket(le, ex, id, now);
+  std::vector<shimlet::ticket::TrustedKey> keys = {{"local", shimlet::ticket::PublicKey::from_pem(node.public_pem())}};
+  auto c = shimlet::ticket::verify(le.grant.ticket, keys, {.aud = "cid", .verb = "exec", .now = now});
+  EXPECT_EQ(c.cnf_jkt, shimlet::proto::jkt_of_cert(id.cert.get()));
+}
+
+TEST(ClientGrant, LargeRegistrationIsSkippedSmallOneRead) {
+  TempDir d;
+  write_file(d.path / "big" / "registration.json",
+             R"({"id":"big","endpoint":"127.0.0.1:7","pin":"sha256/P","x":")" + std::string(1 << 20, 'a') + "\"}");
+  std::string pad(5000, ' ');  // more than one read chunk
+  write_file(d.path / "ok" / "registration.json",
+             "{" + pad + R"("id":"ok","endpoint":"127.0.0.1:7","pin":"sha256/P"})");
+  auto regs = sc::load_registrations(d.path);
+  ASSERT_EQ(regs.size(), 1u);
+  EXPECT_EQ(regs[0].id, "ok");
+}

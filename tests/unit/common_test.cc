@@ -41,8 +41,10 @@ TEST(Fd, ClosesOnDestruction) {
 namespace {
 std::string pem_of(EVP_PKEY* k, bool priv) {
   BIO* b = BIO_new(BIO_s_mem());
-  if (priv) PEM_write_bio_PrivateKey(b, k, nullptr, nullptr, 0, nullptr, nullptr);
-  else PEM_write_bio_PUBKEY(b, k);
+  if (priv)
+    PEM_write_bio_PrivateKey(b, k, nullptr, nullptr, 0, nullptr, nullptr);
+  else
+    PEM_write_bio_PUBKEY(b, k);
   char* d;
   long n = BIO_get_mem_data(b, &d);
   std::string s(d, static_cast<size_t>(n));
@@ -90,5 +92,74 @@ TEST(Ed25519Pem, GeneratedKeysRoundTripThroughOpenSSLReaders) {
   EXPECT_EQ(EVP_PKEY_eq(k, backpub), 1);
   EVP_PKEY_free(back);
   EVP_PKEY_free(backpub);
+  EVP_PKEY_free(k);
+}
+
+namespace {
+// PEM of DER under label, 64 columns, with the given line ending.
+std::string pem_wrap_der(const std::string& der, const char* label, const char* eol = "\n") {
+  std::string b64 = base64_encode(der), out = std::string("-----BEGIN ") + label + "-----" + eol;
+  for (size_t i = 0; i < b64.size(); i += 64) out += b64.substr(i, 64) + eol;
+  return out + "-----END " + label + "-----" + eol;
+}
+// DER inside a PEM (the first block).
+std::string der_of(const std::string& pem, const char* label) {
+  std::string begin = std::string("-----BEGIN ") + label + "-----", end = std::string("-----END ") + label + "-----";
+  size_t b = pem.find(begin) + begin.size(), e = pem.find(end);
+  std::string b64;
+  for (char c : pem.substr(b, e - b))
+    if (c != '\n') b64 += c;
+  return *base64_decode(b64);
+}
+}  // namespace
+
+TEST(Ed25519Pem, AcceptsCrlfAndSurroundingText) {
+  EVP_PKEY* k = ed25519_generate();
+  std::string spki = ed25519_spki_der(k);
+  ASSERT_EQ(spki.size(), 44u);
+  std::string pem = "comment line\r\n" + pem_wrap_der(spki, "PUBLIC KEY", "\r\n") + "trailer\n";
+  EVP_PKEY* pub = ed25519_public_from_pem(pem);
+  ASSERT_NE(pub, nullptr);
+  EXPECT_EQ(EVP_PKEY_eq(k, pub), 1);
+  EVP_PKEY_free(pub);
+  EVP_PKEY_free(k);
+}
+
+TEST(Ed25519Pem, RejectsWrongPrefixLengthLabelAndGarbage) {
+  EVP_PKEY* k = ed25519_generate();
+  std::string spki = der_of(ed25519_public_pem(k), "PUBLIC KEY");
+  std::string pkcs8 = der_of(ed25519_private_pem(k), "PRIVATE KEY");
+  ASSERT_EQ(spki.size(), 44u);
+  ASSERT_EQ(pkcs8.size(), 48u);
+  // Sanity: the unmodified DER loads.
+  EVP_PKEY* ok = ed25519_private_from_pem(pem_wrap_der(pkcs8, "PRIVATE KEY"));
+  ASSERT_NE(ok, nullptr);
+  EVP_PKEY_free(ok);
+  for (size_t i = 0; i < 12; i++) {  // every byte of the SPKI prefix matters
+    std::string bad = spki;
+    bad[i] ^= 0x01;
+    EXPECT_EQ(ed25519_public_from_pem(pem_wrap_der(bad, "PUBLIC KEY")), nullptr) << "byte " << i;
+  }
+  for (size_t i = 0; i < 16; i++) {  // and of the PKCS#8 prefix
+    std::string bad = pkcs8;
+    bad[i] ^= 0x01;
+    EXPECT_EQ(ed25519_private_from_pem(pem_wrap_der(bad, "PRIVATE KEY")), nullptr) << "byte " << i;
+  }
+  // X25519 shares the shape but not the OID (1.3.101.110).
+  std::string x25519 = spki;
+  x25519[8] = 0x6e;
+  EXPECT_EQ(ed25519_public_from_pem(pem_wrap_der(x25519, "PUBLIC KEY")), nullptr);
+  // Truncated, extended, wrong label, bad base64, no END line, huge body.
+  EXPECT_EQ(ed25519_public_from_pem(pem_wrap_der(spki.substr(0, 43), "PUBLIC KEY")), nullptr);
+  EXPECT_EQ(ed25519_public_from_pem(pem_wrap_der(spki + "x", "PUBLIC KEY")), nullptr);
+  EXPECT_EQ(ed25519_private_from_pem(pem_wrap_der(pkcs8 + std::string(2, '\0'), "PRIVATE KEY")), nullptr);
+  EXPECT_EQ(ed25519_private_from_pem(pem_wrap_der(spki, "PRIVATE KEY")), nullptr);
+  EXPECT_EQ(ed25519_public_from_pem(pem_wrap_der(pkcs8, "PUBLIC KEY")), nullptr);
+  EXPECT_EQ(ed25519_public_from_pem(pem_wrap_der(spki, "CERTIFICATE")), nullptr);
+  EXPECT_EQ(ed25519_public_from_pem("-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----\n"), nullptr);
+  EXPECT_EQ(ed25519_public_from_pem("-----BEGIN PUBLIC KEY-----\n" + base64_encode(spki) + "\n"), nullptr);
+  EXPECT_EQ(ed25519_public_from_pem(pem_wrap_der(std::string(100000, 'A'), "PUBLIC KEY")), nullptr);
+  EXPECT_EQ(ed25519_public_from_pem(""), nullptr);
+  EXPECT_EQ(ed25519_spki_der(nullptr), "");
   EVP_PKEY_free(k);
 }

@@ -527,3 +527,33 @@ TEST_F(TicketTest, LimitsRoundTripAndValidation) {
     refused(token(p), "limit");
   }
 }
+
+TEST(TicketKeys, KeyParseErrorsAreClear) {
+  auto msg = [](auto fn) {
+    try {
+      fn();
+    } catch (const std::exception& e) {  // sys_error is a std::system_error
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(msg([] { PrivateKey::from_pem("garbage"); }).find("cannot parse private key PEM"), std::string::npos);
+  EXPECT_NE(msg([] { PublicKey::from_pem("garbage"); }).find("cannot parse public key PEM"), std::string::npos);
+  // A well-formed PEM of the wrong length is not taken by the raw loader nor by OpenSSL.
+  EXPECT_NE(
+      msg([] {
+        PrivateKey::from_pem("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n");
+      }).find("cannot parse private key PEM"),
+      std::string::npos);
+  EXPECT_NE(msg([] { PrivateKey::read_pem("/nonexistent/shimlet/local.key"); }).find("/nonexistent/shimlet/local.key"),
+            std::string::npos);
+  // read_pem + from_pem is load.
+  PrivateKey k = PrivateKey::generate();
+  char tmpl[] = "/tmp/shimlet-keytest-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  std::string path = std::string(tmpl) + "/k.pem";
+  k.save(path);
+  EXPECT_EQ(PrivateKey::from_pem(PrivateKey::read_pem(path)).public_pem(), k.public_pem());
+  unlink(path.c_str());
+  rmdir(tmpl);
+}
