@@ -515,7 +515,6 @@ bool await_connection(const Config& cfg, const nsenter::Container& ctr, int idle
   // with a live session; the placement below takes the global cgroup lock
   // and everything after it serves a request: normal priority from here.
   setpriority(PRIO_PROCESS, 0, 0);
-  prctl(PR_SET_NAME, "shimlet-warm", 0, 0, 0);  // not a session (yet) in ps and the tests
   try {
     Confinement::prepare_warm(cfg.isolation, ctr);
   } catch (const std::exception& e) {
@@ -560,6 +559,9 @@ bool await_connection(const Config& cfg, const nsenter::Container& ctr, int idle
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A warm session is not a session until it gets a connection (ps, tests).
+  for (int i = 1; i < argc; i++)
+    if (std::string_view(argv[i]) == "--warm") prctl(PR_SET_NAME, "shimlet-warm", 0, 0, 0);
   // The system openssl.cnf has nothing a session needs; parsing it (and what it
   // loads) is paid per connection.
   OPENSSL_init_ssl(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);

@@ -95,7 +95,9 @@ class PfEnv:
         self.state = os.path.join(self.dir, "state")
         self.config = os.path.join(self.dir, "hook.json")
         with open(self.config, "w") as f:
-            json.dump({"state_dir": self.state, "fail_container_on_error": True}, f)
+            # Tests here count a shim's session processes: no warm spare
+            # (a forward through a warm session is in test_warm.py).
+            json.dump({"state_dir": self.state, "fail_container_on_error": True, "warm_idle_s": 0}, f)
         self.containers, self.procs = [], []
 
     def hooks(self):
