@@ -156,6 +156,10 @@ constexpr std::array<const char*, 8> kNsTypes = {"user", "mnt", "pid", "net", "i
 // Fixed fds of the session contract (design.md).
 constexpr int kConnFd = 3, kCtlFd = 4, kPidFd = 5, kFirstNsFd = 6;
 
+// A warm session is started this long after the connection that used the
+// last one, or when that connection's session ends if sooner (Shim::warm_due_).
+constexpr int64_t kWarmDelayMs = 250;
+
 // Replay cache datagram: SHA-256(jti) + int64 LE expiry.
 constexpr size_t kReplayRequest = 32 + 8;
 
@@ -199,6 +203,11 @@ class Shim {
   std::vector<char*> renew_argv_;
   pid_t renewer_ = -1;      // the running renewal, if any
   int64_t next_renew_ = 0;  // CLOCK_MONOTONIC ms
+  // When to start the next warm session (0: none due). It is started when the
+  // session that took the last one ends or kWarmDelayMs after, whichever is
+  // first: never while that session's own request is on the CPUs.
+  int64_t warm_due_ = 0;
+  void start_warm();
 };
 
 int64_t mono_ms() {
@@ -271,6 +280,10 @@ int Shim::run() {
     for (auto& s : sessions_) pfds.push_back({s.ctl.get(), POLLIN, 0});
     int timeout = -1;
     if (opt_.renew_every_s) timeout = static_cast<int>(std::max<int64_t>(0, next_renew_ - mono_ms()));
+    if (warm_due_) {
+      int w = static_cast<int>(std::max<int64_t>(0, warm_due_ - mono_ms()));
+      timeout = timeout < 0 ? w : std::min(timeout, w);
+    }
     int n = ::poll(pfds.data(), pfds.size(), timeout);
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -280,6 +293,7 @@ int Shim::run() {
       next_renew_ = mono_ms() + opt_.renew_every_s * 1000LL;
       spawn_renewer();
     }
+    if (warm_due_ && mono_ms() >= warm_due_) start_warm();
     if (pfds[0].revents) {
       signalfd_siginfo si;
       while (::read(sigfd_.get(), &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
@@ -330,16 +344,23 @@ void Shim::accept_connections() {
     }
     // The next connection finds one ready. Only after a first connection,
     // so a shim that is never used stays one small process; the warm
-    // session exits by itself after a minute without a connection.
-    bool have_warm = false;
-    for (auto& s : sessions_) have_warm |= s.warm;
-    if (opt_.warm_idle_s && !have_warm && live + 1 < opt_.max_sessions) {
-      try {
-        spawn_session(Fd(), true);
-      } catch (const std::exception& e) {
-        log("warn", "cannot start a warm session", {F("error", e.what())});
-      }
-    }
+    // session exits by itself after warm_idle_s without a connection.
+    if (opt_.warm_idle_s && !warm_due_) warm_due_ = mono_ms() + kWarmDelayMs;
+  }
+}
+
+void Shim::start_warm() {
+  warm_due_ = 0;
+  size_t live = 0;
+  for (auto& s : sessions_) {
+    if (s.warm) return;  // one is enough
+    live += s.pid > 0;
+  }
+  if (live >= opt_.max_sessions) return;
+  try {
+    spawn_session(Fd(), true);
+  } catch (const std::exception& e) {
+    log("warn", "cannot start a warm session", {F("error", e.what())});
   }
 }
 
@@ -524,8 +545,10 @@ void Shim::reap() {
       else
         log("info", "session ended",
             {F("session_pid", static_cast<long long>(p)), F("exit_code", WEXITSTATUS(status))});
+      bool was_warm = it->warm;
       sessions_.erase(it);
       accept_paused_ = false;
+      if (warm_due_ && !was_warm) start_warm();  // its request is done: warm up now
       break;
     }
   }
