@@ -284,6 +284,32 @@ TEST_F(CgroupTest, ForkBombStoppedByPidsLimit) {
   EXPECT_TRUE(alive(init_->pid));
 }
 
+// A warm session's cgroup: made before its limits are known, a process
+// placed in it, the limits written afterwards (docs/design.md "Warm sessions").
+TEST_F(CgroupTest, MadeThenLimitedFitsOnlyItsShape) {
+  auto s = cgroup::SessionCgroup::make(container_, "warm-x", {.pids_max = 1});
+  // Same hierarchies for any pids limit; a memory or cpu limit needs more on v1.
+  EXPECT_TRUE(s.fits({.pids_max = 7}));
+  EXPECT_TRUE(s.fits({.pids_max = 1}));
+  bool v1_memory = false, v1_cpu = false;
+  for (auto& e : container_.entries) {
+    v1_memory |= !e.v2() && e.has("memory");
+    v1_cpu |= !e.v2() && e.has("cpu");
+  }
+  EXPECT_EQ(s.fits({.pids_max = 1, .memory_max = 64 << 20}), !v1_memory);
+  EXPECT_EQ(s.fits({.pids_max = 1, .cpu_weight = 50}), !v1_cpu);
+  EXPECT_FALSE(s.fits({.pids_max = 1, .cpu_weight = 20000}));  // out of range never fits
+  // Nothing written by make(): a placed process forks freely until apply().
+  auto child = spawn([] { exec_sh("for i in 1 2 3 4 5 6; do sleep 5 & done; kill $(jobs -p) 2>/dev/null; exit 0"); });
+  s.attach(child->pid);
+  s.apply({.pids_max = 3});
+  EXPECT_TRUE(s.skipped().empty());
+  child->release();
+  int st = child->wait();
+  (void)st;
+  EXPECT_TRUE(s.usage().pids_limited) << "pids.max written by apply() did not hold";
+}
+
 TEST_F(CgroupTest, MemoryLimitKillsOnlyTheSession) {
   auto hog_s = cgroup::SessionCgroup::create(container_, "hog", {.memory_max = 32 << 20});
   auto calm_s = cgroup::SessionCgroup::create(container_, "calm", {.memory_max = 32 << 20});
