@@ -6,6 +6,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <vector>
+
 #include "common/error.h"
 
 namespace shimlet {
@@ -67,25 +69,29 @@ bool read_exact(int fd, void* buf, size_t len) {
   return true;
 }
 
-void send_fd(int sock, int fd, const void* data, size_t len) {
+void send_fds(int sock, std::span<const int> fds, const void* data, size_t len) {
   char dummy = 0;
   iovec iov{const_cast<void*>(data ? data : &dummy), data ? len : 1};
-  alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
+  std::vector<char> cbuf(fds.empty() ? 0 : CMSG_SPACE(fds.size_bytes()));
   msghdr msg{};
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
-  msg.msg_control = cbuf;
-  msg.msg_controllen = sizeof cbuf;
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(sizeof(int));
-  memcpy(CMSG_DATA(c), &fd, sizeof(int));
+  if (!fds.empty()) {
+    msg.msg_control = cbuf.data();
+    msg.msg_controllen = cbuf.size();
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(fds.size_bytes());
+    memcpy(CMSG_DATA(c), fds.data(), fds.size_bytes());
+  }
   for (;;) {
     if (::sendmsg(sock, &msg, MSG_NOSIGNAL) >= 0) return;
     if (errno != EINTR) throw sys_error("sendmsg(SCM_RIGHTS)");
   }
 }
+
+void send_fd(int sock, int fd, const void* data, size_t len) { send_fds(sock, {&fd, 1}, data, len); }
 
 Fd recv_fd(int sock, void* data, size_t len) {
   char dummy = 0;

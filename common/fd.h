@@ -2,6 +2,7 @@
 #pragma once
 #include <sys/types.h>
 
+#include <span>
 #include <utility>
 
 namespace shimlet {
@@ -45,7 +46,9 @@ void write_all(int fd, const void* buf, size_t len);
 // Reads exactly len bytes; returns false on EOF before any byte.
 bool read_exact(int fd, void* buf, size_t len);
 
-// SCM_RIGHTS helpers over a unix socket.
+// SCM_RIGHTS helpers over a unix socket. send_fds sends data (one message on
+// a SOCK_SEQPACKET) with any number of fds, none included.
+void send_fds(int sock, std::span<const int> fds, const void* data, size_t len);
 void send_fd(int sock, int fd, const void* data = nullptr, size_t len = 0);
 Fd recv_fd(int sock, void* data = nullptr, size_t len = 0);
 

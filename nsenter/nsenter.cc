@@ -311,10 +311,10 @@ void validate(const Request& r) {
   if (r.argv[0].empty()) throw ExecError("exec: empty command name", 127);
 }
 
+// r passed validate() in the caller.
 Plan prepare(const Container& c, const Request& r, const Stdio& io) {
   const oci::Process& p = c.config.process;
   Plan plan;
-  validate(r);
 
   plan.argv_s = r.argv;
   for (const auto& e : p.env) set_env(plan.env_s, e);
@@ -999,25 +999,8 @@ Spawned Zygote::spawn(const Request& r, const Stdio& io, const std::function<voi
   Fd sock = std::move(sock_);
   ChildGuard zygote{std::exchange(pid_, -1)};
 
-  iovec iov{req.data(), req.size()};
-  alignas(cmsghdr) char cbuf[CMSG_SPACE(3 * sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  if (!io.tty) {
-    msg.msg_control = cbuf;
-    msg.msg_controllen = sizeof cbuf;
-    cmsghdr* cm = CMSG_FIRSTHDR(&msg);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(3 * sizeof(int));
-    int fds[3] = {io.in, io.out, io.err};
-    memcpy(CMSG_DATA(cm), fds, sizeof fds);
-  }
-  ssize_t sent;
-  do sent = ::sendmsg(sock.get(), &msg, MSG_NOSIGNAL);
-  while (sent < 0 && errno == EINTR);
-  if (sent != static_cast<ssize_t>(req.size())) throw sys_error("send the request to the nsenter zygote");
+  const int stdio[3] = {io.in, io.out, io.err};
+  send_fds(sock.get(), io.tty ? std::span<const int>() : std::span<const int>(stdio), req.data(), req.size());
 
   // The zygote answers with the command's pid (or an error), then exits.
   pollfd pfd{sock.get(), POLLIN, 0};

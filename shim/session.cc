@@ -538,14 +538,14 @@ bool await_connection(SSL_CTX* tls, const Config& cfg, const nsenter::Container&
   sigprocmask(SIG_BLOCK, &term, &old);
   sigset_t during = old;
   sigdelset(&during, SIGTERM);
-  // The shim started us at the lowest priority so warming never competes
-  // with a live session; the placement below takes the global cgroup lock
-  // and everything after it serves a request: normal priority from here.
   try {
     warm_tls(tls, cfg);
   } catch (const std::exception& e) {
     log::warn("warm session: TLS warm-up failed", {{"error", e.what()}});
   }
+  // The shim started us at the lowest priority so warming never competes
+  // with a live session; the placement below takes the global cgroup lock
+  // and everything after it serves a request: normal priority from here.
   setpriority(PRIO_PROCESS, 0, 0);
   try {
     Confinement::prepare_warm(cfg.isolation, ctr);
@@ -563,27 +563,20 @@ bool await_connection(SSL_CTX* tls, const Config& cfg, const nsenter::Container&
   if (g_warm_term || n <= 0 || pfd[1].revents) return false;
 
   char tag = 0;
-  iovec iov{&tag, 1};
-  alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = cbuf;
-  msg.msg_controllen = sizeof cbuf;
-  ssize_t got = recvmsg(kShimFd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-  int fd = -1;
-  for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); got > 0 && cm; cm = CMSG_NXTHDR(&msg, cm))
-    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
-      memcpy(&fd, CMSG_DATA(cm), sizeof fd);
-  if (got != 1 || tag != 'C' || fd < 0) {
-    if (fd >= 0) close(fd);
-    if (got != 0) log::warn("warm session: unexpected message from the shim");
+  Fd conn;
+  try {
+    conn = recv_fd(kShimFd, &tag, 1);
+  } catch (const std::exception& e) {  // the shim went away, or sent no socket
+    log::warn("warm session: no connection from the shim", {{"error", e.what()}});
+    return false;
+  }
+  if (tag != 'C') {
+    log::warn("warm session: unexpected message from the shim");
     return false;
   }
   // The connection takes its contract number (dup2 leaves it inheritable, as
   // a cold session's fd 3 is; nsenter closes it before the command runs).
-  if (dup2(fd, kConnFd) < 0) throw sys_error("dup2 the passed connection");
-  close(fd);
+  if (dup2(conn.get(), kConnFd) < 0) throw sys_error("dup2 the passed connection");
   prctl(PR_SET_NAME, "shimlet-session", 0, 0, 0);
   return true;
 }

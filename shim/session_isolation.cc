@@ -121,6 +121,17 @@ std::optional<Warm>& warm() {
 }
 
 bool any_limit(const cgroup::Limits& l) { return l.pids_max || l.memory_max || l.cpu_weight; }
+
+// A zygote placed in the session cgroup, else in the container's own cgroups.
+nsenter::Zygote placed_zygote(const nsenter::Container& c, const std::optional<cgroup::SessionCgroup>& cg,
+                              const cgroup::Membership& container) {
+  return nsenter::Zygote::start(c, [&](pid_t pid) {
+    if (cg)
+      cg->attach(pid);
+    else
+      cgroup::attach(container, pid);
+  });
+}
 }  // namespace
 
 void Confinement::prepare_warm(const Isolation& iso, const nsenter::Container& c) {
@@ -137,14 +148,7 @@ void Confinement::prepare_warm(const Isolation& iso, const nsenter::Container& c
       return;
     }
   }
-  auto& cg = w.cg;
-  auto& m = w.membership;
-  w.zygote = nsenter::Zygote::start(c, [&](pid_t pid) {
-    if (cg)
-      cg->attach(pid);
-    else
-      cgroup::attach(m, pid);
-  });
+  w.zygote = placed_zygote(c, w.cg, w.membership);
   warm().emplace(std::move(w));
 }
 
@@ -191,19 +195,11 @@ nsenter::Spawned Confinement::spawn(nsenter::Request& r, const nsenter::Stdio& i
     o.scope_signal = o.scope_abstract_unix = iso_.landlock == "strict";
     r.landlock = o;
   }
-  if (!zygote_)
-    zygote_ = nsenter::Zygote::start(c_, [this](pid_t pid) {
-      if (cg_)
-        cg_->attach(pid);
-      else
-        cgroup::attach(membership_, pid);
-    });
+  if (!zygote_) zygote_ = placed_zygote(c_, cg_, membership_);
   // Limits once the zygote is gone (it would count in pids.max) and before
-  // the command does anything.
+  // the command does anything (apply() logs what it skips).
   nsenter::Spawned sp = zygote_.spawn(r, io, [this] {
-    if (!cg_) return;
-    cg_->apply(limits_);
-    for (const auto& s : cg_->skipped()) log::warn("session cgroup limit not applied", {{"reason", s}});
+    if (cg_) cg_->apply(limits_);
   });
   landlock_abi_ = sp.landlock_abi;
   return sp;

@@ -365,6 +365,8 @@ void Shim::start_warm() {
 }
 
 // Passes conn to the warm session, if there is one: true when it took it.
+// (common/fd.h has send_fd, but shimlet_common links OpenSSL and nlohmann,
+// which the static shim must not.)
 bool Shim::hand_to_warm(const Fd& conn) {
   for (auto& s : sessions_) {
     if (!s.warm) continue;

@@ -66,6 +66,14 @@ def ready_warm(env, c):
     return wait_for(ready, 15, "a warm session with its zygote")
 
 
+def warmed(env):
+    """A container after its first (cold) exec, its warm session ready: (container, warm pid, zygote pid)."""
+    c = env.container()
+    assert shimctl(env, "exec", c.id, "--", "true").returncode == 0
+    w = ready_warm(env, c)
+    return c, w, kids(w)[0]
+
+
 def warm_dirs(c):
     return [d for d in shimlet_dirs(c, warm=True) if os.path.basename(d).startswith("shimlet-warm-")]
 
@@ -87,10 +95,7 @@ def test_no_warm_session_before_the_first_connection(env):
 
 
 def test_second_exec_is_served_warm_and_exact(env):
-    c = env.container()
-    assert shimctl(env, "exec", c.id, "--", "true").returncode == 0
-    w = ready_warm(env, c)
-    zygote = kids(w)[0]
+    c, w, zygote = warmed(env)
     p = shimctl(env, "exec", c.id, "--", "sh", "-c", "cat /proc/self/cgroup; ls /proc/self/fd; echo err >&2; exit 42")
     assert p.returncode == 42, p
     assert p.stderr == b"err\n", p
@@ -108,9 +113,7 @@ def test_second_exec_is_served_warm_and_exact(env):
 
 
 def test_warm_exec_tty_stdin_and_signal(env):
-    c = env.container()
-    shimctl(env, "exec", c.id, "--", "true")
-    ready_warm(env, c)
+    c, _, _ = warmed(env)
     p = shimctl(env, "exec", "-i", c.id, "--", "sh", "-c", "cat; kill -9 $$", input=b"x" * 100000, stdin=None)
     assert p.returncode == 137 and p.stdout == b"x" * 100000, (p.returncode, len(p.stdout), p.stderr)
     ready_warm(env, c)
@@ -138,9 +141,7 @@ def test_zygote_is_invisible_in_the_container(env):
 def test_limits_apply_to_a_warm_placement_and_misfits_place_afresh():
     e = WarmEnv(isolation={"limits": {"pids": 32}})
     try:
-        c = e.container()
-        shimctl(e, "exec", c.id, "--", "true")
-        ready_warm(e, c)
+        c, _, _ = warmed(e)
         # Default limits: the warm placement fits; pids.max is written before the command runs.
         p = shimctl(e, "exec", c.id, "--", "sh", "-c", "b() { for i in $(seq 40); do sleep 5 & done; }; b; echo forked")
         assert p.returncode == KILLED_EXIT, p
@@ -164,10 +165,7 @@ def test_limits_apply_to_a_warm_placement_and_misfits_place_afresh():
 def test_warm_session_expires_and_leaves_nothing():
     e = WarmEnv(warm_idle_s=2)
     try:
-        c = e.container()
-        shimctl(e, "exec", c.id, "--", "true")
-        w = ready_warm(e, c)
-        zygote = kids(w)[0]
+        c, w, zygote = warmed(e)
         assert warm_dirs(c)
         wait_for(lambda: not alive(w) and not alive(zygote) and not warm_dirs(c), 10, "the idle warm session to go")
         assert warm_sessions(e, c) == []
@@ -179,10 +177,7 @@ def test_warm_session_expires_and_leaves_nothing():
 
 
 def test_forward_gives_the_placement_back(env):
-    c = env.container()
-    shimctl(env, "exec", c.id, "--", "true")
-    w = ready_warm(env, c)
-    zygote = kids(w)[0]
+    c, w, zygote = warmed(env)
     # A forward to a port nobody listens on: one connection authenticates a
     # stream (refused inside), the session goes on serving the forward.
     p = subprocess.Popen(env.shimctl("port-forward", c.id, "0:1"), stdin=subprocess.DEVNULL,
@@ -214,10 +209,7 @@ def test_forward_gives_the_placement_back(env):
 
 
 def test_container_stop_with_a_warm_session_leaves_nothing(env):
-    c = env.container()
-    shimctl(env, "exec", c.id, "--", "true")
-    w = ready_warm(env, c)
-    zygote = kids(w)[0]
+    c, w, zygote = warmed(env)
     shim = env.shim_pid(c)
     c.cleanup()
     wait_for(lambda: not alive(shim) and not alive(w) and not alive(zygote), 10, "shim, warm session and zygote")
