@@ -122,19 +122,20 @@ struct Plan {
 // ---------- preparation (parent) ----------
 
 std::string read_small_file(int fd, size_t max, const std::string& what) {
-  std::string buf(max + 1, '\0');
-  size_t got = 0;
-  while (got < buf.size()) {
-    ssize_t n = ::read(fd, buf.data() + got, buf.size() - got);
+  // Grown as read, not allocated at max: a zero-filled 1 MiB buffer costs 256
+  // page faults on the exec path for a passwd file of a hundred bytes.
+  std::string buf;
+  char chunk[16384];
+  for (;;) {
+    ssize_t n = ::read(fd, chunk, sizeof chunk);
     if (n < 0) {
       if (errno == EINTR) continue;
       throw sys_error("read " + what);
     }
     if (n == 0) break;
-    got += static_cast<size_t>(n);
+    buf.append(chunk, static_cast<size_t>(n));
+    if (buf.size() > max) throw Error(what + ": larger than " + std::to_string(max) + " bytes");
   }
-  if (got > max) throw Error(what + ": larger than " + std::to_string(max) + " bytes");
-  buf.resize(got);
   return buf;
 }
 
@@ -311,13 +312,59 @@ void validate(const Request& r) {
   if (r.argv[0].empty()) throw ExecError("exec: empty command name", 127);
 }
 
-// r passed validate() in the caller.
-Plan prepare(const Container& c, const Request& r, const Stdio& io) {
+// The container's part of the plan: nothing here depends on the request, so
+// the zygote computes it while it waits for one (compiling a seccomp profile
+// takes milliseconds).
+Plan prepare_container(const Container& c) {
   const oci::Process& p = c.config.process;
   Plan plan;
-
-  plan.argv_s = r.argv;
   for (const auto& e : p.env) set_env(plan.env_s, e);
+  plan.oom_score_adj = p.oom_score_adj;
+  plan.rlimits = p.rlimits;
+  for (const auto& [type, fd] : c.ns_fds) {
+    int flag = ns_flag(type);
+    if (fd < 0) throw Error("nsenter: bad fd for namespace " + type);
+    if (flag == CLONE_NEWUSER)
+      plan.userns_fd = fd;
+    else if (flag != CLONE_NEWPID)  // the pid namespace applies through fork
+      plan.ns.emplace_back(fd, flag);
+  }
+  if (plan.ns.size() > 8) throw Error("nsenter: too many namespace fds");
+
+  plan.nnp = p.no_new_privileges;
+  // runc exec leaves process.user.umask to container init and runs the
+  // command with 0022 (its caller's usual umask); parity over the spec here.
+  plan.umask = 022;
+  for (const auto* set : {&p.caps.bounding, &p.caps.effective, &p.caps.permitted, &p.caps.inheritable, &p.caps.ambient})
+    for (const auto& n : *set) plan.cap_sys_admin_granted |= n == "CAP_SYS_ADMIN";
+  if (c.config.seccomp) prepare_seccomp(*c.config.seccomp, plan);
+
+  int last = last_cap();
+  plan.bounding = cap_numbers(p.caps.bounding, last);
+  plan.effective = cap_numbers(p.caps.effective, last);
+  plan.permitted = cap_numbers(p.caps.permitted, last);
+  plan.uid = p.uid;
+  plan.gid = p.gid;
+  plan.groups.assign(p.additional_gids.begin(), p.additional_gids.end());
+  // setgroups(2) is refused in user namespaces whose setgroups file says
+  // "deny"; runc then silently skips it. The flag belongs to the namespace,
+  // so the container init's view is ours after joining.
+  {
+    std::string path = "/proc/" + std::to_string(c.init_pid) + "/setgroups";
+    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd) plan.allow_setgroups = read_small_file(fd.get(), 64, path).rfind("deny", 0) != 0;
+  }
+  plan.cwd = p.cwd.empty() ? "/" : p.cwd;
+  return plan;
+}
+
+// Completes plan (from prepare_container) with the request's part, in place:
+// the char* arrays point into plan's own strings, so plan must not move after.
+// r passed validate() in the caller. HOME is read here, not ahead: the
+// container's /etc/passwd may change while a zygote waits.
+void prepare_request(Plan& plan, const Container& c, const Request& r, const Stdio& io) {
+  const oci::Process& p = c.config.process;
+  plan.argv_s = r.argv;
   for (const auto& e : r.extra_env) set_env(plan.env_s, e);
   if (auto home = env_get(plan.env_s, "HOME"); !home || home->empty())
     set_env(plan.env_s, "HOME=" + container_home(c.init_pid, p.uid));
@@ -347,18 +394,6 @@ Plan prepare(const Container& c, const Request& r, const Stdio& io) {
   }
   for (const auto& s : plan.candidates_s) plan.candidates.push_back(s.c_str());
 
-  plan.oom_score_adj = p.oom_score_adj;
-  plan.rlimits = p.rlimits;
-  for (const auto& [type, fd] : c.ns_fds) {
-    int flag = ns_flag(type);
-    if (fd < 0) throw Error("nsenter: bad fd for namespace " + type);
-    if (flag == CLONE_NEWUSER)
-      plan.userns_fd = fd;
-    else if (flag != CLONE_NEWPID)  // the pid namespace applies through fork
-      plan.ns.emplace_back(fd, flag);
-  }
-
-  if (plan.ns.size() > 8) throw Error("nsenter: too many namespace fds");
   plan.tty = io.tty;
   plan.ws.ws_col = io.cols;
   plan.ws.ws_row = io.rows;
@@ -368,37 +403,11 @@ Plan prepare(const Container& c, const Request& r, const Stdio& io) {
     plan.out = io.out;
     plan.err = io.err;
   }
-
-  plan.nnp = p.no_new_privileges;
-  // runc exec leaves process.user.umask to container init and runs the
-  // command with 0022 (its caller's usual umask); parity over the spec here.
-  plan.umask = 022;
   plan.selinux_label = r.selinux_exec_label.empty() ? p.selinux_label : r.selinux_exec_label;
   if (!r.selinux_exec_label.empty() && selinux::enabled())
     plan.pty_level = selinux::Context::parse(r.selinux_exec_label).level;
   plan.landlock = r.landlock;
   plan.pty_exclusive = r.landlock.has_value();
-  for (const auto* set : {&p.caps.bounding, &p.caps.effective, &p.caps.permitted, &p.caps.inheritable, &p.caps.ambient})
-    for (const auto& n : *set) plan.cap_sys_admin_granted |= n == "CAP_SYS_ADMIN";
-  if (c.config.seccomp) prepare_seccomp(*c.config.seccomp, plan);
-
-  int last = last_cap();
-  plan.bounding = cap_numbers(p.caps.bounding, last);
-  plan.effective = cap_numbers(p.caps.effective, last);
-  plan.permitted = cap_numbers(p.caps.permitted, last);
-  plan.uid = p.uid;
-  plan.gid = p.gid;
-  plan.groups.assign(p.additional_gids.begin(), p.additional_gids.end());
-  // setgroups(2) is refused in user namespaces whose setgroups file says
-  // "deny"; runc then silently skips it. The flag belongs to the namespace,
-  // so the container init's view is ours after joining.
-  {
-    std::string path = "/proc/" + std::to_string(c.init_pid) + "/setgroups";
-    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd) plan.allow_setgroups = read_small_file(fd.get(), 64, path).rfind("deny", 0) != 0;
-  }
-  plan.cwd = p.cwd.empty() ? "/" : p.cwd;
-  return plan;
 }
 
 // ---------- the child ----------
@@ -760,9 +769,9 @@ bool decode(const char* data, size_t len, Request& r, Stdio& io) {
   return rd.ok && rd.p == rd.end;
 }
 
-Plan prepare_or_report(int sock, const Container& c, const Request& r, const Stdio& io) {
+void prepare_request_or_report(int sock, Plan& plan, const Container& c, const Request& r, const Stdio& io) {
   try {
-    return prepare(c, r, io);
+    prepare_request(plan, c, r, io);
   } catch (const ExecError& e) {
     child_fail(sock, e.what(), ENOENT, e.exit_code == 126 ? kNotExecutable : kNotFound);
   } catch (const std::exception& e) {
@@ -770,15 +779,24 @@ Plan prepare_or_report(int sock, const Container& c, const Request& r, const Std
   }
 }
 
-// The zygote: wait for the request, prepare the command's plan from the
-// container as it was at fork time, fork the command as our parent's child
-// and exit. Errors go to the parent as reports, like the command's.
+// The zygote: prepare the container's part of the command's plan from the
+// container as it was at fork time, wait for the request and complete the
+// plan, fork the command as our parent's child and exit. Errors go to the
+// parent as reports, like the command's, in answer to the request.
 [[noreturn]] void zygote_main(int sock, const Container& c, pid_t parent) {
   if (::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || ::getppid() != parent) _exit(1);
   // It holds the session's host resources, like the command before execve.
   ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-  std::vector<char> buf(kMaxRequestBytes);
-  iovec iov{buf.data(), buf.size()};
+  std::optional<Plan> plan;  // never moves once made: see prepare_request
+  std::string plan_error;
+  try {
+    plan.emplace(prepare_container(c));
+  } catch (const std::exception& e) {
+    plan_error = e.what();
+  }
+  // Not zero-filled: only the pages the request lands in are touched.
+  auto buf = std::make_unique_for_overwrite<char[]>(kMaxRequestBytes);
+  iovec iov{buf.get(), kMaxRequestBytes};
   alignas(cmsghdr) char cbuf[CMSG_SPACE(3 * sizeof(int))] = {};
   msghdr msg{};
   msg.msg_iov = &iov;
@@ -800,16 +818,16 @@ Plan prepare_or_report(int sock, const Container& c, const Request& r, const Std
     }
   Request r;
   Stdio io;
-  if (!decode(buf.data(), static_cast<size_t>(n), r, io)) child_fail(sock, "zygote: malformed request", EINVAL);
+  if (!decode(buf.get(), static_cast<size_t>(n), r, io)) child_fail(sock, "zygote: malformed request", EINVAL);
   if (!io.tty) {
     if (nfds != 3) child_fail(sock, "zygote: stdio fds missing", EINVAL);
     io.in = fds[0];
     io.out = fds[1];
     io.err = fds[2];
   }
-  std::vector<char>().swap(buf);
-  // Initialised from a prvalue: the Plan's char* point into its own strings.
-  const Plan plan = prepare_or_report(sock, c, r, io);
+  buf.reset();
+  if (!plan) child_fail(sock, plan_error.c_str(), EINVAL);
+  prepare_request_or_report(sock, *plan, c, r, io);
   // Our direct child would be born in the container's pid namespace; we exit
   // right after, so our own pid_for_children needs no restoring.
   for (const auto& [type, fd] : c.ns_fds)
@@ -818,7 +836,7 @@ Plan prepare_or_report(int sock, const Container& c, const Request& r, const Std
   // threaded like us and only runs child_main (syscalls, then execve).
   long pid = ::syscall(SYS_clone, CLONE_PARENT | SIGCHLD, nullptr, nullptr, nullptr, nullptr);
   if (pid < 0) child_fail(sock, "clone(CLONE_PARENT) the command", errno);
-  if (pid == 0) child_main(sock, plan);
+  if (pid == 0) child_main(sock, *plan);
   Report rep{};
   rep.type = kMsgForked;
   rep.code = static_cast<int32_t>(pid);
@@ -1010,8 +1028,13 @@ Spawned Zygote::spawn(const Request& r, const Stdio& io, const std::function<voi
   if (pr <= 0) throw Error("nsenter: zygote " + std::to_string(zygote.pid) + " did not answer in time");
   Report rep{};
   ssize_t n = ::recv(sock.get(), &rep, sizeof rep, 0);
-  // Reaped before anything else: it must not count in the session's pids.max.
-  { ChildGuard reap{std::exchange(zygote.pid, 0)}; }
+  // With limits to write, reaped first: it must not count in the session's
+  // pids.max. Otherwise reaped when this returns (ChildGuard): it exits right
+  // after its report, so by then it is gone, and the wait for its teardown
+  // stays off the request's path.
+  if (before_go) {
+    ChildGuard reap{std::exchange(zygote.pid, 0)};
+  }
   if (n == 0) throw Error("nsenter: zygote died before forking the command");
   if (n != static_cast<ssize_t>(sizeof rep)) throw sys_error("recv from the nsenter zygote");
   if (rep.type == kMsgError) {

@@ -96,8 +96,9 @@ class Zygote {
   explicit operator bool() const { return pid_ > 0; }
   pid_t pid() const { return pid_; }
   // Starts the command (Request.place is not used: the zygote was placed).
-  // before_go runs once the zygote has exited and the command waits, before
-  // it sets anything up: limits that count processes are written there.
+  // before_go, if given, runs once the zygote has exited and the command
+  // waits, before it sets anything up: limits that count processes are
+  // written there. Without it the zygote is reaped after the command's execve.
   // Returns once the command has passed execve, like spawn().
   Spawned spawn(const Request& r, const Stdio& io, const std::function<void()>& before_go = {});
 

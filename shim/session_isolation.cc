@@ -197,16 +197,18 @@ nsenter::Spawned Confinement::spawn(nsenter::Request& r, const nsenter::Stdio& i
   }
   if (!zygote_) zygote_ = placed_zygote(c_, cg_, membership_);
   // Limits once the zygote is gone (it would count in pids.max) and before
-  // the command does anything (apply() logs what it skips).
-  nsenter::Spawned sp = zygote_.spawn(r, io, [this] {
-    if (cg_) cg_->apply(limits_);
-  });
+  // the command does anything (apply() logs what it skips). Without limits
+  // there is nothing to wait for.
+  std::function<void()> before_go;
+  if (cg_ && (limits_.pids_max || limits_.memory_max || limits_.cpu_weight))
+    before_go = [this] { cg_->apply(limits_); };
+  nsenter::Spawned sp = zygote_.spawn(r, io, before_go);
   landlock_abi_ = sp.landlock_abi;
   return sp;
 }
 
 std::optional<Confinement::Hit> Confinement::limit_hit() const {
-  if (!cg_) return std::nullopt;
+  if (!watch()) return std::nullopt;  // nothing to hit: no cgroup files to read before the status
   cgroup::Usage u = cg_->usage();
   if (u.oom_killed && limits_.memory_max)
     return Hit{"memory", "session killed: memory limit (" + format_bytes(limits_.memory_max) + ") exceeded"};
