@@ -609,6 +609,9 @@ int main(int argc, char** argv) {
     ctr.config = oci::load_config(cfg.bundle);
     proto::SslCtx ctx = proto::make_server_ctx(read_file(cfg.tls_cert, 1 << 16), read_file(cfg.tls_key, 1 << 16),
                                                /*allow_http1=*/true);
+    // Made before a warm session's wait: one step less after its connection arrives.
+    std::unique_ptr<event_base, decltype(&event_base_free)> base(event_base_new(), event_base_free);
+    if (!base) throw Error("event_base_new failed");
     if (args.warm_idle_s && !await_connection(ctx.get(), cfg, ctr, args.warm_idle_s)) return 0;
     SSL* ssl = SSL_new(ctx.get());
     if (!ssl) throw Error("SSL_new: " + proto::ssl_error_string());
@@ -626,8 +629,6 @@ int main(int argc, char** argv) {
     unsigned alpn_len = 0;
     SSL_get0_alpn_selected(ssl, &alpn, &alpn_len);
     bool h2 = alpn_len == 2 && memcmp(alpn, "h2", 2) == 0;
-    std::unique_ptr<event_base, decltype(&event_base_free)> base(event_base_new(), event_base_free);
-    if (!base) throw Error("event_base_new failed");
     // ALPN h2: the native protocol; http/1.1 or none (kubectl sets none): Kubernetes streaming.
     std::unique_ptr<FrontDoor> door;
     if (h2)
