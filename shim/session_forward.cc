@@ -61,6 +61,21 @@ class Forward : public StreamHandler {
       touch();
       return;
     }
+    // Straight to the socket when it is connected and nothing waits ahead
+    // (no copy for the common case).
+    if (out_.empty() && sock_ && ev_write_ && !shut_wr_) {
+      ssize_t n;
+      do n = ::send(sock_.get(), data, len, MSG_NOSIGNAL);
+      while (n < 0 && errno == EINTR);
+      if (n > 0) {
+        bytes_in_ += n;
+        s_.conn().consume(stream_, static_cast<size_t>(n));
+        data += n;
+        len -= static_cast<size_t>(n);
+        if (len == 0) return;
+      }
+      // An error shows again on flush_out's send, which handles it.
+    }
     // Held while the connection is still being made (bounded: the window is
     // returned only once bytes reach the socket).
     out_.append(reinterpret_cast<const char*>(data), len);
