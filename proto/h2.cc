@@ -1,12 +1,11 @@
 #include "proto/h2.h"
 
-#include <event2/buffer.h>
-#include <event2/bufferevent.h>
-#include <event2/bufferevent_ssl.h>
 #include <openssl/err.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 
 #include "proto/tls.h"
 
@@ -33,152 +32,253 @@ uint32_t settings_max_header(const H2Settings& s) { return s.max_header_list; }
 constexpr size_t kSocketHighWater = 1u << 20;
 }  // namespace
 
+// Why not bufferevent_openssl: it reads one TLS record (two read(2) calls,
+// header then body) per trip through the event loop and copies it into an
+// evbuffer, and it cannot use OpenSSL's read-ahead (bytes OpenSSL buffered are
+// invisible to epoll, and libevent 2.1 stops reading at a record boundary).
+// Here one readable event drains the socket through a read-ahead buffer and
+// hands nghttp2 up to kReadBatch at a time, so forwarded data leaves in large
+// writes; frames go out through one SSL_write per kMaxWrite.
+namespace {
+constexpr size_t kReadBatch = 256u << 10;  // plaintext fed to nghttp2 at once
+constexpr size_t kReadAhead = 128u << 10;  // OpenSSL's read buffer: raw bytes per read(2)
+constexpr size_t kMaxReadTurn = 4u << 20;  // then let other events run (a kick reads on)
+constexpr size_t kMaxWrite = 256u << 10;   // plaintext per SSL_write
+}  // namespace
+
 H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings)
-    : base_(base), ssl_(ssl), role_(role), handler_(handler), settings_(settings) {
-  // A handshake already done by the caller (the session picks its front door
-  // by ALPN first): start as connected, from the loop.
-  bool open = SSL_is_init_finished(ssl);
-  bev_ = bufferevent_openssl_socket_new(
-      base, fd, ssl,
-      open ? BUFFEREVENT_SSL_OPEN : (role == Role::Server ? BUFFEREVENT_SSL_ACCEPTING : BUFFEREVENT_SSL_CONNECTING),
-      BEV_OPT_CLOSE_ON_FREE);
-  bufferevent_openssl_set_allow_dirty_shutdown(bev_, 1);
-  bufferevent_setcb(bev_, on_read, on_write, on_event, this);
-  bufferevent_setwatermark(bev_, EV_WRITE, kSocketHighWater / 4, 0);
-  timeval tv{settings_.handshake_timeout_s, 0};
-  bufferevent_set_timeouts(bev_, &tv, &tv);
-  bufferevent_enable(bev_, EV_READ | EV_WRITE);
-  if (open) bufferevent_trigger_event(bev_, BEV_EVENT_CONNECTED, BEV_TRIG_DEFER_CALLBACKS);
+    : base_(base), fd_(fd), ssl_(ssl), role_(role), handler_(handler), settings_(settings) {
+  if (SSL_get_fd(ssl_) != fd_) SSL_set_fd(ssl_, fd_);
+  // Only before a handshake: these reset OpenSSL's state machine.
+  if (!SSL_is_init_finished(ssl_)) {
+    if (role_ == Role::Server)
+      SSL_set_accept_state(ssl_);
+    else
+      SSL_set_connect_state(ssl_);
+  }
+  // A larger read buffer takes effect only if none was allocated yet (a
+  // handshake done by the caller has one of the default size).
+  SSL_set_default_read_buffer_len(ssl_, kReadAhead);
+  SSL_set_read_ahead(ssl_, 1);
+  rev_ = event_new(base_, fd_, EV_READ | EV_PERSIST, on_io, this);
+  wev_ = event_new(base_, fd_, EV_WRITE, on_io, this);
+  kick_ = event_new(base_, -1, 0, on_kick, this);
+  if (!SSL_is_init_finished(ssl_)) {
+    hs_timer_ = evtimer_new(base_, on_handshake_timeout, this);
+    timeval tv{settings_.handshake_timeout_s, 0};
+    evtimer_add(hs_timer_, &tv);
+  }
+  event_add(rev_, nullptr);
+  // The handshake (or, after one done by the caller, the HTTP/2 start) runs
+  // from the loop: handlers are never called from inside this constructor.
+  event_active(kick_, 0, 0);
 }
 
 H2Conn::~H2Conn() {
-  if (ping_) event_free(ping_);
-  if (eof_ev_) event_free(eof_ev_);
+  for (event* e : {ping_, rev_, wev_, kick_, hs_timer_})
+    if (e) event_free(e);
   if (h2_) nghttp2_session_del(h2_);
-  if (bev_) bufferevent_free(bev_);  // frees ssl and closes fd (BEV_OPT_CLOSE_ON_FREE)
+  SSL_free(ssl_);
+  if (fd_ >= 0) ::close(fd_);
 }
 
-void H2Conn::on_event(bufferevent*, short what, void* arg) {
-  auto* self = static_cast<H2Conn*>(arg);
-  if (what & BEV_EVENT_CONNECTED) {
-    bufferevent_set_timeouts(self->bev_, nullptr, nullptr);
-    const unsigned char* alpn = nullptr;
-    unsigned alpn_len = 0;
-    SSL_get0_alpn_selected(self->ssl_, &alpn, &alpn_len);
-    if (alpn_len != 2 || memcmp(alpn, "h2", 2) != 0) return self->close("peer did not negotiate ALPN h2");
-    std::string err = self->handler_->on_connected(self->ssl_);
-    if (!err.empty()) return self->close(err);
-    nghttp2_session_callbacks* cbs;
-    nghttp2_session_callbacks_new(&cbs);
-    nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, frame_recv_cb);
-    nghttp2_session_callbacks_set_on_header_callback(cbs, header_cb);
-    nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, begin_headers_cb);
-    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, data_chunk_cb);
-    nghttp2_session_callbacks_set_on_stream_close_callback(cbs, stream_close_cb);
-    nghttp2_session_callbacks_set_data_source_read_length_callback(cbs, read_length_cb);
-    nghttp2_session_callbacks_set_on_frame_send_callback(cbs, frame_send_cb);
-    nghttp2_option* opt;
-    nghttp2_option_new(&opt);
-    // We return window only for bytes actually delivered (consume()): a slow
-    // reader stops the peer instead of growing our buffers.
-    nghttp2_option_set_no_auto_window_update(opt, 1);
-    nghttp2_option_set_max_send_header_block_length(opt, settings_max_header(self->settings_));
-    // We use no priorities: closed streams need not be kept for the
-    // dependency tree (with no advertised stream limit nghttp2 would keep
-    // every closed stream of a long-lived connection).
-    nghttp2_option_set_no_closed_streams(opt, 1);
-    // The server does not advertise its stream limit (see H2Settings): open
-    // up to ours rather than nghttp2's default of 100 before queueing.
-    if (self->role_ == Role::Client)
-      nghttp2_option_set_peer_max_concurrent_streams(opt, self->settings_.max_concurrent_streams);
-    int rv = self->role_ == Role::Server ? nghttp2_session_server_new2(&self->h2_, cbs, self, opt)
-                                         : nghttp2_session_client_new2(&self->h2_, cbs, self, opt);
-    nghttp2_option_del(opt);
-    nghttp2_session_callbacks_del(cbs);
-    if (rv != 0) return self->close(std::string("nghttp2 session: ") + nghttp2_strerror(rv));
-    std::vector<nghttp2_settings_entry> iv = {
-        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, self->settings_.stream_window},
-        {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, self->settings_.max_frame_size},
-        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, self->settings_.max_header_list},
-        {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
-    };
-    // Server: the limit is enforced in begin_headers_cb with REFUSED_STREAM,
-    // not advertised (see H2Settings::max_concurrent_streams). Client: limits
-    // pushed streams only (push is off anyway).
-    if (self->role_ == Role::Client)
-      iv.push_back({NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, self->settings_.max_concurrent_streams});
-    nghttp2_submit_settings(self->h2_, NGHTTP2_FLAG_NONE, iv.data(), iv.size());
-    nghttp2_session_set_local_window_size(self->h2_, NGHTTP2_FLAG_NONE, 0,
-                                          static_cast<int32_t>(self->settings_.connection_window));
-    self->connected_ = true;
-    if (self->settings_.ping_interval_s > 0) {
-      self->ping_ = event_new(self->base_, -1, EV_PERSIST, on_ping_timer, self);
-      timeval pt{self->settings_.ping_interval_s, 0};
-      event_add(self->ping_, &pt);
-    }
-    self->pump();
-    // The peer may have sent its preface with the handshake's last flight.
-    on_read(self->bev_, self);
-    return;
-  }
-  if (what & BEV_EVENT_TIMEOUT) return self->close("TLS handshake timed out");
-  if (what & BEV_EVENT_ERROR) {
-    unsigned long e = bufferevent_get_openssl_error(self->bev_);
-    std::string why;
-    if (e) {
-      char buf[256];
-      ERR_error_string_n(e, buf, sizeof buf);
-      why = std::string("TLS error: ") + buf;
-    } else {
-      int err = EVUTIL_SOCKET_ERROR();
-      why = err ? std::string("connection error: ") + evutil_socket_error_to_string(err) : "connection error";
-    }
-    if (!self->connected_) return self->close("TLS handshake failed: " + why);
-    return self->close_after_input(why);
-  }
-  if (what & BEV_EVENT_EOF) return self->close_after_input("connection closed by peer");
-}
-
-// libevent's bufferevent_openssl reports EOF/errors from inside its read
-// before it commits the bytes read in the same call to the input buffer: the
-// peer's last frames (a response, its GOAWAY) would be lost. Process them from
-// the loop first, then close.
-void H2Conn::close_after_input(const std::string& why) {
-  if (closed_ || eof_ev_) return;
-  if (!h2_) return close(why);
-  eof_why_ = why;
-  eof_ev_ = evtimer_new(base_, on_eof_timer, this);
-  timeval zero{0, 0};
-  evtimer_add(eof_ev_, &zero);
-}
-
-void H2Conn::on_eof_timer(evutil_socket_t, short, void* arg) {
+void H2Conn::on_kick(evutil_socket_t, short, void* arg) {
   auto* self = static_cast<H2Conn*>(arg);
   if (self->closed_) return;
-  on_read(self->bev_, self);
-  if (!self->closed_) self->close(self->eof_why_);
+  if (!self->connected_) return self->handshake();
+  self->read_tls();
+  if (!self->closed_) self->pump();
 }
 
-void H2Conn::on_read(bufferevent* bev, void* arg) {
+void H2Conn::on_handshake_timeout(evutil_socket_t, short, void* arg) {
   auto* self = static_cast<H2Conn*>(arg);
-  if (!self->h2_ || self->closed_) return;
-  evbuffer* in = bufferevent_get_input(bev);
-  size_t len = evbuffer_get_length(in);
-  if (len == 0) return;
-  unsigned char* data = evbuffer_pullup(in, -1);
-  self->in_pump_ = true;
-  ssize_t n = nghttp2_session_mem_recv(self->h2_, data, len);
-  self->in_pump_ = false;
-  if (n < 0) return self->close(std::string("HTTP/2 protocol error: ") + nghttp2_strerror(static_cast<int>(n)));
-  self->bytes_in_ += static_cast<uint64_t>(n);
-  evbuffer_drain(in, static_cast<size_t>(n));
+  if (!self->connected_) self->close("TLS handshake timed out");
+}
+
+void H2Conn::on_io(evutil_socket_t, short what, void* arg) {
+  auto* self = static_cast<H2Conn*>(arg);
+  if (self->closed_) return;
+  if (!self->connected_) return self->handshake();
+  if ((what & EV_READ) || ((what & EV_WRITE) && self->read_wants_write_)) {
+    self->read_wants_write_ = false;
+    self->read_tls();
+    if (self->closed_) return;
+  }
+  if ((what & EV_WRITE) || ((what & EV_READ) && self->write_wants_read_)) self->write_wants_read_ = false;
   self->pump();
 }
 
-void H2Conn::on_write(bufferevent*, void* arg) {
-  auto* self = static_cast<H2Conn*>(arg);
-  if (!self->h2_ || self->closed_) return;
-  self->pump();
+// Why an SSL call failed, as one line ("" when it only has to wait).
+std::string H2Conn::tls_failure(int ret, int err) const {
+  (void)ret;
+  if (err == SSL_ERROR_ZERO_RETURN) return "connection closed by peer";
+  if (err == SSL_ERROR_SSL) return "TLS error: " + ssl_error_string();
+  if (err == SSL_ERROR_SYSCALL) {
+    if (unsigned long e = ERR_peek_error(); e) return "TLS error: " + ssl_error_string();
+    // EOF without close_notify: a peer that just closed (we allow a dirty shutdown).
+    if (errno == 0) return "connection closed by peer";
+    return std::string("connection error: ") + strerror(errno);
+  }
+  return "TLS error: SSL error " + std::to_string(err);
+}
+
+void H2Conn::handshake() {
+  ERR_clear_error();
+  errno = 0;
+  int r = SSL_do_handshake(ssl_);
+  if (r == 1) return connected();
+  int err = SSL_get_error(ssl_, r);
+  if (err == SSL_ERROR_WANT_READ) return;  // rev_ is always armed
+  if (err == SSL_ERROR_WANT_WRITE) {
+    event_add(wev_, nullptr);
+    return;
+  }
+  // A peer that closes during the handshake just closed (kept as before).
+  std::string why = tls_failure(r, err);
+  close(why == "connection closed by peer" ? why : "TLS handshake failed: " + why);
+}
+
+void H2Conn::connected() {
+  if (hs_timer_) {
+    event_free(hs_timer_);
+    hs_timer_ = nullptr;
+  }
+  const unsigned char* alpn = nullptr;
+  unsigned alpn_len = 0;
+  SSL_get0_alpn_selected(ssl_, &alpn, &alpn_len);
+  if (alpn_len != 2 || memcmp(alpn, "h2", 2) != 0) return close("peer did not negotiate ALPN h2");
+  std::string err = handler_->on_connected(ssl_);
+  if (!err.empty()) return close(err);
+  nghttp2_session_callbacks* cbs;
+  nghttp2_session_callbacks_new(&cbs);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, frame_recv_cb);
+  nghttp2_session_callbacks_set_on_header_callback(cbs, header_cb);
+  nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, begin_headers_cb);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, data_chunk_cb);
+  nghttp2_session_callbacks_set_on_stream_close_callback(cbs, stream_close_cb);
+  nghttp2_session_callbacks_set_data_source_read_length_callback(cbs, read_length_cb);
+  nghttp2_session_callbacks_set_on_frame_send_callback(cbs, frame_send_cb);
+  nghttp2_option* opt;
+  nghttp2_option_new(&opt);
+  // We return window only for bytes actually delivered (consume()): a slow
+  // reader stops the peer instead of growing our buffers.
+  nghttp2_option_set_no_auto_window_update(opt, 1);
+  nghttp2_option_set_max_send_header_block_length(opt, settings_max_header(settings_));
+  // We use no priorities: closed streams need not be kept for the
+  // dependency tree (with no advertised stream limit nghttp2 would keep
+  // every closed stream of a long-lived connection).
+  nghttp2_option_set_no_closed_streams(opt, 1);
+  // The server does not advertise its stream limit (see H2Settings): open
+  // up to ours rather than nghttp2's default of 100 before queueing.
+  if (role_ == Role::Client) nghttp2_option_set_peer_max_concurrent_streams(opt, settings_.max_concurrent_streams);
+  int rv = role_ == Role::Server ? nghttp2_session_server_new2(&h2_, cbs, this, opt)
+                                 : nghttp2_session_client_new2(&h2_, cbs, this, opt);
+  nghttp2_option_del(opt);
+  nghttp2_session_callbacks_del(cbs);
+  if (rv != 0) return close(std::string("nghttp2 session: ") + nghttp2_strerror(rv));
+  std::vector<nghttp2_settings_entry> iv = {
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, settings_.stream_window},
+      {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, settings_.max_frame_size},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, settings_.max_header_list},
+      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+  };
+  // Server: the limit is enforced in begin_headers_cb with REFUSED_STREAM,
+  // not advertised (see H2Settings::max_concurrent_streams). Client: limits
+  // pushed streams only (push is off anyway).
+  if (role_ == Role::Client) iv.push_back({NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, settings_.max_concurrent_streams});
+  nghttp2_submit_settings(h2_, NGHTTP2_FLAG_NONE, iv.data(), iv.size());
+  nghttp2_session_set_local_window_size(h2_, NGHTTP2_FLAG_NONE, 0, static_cast<int32_t>(settings_.connection_window));
+  connected_ = true;
+  if (settings_.ping_interval_s > 0) {
+    ping_ = event_new(base_, -1, EV_PERSIST, on_ping_timer, this);
+    timeval pt{settings_.ping_interval_s, 0};
+    event_add(ping_, &pt);
+  }
+  pump();
+  // The peer may have sent its preface with the handshake's last flight
+  // (OpenSSL may hold it already: read-ahead).
+  if (!closed_) read_tls();
+  if (!closed_) pump();
+}
+
+// Drains the socket (and OpenSSL's read-ahead) into nghttp2, a batch at a
+// time. EOF and errors close the connection after the bytes before them were
+// processed.
+void H2Conn::read_tls() {
+  if (!rbuf_) rbuf_ = std::make_unique_for_overwrite<uint8_t[]>(kReadBatch);
+  size_t turn = 0;
+  for (;;) {
+    size_t got = 0;
+    std::string why;
+    while (got < kReadBatch) {
+      ERR_clear_error();
+      errno = 0;
+      int r = SSL_read(ssl_, rbuf_.get() + got, static_cast<int>(kReadBatch - got));
+      if (r > 0) {
+        got += static_cast<size_t>(r);
+        continue;
+      }
+      int err = SSL_get_error(ssl_, r);
+      if (err == SSL_ERROR_WANT_READ) break;
+      if (err == SSL_ERROR_WANT_WRITE) {  // a post-handshake message must go out first
+        read_wants_write_ = true;
+        event_add(wev_, nullptr);
+        break;
+      }
+      why = tls_failure(r, err);
+      break;
+    }
+    if (got) feed(rbuf_.get(), got);
+    if (closed_) return;
+    if (!why.empty()) return close(why);
+    if (got < kReadBatch) return;  // the socket is drained (or waits for a write)
+    if ((turn += got) >= kMaxReadTurn) {
+      // Let other events run; what OpenSSL holds is not seen by epoll.
+      event_active(kick_, 0, 0);
+      return;
+    }
+  }
+}
+
+void H2Conn::feed(const uint8_t* data, size_t len) {
+  if (!h2_ || closed_) return;
+  in_pump_ = true;
+  ssize_t n = nghttp2_session_mem_recv(h2_, data, len);
+  in_pump_ = false;
+  if (n < 0) return close(std::string("HTTP/2 protocol error: ") + nghttp2_strerror(static_cast<int>(n)));
+  bytes_in_ += static_cast<uint64_t>(n);
+}
+
+// Hands queued frames to SSL_write until the socket is full.
+void H2Conn::write_tls() {
+  while (woff_ < wbuf_.size() && !write_wants_read_) {
+    size_t n = retry_len_ ? retry_len_ : std::min(wbuf_.size() - woff_, kMaxWrite);
+    ERR_clear_error();
+    errno = 0;
+    int r = SSL_write(ssl_, wbuf_.data() + woff_, static_cast<int>(n));
+    if (r > 0) {
+      retry_len_ = 0;
+      woff_ += static_cast<size_t>(r);
+      continue;
+    }
+    int err = SSL_get_error(ssl_, r);
+    if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) {
+      retry_len_ = n;  // SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER: same bytes, maybe elsewhere
+      if (err == SSL_ERROR_WANT_WRITE)
+        event_add(wev_, nullptr);
+      else
+        write_wants_read_ = true;
+      break;
+    }
+    return close(tls_failure(r, err));
+  }
+  if (woff_ == wbuf_.size()) {
+    wbuf_.clear();
+    woff_ = 0;
+  } else if (woff_ > wbuf_.size() / 2) {
+    wbuf_.erase(0, woff_);  // moves less than what was written since the last move
+    woff_ = 0;
+  }
 }
 
 void H2Conn::on_ping_timer(evutil_socket_t, short, void* arg) {
@@ -195,19 +295,28 @@ void H2Conn::on_ping_timer(evutil_socket_t, short, void* arg) {
 
 void H2Conn::pump() {
   if (!h2_ || closed_ || in_pump_) return;
-  evbuffer* out = bufferevent_get_output(bev_);
   std::vector<int32_t> drained;
   in_pump_ = true;
-  while (evbuffer_get_length(out) < kSocketHighWater) {
-    const uint8_t* data;
-    ssize_t n = nghttp2_session_mem_send(h2_, &data);
-    if (n < 0) {
-      in_pump_ = false;
-      return close(std::string("HTTP/2 send error: ") + nghttp2_strerror(static_cast<int>(n)));
+  for (;;) {
+    bool full = false;
+    while (!(full = wbuf_.size() - woff_ >= kSocketHighWater)) {
+      const uint8_t* data;
+      ssize_t n = nghttp2_session_mem_send(h2_, &data);
+      if (n < 0) {
+        in_pump_ = false;
+        return close(std::string("HTTP/2 send error: ") + nghttp2_strerror(static_cast<int>(n)));
+      }
+      if (n == 0) break;
+      bytes_out_ += static_cast<uint64_t>(n);
+      wbuf_.append(reinterpret_cast<const char*>(data), static_cast<size_t>(n));
     }
-    if (n == 0) break;
-    bytes_out_ += static_cast<uint64_t>(n);
-    evbuffer_add(out, data, static_cast<size_t>(n));
+    write_tls();
+    if (closed_) {
+      in_pump_ = false;
+      return;
+    }
+    // Stopped at the high-water mark and the socket took it all: make more.
+    if (!full || woff_ != wbuf_.size() || retry_len_) break;
   }
   in_pump_ = false;
   // Tell handlers whose buffers drained (outside nghttp2 callbacks).
@@ -227,7 +336,7 @@ void H2Conn::pump() {
     if (closed_) return;
   }
   if (closed_) return;
-  if (!nghttp2_session_want_read(h2_) && !nghttp2_session_want_write(h2_) && evbuffer_get_length(out) == 0)
+  if (!nghttp2_session_want_read(h2_) && !nghttp2_session_want_write(h2_) && wbuf_.size() == woff_)
     close(closing_ ? "connection shut down" : !proto_error_.empty() ? proto_error_ : "peer ended the HTTP/2 session");
 }
 
@@ -236,11 +345,8 @@ void H2Conn::flush() { pump(); }
 void H2Conn::close(const std::string& why) {
   if (closed_) return;
   closed_ = true;
-  if (ping_) {
-    event_free(ping_);
-    ping_ = nullptr;
-  }
-  bufferevent_disable(bev_, EV_READ | EV_WRITE);
+  for (event* e : {ping_, rev_, wev_, kick_, hs_timer_})
+    if (e) event_del(e);
   handler_->on_closed(why);
 }
 

@@ -1,7 +1,8 @@
 // One HTTP/2 connection over TLS 1.3, driven by a libevent loop: nghttp2 for
-// framing, a bufferevent_openssl for TLS. Used by the session (server side)
-// and shimctl (client side). Stream bodies are buffered per stream with
-// explicit backpressure so memory stays bounded with a slow peer or reader.
+// framing, OpenSSL on the socket for TLS (its own reads and writes, not a
+// bufferevent_openssl: see h2.cc). Used by the session (server side) and
+// shimctl (client side). Stream bodies are buffered per stream with explicit
+// backpressure so memory stays bounded with a slow peer or reader.
 #pragma once
 #include <event2/event.h>
 #include <nghttp2/nghttp2.h>
@@ -10,8 +11,6 @@
 #include <cstdint>
 #include <functional>
 #include <map>
-
-struct bufferevent;
 #include <memory>
 #include <string>
 #include <vector>
@@ -113,12 +112,10 @@ class H2Conn {
     bool has_provider = false;
     bool below_low = true;
   };
-  static void on_read(bufferevent*, void*);
-  static void on_write(bufferevent*, void*);
-  static void on_event(bufferevent*, short, void*);
+  static void on_io(evutil_socket_t, short, void*);
+  static void on_kick(evutil_socket_t, short, void*);
+  static void on_handshake_timeout(evutil_socket_t, short, void*);
   static void on_ping_timer(evutil_socket_t, short, void*);
-  static void on_eof_timer(evutil_socket_t, short, void*);
-  static ssize_t send_cb(nghttp2_session*, const uint8_t*, size_t, int, void*);
   static int frame_recv_cb(nghttp2_session*, const nghttp2_frame*, void*);
   static int header_cb(nghttp2_session*, const nghttp2_frame*, const uint8_t*, size_t, const uint8_t*, size_t, uint8_t,
                        void*);
@@ -129,13 +126,27 @@ class H2Conn {
   static ssize_t read_length_cb(nghttp2_session*, uint8_t, int32_t, int32_t, int32_t, uint32_t, void*);
   static ssize_t data_read_cb(nghttp2_session*, int32_t, uint8_t*, size_t, uint32_t*, nghttp2_data_source*, void*);
   void close(const std::string& why);
-  void close_after_input(const std::string& why);
+  void handshake();
+  void connected();
+  void read_tls();
+  void feed(const uint8_t* data, size_t len);
+  void write_tls();
+  std::string tls_failure(int ret, int err) const;
   void pump();
   nghttp2_data_provider provider();
 
   event_base* base_;
+  int fd_;
   SSL* ssl_;
-  bufferevent* bev_ = nullptr;
+  event* rev_ = nullptr;   // readable (persistent)
+  event* wev_ = nullptr;   // writable: added while SSL_write or the handshake waits for room
+  event* kick_ = nullptr;  // runs the first step from the loop, and reads on when a turn stopped early
+  event* hs_timer_ = nullptr;
+  std::string wbuf_;  // encoded frames not yet taken by SSL_write, from woff_
+  size_t woff_ = 0;
+  size_t retry_len_ = 0;  // length of an SSL_write to repeat (OpenSSL wants the same length again)
+  bool read_wants_write_ = false, write_wants_read_ = false;
+  std::unique_ptr<uint8_t[]> rbuf_;  // kReadBatch, made on the first read
   nghttp2_session* h2_ = nullptr;
   Role role_;
   Handler* handler_;
@@ -149,8 +160,6 @@ class H2Conn {
   size_t total_out_ = 0;
   size_t open_in_ = 0;       // server: request streams counted against max_concurrent_streams
   std::string proto_error_;  // why nghttp2 ended the session (the GOAWAY it sent), for close()
-  event* eof_ev_ = nullptr;  // EOF/error seen: close once the bytes that came with it are processed
-  std::string eof_why_;
 };
 
 }  // namespace shimlet::proto
