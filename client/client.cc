@@ -19,10 +19,9 @@ int print_error(const std::string& what) {
 
 int main(int argc, char** argv) {
   // The system openssl.cnf has nothing shimctl needs; skip parsing it at startup.
-  // Nor does it need the legacy name tables of every cipher and digest (the
-  // EVP_get_cipherbyname world): TLS and Ed25519 fetch from the provider.
-  OPENSSL_init_ssl(OPENSSL_INIT_NO_LOAD_CONFIG | OPENSSL_INIT_NO_ADD_ALL_CIPHERS | OPENSSL_INIT_NO_ADD_ALL_DIGESTS,
-                   nullptr);
+  // (The legacy cipher and digest tables stay: certificate verification looks
+  // digests up there, and without them every CA signature is "too weak".)
+  OPENSSL_init_ssl(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);
   try {
     std::vector<std::string> args(argv, argv + argc);
     Invocation inv = parse_args(args);

@@ -44,11 +44,22 @@ constexpr size_t kReadBatch = 256u << 10;  // plaintext fed to nghttp2 at once
 constexpr size_t kReadAhead = 128u << 10;  // OpenSSL's read buffer: raw bytes per read(2)
 constexpr size_t kMaxReadTurn = 4u << 20;  // then let other events run (a kick reads on)
 constexpr size_t kMaxWrite = 256u << 10;   // plaintext per SSL_write
+constexpr int kWriteBuffer = 256 << 10;    // TLS records per write(2)
 }  // namespace
 
 H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings)
     : base_(base), fd_(fd), ssl_(ssl), role_(role), handler_(handler), settings_(settings) {
   if (SSL_get_fd(ssl_) != fd_) SSL_set_fd(ssl_, fd_);
+  // Records collect in a write buffer and leave in one write(2) per flush,
+  // not one per 16 KiB record. Reads keep the plain socket BIO.
+  if (BIO* sock = SSL_get_wbio(ssl_)) {
+    BIO* buf = BIO_new(BIO_f_buffer());
+    if (buf && BIO_set_write_buffer_size(buf, kWriteBuffer) == 1 && BIO_up_ref(sock) == 1) {
+      SSL_set0_wbio(ssl_, BIO_push(buf, sock));
+    } else if (buf) {
+      BIO_free(buf);
+    }
+  }
   // Only before a handshake: these reset OpenSSL's state machine.
   if (!SSL_is_init_finished(ssl_)) {
     if (role_ == Role::Server)
@@ -158,6 +169,7 @@ void H2Conn::connected() {
   nghttp2_session_callbacks_set_on_stream_close_callback(cbs, stream_close_cb);
   nghttp2_session_callbacks_set_data_source_read_length_callback(cbs, read_length_cb);
   nghttp2_session_callbacks_set_on_frame_send_callback(cbs, frame_send_cb);
+  nghttp2_session_callbacks_set_send_data_callback(cbs, send_data_cb);
   nghttp2_option* opt;
   nghttp2_option_new(&opt);
   // We return window only for bytes actually delivered (consume()): a slow
@@ -272,6 +284,8 @@ void H2Conn::write_tls() {
     }
     return close(tls_failure(r, err));
   }
+  flush_tls();
+  if (closed_) return;
   if (woff_ == wbuf_.size()) {
     wbuf_.clear();
     woff_ = 0;
@@ -279,6 +293,31 @@ void H2Conn::write_tls() {
     wbuf_.erase(0, woff_);  // moves less than what was written since the last move
     woff_ = 0;
   }
+}
+
+// Writes what the write buffer holds; waits for room when the socket is full.
+void H2Conn::flush_tls() {
+  BIO* w = SSL_get_wbio(ssl_);
+  if (!w || BIO_wpending(w) == 0) {
+    flush_pending_ = false;
+    return;
+  }
+  errno = 0;
+  if (BIO_flush(w) > 0) {
+    flush_pending_ = false;
+    return;
+  }
+  if (BIO_should_retry(w)) {
+    flush_pending_ = true;
+    event_add(wev_, nullptr);
+    return;
+  }
+  close(std::string("connection error: ") + (errno ? strerror(errno) : "write failed"));
+}
+
+bool H2Conn::output_empty() const {
+  BIO* w = SSL_get_wbio(ssl_);
+  return wbuf_.size() == woff_ && (!w || BIO_wpending(w) == 0);
 }
 
 void H2Conn::on_ping_timer(evutil_socket_t, short, void* arg) {
@@ -298,8 +337,7 @@ void H2Conn::pump() {
   std::vector<int32_t> drained;
   in_pump_ = true;
   for (;;) {
-    bool full = false;
-    while (!(full = wbuf_.size() - woff_ >= kSocketHighWater)) {
+    while (wbuf_.size() - woff_ < kSocketHighWater) {
       const uint8_t* data;
       ssize_t n = nghttp2_session_mem_send(h2_, &data);
       if (n < 0) {
@@ -310,13 +348,15 @@ void H2Conn::pump() {
       bytes_out_ += static_cast<uint64_t>(n);
       wbuf_.append(reinterpret_cast<const char*>(data), static_cast<size_t>(n));
     }
+    bool more = wbuf_.size() - woff_ >= kSocketHighWater || data_blocked_;
+    data_blocked_ = false;
     write_tls();
     if (closed_) {
       in_pump_ = false;
       return;
     }
     // Stopped at the high-water mark and the socket took it all: make more.
-    if (!full || woff_ != wbuf_.size() || retry_len_) break;
+    if (!more || woff_ != wbuf_.size() || retry_len_ || flush_pending_) break;
   }
   in_pump_ = false;
   // Tell handlers whose buffers drained (outside nghttp2 callbacks).
@@ -336,7 +376,7 @@ void H2Conn::pump() {
     if (closed_) return;
   }
   if (closed_) return;
-  if (!nghttp2_session_want_read(h2_) && !nghttp2_session_want_write(h2_) && wbuf_.size() == woff_)
+  if (!nghttp2_session_want_read(h2_) && !nghttp2_session_want_write(h2_) && output_empty())
     close(closing_ ? "connection shut down" : !proto_error_.empty() ? proto_error_ : "peer ended the HTTP/2 session");
 }
 
@@ -436,7 +476,7 @@ ssize_t H2Conn::read_length_cb(nghttp2_session*, uint8_t, int32_t, int32_t sessi
   return static_cast<ssize_t>(std::max<int64_t>(n, 1));
 }
 
-ssize_t H2Conn::data_read_cb(nghttp2_session*, int32_t id, uint8_t* buf, size_t length, uint32_t* flags,
+ssize_t H2Conn::data_read_cb(nghttp2_session*, int32_t id, uint8_t*, size_t length, uint32_t* flags,
                              nghttp2_data_source*, void* arg) {
   auto* self = static_cast<H2Conn*>(arg);
   auto it = self->out_.find(id);
@@ -451,18 +491,41 @@ ssize_t H2Conn::data_read_cb(nghttp2_session*, int32_t id, uint8_t* buf, size_t 
     o.deferred = true;
     return NGHTTP2_ERR_DEFERRED;
   }
-  memcpy(buf, o.buf.data() + o.off, n);
-  o.off += n;
-  self->total_out_ -= n;
+  // The bytes are taken in send_data_cb, straight from o.buf to the TLS
+  // output (not copied into nghttp2's frame buffer first).
+  *flags |= NGHTTP2_DATA_FLAG_NO_COPY;
+  if (o.eof && n == avail) *flags |= NGHTTP2_DATA_FLAG_EOF;
+  return static_cast<ssize_t>(n);
+}
+
+int H2Conn::send_data_cb(nghttp2_session*, nghttp2_frame* f, const uint8_t* framehd, size_t length,
+                         nghttp2_data_source*, void* arg) {
+  auto* self = static_cast<H2Conn*>(arg);
+  // nghttp2 would send every DATA frame the windows allow in one
+  // mem_send call: keep our output bounded, it asks again later.
+  if (self->wbuf_.size() - self->woff_ >= kSocketHighWater) {
+    self->data_blocked_ = true;
+    return NGHTTP2_ERR_WOULDBLOCK;
+  }
+  auto it = self->out_.find(f->hd.stream_id);
+  // We never pad; a buffer that lost the promised bytes is a bug, not input.
+  if (f->data.padlen > 0 || (length > 0 && (it == self->out_.end() || it->second.buf.size() - it->second.off < length)))
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
+  self->wbuf_.append(reinterpret_cast<const char*>(framehd), 9);
+  self->bytes_out_ += 9 + length;
+  if (length == 0) return 0;
+  Out& o = it->second;
+  self->wbuf_.append(o.buf, o.off, length);
+  o.off += length;
+  self->total_out_ -= length;
   if (o.off == o.buf.size()) {
     o.buf.clear();
     o.off = 0;
-  } else if (o.off > (1u << 20)) {
-    o.buf.erase(0, o.off);
+  } else if (o.off > o.buf.size() / 2) {
+    o.buf.erase(0, o.off);  // moves less than what was sent since the last move
     o.off = 0;
   }
-  if (o.eof && o.off == o.buf.size()) *flags |= NGHTTP2_DATA_FLAG_EOF;
-  return static_cast<ssize_t>(n);
+  return 0;
 }
 
 nghttp2_data_provider H2Conn::provider() {

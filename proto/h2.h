@@ -125,12 +125,15 @@ class H2Conn {
   static int frame_send_cb(nghttp2_session*, const nghttp2_frame*, void*);
   static ssize_t read_length_cb(nghttp2_session*, uint8_t, int32_t, int32_t, int32_t, uint32_t, void*);
   static ssize_t data_read_cb(nghttp2_session*, int32_t, uint8_t*, size_t, uint32_t*, nghttp2_data_source*, void*);
+  static int send_data_cb(nghttp2_session*, nghttp2_frame*, const uint8_t*, size_t, nghttp2_data_source*, void*);
   void close(const std::string& why);
   void handshake();
   void connected();
   void read_tls();
   void feed(const uint8_t* data, size_t len);
   void write_tls();
+  void flush_tls();
+  bool output_empty() const;
   std::string tls_failure(int ret, int err) const;
   void pump();
   nghttp2_data_provider provider();
@@ -146,6 +149,9 @@ class H2Conn {
   size_t woff_ = 0;
   size_t retry_len_ = 0;  // length of an SSL_write to repeat (OpenSSL wants the same length again)
   bool read_wants_write_ = false, write_wants_read_ = false;
+  bool data_blocked_ = false;
+  bool flush_pending_ = false;  // the write buffer waits for room in the socket  // send_data_cb held a DATA frame back
+                                // (output at its high-water mark)
   std::unique_ptr<uint8_t[]> rbuf_;  // kReadBatch, made on the first read
   nghttp2_session* h2_ = nullptr;
   Role role_;
