@@ -70,6 +70,10 @@ H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, 
   // A larger read buffer takes effect only if none was allocated yet (a
   // handshake done by the caller has one of the default size).
   SSL_set_default_read_buffer_len(ssl_, kReadAhead);
+  // A peer that closes without close_notify just closed (as with
+  // bufferevent_openssl's dirty shutdown): HTTP/2's own framing tells a cut
+  // stream (no END_STREAM, no exit status) from a finished one.
+  SSL_set_options(ssl_, SSL_OP_IGNORE_UNEXPECTED_EOF);
   SSL_set_read_ahead(ssl_, 1);
   rev_ = event_new(base_, fd_, EV_READ | EV_PERSIST, on_io, this);
   wev_ = event_new(base_, fd_, EV_WRITE, on_io, this);
