@@ -90,7 +90,7 @@ H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, 
 }
 
 H2Conn::~H2Conn() {
-  for (event* e : {ping_, rev_, wev_, kick_, hs_timer_})
+  for (event* e : {ping_, rev_, wev_, kick_, hs_timer_, pump_ev_})
     if (e) event_free(e);
   if (h2_) nghttp2_session_del(h2_);
   SSL_free(ssl_);
@@ -386,10 +386,21 @@ void H2Conn::pump() {
 
 void H2Conn::flush() { pump(); }
 
+// What handlers submit during one callback leaves in one batch, when the loop
+// gets to it: a session reading 16 datagrams (or chunks) in a row makes one
+// SSL_write and one write(2), not sixteen.
+void H2Conn::pump_later() {
+  if (closed_ || !h2_) return;
+  if (!pump_ev_) pump_ev_ = event_new(base_, -1, 0, on_pump, this);
+  event_active(pump_ev_, 0, 0);  // no-op while already active
+}
+
+void H2Conn::on_pump(evutil_socket_t, short, void* arg) { static_cast<H2Conn*>(arg)->pump(); }
+
 void H2Conn::close(const std::string& why) {
   if (closed_) return;
   closed_ = true;
-  for (event* e : {ping_, rev_, wev_, kick_, hs_timer_})
+  for (event* e : {ping_, rev_, wev_, kick_, hs_timer_, pump_ev_})
     if (e) event_del(e);
   handler_->on_closed(why);
 }
@@ -545,7 +556,7 @@ int32_t H2Conn::request(const Headers& h, bool has_body) {
   int32_t id = nghttp2_submit_request(h2_, nullptr, nv.data(), nv.size(), has_body ? &p : nullptr, nullptr);
   if (id < 0) return -1;
   if (has_body) out_[id].has_provider = true;
-  pump();
+  pump_later();
   return id;
 }
 
@@ -559,7 +570,7 @@ bool H2Conn::respond(int32_t stream, const Headers& h, bool has_body) {
     out_.erase(stream);
     return false;
   }
-  pump();
+  pump_later();
   return true;
 }
 
@@ -582,7 +593,7 @@ size_t H2Conn::send(int32_t stream, const void* data, size_t len) {
     o.deferred = false;
     nghttp2_session_resume_data(h2_, stream);
   }
-  pump();
+  pump_later();
   return left;
 }
 
@@ -594,7 +605,7 @@ void H2Conn::end(int32_t stream) {
     it->second.deferred = false;
     nghttp2_session_resume_data(h2_, stream);
   }
-  pump();
+  pump_later();
 }
 
 size_t H2Conn::outbound(int32_t stream) const {
@@ -609,13 +620,13 @@ bool H2Conn::is_open(int32_t stream) const {
 void H2Conn::reset(int32_t stream, uint32_t code) {
   if (!h2_ || closed_) return;
   nghttp2_submit_rst_stream(h2_, NGHTTP2_FLAG_NONE, stream, code);
-  pump();
+  pump_later();
 }
 
 void H2Conn::consume(int32_t stream, size_t len) {
   if (!h2_ || closed_ || len == 0) return;
   nghttp2_session_consume(h2_, stream, len);
-  pump();
+  pump_later();
 }
 
 void H2Conn::shutdown() {
@@ -625,7 +636,7 @@ void H2Conn::shutdown() {
   }
   closing_ = true;
   nghttp2_session_terminate_session(h2_, NGHTTP2_NO_ERROR);
-  pump();
+  pump_later();
 }
 
 }  // namespace shimlet::proto

@@ -114,6 +114,7 @@ class H2Conn {
   };
   static void on_io(evutil_socket_t, short, void*);
   static void on_kick(evutil_socket_t, short, void*);
+  static void on_pump(evutil_socket_t, short, void*);
   static void on_handshake_timeout(evutil_socket_t, short, void*);
   static void on_ping_timer(evutil_socket_t, short, void*);
   static int frame_recv_cb(nghttp2_session*, const nghttp2_frame*, void*);
@@ -136,6 +137,7 @@ class H2Conn {
   bool output_empty() const;
   std::string tls_failure(int ret, int err) const;
   void pump();
+  void pump_later();
   nghttp2_data_provider provider();
 
   event_base* base_;
@@ -145,7 +147,8 @@ class H2Conn {
   event* wev_ = nullptr;   // writable: added while SSL_write or the handshake waits for room
   event* kick_ = nullptr;  // runs the first step from the loop, and reads on when a turn stopped early
   event* hs_timer_ = nullptr;
-  std::string wbuf_;  // encoded frames not yet taken by SSL_write, from woff_
+  event* pump_ev_ = nullptr;  // a pump once the current callback is done (pump_later)
+  std::string wbuf_;          // encoded frames not yet taken by SSL_write, from woff_
   size_t woff_ = 0;
   size_t retry_len_ = 0;  // length of an SSL_write to repeat (OpenSSL wants the same length again)
   bool read_wants_write_ = false, write_wants_read_ = false;
