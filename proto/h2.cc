@@ -386,9 +386,11 @@ void H2Conn::pump() {
 
 void H2Conn::flush() { pump(); }
 
-// What handlers submit during one callback leaves in one batch, when the loop
-// gets to it: a session reading 16 datagrams (or chunks) in a row makes one
-// SSL_write and one write(2), not sixteen.
+// Body bytes (send) and window updates (consume) that handlers submit during
+// one callback leave in one batch, when the loop gets to it: a session reading
+// 16 datagrams (or chunks) in a row makes one SSL_write and one write(2), not
+// sixteen. Headers, stream ends, resets and GOAWAY go at once (an exec's exit
+// status is a stream end: it must not wait for the session's cleanup).
 void H2Conn::pump_later() {
   if (closed_ || !h2_) return;
   if (!pump_ev_) pump_ev_ = event_new(base_, -1, 0, on_pump, this);
@@ -556,7 +558,7 @@ int32_t H2Conn::request(const Headers& h, bool has_body) {
   int32_t id = nghttp2_submit_request(h2_, nullptr, nv.data(), nv.size(), has_body ? &p : nullptr, nullptr);
   if (id < 0) return -1;
   if (has_body) out_[id].has_provider = true;
-  pump_later();
+  pump();
   return id;
 }
 
@@ -570,7 +572,7 @@ bool H2Conn::respond(int32_t stream, const Headers& h, bool has_body) {
     out_.erase(stream);
     return false;
   }
-  pump_later();
+  pump();
   return true;
 }
 
@@ -605,7 +607,7 @@ void H2Conn::end(int32_t stream) {
     it->second.deferred = false;
     nghttp2_session_resume_data(h2_, stream);
   }
-  pump_later();
+  pump();
 }
 
 size_t H2Conn::outbound(int32_t stream) const {
@@ -620,7 +622,7 @@ bool H2Conn::is_open(int32_t stream) const {
 void H2Conn::reset(int32_t stream, uint32_t code) {
   if (!h2_ || closed_) return;
   nghttp2_submit_rst_stream(h2_, NGHTTP2_FLAG_NONE, stream, code);
-  pump_later();
+  pump();
 }
 
 void H2Conn::consume(int32_t stream, size_t len) {
@@ -636,7 +638,7 @@ void H2Conn::shutdown() {
   }
   closing_ = true;
   nghttp2_session_terminate_session(h2_, NGHTTP2_NO_ERROR);
-  pump_later();
+  pump();
 }
 
 }  // namespace shimlet::proto
