@@ -45,6 +45,20 @@ constexpr size_t kReadAhead = 128u << 10;  // OpenSSL's read buffer: raw bytes p
 constexpr size_t kMaxReadTurn = 4u << 20;  // then let other events run (a kick reads on)
 constexpr size_t kMaxWrite = 256u << 10;   // plaintext per SSL_write
 constexpr int kWriteBuffer = 256 << 10;    // TLS records per write(2)
+constexpr const char* kPeerClosed = "connection closed by peer";
+
+// Drops what was taken from the front of buf (up to off): all of it when
+// nothing is left, else only once it is more than half, so the move is never
+// larger than what was taken since the last one.
+void compact(std::string& buf, size_t& off) {
+  if (off == buf.size()) {
+    buf.clear();
+    off = 0;
+  } else if (off > buf.size() / 2) {
+    buf.erase(0, off);
+    off = 0;
+  }
+}
 }  // namespace
 
 H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings)
@@ -119,19 +133,17 @@ void H2Conn::on_io(evutil_socket_t, short what, void* arg) {
     self->read_tls();
     if (self->closed_) return;
   }
-  if ((what & EV_WRITE) || ((what & EV_READ) && self->write_wants_read_)) self->write_wants_read_ = false;
+  if (what & EV_READ) self->write_wants_read_ = false;  // an SSL_write that waited for input may go on
   self->pump();
 }
 
-// Why an SSL call failed, as one line ("" when it only has to wait).
-std::string H2Conn::tls_failure(int ret, int err) const {
-  (void)ret;
-  if (err == SSL_ERROR_ZERO_RETURN) return "connection closed by peer";
+// Why an SSL call that did not just have to wait failed, as one line.
+std::string H2Conn::tls_failure(int err) {
+  if (err == SSL_ERROR_ZERO_RETURN) return kPeerClosed;
   if (err == SSL_ERROR_SSL) return "TLS error: " + ssl_error_string();
   if (err == SSL_ERROR_SYSCALL) {
-    if (unsigned long e = ERR_peek_error(); e) return "TLS error: " + ssl_error_string();
-    // EOF without close_notify: a peer that just closed (we allow a dirty shutdown).
-    if (errno == 0) return "connection closed by peer";
+    if (ERR_peek_error()) return "TLS error: " + ssl_error_string();
+    if (errno == 0) return kPeerClosed;  // EOF without close_notify (we allow a dirty shutdown)
     return std::string("connection error: ") + strerror(errno);
   }
   return "TLS error: SSL error " + std::to_string(err);
@@ -149,8 +161,8 @@ void H2Conn::handshake() {
     return;
   }
   // A peer that closes during the handshake just closed (kept as before).
-  std::string why = tls_failure(r, err);
-  close(why == "connection closed by peer" ? why : "TLS handshake failed: " + why);
+  std::string why = tls_failure(err);
+  close(why == kPeerClosed ? why : "TLS handshake failed: " + why);
 }
 
 void H2Conn::connected() {
@@ -241,7 +253,7 @@ void H2Conn::read_tls() {
         event_add(wev_, nullptr);
         break;
       }
-      why = tls_failure(r, err);
+      why = tls_failure(err);
       break;
     }
     if (got) feed(rbuf_.get(), got);
@@ -286,17 +298,11 @@ void H2Conn::write_tls() {
         write_wants_read_ = true;
       break;
     }
-    return close(tls_failure(r, err));
+    return close(tls_failure(err));
   }
   flush_tls();
   if (closed_) return;
-  if (woff_ == wbuf_.size()) {
-    wbuf_.clear();
-    woff_ = 0;
-  } else if (woff_ > wbuf_.size() / 2) {
-    wbuf_.erase(0, woff_);  // moves less than what was written since the last move
-    woff_ = 0;
-  }
+  compact(wbuf_, woff_);
 }
 
 // Writes what the write buffer holds; waits for room when the socket is full.
@@ -535,13 +541,7 @@ int H2Conn::send_data_cb(nghttp2_session*, nghttp2_frame* f, const uint8_t* fram
   self->wbuf_.append(o.buf, o.off, length);
   o.off += length;
   self->total_out_ -= length;
-  if (o.off == o.buf.size()) {
-    o.buf.clear();
-    o.off = 0;
-  } else if (o.off > o.buf.size() / 2) {
-    o.buf.erase(0, o.off);  // moves less than what was sent since the last move
-    o.off = 0;
-  }
+  compact(o.buf, o.off);
   return 0;
 }
 

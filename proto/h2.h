@@ -135,7 +135,7 @@ class H2Conn {
   void write_tls();
   void flush_tls();
   bool output_empty() const;
-  std::string tls_failure(int ret, int err) const;
+  static std::string tls_failure(int err);
   void pump();
   void pump_later();
   nghttp2_data_provider provider();
@@ -152,9 +152,8 @@ class H2Conn {
   size_t woff_ = 0;
   size_t retry_len_ = 0;  // length of an SSL_write to repeat (OpenSSL wants the same length again)
   bool read_wants_write_ = false, write_wants_read_ = false;
-  bool data_blocked_ = false;
-  bool flush_pending_ = false;  // the write buffer waits for room in the socket  // send_data_cb held a DATA frame back
-                                // (output at its high-water mark)
+  bool data_blocked_ = false;        // send_data_cb held a DATA frame back (output at its high-water mark)
+  bool flush_pending_ = false;       // the write buffer waits for room in the socket
   std::unique_ptr<uint8_t[]> rbuf_;  // kReadBatch, made on the first read
   nghttp2_session* h2_ = nullptr;
   Role role_;

@@ -200,8 +200,7 @@ nsenter::Spawned Confinement::spawn(nsenter::Request& r, const nsenter::Stdio& i
   // the command does anything (apply() logs what it skips). Without limits
   // there is nothing to wait for.
   std::function<void()> before_go;
-  if (cg_ && (limits_.pids_max || limits_.memory_max || limits_.cpu_weight))
-    before_go = [this] { cg_->apply(limits_); };
+  if (cg_ && any_limit(limits_)) before_go = [this] { cg_->apply(limits_); };
   nsenter::Spawned sp = zygote_.spawn(r, io, before_go);
   landlock_abi_ = sp.landlock_abi;
   return sp;
