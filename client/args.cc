@@ -10,7 +10,8 @@ namespace shimlet::client {
 namespace {
 
 constexpr const char* kExecUsage =
-    "shimctl [--local [--state-dir DIR] | [--proxy] --server URL --token T | --kubeconfig F] exec [-i] [-t] [-n NS] "
+    "shimctl [--local [--tls] [--state-dir DIR] | [--proxy] --server URL --token T | --kubeconfig F] exec [-i] [-t] "
+    "[-n NS] "
     "TARGET [-c "
     "CONTAINER] -- CMD [ARGS...]";
 constexpr const char* kPortForwardUsage =
@@ -45,6 +46,8 @@ Invocation parse_args(const std::vector<std::string>& argv) {
   app.footer(std::string("Usage: ") + kExecUsage + "\n       " + kPortForwardUsage);
   std::string state_dir;
   app.add_flag("--local", inv.local, "Root on the node: read the state dir and mint a ticket with its local.key");
+  app.add_flag("--tls", inv.local_tls,
+               "With --local exec: use the shim's TLS port rather than its root-only local socket");
   app.add_option("--state-dir", state_dir, "shimlet state directory (default $SHIMLET_STATE_DIR or /run/shimlet)");
   CLI::Option* ns_opt =
       app.add_option("-n,--namespace", inv.ns, "Namespace of the pod named by TARGET")->capture_default_str();
@@ -128,6 +131,7 @@ Invocation parse_args(const std::vector<std::string>& argv) {
 
   inv.state_dir = state_dir.empty() ? default_state_dir() : state_dir;
   if (proxy && inv.local) throw UsageError("--proxy goes through the master; it cannot be combined with --local");
+  if (inv.local_tls && !inv.local) throw UsageError("--tls only applies to --local (the master's grants use TLS)");
   inv.proxy = proxy ? ProxyMode::Always : ProxyMode::Auto;
   inv.ns_set = ns_opt->count() > 0;
   if (exec->parsed()) {

@@ -82,6 +82,7 @@ struct Invocation {
   bool help = false;  // -h/--help: help_text goes to stdout, exit 0
   std::string help_text;
   bool local = false;          // --local: root on the node, mint our own ticket
+  bool local_tls = false;      // --tls: --local exec over the shim's TLS port, not its local socket
   std::string state_dir;       // --state-dir, else $SHIMLET_STATE_DIR, else kDefaultStateDir
   std::string ns = "default";  // -n/--namespace (pod name lookups)
   bool ns_set = false;         // -n given (else the kubeconfig context's namespace applies in master mode)
@@ -100,8 +101,9 @@ std::string default_state_dir();
 // One STATE_DIR/<id>/registration.json (only the fields the client needs).
 struct Registration {
   std::string id, ns, pod, container, endpoint, pin;
-  bool sandbox = false;  // CRI/docker pod sandbox ("pause"): never a pod-name match
-  std::string path;      // where it was read from (for messages)
+  std::string local_socket;  // the shim's root-only unix socket ("" from older hooks)
+  bool sandbox = false;      // CRI/docker pod sandbox ("pause"): never a pod-name match
+  std::string path;          // where it was read from (for messages)
 };
 // Parses one registration.json text; throws Error naming `path` on bad input.
 Registration parse_registration(const std::string& text, const std::string& path);
@@ -122,6 +124,9 @@ struct Grant {
   std::string endpoint;  // "host:port" / "[v6]:port"
   std::string pin;       // "sha256/<base64>"
   std::string ticket;    // compact JWS
+  // Local exec: connect here (the shim's root-only unix socket; HTTP/2
+  // without TLS, docs/design.md "Local socket") instead of endpoint.
+  std::string local_socket;
   // Master mode: how to ask the master for a tunnel to this shim when it
   // cannot (or, with --proxy, must not) be reached directly. Empty
   // tunnel_path = local mode: direct only.

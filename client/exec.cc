@@ -67,14 +67,14 @@ class ExecClient : public proto::H2Conn::Handler {
   ~ExecClient() override {
     // Everything was written (GOAWAY included): say goodbye properly so the
     // session logs a clean close rather than a truncated connection.
-    if (conn_ && net_closed_ && tls_ready_ && conn_->ssl()) SSL_shutdown(conn_->ssl());
+    if (conn_ && net_closed_ && conn_ready_ && conn_->ssl()) SSL_shutdown(conn_->ssl());
     conn_.reset();  // before the events and the base it uses
   }
 
   // Runs to completion; returns the exit code, message() is the line to print.
   int run() {
     start_connect();
-    if (!ctx_) {
+    if (!ctx_ && grant_.local_socket.empty()) {
       // OpenSSL's first fetches and DRBG seeding happen here, while the
       // kernel completes the connect and the shim starts its session.
       ctx_ = proto::make_client_ctx_deferred();
@@ -98,13 +98,13 @@ class ExecClient : public proto::H2Conn::Handler {
 
   static void on_connect_cb(evutil_socket_t fd, short what, void* self) {
     auto* c = static_cast<ExecClient*>(self);
-    if (what & EV_TIMEOUT) return c->fail_now("timed out connecting to shim at " + c->grant_.endpoint);
+    if (what & EV_TIMEOUT) return c->fail_now("timed out connecting to shim at " + c->where());
     int err = 0;
     socklen_t len = sizeof err;
     getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-    if (err) return c->fail_now("cannot connect to shim at " + c->grant_.endpoint + ": " + strerror(err));
-    SSL* ssl = SSL_new(c->ctx_.get());
-    if (!ssl) return c->fail_now("SSL_new: " + proto::ssl_error_string());
+    if (err) return c->fail_now("cannot connect to shim at " + c->where() + ": " + strerror(err));
+    SSL* ssl = nullptr;  // the local socket: HTTP/2 without TLS
+    if (c->ctx_ && !(ssl = SSL_new(c->ctx_.get()))) return c->fail_now("SSL_new: " + proto::ssl_error_string());
     // H2Conn owns fd and ssl from here; it runs the handshake (bounded) and HTTP/2.
     proto::H2Settings st;
     st.stream_window = kStreamWindow;
@@ -153,13 +153,15 @@ class ExecClient : public proto::H2Conn::Handler {
     return 1;
   }
 
+  const std::string& where() const { return grant_.local_socket.empty() ? grant_.endpoint : grant_.local_socket; }
+
   std::string on_connected(SSL* ssl) override {
     if (!ensure_minted()) return mint_error_;
-    if (std::string e = proto::check_pin(ssl, grant_.pin); !e.empty()) {
+    if (std::string e = ssl ? proto::check_pin(ssl, grant_.pin) : ""; !e.empty()) {
       pin_error_ = e;
       return e;
     }
-    tls_ready_ = true;
+    conn_ready_ = true;
     // The HTTP/2 session exists only once this returns: submit from the loop.
     start_ev_.reset(evtimer_new(
         base_.get(), [](evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->start_exec(); }, this));
@@ -408,10 +410,10 @@ class ExecClient : public proto::H2Conn::Handler {
 
   void on_closed(const std::string& why) override {
     net_closed_ = true;
-    if (!tls_ready_) {
+    if (!conn_ready_) {
       if (!mint_error_.empty()) return fail_now(mint_error_);
       if (!pin_error_.empty()) return fail_now(pin_error_);
-      return fail_now("cannot connect to shim at " + grant_.endpoint + ": " + why);
+      return fail_now("cannot connect to shim at " + where() + ": " + why);
     }
     if (!finishing_) finish(kOwnErrorExit, "error: connection to shim lost (" + why + ")");
     defer_pump();  // never tear down from inside H2Conn's own call stack
@@ -493,7 +495,7 @@ class ExecClient : public proto::H2Conn::Handler {
   int32_t stream_ = -1;
   int http_status_ = 0;
   int exit_code_ = kOwnErrorExit;
-  bool tls_ready_ = false, stdin_pollable_ = true, stdin_reading_ = false, stdin_done_ = false;
+  bool conn_ready_ = false, stdin_pollable_ = true, stdin_reading_ = false, stdin_done_ = false;
   bool got_status_ = false, stream_closed_ = false, finishing_ = false, grace_over_ = false, net_closed_ = false;
   bool end_pending_ = false, shutdown_pending_ = false;
   bool out_dead_[2] = {false, false};
@@ -534,9 +536,11 @@ int run_local_exec(const Invocation& inv) {
   int code;
   std::string msg;
   {
+    if (inv.local_tls) le.grant.local_socket.clear();
     ExecClient c(le.grant, inv.exec, [&](Grant& g, proto::Identity& id) {
       // A fresh key per run: the ticket binds it (cnf.jkt), TLS proves it.
-      id = proto::generate_identity("shimctl");
+      // The local socket has no TLS: no key (the ticket has no cnf).
+      if (g.local_socket.empty()) id = proto::generate_identity("shimctl");
       mint_local_exec_ticket(le, inv.exec, id, static_cast<int64_t>(std::time(nullptr)));
       g.ticket = le.grant.ticket;
     });

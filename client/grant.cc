@@ -58,8 +58,10 @@ void sign_local(Grant& g, const std::string& key_path, const std::string& key_pe
   c.exp = now + kTicketLifetimeS;
   c.jti = base64url_encode(random_bytes(16));
   c.sid = base64url_encode(random_bytes(12));
-  // Bind the ticket to this run's TLS key: a stolen ticket is useless without it.
-  c.cnf_jkt = proto::jkt_of_identity(client);
+  // Bind the ticket to this run's TLS key: a stolen ticket is useless without
+  // it. Over the local socket there is no TLS key to bind (an empty identity):
+  // that socket admits root only, who holds the node key anyway.
+  if (!client.cert_pem.empty()) c.cnf_jkt = proto::jkt_of_identity(client);
   g.ticket = key.sign(c, "local");
 }
 
@@ -88,7 +90,9 @@ LocalExec::~LocalExec() { OPENSSL_cleanse(key_pem.data(), key_pem.size()); }
 LocalExec local_exec_target(const std::string& state_dir, const std::string& ns, const ExecOptions& ex) {
   std::vector<Registration> regs = load_registrations(state_dir);
   LocalExec le;
-  le.grant = grant_for(resolve_target(regs, ex.target, ns, ex.container));
+  const Registration& reg = resolve_target(regs, ex.target, ns, ex.container);
+  le.grant = grant_for(reg);
+  le.grant.local_socket = reg.local_socket;
   le.key_path = state_dir + "/local.key";
   le.key_pem = read_node_key(state_dir);
   return le;

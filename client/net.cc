@@ -3,12 +3,14 @@
 #include <errno.h>
 #include <event2/bufferevent.h>
 #include <event2/bufferevent_ssl.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 
 #include "client/client.h"
@@ -58,6 +60,32 @@ Fd start_connect(const std::string& endpoint) {
   setsockopt(sock.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // interactive keystrokes, small requests
   if (connect(sock.get(), res->ai_addr, res->ai_addrlen) < 0 && errno != EINPROGRESS)
     throw sys_error("cannot connect to shim at " + endpoint);
+  return sock;
+}
+
+Fd connect_local(const std::string& path, int timeout_ms) {
+  size_t slash = path.rfind('/');
+  if (slash == std::string::npos || slash + 1 == path.size()) throw Error("bad local socket path: " + path);
+  // sun_path holds 107 bytes; a state dir may be deeper: connect through the directory's fd.
+  Fd dir(::open(slash ? path.substr(0, slash).c_str() : "/", O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!dir) throw sys_error("cannot connect to shim at " + path);
+  sockaddr_un sa{};
+  sa.sun_family = AF_UNIX;
+  std::string via = "/proc/self/fd/" + std::to_string(dir.get()) + "/" + path.substr(slash + 1);
+  if (via.size() >= sizeof sa.sun_path) throw Error("cannot connect to shim at " + path + ": name too long");
+  memcpy(sa.sun_path, via.c_str(), via.size() + 1);
+  Fd sock(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!sock) throw sys_error("socket");
+  // A unix connect only waits while the shim's backlog is full; bounded by SO_SNDTIMEO.
+  timeval tv{timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+  setsockopt(sock.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  int r;
+  do r = connect(sock.get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa);
+  while (r < 0 && errno == EINTR);
+  if (r < 0) throw sys_error("cannot connect to shim at " + path);
+  timeval none{0, 0};
+  setsockopt(sock.get(), SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none);
+  if (fcntl(sock.get(), F_SETFL, fcntl(sock.get(), F_GETFL) | O_NONBLOCK) < 0) throw sys_error("fcntl O_NONBLOCK");
   return sock;
 }
 
@@ -201,6 +229,10 @@ ShimLink open_tunnel(event_base* base, const Grant& g) {
 
 ShimLink connect_shim(event_base* base, const Grant& g) {
   ShimLink link;
+  if (!g.local_socket.empty()) {
+    link.fd = connect_local(g.local_socket, kDirectConnectTimeoutMs);
+    return link;
+  }
   if (g.tunnel_path.empty() || !g.inv) {
     link.fd = start_connect(g.endpoint);  // local mode: the caller waits for the connect
     return link;

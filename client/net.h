@@ -49,6 +49,10 @@ struct ShimLink {
 };
 ShimLink connect_shim(event_base* base, const Grant& grant);
 
+// A connected unix stream socket to path (the shim's local socket),
+// non-blocking, within timeout_ms. Throws Error naming the path.
+Fd connect_local(const std::string& path, int timeout_ms);
+
 // Resolves the endpoint and starts a non-blocking TCP connect (TCP_NODELAY);
 // wait for EV_WRITE and check SO_ERROR. Throws Error with the endpoint named.
 Fd start_connect(const std::string& endpoint);

@@ -54,6 +54,7 @@ Registration parse_registration(const std::string& text, const std::string& path
   r.id = str_field(j, "id", path, true);
   r.endpoint = str_field(j, "endpoint", path, true);
   r.pin = str_field(j, "pin", path, true);
+  r.local_socket = str_field(j, "local_socket", path, false);
   r.ns = str_field(j, "namespace", path, false);
   r.pod = str_field(j, "pod", path, false);
   r.container = str_field(j, "container", path, false);

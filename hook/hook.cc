@@ -716,6 +716,7 @@ json registration_json(const oci::State& st, const Started& s) {
               {"container", n.container},
               {"endpoint", s.endpoint},
               {"pin", s.pin},
+              {"local_socket", s.local_socket},
               {"shim_pid", s.shim_pid},
               {"shim_start_time", s.shim_start_time},
               {"created", s.created},
@@ -817,6 +818,8 @@ Started start(const Config& c, const oci::State& st) {
                                    st.id,
                                    "--listen",
                                    c.listen,
+                                   "--local-socket",
+                                   dir + "/shim.sock",
                                    "--max-sessions",
                                    std::to_string(c.max_sessions),
                                    "--warm-idle-s",
@@ -840,6 +843,7 @@ Started start(const Config& c, const oci::State& st) {
 
   std::string host = c.listen.substr(0, c.listen.rfind(':'));
   s.endpoint = host + ":" + std::to_string(port);
+  s.local_socket = dir + "/shim.sock";
   s.created = now_rfc3339();
   write_file_atomic(dir + "/registration.json", registration_json(st, s).dump(1) + "\n", 0600);
   guard.committed = true;

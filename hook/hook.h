@@ -89,8 +89,9 @@ Names names_from(const std::string& id, const std::map<std::string, std::string>
 
 // What the hook learned while starting the shim.
 struct Started {
-  std::string endpoint;  // "127.0.0.1:40123"
-  std::string pin;       // "sha256/..."
+  std::string endpoint;      // "127.0.0.1:40123"
+  std::string pin;           // "sha256/..."
+  std::string local_socket;  // STATE/<id>/shim.sock: `shimctl --local` without TLS (root only)
   pid_t shim_pid = 0;
   uint64_t shim_start_time = 0;  // /proc/PID/stat field 22, to recognise the shim at poststop
   std::string created;           // RFC 3339 UTC

@@ -63,6 +63,22 @@ void compact(std::string& buf, size_t& off) {
 
 H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings)
     : base_(base), fd_(fd), ssl_(ssl), role_(role), handler_(handler), settings_(settings) {
+  if (ssl_) setup_tls();
+  rev_ = event_new(base_, fd_, EV_READ | EV_PERSIST, on_io, this);
+  wev_ = event_new(base_, fd_, EV_WRITE, on_io, this);
+  kick_ = event_new(base_, -1, 0, on_kick, this);
+  if (ssl_ && !SSL_is_init_finished(ssl_)) {
+    hs_timer_ = evtimer_new(base_, on_handshake_timeout, this);
+    timeval tv{settings_.handshake_timeout_s, 0};
+    evtimer_add(hs_timer_, &tv);
+  }
+  event_add(rev_, nullptr);
+  // The handshake (or, after one done by the caller, the HTTP/2 start) runs
+  // from the loop: handlers are never called from inside this constructor.
+  event_active(kick_, 0, 0);
+}
+
+void H2Conn::setup_tls() {
   if (SSL_get_fd(ssl_) != fd_) SSL_set_fd(ssl_, fd_);
   // Records collect in a write buffer and leave in one write(2) per flush,
   // not one per 16 KiB record. Reads keep the plain socket BIO.
@@ -89,18 +105,6 @@ H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, 
   // stream (no END_STREAM, no exit status) from a finished one.
   SSL_set_options(ssl_, SSL_OP_IGNORE_UNEXPECTED_EOF);
   SSL_set_read_ahead(ssl_, 1);
-  rev_ = event_new(base_, fd_, EV_READ | EV_PERSIST, on_io, this);
-  wev_ = event_new(base_, fd_, EV_WRITE, on_io, this);
-  kick_ = event_new(base_, -1, 0, on_kick, this);
-  if (!SSL_is_init_finished(ssl_)) {
-    hs_timer_ = evtimer_new(base_, on_handshake_timeout, this);
-    timeval tv{settings_.handshake_timeout_s, 0};
-    evtimer_add(hs_timer_, &tv);
-  }
-  event_add(rev_, nullptr);
-  // The handshake (or, after one done by the caller, the HTTP/2 start) runs
-  // from the loop: handlers are never called from inside this constructor.
-  event_active(kick_, 0, 0);
 }
 
 H2Conn::~H2Conn() {
@@ -150,6 +154,7 @@ std::string H2Conn::tls_failure(int err) {
 }
 
 void H2Conn::handshake() {
+  if (!ssl_) return connected();
   ERR_clear_error();
   errno = 0;
   int r = SSL_do_handshake(ssl_);
@@ -170,10 +175,12 @@ void H2Conn::connected() {
     event_free(hs_timer_);
     hs_timer_ = nullptr;
   }
-  const unsigned char* alpn = nullptr;
-  unsigned alpn_len = 0;
-  SSL_get0_alpn_selected(ssl_, &alpn, &alpn_len);
-  if (alpn_len != 2 || memcmp(alpn, "h2", 2) != 0) return close("peer did not negotiate ALPN h2");
+  if (ssl_) {
+    const unsigned char* alpn = nullptr;
+    unsigned alpn_len = 0;
+    SSL_get0_alpn_selected(ssl_, &alpn, &alpn_len);
+    if (alpn_len != 2 || memcmp(alpn, "h2", 2) != 0) return close("peer did not negotiate ALPN h2");
+  }
   std::string err = handler_->on_connected(ssl_);
   if (!err.empty()) return close(err);
   nghttp2_session_callbacks* cbs;
@@ -239,6 +246,17 @@ void H2Conn::read_tls() {
     size_t got = 0;
     std::string why;
     while (got < kReadBatch) {
+      if (!ssl_) {
+        ssize_t r = ::read(fd_, rbuf_.get() + got, kReadBatch - got);
+        if (r > 0) {
+          got += static_cast<size_t>(r);
+          continue;
+        }
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        why = r == 0 ? kPeerClosed : std::string("connection error: ") + strerror(errno);
+        break;
+      }
       ERR_clear_error();
       errno = 0;
       int r = SSL_read(ssl_, rbuf_.get() + got, static_cast<int>(kReadBatch - got));
@@ -279,7 +297,21 @@ void H2Conn::feed(const uint8_t* data, size_t len) {
 
 // Hands queued frames to SSL_write until the socket is full.
 void H2Conn::write_tls() {
-  while (woff_ < wbuf_.size() && !write_wants_read_) {
+  while (!ssl_ && woff_ < wbuf_.size()) {
+    // Plaintext: wbuf_ is the write buffer, written as it is.
+    ssize_t r = ::send(fd_, wbuf_.data() + woff_, wbuf_.size() - woff_, MSG_NOSIGNAL);
+    if (r > 0) {
+      woff_ += static_cast<size_t>(r);
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      event_add(wev_, nullptr);
+      break;
+    }
+    return close(std::string("connection error: ") + strerror(errno));
+  }
+  while (ssl_ && woff_ < wbuf_.size() && !write_wants_read_) {
     size_t n = retry_len_ ? retry_len_ : std::min(wbuf_.size() - woff_, kMaxWrite);
     ERR_clear_error();
     errno = 0;
@@ -307,7 +339,7 @@ void H2Conn::write_tls() {
 
 // Writes what the write buffer holds; waits for room when the socket is full.
 void H2Conn::flush_tls() {
-  BIO* w = SSL_get_wbio(ssl_);
+  BIO* w = ssl_ ? SSL_get_wbio(ssl_) : nullptr;
   if (!w || BIO_wpending(w) == 0) {
     flush_pending_ = false;
     return;
@@ -326,7 +358,7 @@ void H2Conn::flush_tls() {
 }
 
 bool H2Conn::output_empty() const {
-  BIO* w = SSL_get_wbio(ssl_);
+  BIO* w = ssl_ ? SSL_get_wbio(ssl_) : nullptr;
   return wbuf_.size() == woff_ && (!w || BIO_wpending(w) == 0);
 }
 

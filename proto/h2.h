@@ -62,14 +62,16 @@ class H2Conn {
     // on_headers. Called from inside nghttp2: only note it.
     virtual void on_stream_refused(int32_t /*stream*/) {}
     // TLS handshake done (check the peer certificate here; return an error
-    // line to abort the connection).
+    // line to abort the connection). ssl is null on a plaintext connection.
     virtual std::string on_connected(SSL* /*ssl*/) { return ""; }
     // The connection is gone (EOF, error, or GOAWAY after all streams closed).
     virtual void on_closed(const std::string& why) = 0;
   };
 
   enum class Role { Server, Client };
-  // Takes ownership of fd and ssl. Starts the TLS handshake.
+  // Takes ownership of fd and ssl. Starts the TLS handshake. A null ssl is
+  // HTTP/2 with prior knowledge on a plaintext socket: only for a root-only
+  // unix socket on the node (docs/design.md "Local socket"), never for TCP.
   H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings = {});
   ~H2Conn();
   H2Conn(const H2Conn&) = delete;
@@ -128,6 +130,7 @@ class H2Conn {
   static ssize_t data_read_cb(nghttp2_session*, int32_t, uint8_t*, size_t, uint32_t*, nghttp2_data_source*, void*);
   static int send_data_cb(nghttp2_session*, nghttp2_frame*, const uint8_t*, size_t, nghttp2_data_source*, void*);
   void close(const std::string& why);
+  void setup_tls();
   void handshake();
   void connected();
   void read_tls();

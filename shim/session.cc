@@ -47,6 +47,12 @@ std::string peer_of(int fd) {
   sockaddr_storage ss{};
   socklen_t len = sizeof ss;
   if (getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return "?";
+  if (ss.ss_family == AF_UNIX) {
+    ucred cr{};
+    socklen_t cl = sizeof cr;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &cl) < 0) return "unix:?";
+    return "unix:pid=" + std::to_string(cr.pid) + ",uid=" + std::to_string(cr.uid);
+  }
   char host[INET6_ADDRSTRLEN] = "?";
   int port = 0;
   if (ss.ss_family == AF_INET) {
@@ -134,7 +140,7 @@ void Context::write_end_record() const {
 }
 
 void Context::set_peer_cert(SSL* ssl) {
-  if (X509* peer = SSL_get0_peer_certificate(ssl)) peer_jkt_ = proto::jkt_of_cert(peer);
+  if (X509* peer = ssl ? SSL_get0_peer_certificate(ssl) : nullptr) peer_jkt_ = proto::jkt_of_cert(peer);
 }
 
 bool Context::consume_jti(const ticket::Claims& c, std::string& why) {
@@ -581,6 +587,38 @@ bool await_connection(SSL_CTX* tls, const Config& cfg, const nsenter::Container&
   return true;
 }
 
+bool is_unix_socket(int fd) {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  return getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0 && ss.ss_family == AF_UNIX;
+}
+
+// "" when the local socket's peer may use it: the shim's own user (root).
+std::string local_peer_refusal(int fd) {
+  ucred cr{};
+  socklen_t len = sizeof cr;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) < 0)
+    return std::string("local socket: SO_PEERCRED: ") + strerror(errno);
+  if (cr.uid != geteuid())
+    return "local socket: peer uid " + std::to_string(cr.uid) + " is not " + std::to_string(geteuid());
+  return "";
+}
+
+// Runs the connection's front door until it is done; its exit code.
+int serve(event_base* base, std::unique_ptr<FrontDoor> door) {
+  event* term = evsignal_new(base, SIGTERM, on_signal, door.get());
+  event_add(term, nullptr);
+  if (g_warm_term) on_signal(SIGTERM, 0, door.get());  // arrived after a warm session's wait
+  event* cexit = event_new(base, kPidFd, EV_READ, on_container_exit, door.get());
+  event_add(cexit, nullptr);
+  event_base_dispatch(base);
+  event_free(term);
+  event_free(cexit);
+  int code = door->exit_code();
+  door.reset();
+  return code;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -613,6 +651,21 @@ int main(int argc, char** argv) {
     std::unique_ptr<event_base, decltype(&event_base_free)> base(event_base_new(), event_base_free);
     if (!base) throw Error("event_base_new failed");
     if (args.warm_idle_s && !await_connection(ctx.get(), cfg, ctr, args.warm_idle_s)) return 0;
+    std::unique_ptr<FrontDoor> door;
+    if (is_unix_socket(kConnFd)) {
+      // The shim's local socket (docs/design.md "Local socket"): root on the
+      // node, HTTP/2 with prior knowledge, no TLS. The socket file is root's
+      // 0600 in a 0700 directory; its peer's uid is checked all the same.
+      evutil_make_socket_nonblocking(kConnFd);
+      if (std::string why = local_peer_refusal(kConnFd); !why.empty()) {
+        log::set_context({{"container", cfg.id}, {"peer", peer_of(kConnFd)}});
+        log::audit("request.refused", {{"status", 0}, {"stream", 0}, {"reason", why}});
+        log::info("connection closed", {{"reason", why}});
+        return 0;
+      }
+      door = std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, nullptr);
+      return serve(base.get(), std::move(door));
+    }
     SSL* ssl = SSL_new(ctx.get());
     if (!ssl) throw Error("SSL_new: " + proto::ssl_error_string());
     int one = 1;
@@ -630,22 +683,11 @@ int main(int argc, char** argv) {
     SSL_get0_alpn_selected(ssl, &alpn, &alpn_len);
     bool h2 = alpn_len == 2 && memcmp(alpn, "h2", 2) == 0;
     // ALPN h2: the native protocol; http/1.1 or none (kubectl sets none): Kubernetes streaming.
-    std::unique_ptr<FrontDoor> door;
     if (h2)
       door = std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, ssl);
     else
       door = make_http1_front_door(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, ssl);
-    event* term = evsignal_new(base.get(), SIGTERM, on_signal, door.get());
-    event_add(term, nullptr);
-    if (g_warm_term) on_signal(SIGTERM, 0, door.get());  // arrived after a warm session's wait
-    event* cexit = event_new(base.get(), kPidFd, EV_READ, on_container_exit, door.get());
-    event_add(cexit, nullptr);
-    event_base_dispatch(base.get());
-    event_free(term);
-    event_free(cexit);
-    int code = door->exit_code();
-    door.reset();
-    return code;
+    return serve(base.get(), std::move(door));
   } catch (const std::exception& e) {
     log::error("session failed", {{"error", e.what()}});
     return 1;

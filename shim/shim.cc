@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -181,7 +182,7 @@ class Shim {
 
  private:
   void setup();
-  void accept_connections();
+  void accept_connections(int listener);
   void spawn_session(Fd conn, bool warm);
   bool hand_to_warm(const Fd& conn);
   void handle_replay(Session& s);
@@ -190,7 +191,7 @@ class Shim {
   int shutdown(const char* why);
 
   const Options& opt_;
-  Fd sigfd_, devnull_, listen_;
+  Fd sigfd_, devnull_, listen_, local_;
   Held held_;
   std::vector<Session> sessions_;
   ticket::ReplayCache cache_;
@@ -232,6 +233,7 @@ void Shim::setup() {
 
   held_ = open_container(opt_.pid);
   listen_ = listen_on(opt_.listen);
+  if (!opt_.local_socket.empty()) local_ = listen_local(opt_.local_socket);
   protect_binary(opt_.session_binary);
 
   std::string ns_arg;
@@ -262,7 +264,7 @@ int Shim::run() {
   for (auto& [t, fd] : held_.ns) names += (names.empty() ? "" : ",") + t;
   log("info", "shim ready",
       {F("port", static_cast<long long>(port)), F("container_pid", static_cast<long long>(opt_.pid)),
-       F("namespaces", names), F("session_binary", opt_.session_binary)});
+       F("namespaces", names), F("session_binary", opt_.session_binary), F("local_socket", opt_.local_socket)});
   if (opt_.ready_fd >= 0) {
     std::string line = "ready " + std::to_string(port) + "\n";
     // The hook may already have given up (timeout): that is not our error.
@@ -277,6 +279,7 @@ int Shim::run() {
     pfds.push_back({sigfd_.get(), POLLIN, 0});
     pfds.push_back({held_.pidfd.get(), POLLIN, 0});
     pfds.push_back({accept_paused_ ? -1 : listen_.get(), POLLIN, 0});
+    pfds.push_back({accept_paused_ ? -1 : local_.get(), POLLIN, 0});
     for (auto& s : sessions_) pfds.push_back({s.ctl.get(), POLLIN, 0});
     int timeout = -1;
     if (opt_.renew_every_s) timeout = static_cast<int>(std::max<int64_t>(0, next_renew_ - mono_ms()));
@@ -304,20 +307,24 @@ int Shim::run() {
       reap();
     }
     if (pfds[1].revents) return shutdown("container init exited");
-    // Session sockets: pfds[3 + i] belongs to sessions_[i] (reap() above may
-    // only have removed entries, so match by fd, not by index).
-    for (size_t i = 3; i < pfds.size(); i++) {
+    // Session sockets: pfds[kFirstCtl + i] belongs to sessions_[i] (reap() above
+    // may only have removed entries, so match by fd, not by index).
+    constexpr size_t kFirstCtl = 4;
+    for (size_t i = kFirstCtl; i < pfds.size(); i++) {
       if (!pfds[i].revents || pfds[i].fd < 0) continue;
       for (auto& s : sessions_)
         if (s.ctl.get() == pfds[i].fd) handle_replay(s);
     }
-    if (pfds[2].revents) accept_connections();
+    if (pfds[2].revents) accept_connections(listen_.get());
+    if (pfds[3].revents) accept_connections(local_.get());
   }
 }
 
-void Shim::accept_connections() {
+// From either listener: a session tells TCP (TLS) from the local socket by
+// the socket it is given.
+void Shim::accept_connections(int listener) {
   for (int i = 0; i < 16; i++) {
-    int c = ::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+    int c = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
     if (c < 0) {
       if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED) return;
       if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
@@ -558,6 +565,10 @@ void Shim::reap() {
 
 int Shim::shutdown(const char* why) {
   listen_.reset();
+  if (local_) {
+    local_.reset();
+    ::unlink(opt_.local_socket.c_str());
+  }
   log("info", "shim stopping", {F("reason", why), F("sessions", static_cast<long long>(sessions_.size()))});
   for (auto& s : sessions_) ::kill(s.pid, SIGTERM);
   if (renewer_ > 0) ::kill(renewer_, SIGKILL);
@@ -611,6 +622,9 @@ Options parse_args(int argc, const char* const* argv) {
       o.id = v;
     } else if (a == "--listen") {
       o.listen = v;
+    } else if (a == "--local-socket") {
+      if (v.empty() || v.front() != '/') throw Error("shimlet: --local-socket needs an absolute path");
+      o.local_socket = v;
     } else if (a == "--pid") {
       auto n = to_num(v, 1, 0x3fffffff);
       if (!n) throw Error("shimlet: bad --pid " + std::string(v));
@@ -681,6 +695,35 @@ Fd listen_on(const std::string& addr) {
   if (::setsockopt(s.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0) throw sys_error("SO_REUSEADDR");
   if (::bind(s.get(), reinterpret_cast<sockaddr*>(&ss), len) < 0) throw sys_error("bind " + addr);
   if (::listen(s.get(), 64) < 0) throw sys_error("listen " + addr);
+  return s;
+}
+
+Fd listen_local(const std::string& path) {
+  size_t slash = path.rfind('/');
+  if (slash == std::string::npos || slash + 1 == path.size()) throw Error("bad local socket path: " + path);
+  std::string dir = slash ? path.substr(0, slash) : "/", name = path.substr(slash + 1);
+  Fd d(::open(dir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!d) throw sys_error("open " + dir);
+  sockaddr_un sa{};
+  sa.sun_family = AF_UNIX;
+  std::string via = "/proc/self/fd/" + std::to_string(d.get()) + "/" + name;
+  if (via.size() >= sizeof sa.sun_path) throw Error("local socket name too long: " + path);
+  memcpy(sa.sun_path, via.c_str(), via.size() + 1);
+  struct stat st {};
+  if (::fstatat(d.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+    if (!S_ISSOCK(st.st_mode)) throw Error(path + " exists and is not a socket (refusing to replace it)");
+    if (::unlinkat(d.get(), name.c_str(), 0) < 0) throw sys_error("unlink stale " + path);
+  }
+  Fd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!s) throw sys_error("socket for " + path);
+  // Created 0600: nobody but root may connect (the directory is 0700 too).
+  mode_t old = ::umask(0177);
+  int r = ::bind(s.get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa);
+  int e = errno;
+  ::umask(old);
+  errno = e;
+  if (r < 0) throw sys_error("bind " + path);
+  if (::listen(s.get(), 64) < 0) throw sys_error("listen " + path);
   return s;
 }
 

@@ -7,7 +7,7 @@
 // It takes everything it needs from argv (the hook writes shim.json and passes
 // the same values on the command line) so the shim needs no JSON parser:
 //   shimlet --config STATE/<id>/shim.json --pid PID --session-binary PATH
-//           [--id ID] [--listen ADDR:PORT] [--ready-fd N] [--max-sessions N]
+//           [--id ID] [--listen ADDR:PORT] [--local-socket PATH] [--ready-fd N] [--max-sessions N]
 //           [--renew-every SECONDS --renew-exec HOOK --renew-config HOOK_CONFIG]
 // --config is only handed through to the sessions.
 #pragma once
@@ -60,6 +60,9 @@ struct Options {
   std::string id;              // container id (logs only)
   pid_t pid = 0;               // container init (host pid)
   std::string listen = "127.0.0.1:0";
+  // Also listen on this unix socket (root's, 0600): `shimctl --local` on the
+  // node speaks HTTP/2 there without TLS (docs/design.md "Local socket").
+  std::string local_socket;
   int ready_fd = -1;            // "ready PORT\n" is written here, then closed
   unsigned max_sessions = 256;  // connections beyond this are closed at once
   // Keep one warm session ready after the first connection (docs/design.md
@@ -79,6 +82,10 @@ Options parse_args(int argc, const char* const* argv);
 // "127.0.0.1:0", "[::1]:8080", "0.0.0.0:1234" -> bound, listening, CLOEXEC,
 // non-blocking TCP socket (SO_REUSEADDR). Throws with context.
 Fd listen_on(const std::string& addr);
+// A listening, CLOEXEC, non-blocking unix stream socket at path, mode 0600
+// (any stale socket there is replaced). Paths longer than sun_path are fine:
+// it binds through the directory's fd. Throws with context.
+Fd listen_local(const std::string& path);
 // Port the socket is bound to.
 unsigned short bound_port(int sock);
 

@@ -383,3 +383,62 @@ def test_silent_client_times_out(env, ctr, shimlog):
     finally:
         s.close()
     shimlog.wait_refusal("TLS handshake timed out")
+
+
+# ---- the local socket (STATE/<id>/shim.sock: root only, HTTP/2 without TLS) ----
+
+def local_socket_client(env, ctr, data, uid=None):
+    """Connects to the shim's local socket (as uid, keeping CAP_DAC_OVERRIDE so
+    the 0700 directory and 0600 socket do not stop it first), sends data and
+    returns what came back before the shim closed the connection."""
+    sock = env.registration(ctr.id)["local_socket"]
+    script = ("import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);s.settimeout(30);"
+              "out=b''\n"
+              "try:\n s.sendall(bytes.fromhex(sys.argv[2]))\n"
+              " while True:\n  d=s.recv(65536)\n  if not d: break\n  out+=d\n"
+              "except ConnectionResetError: pass\n"  # closed with our bytes unread
+              "sys.stdout.write(out.hex())")
+    argv = ["/usr/bin/python3", "-c", script, sock, data.hex()]
+    if uid is not None:
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=+dac_override",
+                "--ambient-caps=+dac_override", *argv]
+    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return bytes.fromhex(p.stdout.decode())
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")  # + empty SETTINGS
+
+
+def test_local_socket_refuses_other_uids(env, ctr, shimlog):
+    # Past the file permissions (CAP_DAC_OVERRIDE), a non-root peer is still
+    # refused: the session checks SO_PEERCRED before any HTTP/2.
+    out = local_socket_client(env, ctr, H2_PREFACE, uid=65534)
+    assert out == b"", out  # not even the server's SETTINGS
+    line = shimlog.wait_refusal("peer uid 65534 is not 0")
+    assert line["peer"].startswith("unix:pid=") and line["peer"].endswith(",uid=65534"), line
+
+
+def test_local_socket_without_dac_override_cannot_connect(env, ctr):
+    sock = env.registration(ctr.id)["local_socket"]
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                        "/usr/bin/python3", "-c", "import socket,sys;socket.socket(socket.AF_UNIX).connect(sys.argv[1])", sock],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert p.returncode != 0 and b"PermissionError" in p.stderr, p.stderr
+
+
+def test_local_socket_garbage(env, ctr, shimlog):
+    out = local_socket_client(env, ctr, os.urandom(8192))
+    # The server's SETTINGS (and window), then the close (a bad client preface
+    # gets no GOAWAY): nothing else, nothing ran.
+    assert out[3] == 0x4 and len(out) < 256, out
+    shimlog.wait_refusal("HTTP/2 protocol error")
+    assert not [l for l in shimlog.lines() if l.get("msg") == "exec.start"], "garbage ran something"
+
+
+def test_local_socket_ticket_bound_to_a_key_needs_tls(env, ctr, shimlog):
+    # A ticket whose cnf binds a client key cannot be used over the local
+    # socket (there is no certificate to prove the key): refused.
+    out = probe(env, ctr, "--local-socket", *mint_args(ctr), *exec_header())
+    assert_refused(out, 403, "no client certificate was presented")
+    shimlog.wait_refusal("no client certificate was presented")

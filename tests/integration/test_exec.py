@@ -9,6 +9,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import tempfile
@@ -80,8 +81,9 @@ class ShimEnv:
         with open(os.path.join(self.state, cid, "registration.json")) as f:
             return json.load(f)
 
-    def shimctl(self, *args, state_dir=None, **kw):
-        return [SHIMCTL, "--local", "--state-dir", state_dir or self.state, *args]
+    def shimctl(self, *args, state_dir=None, tls=False, **kw):
+        """--local: the shim's root-only unix socket; tls=True: its TLS port."""
+        return [SHIMCTL, "--local", *(["--tls"] if tls else []), "--state-dir", state_dir or self.state, *args]
 
     def cleanup(self):
         for c in self.containers:
@@ -112,11 +114,16 @@ def ctr(env):
     return env.container()
 
 
-def shimctl(env, *args, timeout=60, state_dir=None, **kw):
+def shimctl(env, *args, timeout=60, state_dir=None, tls=False, **kw):
     kw.setdefault("stdin", subprocess.DEVNULL)
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.PIPE)
-    return subprocess.run(env.shimctl(*args, state_dir=state_dir), timeout=timeout, **kw)
+    return subprocess.run(env.shimctl(*args, state_dir=state_dir, tls=tls), timeout=timeout, **kw)
+
+
+# The byte-exactness tests run over both transports of `--local`: the shim's
+# local socket (HTTP/2 without TLS, the default) and its TLS port (--tls).
+TRANSPORTS = pytest.mark.parametrize("tls", [False, True], ids=["unix", "tls"])
 
 
 def seq_bytes(n, eol=b"\n"):
@@ -177,8 +184,9 @@ class Pty:
 
 # ---- output integrity ----
 
-def test_seq_pipe_mode_byte_exact(env, ctr):
-    p = shimctl(env, "exec", ctr.id, "--", "seq", "1", str(SEQ_N))
+@TRANSPORTS
+def test_seq_pipe_mode_byte_exact(env, ctr, tls):
+    p = shimctl(env, "exec", ctr.id, "--", "seq", "1", str(SEQ_N), tls=tls)
     assert p.returncode == 0, p.stderr
     want = seq_bytes(SEQ_N)
     assert len(p.stdout) == len(want)
@@ -186,9 +194,10 @@ def test_seq_pipe_mode_byte_exact(env, ctr):
     assert p.stderr == b""
 
 
-def test_seq_tty_mode_byte_exact(env, ctr):
+@TRANSPORTS
+def test_seq_tty_mode_byte_exact(env, ctr, tls):
     # The container's pty turns \n into \r\n (onlcr); nothing else may change.
-    p = shimctl(env, "exec", "-t", ctr.id, "--", "seq", "1", str(SEQ_N))
+    p = shimctl(env, "exec", "-t", ctr.id, "--", "seq", "1", str(SEQ_N), tls=tls)
     assert p.returncode == 0, p.stderr
     want = seq_bytes(SEQ_N, b"\r\n")
     assert len(p.stdout) == len(want)
@@ -207,7 +216,8 @@ def test_seq_tty_raw_under_local_pty(env, ctr):
     assert body == seq_bytes(200000) + b"END\n"
 
 
-def test_stdin_100mb_through_cat(env, ctr, tmp_path):
+@TRANSPORTS
+def test_stdin_100mb_through_cat(env, ctr, tmp_path, tls):
     data = os.urandom(100 << 20)
     src = tmp_path / "in"
     src.write_bytes(data)
@@ -215,7 +225,7 @@ def test_stdin_100mb_through_cat(env, ctr, tmp_path):
     # Through a pipe (pollable stdin) ...
     with open(src, "rb") as f:
         feeder = subprocess.Popen(["cat"], stdin=f, stdout=subprocess.PIPE)
-        p = subprocess.run(env.shimctl("exec", "-i", ctr.id, "--", "cat"), stdin=feeder.stdout,
+        p = subprocess.run(env.shimctl("exec", "-i", ctr.id, "--", "cat", tls=tls), stdin=feeder.stdout,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
         feeder.stdout.close()
         feeder.wait()
@@ -224,7 +234,7 @@ def test_stdin_100mb_through_cat(env, ctr, tmp_path):
     assert hashlib.sha256(p.stdout).hexdigest() == want
     # ... and from a regular file (not pollable: always ready), checksummed remotely.
     with open(src, "rb") as f:
-        p = shimctl(env, "exec", "-i", ctr.id, "--", "sha256sum", stdin=f, timeout=300)
+        p = shimctl(env, "exec", "-i", ctr.id, "--", "sha256sum", stdin=f, timeout=300, tls=tls)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split()[0].decode() == want
 
@@ -280,9 +290,10 @@ def test_slow_reader_bounded_memory(env, ctr):
 
 # ---- exit codes ----
 
+@TRANSPORTS
 @pytest.mark.parametrize("code", [0, 1, 42, 255])
-def test_exit_codes(env, ctr, code):
-    p = shimctl(env, "exec", ctr.id, "--", "sh", "-c", f"exit {code}")
+def test_exit_codes(env, ctr, code, tls):
+    p = shimctl(env, "exec", ctr.id, "--", "sh", "-c", f"exit {code}", tls=tls)
     assert p.returncode == code, p.stderr
     assert p.stderr == b""
 
@@ -444,6 +455,51 @@ def test_usage_errors(env, ctr):
         assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], (args, p.stderr)
 
 
+def exec_start_lines(path, offset):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        lines = [json.loads(l) for l in f.read().splitlines() if l.startswith(b"{")]
+    return [l for l in lines if l.get("level") == "audit" and l.get("msg") == "exec.start"]
+
+
+def test_local_exec_uses_the_root_only_local_socket(env, ctr):
+    # --local reaches the shim over STATE/<id>/shim.sock (root's, 0600, HTTP/2
+    # without TLS); --tls over its TLS port. The audit line names the peer.
+    sock = env.registration(ctr.id)["local_socket"]
+    assert sock == os.path.join(env.state, ctr.id, "shim.sock")
+    st = os.lstat(sock)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0, oct(st.st_mode)
+    log = os.path.join(env.state, ctr.id, "shim.log")
+    start = os.path.getsize(log)
+    peers = {}
+    for tls in (False, True):
+        marker = f"via-{'tls' if tls else 'unix'}-{uuid.uuid4().hex[:8]}"
+        p = shimctl(env, "exec", ctr.id, "--", "echo", marker, tls=tls)
+        assert (p.returncode, p.stdout) == (0, marker.encode() + b"\n"), p.stderr
+        line = wait_for(lambda: next((l for l in exec_start_lines(log, start) if marker in l.get("command", [])), None),
+                        10, f"exec.start audit line for {marker}")
+        peers[tls] = line["peer"]
+    assert peers[False].startswith("unix:pid=") and peers[False].endswith(",uid=0"), peers
+    assert peers[True].startswith("127.0.0.1:"), peers
+
+
+def test_local_socket_path_longer_than_sun_path(tmp_path):
+    # sun_path holds 107 bytes; the shim binds and shimctl connects through the
+    # directory's fd, so a deep state dir works.
+    deep = ShimEnv()
+    try:
+        deep.state = os.path.join(deep.dir, "d" * 60, "e" * 60, "state")
+        with open(deep.config, "w") as f:
+            json.dump({"state_dir": deep.state, "fail_container_on_error": True}, f)
+        c = deep.container()
+        sock = deep.registration(c.id)["local_socket"]
+        assert len(sock.encode()) > 108, sock
+        p = shimctl(deep, "exec", c.id, "--", "echo", "deep")
+        assert (p.returncode, p.stdout) == (0, b"deep\n"), p.stderr
+    finally:
+        deep.cleanup()
+
+
 def test_pin_mismatch_refused(env, ctr, tmp_path):
     fake = tmp_path / "state"
     os.makedirs(fake / ctr.id)
@@ -451,7 +507,8 @@ def test_pin_mismatch_refused(env, ctr, tmp_path):
     reg = env.registration(ctr.id)
     reg["pin"] = "sha256/" + "A" * 43 + "="
     (fake / ctr.id / "registration.json").write_text(json.dumps(reg))
-    p = shimctl(env, "exec", ctr.id, "--", "echo", "leaked", state_dir=str(fake))
+    # The pin guards the TLS port (the local socket is reached by path).
+    p = shimctl(env, "exec", ctr.id, "--", "echo", "leaked", state_dir=str(fake), tls=True)
     assert p.returncode == 255
     assert p.stdout == b""
     assert "pin mismatch" in p.stderr.decode() and len(p.stderr.decode().splitlines()) == 1, p.stderr

@@ -23,6 +23,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -56,7 +57,8 @@ constexpr size_t kMaxBody = 4u << 20;  // bound on what we keep of any response
 
 const char* kUsage =
     "usage: shimlet-probe (--endpoint HOST:PORT --pin PIN | --state-dir S --id ID)\n"
-    "  [--no-client-cert] [--identity PREFIX] [--timeout S]\n"
+    "  [--no-client-cert] [--local-socket] [--identity PREFIX] [--timeout S]\n"
+    "      --local-socket: request mode over the registration's local socket (HTTP/2, no TLS)\n"
     "      --identity: client key/cert from PREFIX.key/PREFIX.crt, created there if absent\n"
     "      (so a grant from shimlet-master can be bound to this probe's key)\n"
     "  [--ticket TOKEN | --mint --key PEM [--kid KID] --claims JSON] [--mint-only]\n"
@@ -70,6 +72,7 @@ const char* kUsage =
 struct Opts {
   std::string endpoint, pin, state_dir, id, identity;
   bool no_client_cert = false;
+  std::string local_socket;  // --local-socket: request mode over the shim's unix socket, no TLS
   int timeout_s = 20;
   std::string ticket;
   bool mint = false, mint_only = false;
@@ -101,6 +104,8 @@ Opts parse(int argc, char** argv) {
       o.id = need(i);
     else if (a == "--no-client-cert")
       o.no_client_cert = true;
+    else if (a == "--local-socket")
+      o.local_socket = "registration";
     else if (a == "--identity")
       o.identity = need(i);
     else if (a == "--timeout")
@@ -213,6 +218,19 @@ Fd tcp_connect(const std::string& ep, bool nonblock) {
   return fd;
 }
 
+// The shim's local socket (short paths only: the tests' state dirs are).
+Fd unix_connect(const std::string& path) {
+  sockaddr_un sa{};
+  sa.sun_family = AF_UNIX;
+  if (path.size() >= sizeof sa.sun_path) throw Error("local socket path too long: " + path);
+  memcpy(sa.sun_path, path.c_str(), path.size() + 1);
+  Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) throw shimlet::sys_error("socket");
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa) < 0) throw shimlet::sys_error("connect " + path);
+  evutil_make_socket_nonblocking(fd.get());
+  return fd;
+}
+
 struct Ctx {
   Opts o;
   proto::Identity id;
@@ -244,8 +262,10 @@ class Request : public proto::H2Conn::Handler {
   json run() {
     std::unique_ptr<event_base, decltype(&event_base_free)> base(event_base_new(), event_base_free);
     base_ = base.get();
-    Fd fd = tcp_connect(c_.o.endpoint, true);
-    conn_ = std::make_unique<proto::H2Conn>(base_, fd.release(), c_.new_ssl(), proto::H2Conn::Role::Client, this);
+    bool local = !c_.o.local_socket.empty();
+    Fd fd = local ? unix_connect(c_.o.local_socket) : tcp_connect(c_.o.endpoint, true);
+    conn_ = std::make_unique<proto::H2Conn>(base_, fd.release(), local ? nullptr : c_.new_ssl(),
+                                            proto::H2Conn::Role::Client, this);
     event* deadline = evtimer_new(base_, on_timeout, this);
     timeval tv{c_.o.timeout_s, 0};
     evtimer_add(deadline, &tv);
@@ -272,7 +292,7 @@ class Request : public proto::H2Conn::Handler {
   };
 
   std::string on_connected(SSL* ssl) override {
-    if (!c_.o.pin.empty())
+    if (ssl && !c_.o.pin.empty())
       if (std::string e = proto::check_pin(ssl, c_.o.pin); !e.empty()) return e;
     // The HTTP/2 session exists once this returns: submit from the loop.
     start_ = evtimer_new(base_, on_start, this);
@@ -854,6 +874,7 @@ int real_main(int argc, char** argv) {
     json reg = json::parse(read_file(c.o.state_dir + "/" + c.o.id + "/registration.json"));
     if (c.o.endpoint.empty()) c.o.endpoint = reg.at("endpoint").get<std::string>();
     if (c.o.pin.empty()) c.o.pin = reg.at("pin").get<std::string>();
+    if (!c.o.local_socket.empty()) c.o.local_socket = reg.at("local_socket").get<std::string>();
   }
   if (c.o.mint && c.o.key.empty()) {
     if (c.o.state_dir.empty()) throw Error("--mint needs --key (or --state-dir for STATE/local.key)");
