@@ -15,7 +15,7 @@ constexpr const char* kExecUsage =
     "TARGET [-c "
     "CONTAINER] -- CMD [ARGS...]";
 constexpr const char* kPortForwardUsage =
-    "shimctl [--local] [--state-dir DIR] port-forward [-n NS] TARGET [-c CONTAINER] [--address ADDR[,ADDR]] "
+    "shimctl [--local [--tls]] [--state-dir DIR] port-forward [-n NS] TARGET [-c CONTAINER] [--address ADDR[,ADDR]] "
     "[LOCAL:]REMOTE[/udp] ... | port-forward [-n NS] TARGET --stdio REMOTE";
 
 }  // namespace
@@ -46,8 +46,7 @@ Invocation parse_args(const std::vector<std::string>& argv) {
   app.footer(std::string("Usage: ") + kExecUsage + "\n       " + kPortForwardUsage);
   std::string state_dir;
   app.add_flag("--local", inv.local, "Root on the node: read the state dir and mint a ticket with its local.key");
-  app.add_flag("--tls", inv.local_tls,
-               "With --local exec: use the shim's TLS port rather than its root-only local socket");
+  app.add_flag("--tls", inv.local_tls, "With --local: use the shim's TLS port rather than its root-only local socket");
   app.add_option("--state-dir", state_dir, "shimlet state directory (default $SHIMLET_STATE_DIR or /run/shimlet)");
   CLI::Option* ns_opt =
       app.add_option("-n,--namespace", inv.ns, "Namespace of the pod named by TARGET")->capture_default_str();

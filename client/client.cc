@@ -30,8 +30,10 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (inv.verb == "exec" && inv.local) return run_local_exec(inv);
-    // A fresh key per run: the ticket binds it (cnf.jkt), TLS proves it.
-    proto::Identity id = proto::generate_identity("shimctl");
+    // A fresh key per run: the ticket binds it (cnf.jkt), TLS proves it. The
+    // local socket (--local without --tls) has no TLS: no key, no cnf.
+    proto::Identity id;
+    if (!inv.local || inv.local_tls) id = proto::generate_identity("shimctl");
     if (inv.verb == "port-forward") return run_port_forward(obtain_portforward_grant(inv, id), inv.pf, id);
     Grant grant = obtain_exec_grant(inv, id);
     return run_exec(grant, inv.exec, id);

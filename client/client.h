@@ -158,7 +158,8 @@ struct LocalExec {
 LocalExec local_exec_target(const std::string& state_dir, const std::string& ns, const ExecOptions& ex);
 void mint_local_exec_ticket(LocalExec& le, const ExecOptions& ex, const proto::Identity& client, int64_t now);
 // Same for `port-forward`: the ticket's verb is "portforward" and its ports
-// claim lists every REMOTE (the shim refuses any other port).
+// claim lists every REMOTE (the shim refuses any other port). An empty
+// `client` identity (--local without --tls) means the shim's local socket.
 Grant obtain_portforward_grant(const Invocation& inv, const proto::Identity& client);
 Grant local_portforward_grant(const std::string& state_dir, const std::string& ns, const PortForwardOptions& pf,
                               const proto::Identity& client, int64_t now);

@@ -112,7 +112,13 @@ Grant local_exec_grant(const std::string& state_dir, const std::string& ns, cons
 Grant local_portforward_grant(const std::string& state_dir, const std::string& ns, const PortForwardOptions& pf,
                               const proto::Identity& client, int64_t now) {
   std::vector<Registration> regs = load_registrations(state_dir);
-  Grant g = grant_for(resolve_target(regs, pf.target, ns, pf.container));
+  const Registration& reg = resolve_target(regs, pf.target, ns, pf.container);
+  Grant g = grant_for(reg);
+  if (client.cert_pem.empty()) {  // no TLS identity: the local socket
+    if (reg.local_socket.empty())
+      throw Error(reg.path + " names no local socket (a shim started by an older hook): use --local --tls");
+    g.local_socket = reg.local_socket;
+  }
   ticket::Claims c;
   c.verb = "portforward";
   for (const PortSpec& p : pf.ports) {

@@ -220,8 +220,9 @@ struct Listener {
 
 class Forwarder : public proto::H2Conn::Handler {
  public:
+  // No TLS context for the shim's local socket (grant.local_socket).
   Forwarder(const Grant& g, const PortForwardOptions& pf, const proto::Identity& id)
-      : grant_(g), pf_(pf), ctx_(proto::make_client_ctx(id)) {
+      : grant_(g), pf_(pf), ctx_(g.local_socket.empty() ? proto::make_client_ctx(id) : nullptr) {
     base_.reset(event_base_new());
     if (!base_) throw Error("event_base_new failed");
     defer_ev_.reset(evtimer_new(
@@ -328,13 +329,13 @@ class Forwarder : public proto::H2Conn::Handler {
 
   static void on_connect_cb(evutil_socket_t fd, short what, void* self) {
     auto* f = static_cast<Forwarder*>(self);
-    if (what & EV_TIMEOUT) return f->quit(1, "error: timed out connecting to shim at " + f->grant_.endpoint);
+    if (what & EV_TIMEOUT) return f->quit(1, "error: timed out connecting to shim at " + f->where());
     int err = 0;
     socklen_t len = sizeof err;
     getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-    if (err) return f->quit(1, "error: cannot connect to shim at " + f->grant_.endpoint + ": " + strerror(err));
-    SSL* ssl = SSL_new(f->ctx_.get());
-    if (!ssl) return f->quit(1, "error: SSL_new: " + proto::ssl_error_string());
+    if (err) return f->quit(1, "error: cannot connect to shim at " + f->where() + ": " + strerror(err));
+    SSL* ssl = nullptr;  // the local socket: HTTP/2 without TLS
+    if (f->ctx_ && !(ssl = SSL_new(f->ctx_.get()))) return f->quit(1, "error: SSL_new: " + proto::ssl_error_string());
     proto::H2Settings st;
     st.stream_window = kStreamWindow;
     st.connection_window = kConnectionWindow;
@@ -345,12 +346,14 @@ class Forwarder : public proto::H2Conn::Handler {
         std::make_unique<proto::H2Conn>(f->base_.get(), f->sock_.release(), ssl, proto::H2Conn::Role::Client, f, st);
   }
 
+  const std::string& where() const { return grant_.local_socket.empty() ? grant_.endpoint : grant_.local_socket; }
+
   std::string on_connected(SSL* ssl) override {
-    if (std::string e = proto::check_pin(ssl, grant_.pin); !e.empty()) {
+    if (std::string e = ssl ? proto::check_pin(ssl, grant_.pin) : ""; !e.empty()) {
       pin_error_ = e;
       return e;
     }
-    tls_ready_ = true;
+    conn_ready_ = true;
     open_pending_ = true;  // the HTTP/2 session exists only once this returns
     defer();
     return "";
@@ -552,9 +555,9 @@ class Forwarder : public proto::H2Conn::Handler {
     }
   }
   void on_closed(const std::string& why) override {
-    if (!tls_ready_) {
+    if (!conn_ready_) {
       if (!pin_error_.empty()) return quit(1, "error: " + pin_error_);
-      return quit(1, "error: cannot connect to shim at " + grant_.endpoint + ": " + why);
+      return quit(1, "error: cannot connect to shim at " + where() + ": " + why);
     }
     abandon_pending_ = true;
     if (!quitting_) quit(1, "error: lost connection to the shim: " + why);
@@ -610,7 +613,7 @@ class Forwarder : public proto::H2Conn::Handler {
   int32_t open_id_ = -1;
   int open_status_ = 0;
   int exit_code_ = 0;
-  bool tls_ready_ = false, quitting_ = false, accept_paused_ = false;
+  bool conn_ready_ = false, quitting_ = false, accept_paused_ = false;
   bool open_pending_ = false, opened_pending_ = false, abandon_pending_ = false, shutdown_pending_ = false;
   bool stop_loop_deferred_ = false;
 };

@@ -115,8 +115,9 @@ class PfEnv:
         with open(os.path.join(self.state, cid, "registration.json")) as f:
             return json.load(f)
 
-    def shimctl(self, *args):
-        return [SHIMCTL, "--local", "--state-dir", self.state, *args]
+    def shimctl(self, *args, tls=False):
+        """--local: the shim's root-only unix socket; tls=True: its TLS port."""
+        return [SHIMCTL, "--local", *(["--tls"] if tls else []), "--state-dir", self.state, *args]
 
     def in_netns(self, c, *argv, ready=True, **kw):
         """Runs argv (a host binary) in c's network namespace; waits for 'ready'."""
@@ -132,8 +133,8 @@ class PfEnv:
     def peer(self, c, mode, port, *extra):
         return self.in_netns(c, PY, PEERS, mode, str(port), *map(str, extra))
 
-    def forward(self, target, *ports, addresses=None):
-        fw = Forward(self, target, ports, addresses)
+    def forward(self, target, *ports, addresses=None, tls=False):
+        fw = Forward(self, target, ports, addresses, tls)
         self.procs.append(fw.p)
         return fw
 
@@ -167,14 +168,14 @@ class Forward:
     """A running `shimctl port-forward`; stdout/stderr go to files (never a
     pipe nobody reads)."""
 
-    def __init__(self, env, target, ports, addresses):
+    def __init__(self, env, target, ports, addresses, tls=False):
         self.out_path = os.path.join(env.dir, f"fw-{uuid.uuid4().hex[:6]}.out")
         self.err_path = self.out_path[:-4] + ".err"
         args = ["port-forward", target, *ports]
         if addresses:
             args += ["--address", addresses]
         with open(self.out_path, "w") as o, open(self.err_path, "w") as e:
-            self.p = subprocess.Popen(env.shimctl(*args), stdout=o, stderr=e, stdin=subprocess.DEVNULL,
+            self.p = subprocess.Popen(env.shimctl(*args, tls=tls), stdout=o, stderr=e, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         n = len(ports)
 
@@ -422,8 +423,10 @@ def _expected_sha(total):
     return h.hexdigest()
 
 
-def test_transfer_256m_both_ways(env):
-    _transfer(env, 256 << 20)
+# Over both transports of --local: the local socket (default) and the TLS port.
+@pytest.mark.parametrize("tls", [False, True], ids=["unix", "tls"])
+def test_transfer_256m_both_ways(env, tls):
+    _transfer(env, 256 << 20, tls)
 
 
 @pytest.mark.slow
@@ -431,12 +434,12 @@ def test_transfer_4g_both_ways(env):
     _transfer(env, 4 << 30)
 
 
-def _transfer(env, total):
+def _transfer(env, total, tls=False):
     c = env.container()
     out = os.path.join(env.dir, "sink.txt")
     env.peer(c, "sink", 7300, out)
     env.peer(c, "source", 7301, total)
-    fw = env.forward(c.id, ":7300", ":7301")
+    fw = env.forward(c.id, ":7300", ":7301", tls=tls)
     t0 = time.time()
     sha = _upload(fw.port(7300), total)
     wait_for(lambda: os.path.exists(out) and open(out).read().strip(), 30, "sink result")
@@ -603,9 +606,18 @@ def test_stdio_like_nc(env):
     c = env.container(args=("sh", "-c", "nc -ll -p 7100 -e wc -c"))
     wait_for(lambda: listening(c, 7100), 5, "busybox nc listening")
     data = os.urandom(1 << 20)
-    p = run(env.shimctl("port-forward", c.id, "--stdio", "7100"), input=data, check=False, timeout=30)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == str(len(data)).encode()
+    log = os.path.join(env.state, c.id, "shim.log")
+    for tls in (False, True):
+        start = os.path.getsize(log)
+        p = run(env.shimctl("port-forward", c.id, "--stdio", "7100", tls=tls), input=data, check=False, timeout=30)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == str(len(data)).encode()
+        # The audit names the transport: unix:pid=P,uid=0 or 127.0.0.1:PORT.
+        with open(log, "rb") as f:
+            f.seek(start)
+            peers = {json.loads(l).get("peer") for l in f.read().splitlines() if l.startswith(b"{")} - {None}
+        want = "127.0.0.1:" if tls else "unix:pid="
+        assert peers and all(x.startswith(want) for x in peers), (tls, peers)
     # Nothing listening: a clear error and a non-zero exit.
     p = run(env.shimctl("port-forward", c.id, "--stdio", "7999"), input=b"x", check=False, timeout=30)
     assert p.returncode == 1
@@ -810,7 +822,8 @@ def test_unknown_target_and_bad_pin(env):
     reg["pin"] = "sha256/" + base64.b64encode(b"\0" * 32).decode()
     with open(regp, "w") as f:
         json.dump(reg, f)
-    p = run(env.shimctl("port-forward", c.id, ":80"), check=False, timeout=20)
+    # The pin guards the TLS port (the local socket is reached by path).
+    p = run(env.shimctl("port-forward", c.id, ":80", tls=True), check=False, timeout=20)
     assert p.returncode == 1 and b"Forwarding from" not in p.stdout, p
     assert b"pin" in p.stderr.lower(), p.stderr
 
