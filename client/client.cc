@@ -19,9 +19,12 @@ int print_error(const std::string& what) {
 
 int main(int argc, char** argv) {
   // The system openssl.cnf has nothing shimctl needs; skip parsing it at startup.
-  // (The legacy cipher and digest tables stay: certificate verification looks
-  // digests up there, and without them every CA signature is "too weak".)
-  OPENSSL_init_ssl(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);
+  // Only libcrypto here: the local socket needs no TLS, and libssl's own
+  // initialisation (error strings) comes with the first SSL_CTX on the TLS
+  // paths. Its legacy cipher and digest tables must not be turned off
+  // (OPENSSL_INIT_NO_ADD_ALL_*): certificate verification looks digests up
+  // there, and without them every CA signature is "too weak".
+  OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);
   try {
     std::vector<std::string> args(argv, argv + argc);
     Invocation inv = parse_args(args);
