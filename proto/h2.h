@@ -1,4 +1,5 @@
-// One HTTP/2 connection over TLS 1.3, driven by a libevent loop: nghttp2 for
+// One HTTP/2 connection over TLS 1.3 (or, on the shim's root-only local
+// socket, without TLS), driven by a libevent loop: nghttp2 for
 // framing, OpenSSL on the socket for TLS (its own reads and writes, not a
 // bufferevent_openssl: see h2.cc). Used by the session (server side) and
 // shimctl (client side). Stream bodies are buffered per stream with explicit
