@@ -14,7 +14,7 @@ the isolation seen is SELinux's alone (the guest prints its LSM list).
 The same checks then run on the real path ("real-*" checks): runc starts a
 third container with shimlet-hook as its createRuntime/poststop hook, the
 hook starts the real shim, and two `shimctl --local exec -t` sessions go
-through shimlet-session (TLS, ticket, nsenter with setexeccon and the pty
+through shimlet-session (the local socket, ticket, nsenter with setexeccon and the pty
 relabelled). The guest's hook config sets isolation.landlock = "off", so the
 isolation seen there is SELinux's alone too.
 

@@ -127,7 +127,7 @@ check avc-signal "$(ok test "$n" -gt 0)" "$n signal denials between sessions"
 # ---------------------------------------------------------------------------
 # The real path: runc starts ctr3 with shimlet-hook (createRuntime) which
 # starts the shim; `shimctl --local exec` sessions go through the shim and
-# shimlet-session (TLS, ticket, nsenter), which sets the superset label with
+# shimlet-session (its local socket, ticket, nsenter), which sets the superset label with
 # setexeccon. The hook config turns Landlock off: the isolation is SELinux's.
 busybox ip link set lo up 2>/dev/null || ip link set lo up 2>/dev/null
 S=/usr/local/bin/shimctl
