@@ -127,6 +127,8 @@ struct Grant {
   // Local exec: connect here (the shim's root-only unix socket; HTTP/2
   // without TLS, docs/design.md "Local socket") instead of endpoint.
   std::string local_socket;
+  // Where the client connects, for messages: local_socket or endpoint.
+  const std::string& address() const { return local_socket.empty() ? endpoint : local_socket; }
   // Master mode: how to ask the master for a tunnel to this shim when it
   // cannot (or, with --proxy, must not) be reached directly. Empty
   // tunnel_path = local mode: direct only.

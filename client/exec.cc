@@ -98,11 +98,11 @@ class ExecClient : public proto::H2Conn::Handler {
 
   static void on_connect_cb(evutil_socket_t fd, short what, void* self) {
     auto* c = static_cast<ExecClient*>(self);
-    if (what & EV_TIMEOUT) return c->fail_now("timed out connecting to shim at " + c->where());
+    if (what & EV_TIMEOUT) return c->fail_now("timed out connecting to shim at " + c->grant_.address());
     int err = 0;
     socklen_t len = sizeof err;
     getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-    if (err) return c->fail_now("cannot connect to shim at " + c->where() + ": " + strerror(err));
+    if (err) return c->fail_now("cannot connect to shim at " + c->grant_.address() + ": " + strerror(err));
     SSL* ssl = nullptr;  // the local socket: HTTP/2 without TLS
     if (c->ctx_ && !(ssl = SSL_new(c->ctx_.get()))) return c->fail_now("SSL_new: " + proto::ssl_error_string());
     // H2Conn owns fd and ssl from here; it runs the handshake (bounded) and HTTP/2.
@@ -152,8 +152,6 @@ class ExecClient : public proto::H2Conn::Handler {
     }
     return 1;
   }
-
-  const std::string& where() const { return grant_.local_socket.empty() ? grant_.endpoint : grant_.local_socket; }
 
   std::string on_connected(SSL* ssl) override {
     if (!ensure_minted()) return mint_error_;
@@ -413,7 +411,7 @@ class ExecClient : public proto::H2Conn::Handler {
     if (!conn_ready_) {
       if (!mint_error_.empty()) return fail_now(mint_error_);
       if (!pin_error_.empty()) return fail_now(pin_error_);
-      return fail_now("cannot connect to shim at " + where() + ": " + why);
+      return fail_now("cannot connect to shim at " + grant_.address() + ": " + why);
     }
     if (!finishing_) finish(kOwnErrorExit, "error: connection to shim lost (" + why + ")");
     defer_pump();  // never tear down from inside H2Conn's own call stack

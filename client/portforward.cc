@@ -329,11 +329,11 @@ class Forwarder : public proto::H2Conn::Handler {
 
   static void on_connect_cb(evutil_socket_t fd, short what, void* self) {
     auto* f = static_cast<Forwarder*>(self);
-    if (what & EV_TIMEOUT) return f->quit(1, "error: timed out connecting to shim at " + f->where());
+    if (what & EV_TIMEOUT) return f->quit(1, "error: timed out connecting to shim at " + f->grant_.address());
     int err = 0;
     socklen_t len = sizeof err;
     getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-    if (err) return f->quit(1, "error: cannot connect to shim at " + f->where() + ": " + strerror(err));
+    if (err) return f->quit(1, "error: cannot connect to shim at " + f->grant_.address() + ": " + strerror(err));
     SSL* ssl = nullptr;  // the local socket: HTTP/2 without TLS
     if (f->ctx_ && !(ssl = SSL_new(f->ctx_.get()))) return f->quit(1, "error: SSL_new: " + proto::ssl_error_string());
     proto::H2Settings st;
@@ -345,8 +345,6 @@ class Forwarder : public proto::H2Conn::Handler {
     f->conn_ =
         std::make_unique<proto::H2Conn>(f->base_.get(), f->sock_.release(), ssl, proto::H2Conn::Role::Client, f, st);
   }
-
-  const std::string& where() const { return grant_.local_socket.empty() ? grant_.endpoint : grant_.local_socket; }
 
   std::string on_connected(SSL* ssl) override {
     if (std::string e = ssl ? proto::check_pin(ssl, grant_.pin) : ""; !e.empty()) {
@@ -557,7 +555,7 @@ class Forwarder : public proto::H2Conn::Handler {
   void on_closed(const std::string& why) override {
     if (!conn_ready_) {
       if (!pin_error_.empty()) return quit(1, "error: " + pin_error_);
-      return quit(1, "error: cannot connect to shim at " + where() + ": " + why);
+      return quit(1, "error: cannot connect to shim at " + grant_.address() + ": " + why);
     }
     abandon_pending_ = true;
     if (!quitting_) quit(1, "error: lost connection to the shim: " + why);

@@ -295,7 +295,7 @@ void H2Conn::feed(const uint8_t* data, size_t len) {
   bytes_in_ += static_cast<uint64_t>(n);
 }
 
-// Hands queued frames to SSL_write until the socket is full.
+// Hands queued frames to SSL_write (plaintext: send(2)) until the socket is full.
 void H2Conn::write_tls() {
   while (!ssl_ && woff_ < wbuf_.size()) {
     // Plaintext: wbuf_ is the write buffer, written as it is.

@@ -604,6 +604,15 @@ std::string local_peer_refusal(int fd) {
   return "";
 }
 
+// A connection refused before any front door exists (TLS handshake, local
+// socket peer): audited and logged; the session ends (exit code 0).
+int refuse_connection(const std::string& container, const std::string& why) {
+  log::set_context({{"container", container}, {"peer", peer_of(kConnFd)}});
+  log::audit("request.refused", {{"status", 0}, {"stream", 0}, {"reason", why}});
+  log::info("connection closed", {{"reason", why}});
+  return 0;
+}
+
 // Runs the connection's front door until it is done; its exit code.
 int serve(event_base* base, std::unique_ptr<FrontDoor> door) {
   event* term = evsignal_new(base, SIGTERM, on_signal, door.get());
@@ -651,20 +660,14 @@ int main(int argc, char** argv) {
     std::unique_ptr<event_base, decltype(&event_base_free)> base(event_base_new(), event_base_free);
     if (!base) throw Error("event_base_new failed");
     if (args.warm_idle_s && !await_connection(ctx.get(), cfg, ctr, args.warm_idle_s)) return 0;
-    std::unique_ptr<FrontDoor> door;
     if (is_unix_socket(kConnFd)) {
       // The shim's local socket (docs/design.md "Local socket"): root on the
       // node, HTTP/2 with prior knowledge, no TLS. The socket file is root's
       // 0600 in a 0700 directory; its peer's uid is checked all the same.
       evutil_make_socket_nonblocking(kConnFd);
-      if (std::string why = local_peer_refusal(kConnFd); !why.empty()) {
-        log::set_context({{"container", cfg.id}, {"peer", peer_of(kConnFd)}});
-        log::audit("request.refused", {{"status", 0}, {"stream", 0}, {"reason", why}});
-        log::info("connection closed", {{"reason", why}});
-        return 0;
-      }
-      door = std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, nullptr);
-      return serve(base.get(), std::move(door));
+      if (std::string why = local_peer_refusal(kConnFd); !why.empty()) return refuse_connection(cfg.id, why);
+      return serve(base.get(),
+                   std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, nullptr));
     }
     SSL* ssl = SSL_new(ctx.get());
     if (!ssl) throw Error("SSL_new: " + proto::ssl_error_string());
@@ -673,16 +676,14 @@ int main(int argc, char** argv) {
     evutil_make_socket_nonblocking(kConnFd);
     if (std::string why = tls_accept(ssl, kConnFd, kHandshakeTimeoutS); !why.empty()) {
       SSL_free(ssl);
-      log::set_context({{"container", cfg.id}, {"peer", peer_of(kConnFd)}});
-      log::audit("request.refused", {{"status", 0}, {"stream", 0}, {"reason", why}});
-      log::info("connection closed", {{"reason", why}});
-      return 0;
+      return refuse_connection(cfg.id, why);
     }
     const unsigned char* alpn = nullptr;
     unsigned alpn_len = 0;
     SSL_get0_alpn_selected(ssl, &alpn, &alpn_len);
     bool h2 = alpn_len == 2 && memcmp(alpn, "h2", 2) == 0;
     // ALPN h2: the native protocol; http/1.1 or none (kubectl sets none): Kubernetes streaming.
+    std::unique_ptr<FrontDoor> door;
     if (h2)
       door = std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, ssl);
     else

@@ -8,7 +8,6 @@
 // answers like the session does (response headers, a little body, end or
 // reset). Invariant: the connection's queued output stays within its bound.
 #include <event2/event.h>
-#include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
