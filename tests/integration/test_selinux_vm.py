@@ -18,6 +18,10 @@ through shimlet-session (the local socket, ticket, nsenter with setexeccon and t
 relabelled). The guest's hook config sets isolation.landlock = "off", so the
 isolation seen there is SELinux's alone too.
 
+A guest kernel that locks up under the emulator (a soft lockup, seen once in
+CI before any shimlet code ran) panics and is booted once more on a fresh
+image (tests/vm/build_image.py BOOT_ATTEMPTS); a failed check is never retried.
+
 Needs root, debootstrap, qemu-system-x86, a Debian 6.1 kernel in /boot
 (scripts/deps) and network for the first build. Missing pieces FAIL.
 """
