@@ -470,6 +470,16 @@ Response Master::session_end(Ctx& ctx, const Request& req, const std::string& no
       if (a.is_string()) cmd.push_back(a);
     ev["command"] = cmd;
   }
+  // A node reports only its own containers' sessions: one registered by
+  // another node is refused (audited). One no longer registered (the record
+  // came after poststop's unregister, or after a master restart) is kept,
+  // marked, since the end of a real session must not be lost.
+  if (auto cid = ev.find("container_id"); cid != ev.end()) {
+    const auto owner = registry_.owner(cid->get<std::string>());
+    if (owner && *owner != node)
+      return deny(ctx, "container " + cid->get<std::string>() + " is registered by node \"" + *owner + "\"");
+    ev["container_registered"] = owner.has_value();
+  }
   audit_.write("session_end", ev);
   ctx.ev["reason"] = "session end recorded";
   return json_response(200, {{"kind", "Status"}, {"apiVersion", "v1"}, {"status", "Success"}, {"code", 200}});

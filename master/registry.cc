@@ -160,6 +160,13 @@ PutResult Registry::remove(const std::string& node, const std::string& id, int64
   return {200, "", 0};
 }
 
+std::optional<std::string> Registry::owner(const std::string& id) const {
+  std::lock_guard lk(mu_);
+  auto it = by_id_.find(id);
+  if (it == by_id_.end()) return std::nullopt;
+  return it->second.node;
+}
+
 std::vector<Registration> Registry::expire(int64_t now_ms) {
   std::lock_guard lk(mu_);
   std::vector<Registration> gone;

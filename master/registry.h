@@ -54,6 +54,9 @@ class Registry {
                 const std::string& peer_ip = "");
   // 200 removed, 404 unknown, 403 another node's.
   PutResult remove(const std::string& node, const std::string& id, int64_t now_ms);
+  // The node that registered `id` (lease lapsed or not, until expire() drops
+  // it), or nullopt when it is not registered.
+  std::optional<std::string> owner(const std::string& id) const;
   // Drops entries whose lease lapsed; returns them (for the audit log).
   std::vector<Registration> expire(int64_t now_ms);
   size_t size() const;

@@ -630,6 +630,28 @@ def test_session_end_report(env):
     assert "junk" not in e and "ticket" not in e
 
 
+def test_session_end_only_for_the_nodes_own_containers(env):
+    register_all(env)  # c-dev-app is n1's
+    body = {"container_id": "c-dev-app", "user": "alice", "verb": "exec", "exit_code": 0}
+    st, r = env.request("POST", "/apis/shimlet.io/v1/nodes/n1/sessions/sid-own", token=TOKENS["node1"], body=body)
+    assert st == 200, r
+    # node2 reporting a session in n1's container: refused and audited
+    st, r = env.request("POST", "/apis/shimlet.io/v1/nodes/n2/sessions/sid-other", cert="node2", body=body)
+    assert st == 403 and 'registered by node "n1"' in r["message"], r
+    lines = env.audit_lines()
+    ends = {l["session_id"]: l for l in lines if l["event"] == "session_end"}
+    assert ends["sid-own"]["container_registered"] is True and ends["sid-own"]["node"] == "n1"
+    assert "sid-other" not in ends
+    denied = [l for l in lines if l.get("verb") == "session_end" and l.get("decision") == "deny"]
+    assert denied and 'registered by node "n1"' in denied[-1]["reason"], denied
+    # a container no longer registered (after poststop's unregister): kept, marked
+    body["container_id"] = "c-gone"
+    st, r = env.request("POST", "/apis/shimlet.io/v1/nodes/n2/sessions/sid-gone", cert="node2", body=body)
+    assert st == 200, r
+    gone = [l for l in env.audit_lines() if l["event"] == "session_end" and l["session_id"] == "sid-gone"]
+    assert gone and gone[0]["container_registered"] is False and gone[0]["node"] == "n2"
+
+
 def test_http2(env):
     assert shutil.which("curl"), "curl is required"
     crt, key = env.pki.clients["erin"]

@@ -65,6 +65,17 @@ TEST(MasterRegistry, NodeIsolation) {
   EXPECT_EQ(reg.remove("n2", "c1", 2001).code, 404);
 }
 
+TEST(MasterRegistry, OwnerUntilExpired) {
+  Registry reg(1000);
+  EXPECT_FALSE(reg.owner("c1"));
+  EXPECT_EQ(reg.put("n1", "c1", parse_registration(reg_json("c1", "dev", "p", "app")), 0).code, 201);
+  EXPECT_EQ(reg.owner("c1"), "n1");  // the lease is not looked at: known until expire() drops it
+  EXPECT_EQ(reg.expire(999).size(), 0u);
+  EXPECT_EQ(reg.owner("c1"), "n1");
+  EXPECT_EQ(reg.expire(1000).size(), 1u);
+  EXPECT_FALSE(reg.owner("c1"));
+}
+
 TEST(MasterRegistry, PodShapesAndFind) {
   Registry reg(10000);
   reg.put("n1", "b1", parse_registration(reg_json("b1", "dev", "p", "b")), 0);
