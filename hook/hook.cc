@@ -948,6 +948,14 @@ FlushResult flush_session_ends(const Config& c, const std::string& id, size_t ma
   if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);
   const int64_t deadline = monotonic_ms() + budget_ms;
   const std::string dir = c.state_dir + "/" + id;
+  // Sessions killed before their end record: their provisional one, with
+  // the time we noticed as the end (docs/design.md "Session end records").
+  const std::string noticed = now_rfc3339();
+  masterclient::spool::Promoted pr =
+      masterclient::spool::promote_orphans(dir + "/ends", [&](json& r) { r["end"] = noticed; });
+  if (pr.promoted)
+    log::warn("sessions ended without an end record (killed): sending their provisional records",
+              {{"sessions", pr.promoted}});
   std::vector<masterclient::spool::Pending> pending = masterclient::spool::list(dir + "/ends", max);
   if (pending.empty()) return res;
   // Names the session cannot know: from the registration (as the master has them).

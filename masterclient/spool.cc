@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -16,6 +17,7 @@ namespace shimlet::masterclient::spool {
 namespace {
 
 constexpr std::string_view kSuffix = ".json";
+constexpr std::string_view kOpenSuffix = ".open";
 
 struct Entry {
   timespec mtime;
@@ -28,8 +30,8 @@ bool older(const Entry& a, const Entry& b) {
   return a.name < b.name;
 }
 
-// Every <sid>.json in dir (no temp files), unsorted.
-std::vector<Entry> scan(const std::string& dir) {
+// Every <sid><suffix> in dir (no temp files), unsorted.
+std::vector<Entry> scan(const std::string& dir, std::string_view suffix = kSuffix) {
   std::vector<Entry> out;
   std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir(dir.c_str()), ::closedir);
   if (!d) {
@@ -38,8 +40,8 @@ std::vector<Entry> scan(const std::string& dir) {
   }
   while (dirent* e = ::readdir(d.get())) {
     std::string_view n = e->d_name;
-    if (n.size() <= kSuffix.size() || n.substr(n.size() - kSuffix.size()) != kSuffix) continue;
-    if (!valid_sid(n.substr(0, n.size() - kSuffix.size()))) continue;
+    if (n.size() <= suffix.size() || n.substr(n.size() - suffix.size()) != suffix) continue;
+    if (!valid_sid(n.substr(0, n.size() - suffix.size()))) continue;
     struct stat st {};
     if (::fstatat(::dirfd(d.get()), e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISREG(st.st_mode)) continue;
     out.push_back({st.st_mtim, std::string(n)});
@@ -71,25 +73,39 @@ bool valid_sid(std::string_view sid) {
   return true;
 }
 
-std::vector<std::string> write(const std::string& dir, const std::string& sid, const nlohmann::json& record,
-                               size_t max_pending) {
+namespace {
+
+// DIR/<sid><suffix> written whole or not at all (temp file + rename, 0600);
+// returns the file's fd, locked first when `lock`.
+Fd write_file(const std::string& dir, const std::string& sid, std::string_view suffix, const nlohmann::json& record,
+              bool lock) {
   if (!valid_sid(sid)) throw Error("session end record: invalid session id \"" + sid.substr(0, 80) + "\"");
   std::string body = record.dump() + "\n";
   if (body.size() > kMaxRecordBytes)
     throw Error("session end record for " + sid + ": " + std::to_string(body.size()) + " bytes, more than " +
                 std::to_string(kMaxRecordBytes));
-  const std::string path = dir + "/" + sid + std::string(kSuffix);
+  const std::string path = dir + "/" + sid + std::string(suffix);
   std::string tmp = dir + "/." + sid + ".XXXXXX";
   Fd fd(::mkostemp(tmp.data(), O_CLOEXEC));
   if (!fd) throw sys_error("create temp file in " + dir);
   try {
     if (::fchmod(fd.get(), 0600) < 0) throw sys_error("fchmod " + tmp);
+    // Locked before it has its name: nobody can see it unlocked while we live.
+    if (lock && ::flock(fd.get(), LOCK_EX | LOCK_NB) < 0) throw sys_error("flock " + tmp);
     write_all(fd.get(), body.data(), body.size());
     if (::rename(tmp.c_str(), path.c_str()) < 0) throw sys_error("rename " + tmp + " -> " + path);
   } catch (...) {
     ::unlink(tmp.c_str());
     throw;
   }
+  return fd;
+}
+
+}  // namespace
+
+std::vector<std::string> write(const std::string& dir, const std::string& sid, const nlohmann::json& record,
+                               size_t max_pending) {
+  write_file(dir, sid, kSuffix, record, false);
   std::vector<std::string> dropped;
   std::vector<Entry> all = scan(dir);
   if (all.size() <= max_pending) return dropped;
@@ -106,6 +122,47 @@ std::vector<std::string> write(const std::string& dir, const std::string& sid, c
     excess--;
   }
   return dropped;
+}
+
+Fd write_open(const std::string& dir, const std::string& sid, const nlohmann::json& record) {
+  return write_file(dir, sid, kOpenSuffix, record, true);
+}
+
+void remove_open(const std::string& dir, const std::string& sid) {
+  const std::string path = dir + "/" + sid + std::string(kOpenSuffix);
+  if (::unlink(path.c_str()) < 0 && errno != ENOENT) throw sys_error("unlink " + path);
+}
+
+Promoted promote_orphans(const std::string& dir, const std::function<void(nlohmann::json&)>& finish) {
+  Promoted res;
+  for (const Entry& e : scan(dir, kOpenSuffix)) {
+    const std::string sid = e.name.substr(0, e.name.size() - kOpenSuffix.size());
+    const std::string path = dir + "/" + e.name;
+    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+    if (!fd) {
+      if (errno == ENOENT) continue;  // its session just ended normally
+      throw sys_error("open " + path);
+    }
+    if (::flock(fd.get(), LOCK_EX | LOCK_NB) < 0) {
+      if (errno == EWOULDBLOCK) continue;  // a live session
+      throw sys_error("flock " + path);
+    }
+    // The session died after writing its final record but before removing
+    // this one: the final record (pending or already delivered) wins.
+    struct stat st {};
+    const std::string final_path = dir + "/" + sid + std::string(kSuffix);
+    nlohmann::json r = nlohmann::json::parse(read_bounded(path), nullptr, false);
+    if (::stat(final_path.c_str(), &st) == 0 || r.is_discarded() || !r.is_object()) {
+      ::unlink(path.c_str());
+      res.dropped++;
+      continue;
+    }
+    finish(r);
+    write_file(dir, sid, kSuffix, r, false);
+    ::unlink(path.c_str());
+    res.promoted++;
+  }
+  return res;
 }
 
 std::vector<Pending> list(const std::string& dir, size_t max) {

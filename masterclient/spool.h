@@ -6,10 +6,13 @@
 // renewer) never run at the same time by design and must not share a lock.
 #pragma once
 #include <cstddef>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "common/fd.h"
 
 namespace shimlet::masterclient::spool {
 
@@ -35,5 +38,24 @@ struct Pending {
 // At most max pending records, oldest first (mtime, then name). Temp files
 // and names that are not <valid sid>.json are skipped. A missing dir is empty.
 std::vector<Pending> list(const std::string& dir, size_t max);
+
+// A live session's provisional record, so that a session killed before it
+// could write its <sid>.json (SIGKILL, OOM) still leaves one: DIR/<sid>.open,
+// written when the ticket is accepted and flock()ed for the session's whole
+// life. The returned fd holds that lock: keep it open until the final record
+// is written, then remove_open(). Same limits and errors as write(); not
+// counted as pending, and list() does not see it.
+Fd write_open(const std::string& dir, const std::string& sid, const nlohmann::json& record);
+void remove_open(const std::string& dir, const std::string& sid);
+
+struct Promoted {
+  size_t promoted = 0;  // now pending as <sid>.json
+  size_t dropped = 0;   // unreadable, or the final record was there already
+};
+// Every provisional record whose lock is free (its session process, and any
+// child that inherited the fd, is gone) becomes a pending <sid>.json after
+// `finish` completed it (for example with the time the end was noticed).
+// A locked one is a live session and stays. Throws on I/O errors.
+Promoted promote_orphans(const std::string& dir, const std::function<void(nlohmann::json&)>& finish);
 
 }  // namespace shimlet::masterclient::spool

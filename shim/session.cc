@@ -113,8 +113,7 @@ Context::~Context() {
   }
 }
 
-void Context::write_end_record() const {
-  if (cfg_.ends_dir.empty() || !end_claims_) return;
+nlohmann::json Context::end_record() const {
   const ticket::Claims& c = *end_claims_;
   // session_id: the master's (ticket sid) so the record joins the grant's
   // audit line; the file is named by our own random id (unique per
@@ -126,17 +125,42 @@ void Context::write_end_record() const {
                       {"verb", c.verb},
                       {"jti", c.jti},
                       {"peer", peer_},
-                      {"start", log::rfc3339(start_unix_)},
-                      {"end", log::rfc3339(time(nullptr))},
-                      {"bytes_in", end_bytes_in_},
-                      {"bytes_out", end_bytes_out_}};
+                      {"start", log::rfc3339(start_unix_)}};
   if (c.verb == "exec") r["command"] = c.cmd;
+  return r;
+}
+
+// Written as soon as the ticket is accepted and locked while this process
+// lives: if it is killed (SIGKILL, OOM) before write_end_record(), the node's
+// renewer finds the lock free and sends this instead (docs/design.md
+// "Session end records"). Costs one small file per session, only with a master.
+void Context::write_open_record() {
+  if (cfg_.ends_dir.empty() || !end_claims_) return;
+  nlohmann::json r = end_record();
+  r["error"] = "the session process ended without writing its end record (killed); end is when the node noticed";
+  try {
+    open_record_ = masterclient::spool::write_open(cfg_.ends_dir, sid_, r);
+  } catch (const std::exception& e) {
+    log::error("cannot write the provisional session end record", {{"dir", cfg_.ends_dir}, {"error", e.what()}});
+  }
+}
+
+void Context::write_end_record() {
+  if (cfg_.ends_dir.empty() || !end_claims_) return;
+  nlohmann::json r = end_record();
+  r["end"] = log::rfc3339(time(nullptr));
+  r["bytes_in"] = end_bytes_in_;
+  r["bytes_out"] = end_bytes_out_;
   if (end_exit_) r["exit_code"] = *end_exit_;
   if (end_signal_) r["signal"] = end_signal_;
   if (!end_error_.empty()) r["error"] = end_error_.substr(0, 1000);
   for (const std::string& gone : masterclient::spool::write(cfg_.ends_dir, sid_, r))
     log::warn("session end outbox full: dropped the oldest record",
               {{"dropped_session", gone}, {"limit", masterclient::spool::kMaxPending}});
+  if (open_record_) {
+    masterclient::spool::remove_open(cfg_.ends_dir, sid_);
+    open_record_.reset();
+  }
 }
 
 void Context::set_peer_cert(SSL* ssl) {
@@ -165,7 +189,15 @@ bool Context::consume_jti(const ticket::Claims& c, std::string& why) {
     why = "replay check unavailable: the shim did not answer";
     return false;
   }
-  if (reply == 'A') return true;
+  if (reply == 'A') {
+    // Every front door comes here once a ticket is accepted: the session's
+    // end record is about this one (the first of the connection).
+    if (!end_claims_) {
+      end_claims_ = c;
+      write_open_record();
+    }
+    return true;
+  }
   why = reply == 'R' ? "ticket already used (replay refused)" : "replay cache full: try again shortly";
   return false;
 }
@@ -214,7 +246,6 @@ AuthResult Context::authenticate_once(const std::string& token, const std::strin
   }
   log::set_context(
       {{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}, {"user", r.claims->sub}, {"jti", r.claims->jti}});
-  if (!end_claims_) end_claims_ = r.claims;
   // A warm session's placed zygote serves execs only: a forward gives its
   // cgroup and process back now rather than when the connection ends.
   if (verb != "exec") Confinement::discard_warm();

@@ -7,6 +7,7 @@
 #include <openssl/ssl.h>
 
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -99,8 +100,11 @@ class Context {
   Fd own_netns_;
 
  private:
-  void write_end_record() const;
+  nlohmann::json end_record() const;
+  void write_open_record();
+  void write_end_record();
   std::optional<ticket::Claims> end_claims_;  // the accepted ticket (first one of the connection)
+  Fd open_record_;  // flock()ed provisional record (spool::write_open) until the end record is written
   int64_t start_unix_ = 0;
   uint64_t end_bytes_in_ = 0, end_bytes_out_ = 0;
   std::optional<int> end_exit_;

@@ -366,8 +366,15 @@ def test_forbidden_and_audit(kc):
                l.get("resource") == "pods/exec" and l["decision"] == "allow"]
     assert allowed and allowed[-1]["command"] == ["echo", "allowed"] and allowed[-1]["code"] == 101, allowed
     assert allowed[-1]["shim"]["container_id"] == env.c.id
-    ends = [l for l in lines if l["event"] == "session_end" and l.get("session_id") == allowed[-1]["session_id"]]
+    sid = allowed[-1]["session_id"]
+    ends = [l for l in lines if l["event"] == "session_end" and l.get("session_id") == sid and l.get("via") == "relay"]
     assert ends and ends[0]["bytes_out"] > 0 and ends[0]["bytes_in"] > 0 and ends[0]["duration_ms"] >= 0, ends
+    # The shim's Kubernetes front door reports the same session from the node
+    # (at its next lease renewal), with what only the node knows: the exit code.
+    node = wait_for(lambda: [l for l in env.m.audit_lines() if l["event"] == "session_end" and
+                             l.get("session_id") == sid and l.get("via") == "node"], 20, "the node's session_end")
+    assert node[0]["exit_code"] == 0 and node[0]["command"] == ["echo", "allowed"], node
+    assert node[0]["user"] == "alice" and node[0]["container_id"] == env.c.id, node
     assert "Bearer" not in open(env.m.audit).read()
 
 

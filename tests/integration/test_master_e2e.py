@@ -382,6 +382,64 @@ def test_session_end_kept_until_the_master_accepts_it(env):
         c.stop()
 
 
+def _session_holding(cid_ends):
+    """The shimlet-session process that holds a provisional record (<sid>.open) open."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if not open(f"/proc/{pid}/comm").read().startswith("shimlet-sess"):
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                t = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if t.startswith(cid_ends + "/") and t.endswith(".open"):
+                    return int(pid), t
+        except OSError:
+            continue
+    return None
+
+
+def test_killed_session_still_reaches_the_master(env):
+    """A session process SIGKILLed (as by the OOM killer) writes no end record:
+    its provisional one, locked while it lived, is sent instead, marked."""
+    pod = "killed-" + uuid.uuid4().hex[:6]
+    c = env.container(pod)
+    try:
+        cmd = ["sh", "-c", "echo ready; sleep 1000"]
+        p = subprocess.Popen([SHIMCTL, *flags(env), "--token", TOKENS["alice"], "exec", pod, "--", *cmd],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOME": env.home})
+        try:
+            assert p.stdout.readline() == b"ready\n"
+            ends = os.path.join(env.state, c.id, "ends")
+            pid, path = wait_for(lambda: _session_holding(ends), 5, "the session's provisional record")
+            grant = [l for l in env.audit_lines() if l.get("resource") == "pods/exec" and l.get("command") == cmd][-1]
+            os.kill(pid, signal.SIGKILL)
+            assert p.wait(timeout=10) != 0
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert os.path.exists(path), "the killed session's provisional record is gone"
+        assert not [n for n in os.listdir(ends) if n.endswith(".json")], "a killed session wrote a final record?"
+    finally:
+        c.stop()  # poststop: the lock is free now, the record is promoted and flushed
+    end = _node_end(env, grant["session_id"])
+    assert end["command"] == cmd and end["user"] == "alice" and end["pod"] == pod, end
+    assert "killed" in end["error"] and end["end"] >= end["start"] and "exit_code" not in end, end
+    assert end["jti"] == grant["jti"] and end["node"] == NODE, end
+
+
+def test_session_end_replaces_the_provisional_record(env, web):
+    """A session that ends normally leaves only its final record: no .open file.
+    And the provisional record's locked fd does not reach the command."""
+    p = env.shimctl(*flags(env), "--token", TOKENS["alice"], "exec", web.pod, "--", "ls", "/proc/self/fd")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [b"0", b"1", b"2", b"3"], p.stdout  # 3: ls's own directory
+    ends = os.path.join(env.state, web.id, "ends")
+    # shimctl has its status before the session process wrote its record: a moment.
+    wait_for(lambda: not [n for n in os.listdir(ends) if n.endswith(".open")], 5, "no provisional record left")
+
+
 def test_poststop_flushes_the_last_session_ends(env):
     """Renewals too rare to matter (1 h): only poststop's final flush can
     deliver the record before the state directory goes."""

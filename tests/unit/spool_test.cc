@@ -117,6 +117,49 @@ TEST(Spool, DropsTheOldestBeyondTheBound) {
   EXPECT_TRUE(has_s4);
 }
 
+TEST(Spool, OpenRecordIsPromotedOnlyOnceItsLockIsFree) {
+  TempDir d;
+  auto finish = [](nlohmann::json& r) { r["end"] = "2026-11-27T16:00:00Z"; };
+  shimlet::Fd lock = spool::write_open(d.path, "s1", {{"session_id", "g1"}, {"error", "killed"}});
+  ASSERT_TRUE(lock);
+  struct stat st {};
+  ASSERT_EQ(stat((d.path + "/s1.open").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_TRUE(spool::list(d.path, 10).empty());  // not pending while provisional
+  // Locked: a live session, left alone.
+  auto pr = spool::promote_orphans(d.path, finish);
+  EXPECT_EQ(pr.promoted, 0u);
+  EXPECT_TRUE(fs::exists(d.path + "/s1.open"));
+  // The lock's holder is gone (as when the session process is killed).
+  lock.reset();
+  pr = spool::promote_orphans(d.path, finish);
+  EXPECT_EQ(pr.promoted, 1u);
+  EXPECT_FALSE(fs::exists(d.path + "/s1.open"));
+  auto p = spool::list(d.path, 10);
+  ASSERT_EQ(p.size(), 1u);
+  EXPECT_EQ(p[0].sid, "s1");
+  EXPECT_EQ(p[0].record["session_id"], "g1");
+  EXPECT_EQ(p[0].record["end"], "2026-11-27T16:00:00Z");
+}
+
+TEST(Spool, FinalRecordWinsOverAnOrphanedOpenOne) {
+  TempDir d;
+  spool::write(d.path, "s2", {{"session_id", "g2"}, {"exit_code", 0}});
+  spool::write_open(d.path, "s2", {{"session_id", "g2"}, {"error", "killed"}}).reset();
+  { std::ofstream(d.path + "/s3.open") << "not json"; }
+  auto pr = spool::promote_orphans(d.path, [](nlohmann::json&) {});
+  EXPECT_EQ(pr.promoted, 0u);
+  EXPECT_EQ(pr.dropped, 2u);
+  EXPECT_FALSE(fs::exists(d.path + "/s2.open"));
+  EXPECT_FALSE(fs::exists(d.path + "/s3.open"));
+  auto p = spool::list(d.path, 10);
+  ASSERT_EQ(p.size(), 1u);
+  EXPECT_EQ(p[0].record["exit_code"], 0);
+  // remove_open: gone or never there, both fine
+  spool::remove_open(d.path, "s2");
+  EXPECT_THROW(spool::write_open(d.path, "../x", {}), shimlet::Error);
+}
+
 TEST(HookFlush, WithoutMasterNothingIsTouched) {
   TempDir d;
   shimlet::hook::Config c;
