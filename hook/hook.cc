@@ -950,12 +950,17 @@ FlushResult flush_session_ends(const Config& c, const std::string& id, size_t ma
   const std::string dir = c.state_dir + "/" + id;
   // Sessions killed before their end record: their provisional one, with
   // the time we noticed as the end (docs/design.md "Session end records").
+  // A failure here must not hold back the records already pending.
   const std::string noticed = now_rfc3339();
-  masterclient::spool::Promoted pr =
-      masterclient::spool::promote_orphans(dir + "/ends", [&](json& r) { r["end"] = noticed; });
-  if (pr.promoted)
-    log::warn("sessions ended without an end record (killed): sending their provisional records",
-              {{"sessions", pr.promoted}});
+  try {
+    masterclient::spool::Promoted pr =
+        masterclient::spool::promote_orphans(dir + "/ends", [&](json& r) { r["end"] = noticed; });
+    if (pr.promoted)
+      log::warn("sessions ended without an end record (killed): sending their provisional records",
+                {{"sessions", pr.promoted}});
+  } catch (const std::exception& e) {
+    log::error("cannot check for killed sessions' provisional records", {{"error", e.what()}});
+  }
   std::vector<masterclient::spool::Pending> pending = masterclient::spool::list(dir + "/ends", max);
   if (pending.empty()) return res;
   // Names the session cannot know: from the registration (as the master has them).
