@@ -49,19 +49,23 @@ std::vector<Entry> scan(const std::string& dir, std::string_view suffix = kSuffi
   return out;
 }
 
-std::string read_bounded(const std::string& path) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
-  if (!fd) return {};
+// At most kMaxRecordBytes from fd; "" when longer or unreadable.
+std::string read_bounded(int fd) {
   std::string s;
   char buf[8192];
   for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    ssize_t n = ::read(fd, buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
     s.append(buf, static_cast<size_t>(n));
     if (s.size() > kMaxRecordBytes) return {};
   }
   return s;
+}
+
+std::string read_bounded(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  return fd ? read_bounded(fd.get()) : std::string();
 }
 
 }  // namespace
@@ -151,7 +155,7 @@ Promoted promote_orphans(const std::string& dir, const std::function<void(nlohma
     // this one: the final record (pending or already delivered) wins.
     struct stat st {};
     const std::string final_path = dir + "/" + sid + std::string(kSuffix);
-    nlohmann::json r = nlohmann::json::parse(read_bounded(path), nullptr, false);
+    nlohmann::json r = nlohmann::json::parse(read_bounded(fd.get()), nullptr, false);
     if (::stat(final_path.c_str(), &st) == 0 || r.is_discarded() || !r.is_object()) {
       ::unlink(path.c_str());
       res.dropped++;

@@ -302,8 +302,7 @@ def boot(img, rootfs, logpath, timeout):
                 die(f"VM did not power off within {timeout}s (log: {logpath})")
         log(f"VM ran {time.time() - t0:.0f}s, exit {p.returncode}, log {logpath}")
         text = open(logpath, errors="replace").read()
-        m = KERNEL_LOCKUP.search(text)
-        if GUEST_DONE in text or not m:
+        if GUEST_DONE in text or not KERNEL_LOCKUP.search(text):
             return
         kept = f"{logpath}.attempt{attempt}"
         shutil.copyfile(logpath, kept)
