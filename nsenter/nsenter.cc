@@ -111,7 +111,7 @@ struct Plan {
   std::vector<sock_filter> bpf;
   unsigned seccomp_flags = 0;
 
-  std::vector<int> bounding, effective, permitted;
+  std::vector<int> bounding, effective, permitted, inheritable, ambient;
   uid_t uid = 0;
   gid_t gid = 0;
   std::vector<gid_t> groups;
@@ -343,6 +343,8 @@ Plan prepare_container(const Container& c) {
   plan.bounding = cap_numbers(p.caps.bounding, last);
   plan.effective = cap_numbers(p.caps.effective, last);
   plan.permitted = cap_numbers(p.caps.permitted, last);
+  plan.inheritable = cap_numbers(p.caps.inheritable, last);
+  plan.ambient = cap_numbers(p.caps.ambient, last);
   plan.uid = p.uid;
   plan.gid = p.gid;
   plan.groups.assign(p.additional_gids.begin(), p.additional_gids.end());
@@ -629,14 +631,27 @@ void fix_stdio_owner(int sock, const Plan& plan) {
   if (cl < 0) child_fail(sock, "getcwd", errno);
   if (cwd[0] != '/') child_fail(sock, "working directory is outside the container", EPERM);
 
-  // Effective/permitted as configured; inheritable always empty
-  // (CVE-2022-29162), hence no ambient capabilities either.
+  // The config's five sets, as runc's ApplyCaps (libcontainer/capabilities)
+  // after the uid change: effective, permitted and inheritable in one capset
+  // (a set the kernel refuses, e.g. effective beyond permitted or
+  // inheritable beyond the bounding set, refuses the exec as runc does);
+  // then the ambient set, each listed capability raised. CVE-2022-29162 was
+  // runc exec adding inheritable capabilities of its own: only the config's
+  // are applied here. Like runc, a raise the kernel refuses (EPERM: not in
+  // both permitted and inheritable) leaves that capability out silently
+  // (runc spec's default lists ambient capabilities without inheritable
+  // ones), and EINVAL means a kernel without ambient capabilities.
   capng_clear(CAPNG_SELECT_CAPS);
   for (int cap : plan.effective) capng_update(CAPNG_ADD, CAPNG_EFFECTIVE, static_cast<unsigned>(cap));
   for (int cap : plan.permitted) capng_update(CAPNG_ADD, CAPNG_PERMITTED, static_cast<unsigned>(cap));
+  for (int cap : plan.inheritable) capng_update(CAPNG_ADD, CAPNG_INHERITABLE, static_cast<unsigned>(cap));
   if (capng_apply(CAPNG_SELECT_CAPS) < 0) child_fail(sock, "capset", errno ? errno : EPERM);
   if (::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
     child_fail(sock, "prctl(PR_CAP_AMBIENT_CLEAR_ALL)", errno);
+  for (int cap : plan.ambient)
+    if (::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, static_cast<unsigned long>(cap), 0, 0) < 0 && errno != EPERM &&
+        errno != EINVAL)
+      child_fail(sock, "prctl(PR_CAP_AMBIENT_RAISE)", errno);
   // Issue 5: a session never keeps CAP_SYS_ADMIN unless the container's
   // config grants it (with it, Landlock would not hide a sibling's environ).
   if (plan.landlock && !landlock::cap_sys_admin_ok(plan.cap_sys_admin_granted))

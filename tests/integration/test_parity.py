@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import uuid
 
 import pytest
 
@@ -48,10 +49,14 @@ def hooks():
 
 def ours(container, argv):
     """Runs argv in the container through the whole path: shimctl --local exec."""
+    return ours_id(container.id, argv)
+
+
+def ours_id(target, argv):
     if not os.access(SHIMCTL, os.X_OK):
         raise AssertionError(f"{SHIMCTL} missing: build first (scripts/build)")
     state = os.path.join(_ENV["dir"], "state")
-    return subprocess.run([SHIMCTL, "--local", "--state-dir", state, "exec", container.id, "--", *argv],
+    return subprocess.run([SHIMCTL, "--local", "--state-dir", state, "exec", target, "--", *argv],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
 
 
@@ -166,6 +171,105 @@ def test_reduced_capabilities():
         s = assert_parity(c)
         assert "CapBnd:\t00000000002020a1" in s["status"]
         assert "CapInh:\t0000000000000000" in s["status"]
+
+
+def bind_low_port(port=80):
+    """Shell that listens on a port below 1024 with busybox nc and says whether
+    the bind worked: waits (event-polled) until the socket is listening or nc
+    exits with its error."""
+    hexport = "%04X" % port
+    return (f"e=/tmp/nc.$$; nc -l -p {port} </dev/null >/dev/null 2>$e & p=$!; i=0; while [ $i -lt 400 ]; do "
+            f"if cat /proc/net/tcp /proc/net/tcp6 | grep -q ':{hexport} [0-9A-F]*:0000 0A'; then kill $p; echo bound; "
+            "exit 0; fi; "
+            "if ! kill -0 $p 2>/dev/null; then cat $e; exit 1; fi; sleep 0.05; i=$((i+1)); done; echo timeout; exit 2")
+
+
+def all_five(caps):
+    def edit(cfg):
+        cfg["process"]["user"] = {"uid": 1000, "gid": 1000}
+        for s in ("bounding", "effective", "permitted", "inheritable", "ambient"):
+            cfg["process"]["capabilities"][s] = list(caps)
+    return edit
+
+
+def test_ambient_capabilities_as_non_root():
+    # podman run --user 1000 --cap-add NET_BIND_SERVICE: the capability in all
+    # five sets. runc exec gives CapInh/CapPrm/CapEff/CapAmb 0x400, so must we,
+    # and uid 1000 can then bind port 80.
+    with started(all_five(["CAP_NET_BIND_SERVICE"])) as c:
+        s = assert_parity(c)
+        for k in ("CapInh", "CapPrm", "CapEff", "CapAmb", "CapBnd"):
+            assert f"{k}:\t0000000000000400" in s["status"], s["status"]
+        assert "Uid:\t1000\t1000\t1000\t1000" in s["status"]
+        ref, got = c.exec("sh", "-c", bind_low_port()), ours(c, ["sh", "-c", bind_low_port()])
+        assert (ref.returncode, ref.stdout) == (0, b"bound\n"), ref
+        assert (got.returncode, got.stdout) == (0, b"bound\n"), got
+
+
+def test_ambient_without_inheritable_is_left_out_as_runc_does():
+    # runc spec's default shape (ambient listed, no inheritable) as uid 1000:
+    # the raise is refused by the kernel and runc leaves it out silently.
+    def edit(cfg):
+        all_five(["CAP_NET_BIND_SERVICE"])(cfg)
+        cfg["process"]["capabilities"]["inheritable"] = []
+
+    with started(edit) as c:
+        s = assert_parity(c)
+        assert "CapAmb:\t0000000000000000" in s["status"] and "CapEff:\t0000000000000000" in s["status"]
+        ref, got = c.exec("sh", "-c", bind_low_port()), ours(c, ["sh", "-c", bind_low_port()])
+        assert ref.returncode == got.returncode == 1, (ref, got)
+        assert b"Permission denied" in ref.stdout and b"Permission denied" in got.stdout, (ref, got)
+
+
+@pytest.mark.parametrize("caps", [
+    # effective beyond permitted; inheritable beyond the bounding set
+    {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": [], "inheritable": [], "ambient": []},
+    {"bounding": ["CAP_KILL"], "effective": [], "permitted": [], "inheritable": ["CAP_SYS_ADMIN"], "ambient": []},
+])
+def test_capability_sets_runc_refuses_are_refused(caps):
+    # runc exec reads process from the bundle's config.json as we do: a set
+    # the kernel refuses (capset) fails both, and nothing runs.
+    with started(all_five(["CAP_NET_BIND_SERVICE"])) as c:
+        with open(c.config_path) as f:
+            cfg = json.load(f)
+        cfg["process"]["capabilities"] = caps
+        with open(c.config_path, "w") as f:
+            json.dump(cfg, f)
+        ref = c.exec("sh", "-c", "echo ran")
+        got = ours(c, ["sh", "-c", "echo ran"])
+        assert ref.returncode != 0 and b"ran" not in ref.stdout and b"apply caps" in ref.stderr, ref
+        assert got.returncode != 0 and b"ran" not in got.stdout and b"capset" in got.stderr, got
+
+
+def test_podman_ambient_capabilities(tmp_path):
+    # The same through podman (hooks.d): podman exec and ours side by side.
+    hooks_dir = str(tmp_path / "hooks.d")
+    containers.run([os.path.join(containers.REPO, "scripts", "install-hooks"), hooks_dir, BIN, _ENV["config"]])
+    rootfs = str(tmp_path / "rootfs")
+    shutil.copytree(containers.shared_rootfs(), rootfs, symlinks=True)
+    name = f"parity-{uuid.uuid4().hex[:8]}"
+    try:
+        p = containers.run(["podman", "--runtime", "runc", "--hooks-dir", hooks_dir, "run", "-d", "--name", name,
+                            "--user", "1000", "--cap-add", "NET_BIND_SERVICE", "--ulimit", "nofile=1024:1024",
+                            "--ulimit", "nproc=4096:4096", "--rootfs", rootfs, "sleep", "100000"],
+                           check=False, stdin=subprocess.DEVNULL, timeout=60)
+        assert p.returncode == 0, p.stderr
+        cid = p.stdout.decode().strip()
+        # (Groups differ between podman exec and runc exec: podman recomputes
+        # them, runc, like us, takes config.json's additionalGids.)
+        probe = "grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|Seccomp|NoNewPrivs|Uid|Gid):' /proc/self/status"
+        ref = containers.run(["podman", "exec", name, "sh", "-c", probe], check=False, stdin=subprocess.DEVNULL)
+        got = ours_id(cid[:12], ["sh", "-c", probe])
+        assert ref.returncode == 0 and got.returncode == 0, (ref, got)
+        assert got.stdout == ref.stdout, (ref.stdout, got.stdout)
+        assert b"CapAmb:\t0000000000000400" in got.stdout and b"CapEff:\t0000000000000400" in got.stdout, got
+        ref = containers.run(["podman", "exec", name, "sh", "-c", bind_low_port()], check=False,
+                             stdin=subprocess.DEVNULL)
+        got = ours_id(cid, ["sh", "-c", bind_low_port()])
+        assert (ref.returncode, ref.stdout) == (0, b"bound\n"), ref
+        assert (got.returncode, got.stdout) == (0, b"bound\n"), got
+    finally:
+        containers.run(["podman", "rm", "-f", "-t", "0", name], check=False)
 
 
 SECCOMP = {
