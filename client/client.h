@@ -104,17 +104,30 @@ struct Registration {
   std::string local_socket;  // the shim's root-only unix socket ("" from older hooks)
   bool sandbox = false;      // CRI/docker pod sandbox ("pause"): never a pod-name match
   std::string path;          // where it was read from (for messages)
+  // The shim and the container's init, each named by pid and start time
+  // (/proc/PID/stat field 22; 0: not recorded, by an older hook).
+  int64_t pid = 0, shim_pid = 0;
+  uint64_t pid_start_time = 0, shim_start_time = 0;
+  // Both still run (load_registrations checks it): a registration whose
+  // container or shim is gone is stale and never offered.
+  bool alive = true;
 };
 // Parses one registration.json text; throws Error naming `path` on bad input.
 Registration parse_registration(const std::string& text, const std::string& path);
-// Every readable STATE_DIR/*/registration.json, sorted by id. Unparsable ones
-// are skipped (a container being torn down); an unreadable STATE_DIR throws.
+// Every readable STATE_DIR/*/registration.json, sorted by id, each with its
+// liveness checked (shim and container init: pid + start time, never a bare
+// pid). Unparsable ones are skipped (a container being torn down); an
+// unreadable STATE_DIR throws.
 std::vector<Registration> load_registrations(const std::string& state_dir);
+// The liveness check of load_registrations, for one registration.
+bool registration_alive(const Registration& r);
 
-// TARGET resolution, in order: exact container id; pod name in namespace ns
-// (its only container, or the one named by `container`); unique id prefix.
-// `container`, when given, must match the chosen container's name.
-// Ambiguity or no match throws Error listing the candidates.
+// TARGET resolution among the live registrations, in order: exact container
+// id; pod name in namespace ns (its only container, or the one named by
+// `container`); unique id prefix (as podman and docker accept). `container`,
+// when given, must match the chosen container's name. Ambiguity or no match
+// throws Error listing a few candidates, one per line; a stale registration
+// named by its exact id says so.
 const Registration& resolve_target(const std::vector<Registration>& regs, const std::string& target,
                                    const std::string& ns, const std::string& container);
 
@@ -218,8 +231,10 @@ int run_exec(const Grant& grant, const ExecOptions& ex, const proto::Identity& c
 // ticket while the shim starts and answers the ClientHello.
 int run_local_exec(const Invocation& inv);
 
-// Runs `port-forward` until interrupted (exit 0), the connection to the shim
-// is lost (1), or, with --stdio, both directions are done (0 / 1 on error).
+// Runs `port-forward` until interrupted (exit 0) or, with --stdio, until both
+// directions are done (0). Every failure is shimctl's own (it runs no
+// command): cannot listen, connect or authenticate, the connection to the
+// shim lost, the --stdio tunnel failed: one line, exit kOwnErrorExit (255).
 int run_port_forward(const Grant& grant, const PortForwardOptions& pf, const proto::Identity& client);
 
 // Whole program: parse, obtain the grant, run. Returns the exit status.

@@ -329,13 +329,16 @@ class Forwarder : public proto::H2Conn::Handler {
 
   static void on_connect_cb(evutil_socket_t fd, short what, void* self) {
     auto* f = static_cast<Forwarder*>(self);
-    if (what & EV_TIMEOUT) return f->quit(1, "error: timed out connecting to shim at " + f->grant_.address());
+    if (what & EV_TIMEOUT)
+      return f->quit(kOwnErrorExit, "error: timed out connecting to shim at " + f->grant_.address());
     int err = 0;
     socklen_t len = sizeof err;
     getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-    if (err) return f->quit(1, "error: cannot connect to shim at " + f->grant_.address() + ": " + strerror(err));
+    if (err)
+      return f->quit(kOwnErrorExit, "error: cannot connect to shim at " + f->grant_.address() + ": " + strerror(err));
     SSL* ssl = nullptr;  // the local socket: HTTP/2 without TLS
-    if (f->ctx_ && !(ssl = SSL_new(f->ctx_.get()))) return f->quit(1, "error: SSL_new: " + proto::ssl_error_string());
+    if (f->ctx_ && !(ssl = SSL_new(f->ctx_.get())))
+      return f->quit(kOwnErrorExit, "error: SSL_new: " + proto::ssl_error_string());
     proto::H2Settings st;
     st.stream_window = kStreamWindow;
     st.connection_window = kConnectionWindow;
@@ -368,17 +371,17 @@ class Forwarder : public proto::H2Conn::Handler {
                         {"authorization", "Bearer " + grant_.ticket},
                         {"user-agent", "shimctl"}};
     open_id_ = conn_->request(h, /*has_body=*/false);
-    if (open_id_ < 0) quit(1, "error: cannot submit the port-forward request to the shim");
+    if (open_id_ < 0) quit(kOwnErrorExit, "error: cannot submit the port-forward request to the shim");
   }
 
   void opened() {
     if (quitting_) return;
-    if (open_status_ != 200) return quit(1, "error: " + error_message(open_body_, open_status_));
+    if (open_status_ != 200) return quit(kOwnErrorExit, "error: " + error_message(open_body_, open_status_));
     if (pf_.stdio) return start_stdio();
     try {
       bind_all();
     } catch (const std::exception& e) {
-      return quit(1, std::string("error: ") + e.what());
+      return quit(kOwnErrorExit, std::string("error: ") + e.what());
     }
   }
 
@@ -533,7 +536,8 @@ class Forwarder : public proto::H2Conn::Handler {
   }
   void on_stream_close(int32_t stream, uint32_t code) override {
     if (stream == open_id_) {
-      if (open_status_ == 0) quit(1, "error: the shim refused the port-forward session: " + reset_reason(code));
+      if (open_status_ == 0)
+        quit(kOwnErrorExit, "error: the shim refused the port-forward session: " + reset_reason(code));
       return;
     }
     auto it = by_stream_.find(stream);
@@ -554,11 +558,11 @@ class Forwarder : public proto::H2Conn::Handler {
   }
   void on_closed(const std::string& why) override {
     if (!conn_ready_) {
-      if (!pin_error_.empty()) return quit(1, "error: " + pin_error_);
-      return quit(1, "error: cannot connect to shim at " + grant_.address() + ": " + why);
+      if (!pin_error_.empty()) return quit(kOwnErrorExit, "error: " + pin_error_);
+      return quit(kOwnErrorExit, "error: cannot connect to shim at " + grant_.address() + ": " + why);
     }
     abandon_pending_ = true;
-    if (!quitting_) quit(1, "error: lost connection to the shim: " + why);
+    if (!quitting_) quit(kOwnErrorExit, "error: lost connection to the shim: " + why);
     stop_loop_deferred_ = true;
     defer();
   }
@@ -717,7 +721,7 @@ class Tunnel : public StreamUser {
     if (dead_) return;
     dead_ = true;
     rst_local();
-    if (stdio_) f_.stdio_done(1);
+    if (stdio_) f_.stdio_done(kOwnErrorExit);
     f_.retire(this);
   }
 
@@ -793,7 +797,7 @@ class Tunnel : public StreamUser {
         say(2, std::string("error: cannot write to stdout: ") + strerror(e));
         dead_ = true;
         if (!stream_closed_) f_.conn().reset(stream, NGHTTP2_CANCEL);
-        f_.stdio_done(1);
+        f_.stdio_done(kOwnErrorExit);
         f_.retire(this);
         return;
       }
@@ -833,7 +837,7 @@ class Tunnel : public StreamUser {
     report(why);
     if (reset_stream && !stream_closed_ && f_.usable()) f_.conn().reset(stream, NGHTTP2_CANCEL);
     rst_local();
-    if (stdio_) f_.stdio_done(1);
+    if (stdio_) f_.stdio_done(kOwnErrorExit);
     f_.retire(this);
   }
 
@@ -975,7 +979,7 @@ class UdpFlow : public StreamUser {
 
 void Forwarder::start_stdio() {
   auto t = adopt(std::make_unique<Tunnel>(*this, pf_.ports[0].remote));
-  if (!t->start()) quit(1, "");
+  if (!t->start()) quit(kOwnErrorExit, "");
 }
 
 void Forwarder::accept_on(Listener& l) {

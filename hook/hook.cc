@@ -23,6 +23,7 @@
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/log.h"
+#include "common/proc.h"
 #include "masterclient/masterclient.h"
 #include "masterclient/spool.h"
 #include "proto/tls.h"
@@ -212,25 +213,9 @@ void ensure_state_dir(const std::string& dir) {
 }
 
 uint64_t proc_start_time(pid_t pid) {
-  std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat", 4096);
-  // Field 2 (comm) may contain spaces and parens: fields restart after the last ')'.
-  auto rp = stat.rfind(')');
-  if (rp == std::string::npos) throw Error("/proc/" + std::to_string(pid) + "/stat: unexpected format");
-  // After ")": field 3 (state) ... field 22 (starttime) = 20th token.
-  size_t pos = rp + 1;
-  std::string tok;
-  for (int field = 3; field <= 22; field++) {
-    while (pos < stat.size() && stat[pos] == ' ') pos++;
-    size_t end = stat.find(' ', pos);
-    if (end == std::string::npos) end = stat.size();
-    tok = stat.substr(pos, end - pos);
-    pos = end;
-  }
-  uint64_t v = 0;
-  auto [p, ec] = std::from_chars(tok.data(), tok.data() + tok.size(), v);
-  if (ec != std::errc() || p != tok.data() + tok.size())
-    throw Error("/proc/" + std::to_string(pid) + "/stat: bad starttime");
-  return v;
+  auto ps = proc_stat(pid);
+  if (!ps) throw Error("process " + std::to_string(pid) + " is gone");
+  return ps->start_time;
 }
 
 // Waits until the pidfd's process has exited, at most timeout_ms.
@@ -521,6 +506,17 @@ std::string node_path(const MasterConfig& m, const std::string& id) {
          masterclient::path_segment(id);
 }
 
+// The bundle config's hostname, "" when unset or unreadable (names only:
+// never a reason to fail the hook; a bundle the sessions cannot parse fails
+// their execs with the parser's reason).
+std::string bundle_hostname(const std::string& bundle) {
+  try {
+    return oci::load_config(bundle).hostname;
+  } catch (const std::exception&) {
+    return "";
+  }
+}
+
 }  // namespace
 
 bool valid_container_id(std::string_view id) {
@@ -544,7 +540,7 @@ std::optional<Stage> stage_from_status(std::string_view s) {
   return std::nullopt;
 }
 
-Names names_from(const std::string& id, const std::map<std::string, std::string>& a) {
+Names names_from(const std::string& id, const std::map<std::string, std::string>& a, const std::string& hostname) {
   auto pick = [&](std::initializer_list<const char*> keys, const std::string& fallback) {
     for (const char* k : keys) {
       auto it = a.find(k);
@@ -552,8 +548,16 @@ Names names_from(const std::string& id, const std::map<std::string, std::string>
     }
     return fallback;
   };
+  // podman 4.3 sets no name annotation; its default hostname is the id's
+  // 12-digit prefix (reachable as a unique id prefix anyway), so only a
+  // hostname the user chose names the container.
+  std::string fallback = id;
+  auto mgr = a.find("io.container.manager");
+  if (mgr != a.end() && mgr->second == "libpod" && !hostname.empty() && hostname.size() <= 253 &&
+      id.compare(0, hostname.size(), hostname) != 0 && valid_container_id(hostname))
+    fallback = hostname;
   // CRI-O/podman's own container name annotation, when present, beats the id.
-  std::string own = pick({"io.kubernetes.cri-o.ContainerName"}, id);
+  std::string own = pick({"io.kubernetes.cri-o.ContainerName"}, fallback);
   return Names{pick({"io.kubernetes.pod.namespace", "io.kubernetes.cri.sandbox-namespace"}, "default"),
                pick({"io.kubernetes.pod.name", "io.kubernetes.cri.sandbox-name"}, own),
                pick({"io.kubernetes.container.name", "io.kubernetes.cri.container-name"}, own)};
@@ -706,9 +710,10 @@ Config load_config(const std::string& path, const std::string& dir) {
 }
 
 json registration_json(const oci::State& st, const Started& s) {
-  Names n = names_from(st.id, st.annotations);
+  Names n = s.names.pod.empty() ? names_from(st.id, st.annotations) : s.names;
   return json{{"id", st.id},
               {"pid", st.pid},
+              {"pid_start_time", s.pid_start_time},
               {"bundle", st.bundle},
               {"runtime_root", ""},
               {"namespace", n.ns},
@@ -724,7 +729,7 @@ json registration_json(const oci::State& st, const Started& s) {
 }
 
 json shim_json(const Config& c, const oci::State& st, const std::string& dir,
-               const std::vector<std::pair<std::string, std::string>>& trusted) {
+               const std::vector<std::pair<std::string, std::string>>& trusted, const std::optional<Names>& names) {
   json keys = json::array();
   for (const auto& [kid, pem] : trusted) keys.push_back({{"kid", kid}, {"pem", pem}});
   json j{{"id", st.id},
@@ -752,7 +757,7 @@ json shim_json(const Config& c, const oci::State& st, const std::string& dir,
     j["ends_dir"] = dir + "/ends";
   }
   // The Kubernetes front door refuses requests naming another pod/container.
-  Names n = names_from(st.id, st.annotations);
+  Names n = names ? *names : names_from(st.id, st.annotations);
   j["namespace"] = n.ns;
   j["pod"] = n.pod;
   j["container"] = n.container;
@@ -800,8 +805,10 @@ Started start(const Config& c, const oci::State& st) {
   if (c.master && ::mkdir((dir + "/ends").c_str(), 0700) < 0) throw sys_error("mkdir " + dir + "/ends");
   Started s;
   s.pin = proto::pin_of_cert_pem(id.cert_pem);
+  s.pid_start_time = proc_start_time(st.pid);
+  s.names = names_from(st.id, st.annotations, bundle_hostname(st.bundle));
   const std::string shim_config = dir + "/shim.json";
-  write_file_atomic(shim_config, shim_json(cfg, st, dir, trusted).dump(1) + "\n", 0600);
+  write_file_atomic(shim_config, shim_json(cfg, st, dir, trusted, s.names).dump(1) + "\n", 0600);
 
   const std::string log_path = dir + "/shim.log";
   Fd log_fd(::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0600));

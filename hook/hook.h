@@ -84,8 +84,12 @@ std::optional<Stage> stage_from_status(std::string_view status);
 struct Names {
   std::string ns, pod, container;
 };
-// Kubernetes/CRI annotations with the fallbacks of docs/design.md.
-Names names_from(const std::string& id, const std::map<std::string, std::string>& annotations);
+// Kubernetes/CRI annotations with the fallbacks of docs/design.md. hostname
+// is the bundle config's: podman (annotation io.container.manager=libpod)
+// passes no name annotation, so a hostname the user chose (one that is not
+// a prefix of the container id, podman's default) names the container.
+Names names_from(const std::string& id, const std::map<std::string, std::string>& annotations,
+                 const std::string& hostname = "");
 
 // What the hook learned while starting the shim.
 struct Started {
@@ -95,10 +99,14 @@ struct Started {
   pid_t shim_pid = 0;
   uint64_t shim_start_time = 0;  // /proc/PID/stat field 22, to recognise the shim at poststop
   std::string created;           // RFC 3339 UTC
+  uint64_t pid_start_time = 0;   // of the container's init: `shimctl --local` never offers a dead container
+  Names names;                   // names_from() of the state and the bundle's hostname
 };
 nlohmann::json registration_json(const oci::State& st, const Started& s);
+// names: as in the registration (default: names_from(st.id, st.annotations)).
 nlohmann::json shim_json(const Config& c, const oci::State& st, const std::string& dir,
-                         const std::vector<std::pair<std::string, std::string>>& trusted /* kid, pem */);
+                         const std::vector<std::pair<std::string, std::string>>& trusted /* kid, pem */,
+                         const std::optional<Names>& names = std::nullopt);
 
 // Writes path atomically (temp file in the same directory + fsync + rename)
 // with the given mode. Throws with context.

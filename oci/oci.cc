@@ -284,6 +284,7 @@ Config parse_config(std::string_view text) {
     c.root_path = r->need("path").str();
     if (auto ro = r->get("readonly")) c.root_readonly = ro->boolean();
   }
+  if (auto h = root.get("hostname")) c.hostname = h->str();
   if (auto a = root.get("annotations")) c.annotations = a->string_map();
   if (auto lx = root.get("linux")) {
     lx->expect_object();

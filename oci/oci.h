@@ -76,6 +76,7 @@ struct Config {
   Process process;
   std::string root_path;
   bool root_readonly = false;
+  std::string hostname;  // "" when unset
   std::map<std::string, std::string> annotations;
   std::vector<Namespace> namespaces;
   std::vector<IdMapping> uid_mappings, gid_mappings;

@@ -437,3 +437,40 @@ def test_podman_exec_through_the_real_session(env_factory, podman_names):
     run(["podman", "rm", "-f", "-t", "0", name])
     wait_for(lambda: not alive(shim), what="shim exit after podman rm")
     wait_for(lambda: env.leftovers() == [], what="state dir cleaned by poststop")
+
+
+def test_podman_names_and_id_prefix(env_factory, podman_names):
+    """podman 4.3 sets no name annotation: a container is reachable by a
+    unique id prefix, and by its hostname when the user chose one; a
+    registration whose shim is gone is never offered."""
+    session = os.path.join(BIN, "shimlet-session")
+    shimctl = os.path.join(BIN, "shimctl")
+    env = env_factory(session_binary=session)
+    hooks_dir = render_hooks_dir(env)
+    name = f"hks-{uuid.uuid4().hex[:8]}"
+    podman_names.append(name)
+    host = f"web-{uuid.uuid4().hex[:6]}"
+    p = podman_run(env, hooks_dir, name, podman_rootfs(env), "--hostname", host)
+    assert p.returncode == 0, p.stderr
+    cid = p.stdout.decode().strip()
+    assert len(cid) == 64
+    reg = env.registration(cid)
+    assert (reg["namespace"], reg["pod"], reg["container"]) == ("default", host, host)
+    base = [shimctl, "--local", "--state-dir", env.state, "exec"]
+    for target in (host, cid[:6], cid[:12], cid):
+        r = run(base + [target, "--", "hostname"], check=False)
+        assert (r.returncode, r.stdout) == (0, host.encode() + b"\n"), (target, r.stderr)
+    # Unknown: a few candidates, one per line, podman ids shortened as podman does.
+    r = run(base + ["no-such-name", "--", "true"], check=False)
+    lines = r.stderr.decode().splitlines()
+    assert r.returncode == 255 and lines[0].startswith("error: no container matches 'no-such-name'"), lines
+    assert f"  {cid[:12]} (default/{host}, container {host})" in lines, lines
+    # A dead shim (SIGKILLed: nothing cleaned up) is never offered.
+    os.kill(reg["shim_pid"], signal.SIGKILL)
+    wait_for(lambda: not alive(reg["shim_pid"]), what="shim killed")
+    r = run(base + [cid, "--", "true"], check=False)
+    assert r.returncode == 255 and f"container {cid[:12]} is not running".encode() in r.stderr, r.stderr
+    r = run(base + [host, "--", "true"], check=False)
+    assert r.returncode == 255 and b"no container matches" in r.stderr, r.stderr
+    run(["podman", "rm", "-f", "-t", "0", name])
+    wait_for(lambda: env.leftovers() == [], what="state dir cleaned by poststop")

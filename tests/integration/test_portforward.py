@@ -498,7 +498,7 @@ def test_container_stopped_mid_transfer(env):
     assert len(s.recv(65536)) > 0
     c.runc("kill", c.id, "KILL", check=False)
     rc = fw.p.wait(timeout=15)
-    assert rc == 1
+    assert rc == 255  # shimctl's own error, like every port-forward failure
     err = fw.stderr()
     assert "error: lost connection to the shim" in err, err
     # The local connection ended too (reset or EOF), not left hanging.
@@ -620,7 +620,7 @@ def test_stdio_like_nc(env):
         assert peers and all(x.startswith(want) for x in peers), (tls, peers)
     # Nothing listening: a clear error and a non-zero exit.
     p = run(env.shimctl("port-forward", c.id, "--stdio", "7999"), input=b"x", check=False, timeout=30)
-    assert p.returncode == 1
+    assert p.returncode == 255
     assert b"error: forwarding to port 7999: cannot connect to port 7999 in the container" in p.stderr
 
 
@@ -824,8 +824,27 @@ def test_unknown_target_and_bad_pin(env):
         json.dump(reg, f)
     # The pin guards the TLS port (the local socket is reached by path).
     p = run(env.shimctl("port-forward", c.id, ":80", tls=True), check=False, timeout=20)
-    assert p.returncode == 1 and b"Forwarding from" not in p.stdout, p
+    assert p.returncode == 255 and b"Forwarding from" not in p.stdout, p
     assert b"pin" in p.stderr.lower(), p.stderr
+
+
+def test_own_errors_exit_255(env):
+    # README: shimctl's own errors print one line and exit 255. A valid IP
+    # that is not local cannot be listened on; nor can a port already taken.
+    c = env.container()
+    p = run(env.shimctl("port-forward", "--address", "8.8.8.8", c.id, "18080:80"), check=False, timeout=20)
+    assert p.returncode == 255, p
+    assert p.stderr.decode().splitlines() == [
+        "error: unable to listen on 8.8.8.8 port 18080: Cannot assign requested address"], p.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = run(env.shimctl("port-forward", "--address", "127.0.0.1", c.id, f"{port}:80"), check=False, timeout=20)
+        assert p.returncode == 255 and b"Address already in use" in p.stderr, p
+    # Usage errors too.
+    p = run(env.shimctl("port-forward", c.id, "99999"), check=False, timeout=20)
+    assert p.returncode == 255 and b"REMOTE must be a port number" in p.stderr, p
 
 
 # ------------------------------------------------------------------ measurements

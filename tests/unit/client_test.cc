@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/proc.h"
 #include "proto/tls.h"
 #include "ticket/ticket.h"
 
@@ -162,9 +163,72 @@ TEST(ClientTarget, UnknownListsRegistered) {
   std::vector<sc::Registration> regs = {reg("abc123", "default", "p", "c")};
   std::string e = resolve_error(regs, "zzz");
   EXPECT_NE(e.find("no container matches 'zzz'"), std::string::npos) << e;
-  EXPECT_NE(e.find("abc123"), std::string::npos) << e;
+  EXPECT_NE(e.find("1 registered:\n  abc123 (default/p, container c)"), std::string::npos) << e;
   e = resolve_error({}, "zzz");
   EXPECT_NE(e.find("no containers are registered"), std::string::npos) << e;
+}
+
+TEST(ClientTarget, LongListsShowAFewOnePerLine) {
+  // podman ids are 64 hex digits and name nothing else: shown as podman
+  // shows them (12 digits), at most five, then how many more.
+  std::vector<sc::Registration> regs;
+  for (int i = 0; i < 8; i++) {
+    std::string id = std::string(63, 'a') + static_cast<char>('0' + i);
+    id[0] = static_cast<char>('0' + i);
+    regs.push_back(reg(id, "default", id, id));
+  }
+  std::string e = resolve_error(regs, "zzz");
+  EXPECT_NE(e.find("8 registered:\n  0aaaaaaaaaaa\n  1aaaaaaaaaaa\n"), std::string::npos) << e;
+  EXPECT_NE(e.find("\n  4aaaaaaaaaaa\n  ... and 3 more"), std::string::npos) << e;
+  EXPECT_EQ(e.find("5aaaaaaaaaaa"), std::string::npos) << e;
+  EXPECT_EQ(e.find(std::string(40, 'a')), std::string::npos) << e;  // no full 64-digit id
+  // A unique prefix of a podman id names it, as with podman itself.
+  EXPECT_EQ(sc::resolve_target(regs, "3aaa", "default", "").id, regs[3].id);
+  e = resolve_error(regs, "aaa");
+  EXPECT_NE(e.find("no container matches"), std::string::npos) << e;
+}
+
+TEST(ClientTarget, DeadRegistrationsAreNeverOffered) {
+  std::vector<sc::Registration> regs = {reg("live1", "default", "web", "app"), reg("dead1", "default", "db", "db"),
+                                        reg("dead2", "default", "web", "app")};
+  regs[1].alive = regs[2].alive = false;
+  std::string e = resolve_error(regs, "dead1");
+  EXPECT_NE(e.find("container dead1 is not running"), std::string::npos) << e;
+  e = resolve_error(regs, "db");  // by pod name: as if it were not there
+  EXPECT_NE(e.find("no container matches 'db'"), std::string::npos) << e;
+  EXPECT_NE(e.find("1 registered:\n  live1"), std::string::npos) << e;
+  EXPECT_EQ(e.find("dead"), std::string::npos) << e;
+  EXPECT_EQ(sc::resolve_target(regs, "web", "default", "").id, "live1");  // not ambiguous with the dead one
+  EXPECT_NE(resolve_error(regs, "dea").find("no container matches"), std::string::npos);  // no prefix match either
+}
+
+TEST(ClientTarget, LivenessNeedsPidAndStartTime) {
+  sc::Registration r = reg("c", "default", "c", "c");
+  r.shim_pid = getpid();
+  auto me = shimlet::proc_stat(getpid());
+  ASSERT_TRUE(me);
+  r.shim_start_time = me->start_time;
+  EXPECT_TRUE(sc::registration_alive(r));
+  r.pid = getppid();
+  r.pid_start_time = shimlet::proc_stat(getppid())->start_time;
+  EXPECT_TRUE(sc::registration_alive(r));
+  r.shim_start_time += 1;  // the pid now names another process: a reused pid is not our shim
+  EXPECT_FALSE(sc::registration_alive(r));
+  r.shim_start_time -= 1;
+  r.pid_start_time += 1;
+  EXPECT_FALSE(sc::registration_alive(r));
+  r.pid = r.shim_pid = 0x3ffffff0;  // no such process
+  EXPECT_FALSE(sc::registration_alive(r));
+  r.pid = r.shim_pid = 0;  // not recorded (an older hook): cannot tell, offered
+  EXPECT_TRUE(sc::registration_alive(r));
+}
+
+TEST(CommonProc, ParsesStat) {
+  auto ps = shimlet::parse_proc_stat("42 (a b) c)) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 x y");
+  EXPECT_EQ(ps.state, 'S');
+  EXPECT_EQ(ps.start_time, 987654u);
+  EXPECT_THROW(shimlet::parse_proc_stat("42 (x) S 1 2"), shimlet::Error);
+  EXPECT_THROW(shimlet::parse_proc_stat("no parens"), shimlet::Error);
 }
 
 TEST(ClientTarget, PodAndContainerSelection) {

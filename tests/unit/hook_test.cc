@@ -90,6 +90,26 @@ TEST(Names, KubernetesThenCriThenFallbacks) {
   EXPECT_EQ(n.container, "web");
 }
 
+TEST(Names, PodmanHostnameNamesItWhenChosen) {
+  const std::string id = "e355302960d8393e7ee7a4c0d3c957b7d3296746d23761898d922bbeeaedad49";
+  std::map<std::string, std::string> podman = {{"io.container.manager", "libpod"}};
+  // podman 4.3: no name annotation; its default hostname is the id's prefix.
+  Names n = names_from(id, podman, id.substr(0, 12));
+  EXPECT_EQ(n.pod, id);
+  EXPECT_EQ(n.container, id);
+  n = names_from(id, podman, "web");  // podman run --hostname web
+  EXPECT_EQ(n.ns, "default");
+  EXPECT_EQ(n.pod, "web");
+  EXPECT_EQ(n.container, "web");
+  // Only podman's: another runtime's hostname is the container's business.
+  EXPECT_EQ(names_from(id, {}, "web").pod, id);
+  // Not a usable name: ignored.
+  EXPECT_EQ(names_from(id, podman, "a/b").pod, id);
+  // A Kubernetes name still wins.
+  podman["io.kubernetes.container.name"] = "app";
+  EXPECT_EQ(names_from(id, podman, "web").container, "app");
+}
+
 TEST(Config, DefaultsNextToTheHook) {
   Config c = parse_config("{}", "/opt/shimlet/bin");
   EXPECT_EQ(c.state_dir, "/run/shimlet");
@@ -180,8 +200,9 @@ TEST(Registration, HasTheContractFields) {
   st.pid = 42;
   st.bundle = "/b";
   st.annotations = {{"io.kubernetes.pod.name", "p"}};
-  Started s{"127.0.0.1:4000", "sha256/abc", "/run/shimlet/c1/shim.sock", 77, 1234, "2026-01-01T00:00:00Z"};
+  Started s{"127.0.0.1:4000", "sha256/abc", "/run/shimlet/c1/shim.sock", 77, 1234, "2026-01-01T00:00:00Z", 999, {}};
   auto j = registration_json(st, s);
+  EXPECT_EQ(j["pid_start_time"], 999);
   EXPECT_EQ(j["id"], "c1");
   EXPECT_EQ(j["pid"], 42);
   EXPECT_EQ(j["bundle"], "/b");
