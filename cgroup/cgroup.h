@@ -81,6 +81,9 @@ class SessionCgroup {
   SessionCgroup& operator=(const SessionCgroup&) = delete;
   // kill_all() then removes the directories; never throws (logs failures).
   ~SessionCgroup();
+  // Forgets the directories without touching them: another process owns
+  // them now (a process forked after they were made, giving them up).
+  void release() noexcept { created_.clear(); }
   // Places pid into the session cgroup (and the container's cgroups where the
   // session has no own directory). Throws with the failing path.
   void attach(pid_t pid) const;

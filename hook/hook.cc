@@ -696,6 +696,16 @@ Config parse_config(std::string_view text, const std::string& dir) {
       c.drain_timeout_ms = static_cast<int>(num(v, k, 0, 600000));
     } else if (k == "max_sessions") {
       c.max_sessions = static_cast<int>(num(v, k, 1, 65536));
+    } else if (k == "max_local_sessions") {
+      c.max_local_sessions = static_cast<int>(num(v, k, 1, 65536));
+    } else if (k == "preauth_timeout_ms") {
+      c.preauth_timeout_ms = static_cast<int>(num(v, k, 100, 60000));
+    } else if (k == "preauth_max_connections") {
+      c.preauth_max_connections = static_cast<int>(num(v, k, 1, 65536));
+    } else if (k == "preauth_max_per_source") {
+      c.preauth_max_per_source = static_cast<int>(num(v, k, 1, 65536));
+    } else if (k == "preauth_max_memory") {
+      c.preauth_max_memory = num(v, k, 1 << 20, int64_t{1} << 34);
     } else if (k == "warm_idle_s") {
       c.warm_idle_s = static_cast<int>(num(v, k, 0, 3600));
     } else {
@@ -741,6 +751,10 @@ json shim_json(const Config& c, const oci::State& st, const std::string& dir,
          {"clock_leeway_s", c.clock_leeway_s},
          {"drain_timeout_ms", c.drain_timeout_ms},
          {"max_sessions", c.max_sessions},
+         {"preauth_timeout_ms", c.preauth_timeout_ms},
+         {"preauth_max_connections", c.preauth_max_connections},
+         {"preauth_max_per_source", c.preauth_max_per_source},
+         {"preauth_max_memory", c.preauth_max_memory},
          {"tls_cert", dir + "/tls.crt"},
          {"tls_key", dir + "/tls.key"},
          {"session_binary", c.session_binary},
@@ -814,31 +828,20 @@ Started start(const Config& c, const oci::State& st) {
   Fd log_fd(::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0600));
   if (!log_fd) throw sys_error("create " + log_path);
   Pipe ready = make_pipe();
-  std::vector<std::string> args = {shim_bin,
-                                   "--config",
-                                   shim_config,
-                                   "--pid",
-                                   std::to_string(st.pid),
-                                   "--session-binary",
-                                   cfg.session_binary,
-                                   "--id",
-                                   st.id,
-                                   "--listen",
-                                   c.listen,
-                                   "--local-socket",
-                                   dir + "/shim.sock",
-                                   "--max-sessions",
-                                   std::to_string(c.max_sessions),
-                                   "--warm-idle-s",
-                                   std::to_string(c.warm_idle_s),
-                                   "--ready-fd",
-                                   "3"};
+  std::vector<std::string> args = {
+      shim_bin, "--config", shim_config, "--pid", std::to_string(st.pid), "--session-binary", cfg.session_binary,
+      "--id", st.id, "--listen", c.listen, "--local-socket", dir + "/shim.sock", "--max-sessions",
+      std::to_string(c.max_sessions), "--max-local-sessions", std::to_string(c.max_local_sessions), "--warm-idle-s",
+      std::to_string(c.warm_idle_s), "--ready-fd", "3",
+      // The shim runs us again: `cleanup ID` when its container is gone
+      // (docs/design.md "Stale state"), `renew ID` with a master.
+      "--hook", canonical_binary("/proc/self/exe", "hook binary")};
+  if (!c.config_path.empty()) args.insert(args.end(), {"--hook-config", c.config_path});
   if (c.master) {
     // Lease renewal (docs/design.md "Master registration"): the TLS-free shim
     // runs `shimlet-hook --config CFG renew ID` every renew_interval_s.
     if (c.config_path.empty()) throw Error("master registration needs the hook's --config path");
-    args.insert(args.end(), {"--renew-every", std::to_string(c.master->renew_interval_s), "--renew-exec",
-                             canonical_binary("/proc/self/exe", "hook binary"), "--renew-config", c.config_path});
+    args.insert(args.end(), {"--renew-every", std::to_string(c.master->renew_interval_s)});
   }
   s.shim_pid = spawn_shim(shim_bin, args, log_fd.get(), ready.write.get());
   ready.write.reset();

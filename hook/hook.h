@@ -51,7 +51,16 @@ struct Config {
   int64_t max_ticket_lifetime_s = 300;
   int64_t clock_leeway_s = 5;
   int drain_timeout_ms = 2000;
-  int max_sessions = 256;
+  int max_sessions = 256;        // authenticated TCP sessions at once (a valid ticket beyond: 503)
+  int max_local_sessions = 256;  // local socket connections at once (its own limit)
+  // The pre-authentication gate (docs/design.md "Pre-authentication gate"):
+  // from accept to a valid ticket at most this long; unauthenticated
+  // connections at most this many, this many per source address (IPv6: per
+  // /64), this much memory in all; the idlest is dropped first.
+  int preauth_timeout_ms = 5000;
+  int preauth_max_connections = 4096;
+  int preauth_max_per_source = 2048;
+  int64_t preauth_max_memory = 32 << 20;
   // After a first connection the shim keeps one warm session ready, which
   // exits after this many seconds unused; 0: none (docs/design.md "Warm sessions").
   int warm_idle_s = 60;

@@ -32,6 +32,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <set>
@@ -798,8 +799,26 @@ void prepare_request_or_report(int sock, Plan& plan, const Container& c, const R
 // container as it was at fork time, wait for the request and complete the
 // plan, fork the command as our parent's child and exit. Errors go to the
 // parent as reports, like the command's, in answer to the request.
+// Closes every fd but stdio, the zygote's socket, the init's pidfd and the
+// namespace fds: a zygote holds no connection (a gate's zygote was forked
+// while it held unauthenticated ones, which must close when the gate does).
+void close_all_but(int sock, const Container& c) {
+  std::vector<int> keep = {0, 1, 2, sock};
+  if (c.pidfd >= 0) keep.push_back(c.pidfd);
+  for (const auto& [type, fd] : c.ns_fds) keep.push_back(fd);
+  std::sort(keep.begin(), keep.end());
+  unsigned from = 0;
+  for (int k : keep) {
+    if (k < 0) continue;
+    if (static_cast<unsigned>(k) > from) ::syscall(SYS_close_range, from, static_cast<unsigned>(k) - 1, 0U);
+    from = static_cast<unsigned>(k) + 1;
+  }
+  ::syscall(SYS_close_range, from, ~0U, 0U);
+}
+
 [[noreturn]] void zygote_main(int sock, const Container& c, pid_t parent) {
   if (::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || ::getppid() != parent) _exit(1);
+  close_all_but(sock, c);
   // It holds the session's host resources, like the command before execve.
   ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
   std::optional<Plan> plan;  // never moves once made: see prepare_request
@@ -1021,6 +1040,11 @@ Zygote& Zygote::operator=(Zygote&& o) noexcept {
 }
 
 Zygote::~Zygote() { ChildGuard kill_it{pid_}; }
+
+void Zygote::release() noexcept {
+  pid_ = -1;
+  sock_.reset();  // our copy; the owner's keeps the zygote waiting
+}
 
 Spawned Zygote::spawn(const Request& r, const Stdio& io, const std::function<void()>& before_go) {
   if (pid_ <= 0) throw Error("nsenter: zygote already used");

@@ -93,6 +93,9 @@ class Zygote {
   Zygote(const Zygote&) = delete;
   Zygote& operator=(const Zygote&) = delete;
   ~Zygote();  // kills and reaps an unused zygote
+  // Forgets the zygote without killing it: in a process forked after it was
+  // started, where it is not a child (the parent keeps it).
+  void release() noexcept;
   explicit operator bool() const { return pid_ > 0; }
   pid_t pid() const { return pid_; }
   // Starts the command (Request.place is not used: the zygote was placed).

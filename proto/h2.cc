@@ -61,8 +61,23 @@ void compact(std::string& buf, size_t& off) {
 }
 }  // namespace
 
-H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings)
-    : base_(base), fd_(fd), ssl_(ssl), role_(role), handler_(handler), settings_(settings) {
+std::vector<nghttp2_settings_entry> server_settings(const H2Settings& s) {
+  return {
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, s.stream_window},
+      {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, s.max_frame_size},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, s.max_header_list},
+      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+  };
+}
+
+H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings, Handover handover)
+    : base_(base),
+      fd_(fd),
+      ssl_(ssl),
+      role_(role),
+      handler_(handler),
+      settings_(settings),
+      handover_(std::move(handover)) {
   if (ssl_) setup_tls();
   rev_ = event_new(base_, fd_, EV_READ | EV_PERSIST, on_io, this);
   wev_ = event_new(base_, fd_, EV_WRITE, on_io, this);
@@ -90,6 +105,9 @@ void H2Conn::setup_tls() {
       BIO_free(buf);
     }
   }
+  // A connection handed over by the pre-authentication gate was kept lean
+  // while it waited (buffers released when empty); this one is busy now.
+  SSL_clear_mode(ssl_, SSL_MODE_RELEASE_BUFFERS);
   // Only before a handshake: these reset OpenSSL's state machine.
   if (!SSL_is_init_finished(ssl_)) {
     if (role_ == Role::Server)
@@ -211,12 +229,7 @@ void H2Conn::connected() {
   nghttp2_option_del(opt);
   nghttp2_session_callbacks_del(cbs);
   if (rv != 0) return close(std::string("nghttp2 session: ") + nghttp2_strerror(rv));
-  std::vector<nghttp2_settings_entry> iv = {
-      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, settings_.stream_window},
-      {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, settings_.max_frame_size},
-      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, settings_.max_header_list},
-      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
-  };
+  std::vector<nghttp2_settings_entry> iv = server_settings(settings_);
   // Server: the limit is enforced in begin_headers_cb with REFUSED_STREAM,
   // not advertised (see H2Settings::max_concurrent_streams). Client: limits
   // pushed streams only (push is off anyway).
@@ -230,6 +243,11 @@ void H2Conn::connected() {
     event_add(ping_, &pt);
   }
   pump();
+  if (!closed_ && !handover_.preread.empty()) {
+    std::string early = std::move(handover_.preread);
+    handover_.preread.clear();
+    feed(reinterpret_cast<const uint8_t*>(early.data()), early.size());
+  }
   // The peer may have sent its preface with the handshake's last flight
   // (OpenSSL may hold it already: read-ahead).
   if (!closed_) read_tls();
@@ -389,6 +407,16 @@ void H2Conn::pump() {
       if (n == 0) break;
       bytes_out_ += static_cast<uint64_t>(n);
       wbuf_.append(reinterpret_cast<const char*>(data), static_cast<size_t>(n));
+      if (!handover_.sent.empty() && wbuf_.size() - woff_ >= handover_.sent.size()) {
+        // Our first SETTINGS went out through the gate already (the same
+        // bytes): nghttp2 counts it as sent, the peer got it once.
+        if (wbuf_.compare(woff_, handover_.sent.size(), handover_.sent) != 0) {
+          in_pump_ = false;
+          return close("internal error: the gate's server preface differs from ours");
+        }
+        wbuf_.erase(woff_, handover_.sent.size());
+        handover_.sent.clear();
+      }
     }
     bool more = wbuf_.size() - woff_ >= kSocketHighWater || data_blocked_;
     data_blocked_ = false;

@@ -43,6 +43,10 @@ struct H2Settings {
   int ping_interval_s = 0;  // keepalive PINGs when > 0; no ACK by the next tick closes the connection
 };
 
+// The SETTINGS a server sends first (H2Conn's and H2FirstRequest's: byte
+// for byte the same frame, see H2Conn's `sent`).
+std::vector<nghttp2_settings_entry> server_settings(const H2Settings& s);
+
 class H2Conn {
  public:
   struct Handler {
@@ -73,7 +77,15 @@ class H2Conn {
   // Takes ownership of fd and ssl. Starts the TLS handshake. A null ssl is
   // HTTP/2 with prior knowledge on a plaintext socket: only for a root-only
   // unix socket on the node (docs/design.md "Local socket"), never for TCP.
-  H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings = {});
+  // A connection the pre-authentication gate read from first
+  // (proto/h2_first.h): preread, the plaintext it read off the connection,
+  // is handled before anything read from the socket; sent, what it wrote
+  // (the server connection preface), is not written again.
+  struct Handover {
+    std::string preread, sent;
+  };
+  H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings = {},
+         Handover handover = {});
   ~H2Conn();
   H2Conn(const H2Conn&) = delete;
   H2Conn& operator=(const H2Conn&) = delete;
@@ -172,6 +184,7 @@ class H2Conn {
   size_t total_out_ = 0;
   size_t open_in_ = 0;       // server: request streams counted against max_concurrent_streams
   std::string proto_error_;  // why nghttp2 ended the session (the GOAWAY it sent), for close()
+  Handover handover_;        // preread fed once the session exists (connected()); sent skipped in pump()
 };
 
 }  // namespace shimlet::proto

@@ -16,6 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <charconv>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -26,6 +27,7 @@
 #include "masterclient/spool.h"
 #include "proto/frames.h"
 #include "proto/tls.h"
+#include "shim/gate.h"
 #include "shim/session_internal.h"
 #include "shim/session_k8s.h"
 
@@ -33,7 +35,6 @@ namespace shimlet::session {
 namespace {
 
 constexpr int kConnFd = 3, kShimFd = 4, kPidFd = 5;
-constexpr int kHandshakeTimeoutS = 10;
 
 std::string read_file(const std::string& path, size_t limit) {
   std::ifstream in(path, std::ios::binary);
@@ -42,6 +43,10 @@ std::string read_file(const std::string& path, size_t limit) {
   if (s.size() > limit) throw Error(path + ": larger than " + std::to_string(limit) + " bytes");
   return s;
 }
+
+nlohmann::json error_body(const std::string& why) { return {{"error", why}}; }
+
+}  // namespace
 
 std::string peer_of(int fd) {
   sockaddr_storage ss{};
@@ -67,10 +72,6 @@ std::string peer_of(int fd) {
   return std::string(host) + ":" + std::to_string(port);
 }
 
-nlohmann::json error_body(const std::string& why) { return {{"error", why}}; }
-
-}  // namespace
-
 Config load_config(const std::string& path) {
   auto j = nlohmann::json::parse(read_file(path, 1 << 20));
   Config c;
@@ -90,6 +91,10 @@ Config load_config(const std::string& path) {
   c.tls_key = j.at("tls_key").get<std::string>();
   c.ends_dir = j.value("ends_dir", std::string());
   c.isolation = parse_isolation(j.value("isolation", nlohmann::json()));
+  c.preauth_timeout_ms = j.value("preauth_timeout_ms", c.preauth_timeout_ms);
+  c.preauth_max_connections = j.value("preauth_max_connections", c.preauth_max_connections);
+  c.preauth_max_per_source = j.value("preauth_max_per_source", c.preauth_max_per_source);
+  c.preauth_max_memory = j.value("preauth_max_memory", c.preauth_max_memory);
   return c;
 }
 
@@ -190,44 +195,60 @@ bool Context::consume_jti(const ticket::Claims& c, std::string& why) {
     return false;
   }
   if (reply == 'A') {
-    // Every front door comes here once a ticket is accepted: the session's
-    // end record is about this one (the first of the connection).
-    if (!end_claims_) {
-      end_claims_ = c;
-      write_open_record();
-    }
+    accepted(c);
     return true;
   }
   why = reply == 'R' ? "ticket already used (replay refused)" : "replay cache full: try again shortly";
   return false;
 }
 
+void Context::accepted(const ticket::Claims& c) {
+  // Every front door comes here once a ticket is accepted: the session's
+  // end record is about this one (the first of the connection).
+  if (!end_claims_) {
+    end_claims_ = c;
+    write_open_record();
+  }
+}
+
+void Context::adopt(const ticket::Claims& c, int64_t accepted_unix) {
+  start_unix_ = accepted_unix;
+  accepted(c);
+  log::set_context({{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}, {"user", c.sub}, {"jti", c.jti}});
+  if (c.verb != "exec") Confinement::discard_warm();
+}
+
 AuthResult Context::verify_ticket(const std::string& token, const std::string& verb) const {
+  return session::verify_ticket(cfg_, token, verb, peer_jkt_);
+}
+
+AuthResult verify_ticket(const Config& cfg, const std::string& token, const std::string& verb,
+                         const std::string& peer_jkt) {
   AuthResult r;
   ticket::Claims c;
   try {
     ticket::Expect e;
-    e.aud = cfg_.id;
+    e.aud = cfg.id;
     e.verb = verb;
     e.now = time(nullptr);
-    e.leeway_s = cfg_.clock_leeway_s;
-    e.max_lifetime_s = cfg_.max_ticket_lifetime_s;
-    c = ticket::verify(token, cfg_.keys, e);
+    e.leeway_s = cfg.clock_leeway_s;
+    e.max_lifetime_s = cfg.max_ticket_lifetime_s;
+    c = ticket::verify(token, cfg.keys, e);
   } catch (const std::exception& ex) {
     r.status = 403;
     r.why = ex.what();
     return r;
   }
   // aud is unique per node only; local tickets carry no node claim.
-  if (!cfg_.node.empty() && !c.node.empty() && c.node != cfg_.node) {
+  if (!cfg.node.empty() && !c.node.empty() && c.node != cfg.node) {
     r.status = 403;
-    r.why = "ticket is for node " + c.node + ", not " + cfg_.node;
+    r.why = "ticket is for node " + c.node + ", not " + cfg.node;
     return r;
   }
-  if (!c.cnf_jkt.empty() && c.cnf_jkt != peer_jkt_) {
+  if (!c.cnf_jkt.empty() && c.cnf_jkt != peer_jkt) {
     r.status = 403;
-    r.why = peer_jkt_.empty() ? "ticket is bound to a client key, but no client certificate was presented"
-                              : "ticket is bound to another client key";
+    r.why = peer_jkt.empty() ? "ticket is bound to a client key, but no client certificate was presented"
+                             : "ticket is bound to another client key";
     return r;
   }
   r.claims = std::move(c);
@@ -252,13 +273,31 @@ AuthResult Context::authenticate_once(const std::string& token, const std::strin
   return r;
 }
 
-Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd, SSL* ssl)
-    : Context(base, std::move(cfg), std::move(ctr), conn_fd, shim_fd) {
+namespace {
+proto::H2Settings session_h2_settings() {
   proto::H2Settings st;
   // A client that vanished without a FIN (network gone, laptop closed) must
   // not pin this session and its container sockets: an unanswered PING ends it.
   st.ping_interval_s = 30;
-  conn_ = std::make_unique<proto::H2Conn>(base, conn_fd, ssl, proto::H2Conn::Role::Server, this, st);
+  return st;
+}
+}  // namespace
+
+Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd)
+    : Context(base, std::move(cfg), std::move(ctr), conn_fd, shim_fd) {
+  conn_ =
+      std::make_unique<proto::H2Conn>(base, conn_fd, nullptr, proto::H2Conn::Role::Server, this, session_h2_settings());
+}
+
+Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, SSL* ssl, std::string early,
+                 std::string sent, const std::string& token, const ticket::Claims& claims, int64_t accepted_unix)
+    : Context(base, std::move(cfg), std::move(ctr), conn_fd, -1) {
+  set_peer_cert(ssl);
+  accepted_token_ = token;
+  accepted_claims_ = claims;
+  adopt(claims, accepted_unix);
+  conn_ = std::make_unique<proto::H2Conn>(base, conn_fd, ssl, proto::H2Conn::Role::Server, this, session_h2_settings(),
+                                          proto::H2Conn::Handover{std::move(early), sent});
 }
 
 Session::~Session() {
@@ -455,33 +494,50 @@ namespace {
 struct Args {
   std::string config;
   std::vector<std::pair<std::string, int>> ns;
-  int warm_idle_s = 0;  // > 0: set up now, serve the connection the shim passes within this time
+  int warm_idle_s = 0;      // > 0: set up now, serve the connection the shim passes within this time
+  int gate_idle_s = 0;      // > 0: the pre-authentication gate (shim/gate.h), exits after this long unused
+  bool gate_zygote = true;  // the gate keeps a zygote placed (off: warm_idle_s 0)
 };
+
+int parse_int(const std::string& k, const std::string& v, int lo, int hi) {
+  int n = 0;
+  auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+  if (ec != std::errc() || p != v.data() + v.size() || n < lo || n > hi)
+    throw Error("bad " + k + " " + v + " (" + std::to_string(lo) + ".." + std::to_string(hi) + ")");
+  return n;
+}
 
 Args parse_args(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; i++) {
     std::string k = argv[i];
+    if (k == "--no-zygote") {
+      a.gate_zygote = false;
+      continue;
+    }
     if (i + 1 >= argc) throw Error("missing value for " + k);
     std::string v = argv[++i];
     if (k == "--config") {
       a.config = v;
     } else if (k == "--warm") {
-      a.warm_idle_s = std::stoi(v);
-      if (a.warm_idle_s <= 0 || a.warm_idle_s > 3600) throw Error("bad --warm " + v + " (1..3600 seconds)");
+      a.warm_idle_s = parse_int(k, v, 1, 3600);
+    } else if (k == "--gate") {
+      a.gate_idle_s = parse_int(k, v, 1, 3600);
     } else if (k == "--ns") {
       std::stringstream ss(v);
       std::string item;
       while (std::getline(ss, item, ',')) {
         auto eq = item.find('=');
         if (eq == std::string::npos) throw Error("bad --ns item " + item);
-        a.ns.emplace_back(item.substr(0, eq), std::stoi(item.substr(eq + 1)));
+        a.ns.emplace_back(item.substr(0, eq), parse_int("--ns fd", item.substr(eq + 1), 0, 1 << 20));
       }
     } else {
       throw Error("unknown argument " + k);
     }
   }
-  if (a.config.empty()) throw Error("usage: shimlet-session --config PATH [--ns TYPE=FD,...] [--warm IDLE_S]");
+  if (a.config.empty())
+    throw Error(
+        "usage: shimlet-session --config PATH [--ns TYPE=FD,...] [--warm IDLE_S | --gate IDLE_S [--no-zygote]]");
   return a;
 }
 
@@ -492,75 +548,16 @@ void on_signal(evutil_socket_t, short, void* arg) {
 
 void on_container_exit(evutil_socket_t, short, void* arg) { static_cast<FrontDoor*>(arg)->container_exited(); }
 
-// The TLS handshake, before any front door exists: which one serves the
-// connection depends on the ALPN it negotiates. Bounded by timeout_s; the
-// socket is non-blocking. Returns "" or why it failed.
-std::string tls_accept(SSL* ssl, int fd, int timeout_s) {
-  SSL_set_fd(ssl, fd);
-  timespec start{};
-  clock_gettime(CLOCK_MONOTONIC, &start);
-  for (;;) {
-    ERR_clear_error();
-    int r = SSL_accept(ssl);
-    if (r == 1) return "";
-    int e = SSL_get_error(ssl, r);
-    short want;
-    if (e == SSL_ERROR_WANT_READ)
-      want = POLLIN;
-    else if (e == SSL_ERROR_WANT_WRITE)
-      want = POLLOUT;
-    else if (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
-      return std::string("TLS handshake failed: connection error: ") + (errno ? strerror(errno) : "unexpected EOF");
-    else
-      return "TLS handshake failed: TLS error: " + proto::ssl_error_string();
-    timespec now{};
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    long left_ms = timeout_s * 1000L - ((now.tv_sec - start.tv_sec) * 1000L + (now.tv_nsec - start.tv_nsec) / 1000000);
-    if (left_ms <= 0) return "TLS handshake timed out";
-    pollfd p{fd, want, 0};
-    int pr = ::poll(&p, 1, static_cast<int>(left_ms));
-    if (pr < 0 && errno != EINTR) return std::string("TLS handshake failed: poll: ") + strerror(errno);
-    if (pr == 0) return "TLS handshake timed out";
-  }
-}
-
-// OpenSSL 3 fetches algorithms lazily, on first use, and the first fetch
-// builds its name map (~1-2 ms). A warm session pays that before its
-// connection with one TLS 1.3 handshake to itself over a memory BIO pair,
-// presenting its own certificate: the same suites, key exchange and
-// signatures as a client's. Best effort: a failure only means a cold path.
-void warm_tls(SSL_CTX* server, const Config& cfg) {
-  proto::SslCtx client =
-      proto::make_client_ctx(proto::Identity(read_file(cfg.tls_key, 1 << 16), read_file(cfg.tls_cert, 1 << 16)));
-  SSL* s = SSL_new(server);
-  SSL* c = SSL_new(client.get());
-  BIO *bs = nullptr, *bc = nullptr;
-  if (s && c && BIO_new_bio_pair(&bs, 0, &bc, 0) == 1) {
-    SSL_set_bio(s, bs, bs);
-    SSL_set_bio(c, bc, bc);
-    SSL_set_accept_state(s);
-    SSL_set_connect_state(c);
-    for (int i = 0; i < 8 && !(SSL_is_init_finished(s) && SSL_is_init_finished(c)); i++) {
-      SSL_do_handshake(c);
-      SSL_do_handshake(s);
-    }
-    if (!SSL_is_init_finished(s)) log::warn("warm session: TLS warm-up handshake did not complete");
-  }
-  SSL_free(s);
-  SSL_free(c);
-  ERR_clear_error();
-}
-
 volatile sig_atomic_t g_warm_term = 0;
 void on_warm_term(int) { g_warm_term = 1; }
 
 // A warm session (docs/design.md "Warm sessions"): everything that does not
-// depend on the connection is done before it arrives (config, TLS context,
-// the placement of the command's zygote in its cgroups); then it waits, at
-// most idle_s, for the shim to pass the accepted socket over the control
+// depend on the connection is done before it arrives (config, the placement
+// of the command's zygote in its cgroups); then it waits, at most idle_s,
+// for the shim to pass a local socket's connection over the control
 // socket. Returns false when it should just exit (idle, SIGTERM, container
 // or shim gone).
-bool await_connection(SSL_CTX* tls, const Config& cfg, const nsenter::Container& ctr, int idle_s) {
+bool await_connection(const Config& cfg, const nsenter::Container& ctr, int idle_s) {
   // SIGTERM (the shim stopping) must not kill us once the placement exists
   // (its cgroup would be left behind): from here it only sets a flag, and is
   // delivered only while ppoll waits, so none is lost between check and wait.
@@ -575,11 +572,6 @@ bool await_connection(SSL_CTX* tls, const Config& cfg, const nsenter::Container&
   sigprocmask(SIG_BLOCK, &term, &old);
   sigset_t during = old;
   sigdelset(&during, SIGTERM);
-  try {
-    warm_tls(tls, cfg);
-  } catch (const std::exception& e) {
-    log::warn("warm session: TLS warm-up failed", {{"error", e.what()}});
-  }
   // The shim started us at the lowest priority so warming never competes
   // with a live session; the placement below takes the global cgroup lock
   // and everything after it serves a request: normal priority from here.
@@ -635,8 +627,8 @@ std::string local_peer_refusal(int fd) {
   return "";
 }
 
-// A connection refused before any front door exists (TLS handshake, local
-// socket peer): audited and logged; the session ends (exit code 0).
+// A connection refused before any front door exists (local socket peer):
+// audited and logged; the session ends (exit code 0).
 int refuse_connection(const std::string& container, const std::string& why) {
   log::set_context({{"container", container}, {"peer", peer_of(kConnFd)}});
   log::audit("request.refused", {{"status", 0}, {"stream", 0}, {"reason", why}});
@@ -659,6 +651,32 @@ int serve(event_base* base, std::unique_ptr<FrontDoor> door) {
   return code;
 }
 
+// The pre-authentication gate (shim/gate.h) until it admits a connection;
+// then this process serves that connection as its session.
+int run_gate(const Args& args, Config cfg, nsenter::Container ctr) {
+  prctl(PR_SET_NAME, "shimlet-gate", 0, 0, 0);
+  log::set_component("gate");
+  proto::SslCtx ctx = proto::make_server_ctx(read_file(cfg.tls_cert, 1 << 16), read_file(cfg.tls_key, 1 << 16),
+                                             /*allow_http1=*/true);
+  Gate gate(cfg, ctr, ctx.get(), GateOptions{args.gate_idle_s, args.gate_zygote});
+  std::optional<Admitted> a = gate.run();
+  if (!a) return 0;
+  prctl(PR_SET_NAME, "shimlet-session", 0, 0, 0);
+  log::set_component("session");
+  std::unique_ptr<event_base, decltype(&event_base_free)> base(event_base_new(), event_base_free);
+  if (!base) throw Error("event_base_new failed");
+  int fd = a->conn.release();
+  SSL* ssl = std::exchange(a->ssl, nullptr);
+  std::unique_ptr<FrontDoor> door;
+  if (a->h2)
+    door = std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), fd, ssl, std::move(a->early),
+                                     std::move(a->sent), a->token, a->claims, a->accepted_unix);
+  else
+    door = make_http1_front_door(base.get(), std::move(cfg), std::move(ctr), fd, ssl, std::move(*a->k8s),
+                                 std::move(a->early), a->accepted_unix);
+  return serve(base.get(), std::move(door));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -672,7 +690,8 @@ int main(int argc, char** argv) {
   // Secrets (TLS key, tickets) live here; nobody may ptrace or read /proc/PID/mem.
   prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
   signal(SIGPIPE, SIG_IGN);
-  // One fd per forwarded connection: allow up to the hard limit.
+  // One fd per forwarded connection (the gate: per unauthenticated
+  // connection): allow up to the hard limit.
   if (rlimit rl{}; getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
     rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
@@ -685,41 +704,20 @@ int main(int argc, char** argv) {
     ctr.pidfd = kPidFd;
     ctr.ns_fds = args.ns;
     ctr.config = oci::load_config(cfg.bundle);
-    proto::SslCtx ctx = proto::make_server_ctx(read_file(cfg.tls_cert, 1 << 16), read_file(cfg.tls_key, 1 << 16),
-                                               /*allow_http1=*/true);
+    if (args.gate_idle_s) return run_gate(args, std::move(cfg), std::move(ctr));
     // Made before a warm session's wait: one step less after its connection arrives.
     std::unique_ptr<event_base, decltype(&event_base_free)> base(event_base_new(), event_base_free);
     if (!base) throw Error("event_base_new failed");
-    if (args.warm_idle_s && !await_connection(ctx.get(), cfg, ctr, args.warm_idle_s)) return 0;
-    if (is_unix_socket(kConnFd)) {
-      // The shim's local socket (docs/design.md "Local socket"): root on the
-      // node, HTTP/2 with prior knowledge, no TLS. The socket file is root's
-      // 0600 in a 0700 directory; its peer's uid is checked all the same.
-      evutil_make_socket_nonblocking(kConnFd);
-      if (std::string why = local_peer_refusal(kConnFd); !why.empty()) return refuse_connection(cfg.id, why);
-      return serve(base.get(),
-                   std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, nullptr));
-    }
-    SSL* ssl = SSL_new(ctx.get());
-    if (!ssl) throw Error("SSL_new: " + proto::ssl_error_string());
-    int one = 1;
-    setsockopt(kConnFd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (args.warm_idle_s && !await_connection(cfg, ctr, args.warm_idle_s)) return 0;
+    // The shim's local socket (docs/design.md "Local socket"): root on the
+    // node, HTTP/2 with prior knowledge, no TLS. TCP connections never come
+    // here: the gate serves them (and becomes their session).
+    if (!is_unix_socket(kConnFd)) throw Error("fd 3 is not the local socket's connection (TCP goes to the gate)");
+    // The socket file is root's 0600 in a 0700 directory; its peer's uid is
+    // checked all the same.
     evutil_make_socket_nonblocking(kConnFd);
-    if (std::string why = tls_accept(ssl, kConnFd, kHandshakeTimeoutS); !why.empty()) {
-      SSL_free(ssl);
-      return refuse_connection(cfg.id, why);
-    }
-    const unsigned char* alpn = nullptr;
-    unsigned alpn_len = 0;
-    SSL_get0_alpn_selected(ssl, &alpn, &alpn_len);
-    bool h2 = alpn_len == 2 && memcmp(alpn, "h2", 2) == 0;
-    // ALPN h2: the native protocol; http/1.1 or none (kubectl sets none): Kubernetes streaming.
-    std::unique_ptr<FrontDoor> door;
-    if (h2)
-      door = std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, ssl);
-    else
-      door = make_http1_front_door(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd, ssl);
-    return serve(base.get(), std::move(door));
+    if (std::string why = local_peer_refusal(kConnFd); !why.empty()) return refuse_connection(cfg.id, why);
+    return serve(base.get(), std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd));
   } catch (const std::exception& e) {
     log::error("session failed", {{"error", e.what()}});
     return 1;

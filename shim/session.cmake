@@ -12,7 +12,9 @@ add_library(
   ${CMAKE_CURRENT_LIST_DIR}/session_netns.cc
   ${CMAKE_CURRENT_LIST_DIR}/session_http1.cc
   ${CMAKE_CURRENT_LIST_DIR}/session_k8s.cc
-  ${CMAKE_CURRENT_LIST_DIR}/session_spdy.cc)
+  ${CMAKE_CURRENT_LIST_DIR}/session_spdy.cc
+  ${CMAKE_CURRENT_LIST_DIR}/gate.cc
+  ${CMAKE_CURRENT_LIST_DIR}/preauth.cc)
 target_include_directories(shimlet_session PUBLIC ${PROJECT_SOURCE_DIR})
 target_link_libraries(shimlet_session PUBLIC shimlet_common shimlet_proto shimlet_ticket shimlet_nsenter shimlet_cgroup
                       shimlet_landlock shimlet_selinux

@@ -36,6 +36,11 @@ struct Config {
   // only when a master is configured); empty: no record is written.
   std::string ends_dir;
   Isolation isolation;  // per-session cgroup, SELinux label, Landlock (shim/session_isolation.h)
+  // The pre-authentication gate's bounds (docs/design.md "Pre-authentication gate").
+  int preauth_timeout_ms = 5000;
+  size_t preauth_max_connections = 4096;
+  size_t preauth_max_per_source = 2048;
+  size_t preauth_max_memory = 32u << 20;
 };
 Config load_config(const std::string& path);
 
@@ -45,6 +50,13 @@ struct AuthResult {
   int status = 0;
   std::string why;
 };
+// Signature, aud, verb, lifetime, node and cnf.jkt (against peer_jkt, the
+// TLS client certificate's key; "" without one). Does not consume the jti.
+// Shared by the gate (before any session exists) and the sessions.
+AuthResult verify_ticket(const Config& cfg, const std::string& token, const std::string& verb,
+                         const std::string& peer_jkt);
+// "ip:port", or "unix:pid=P,uid=U" for the local socket: the audit `peer`.
+std::string peer_of(int fd);
 
 class Context {
  public:
@@ -65,6 +77,7 @@ class Context {
   int own_netns() const { return own_netns_.get(); }
   // Records the TLS client certificate's key (cnf.jkt checks) after the handshake.
   void set_peer_cert(SSL* ssl);
+  const std::string& peer_jkt() const { return peer_jkt_; }
 
   // Signature, aud, verb, lifetime and cnf.jkt against the client
   // certificate. Does not consume the jti.
@@ -73,6 +86,11 @@ class Context {
   bool consume_jti(const ticket::Claims& c, std::string& why);
   // verify_ticket + consume_jti + audit context (user, jti): a ticket's one use.
   AuthResult authenticate_once(const std::string& token, const std::string& verb);
+  // The ticket's jti was consumed before this session existed (the gate's
+  // admission): what consume_jti and authenticate_once do after the shim's
+  // 'A' (end record, audit context, the warm placement given back for a
+  // non-exec verb). accepted_unix: when the connection was accepted.
+  void adopt(const ticket::Claims& c, int64_t accepted_unix);
 
   // For the end record: application bytes client->container (stdin,
   // forwarded) and container->client (stdout+stderr, forwarded).
@@ -101,6 +119,7 @@ class Context {
 
  private:
   nlohmann::json end_record() const;
+  void accepted(const ticket::Claims& c);  // a ticket's first use on this connection
   void write_open_record();
   void write_end_record();
   std::optional<ticket::Claims> end_claims_;  // the accepted ticket (first one of the connection)

@@ -45,7 +45,15 @@ std::unique_ptr<StreamHandler> start_exec(Session& s, int32_t stream, const prot
 // The native front door: HTTP/2 over an established TLS connection (ALPN h2).
 class Session : public Context, public FrontDoor, public proto::H2Conn::Handler {
  public:
-  Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd, SSL* ssl);
+  // The local socket's connection (no TLS; tickets checked and consumed here).
+  Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd);
+  // A TCP connection the gate admitted (docs/design.md "Pre-authentication
+  // gate"): TLS established, `token` accepted for its first request and its
+  // jti consumed; early: every plaintext byte the gate read (the preface and
+  // that request), replayed into this connection first; sent: what the gate
+  // wrote (our SETTINGS, not written again).
+  Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, SSL* ssl, std::string early,
+          std::string sent, const std::string& token, const ticket::Claims& claims, int64_t accepted_unix);
   ~Session() override;
 
   proto::H2Conn& conn() { return *conn_; }

@@ -154,6 +154,16 @@ void Confinement::prepare_warm(const Isolation& iso, const nsenter::Container& c
 
 void Confinement::discard_warm() { warm().reset(); }
 
+void Confinement::release_warm() {
+  auto& w = warm();
+  if (!w) return;
+  if (w->cg) w->cg->release();
+  w->zygote.release();
+  w.reset();
+}
+
+bool Confinement::has_warm() { return warm().has_value(); }
+
 Confinement::Confinement(const Isolation& iso, const nsenter::Container& c, const std::string& sid,
                          const ticket::Limits& asked)
     : iso_(iso), c_(c) {

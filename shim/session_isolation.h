@@ -63,6 +63,11 @@ class Confinement {
   static void prepare_warm(const Isolation& iso, const nsenter::Container& c);
   // Removes the warm placement, if any (the request is not an exec).
   static void discard_warm();
+  // Forgets the warm placement without removing it: in the pre-
+  // authentication gate's child, whose parent (now a session) keeps it.
+  static void release_warm();
+  // Whether a warm placement is ready.
+  static bool has_warm();
   // True when a limit is set that the exec must watch (pids, memory).
   bool watch() const { return cg_ && (limits_.pids_max || limits_.memory_max); }
   // A limit the session hit: {"memory", "session killed: memory limit (64 MiB) exceeded"}, or nullopt.

@@ -25,7 +25,6 @@ namespace {
 
 using namespace http1;
 
-constexpr int kRequestTimeoutS = 10;          // the whole request head must arrive within this
 constexpr int kKeepaliveIntervalS = 30;       // our PINGs; kubectl pings every 5 s
 constexpr int kIdleLimitS = 90;               // nothing at all from the client for this long: gone
 constexpr int kLingerMs = 2000;               // after our Close: wait this long for the peer's
@@ -35,9 +34,11 @@ constexpr uint64_t kMaxWsMessage = 1u << 20;  // a client message (stdin chunk, 
 
 class Http1Door : public Context, public FrontDoor, public ExecSink, public SpdyTransport {
  public:
-  Http1Door(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd, SSL* ssl)
-      : Context(base, std::move(cfg), std::move(ctr), conn_fd, shim_fd) {
+  Http1Door(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, SSL* ssl)
+      : Context(base, std::move(cfg), std::move(ctr), conn_fd, -1) {
     set_peer_cert(ssl);
+    // The gate kept its idle connections' buffers small; this one is busy now.
+    SSL_clear_mode(ssl, SSL_MODE_RELEASE_BUFFERS);
     bev_ = bufferevent_openssl_socket_new(base, conn_fd, ssl, BUFFEREVENT_SSL_OPEN, BEV_OPT_CLOSE_ON_FREE);
     if (!bev_) throw Error("bufferevent_openssl_socket_new failed");
     bufferevent_openssl_set_allow_dirty_shutdown(bev_, 1);
@@ -46,9 +47,28 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     bufferevent_setwatermark(bev_, EV_WRITE, kOutLowWater, 0);
     bufferevent_enable(bev_, EV_READ | EV_WRITE);
     deadline_ = evtimer_new(base, on_deadline_cb, this);
-    timeval tv{kRequestTimeoutS, 0};
-    evtimer_add(deadline_, &tv);
     kick_ = event_new(base, -1, 0, on_kick_cb, this);
+  }
+
+  // The admitted request (docs/design.md "Pre-authentication gate"): its
+  // ticket's jti was consumed by the gate; early: bytes after its head.
+  void start(K8sAdmission a, std::string early, int64_t accepted_unix) {
+    adopt(*a.claims, accepted_unix);
+    if (!early.empty()) evbuffer_add(bufferevent_get_input(bev_), early.data(), early.size());
+    try {
+      handle(std::move(a));
+    } catch (const std::exception& e) {
+      log::error("request failed", {{"error", e.what()}});
+      if (!sent_101_) return refuse(500, e.what());
+      // After the 101: no HTTP status any more; end the stream with an error.
+      if (engine_ && !engine_->done()) engine_->abort(std::string("internal error: ") + e.what());
+      if (ws_)
+        ws_close(WSLAY_CODE_INTERNAL_SERVER_ERROR, "internal error");
+      else
+        linger(std::string("internal error: ") + e.what());
+    }
+    if (mode_ != Mode::Closing && evbuffer_get_length(bufferevent_get_input(bev_)) > 0)
+      event_active(kick_, 0, 0);  // bytes that came with the request head
   }
 
   ~Http1Door() override {
@@ -116,7 +136,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
   }
 
  private:
-  enum class Mode { Reading, WsExec, WsSpdy, RawSpdy, Closing };
+  enum class Mode { Starting, WsExec, WsSpdy, RawSpdy, Closing };
 
   size_t outbound() const {
     size_t n = evbuffer_get_length(bufferevent_get_output(bev_));
@@ -131,11 +151,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
   static void on_event_cb(bufferevent*, short what, void* arg) { static_cast<Http1Door*>(arg)->on_event(what); }
   static void on_kick_cb(evutil_socket_t, short, void* arg) { static_cast<Http1Door*>(arg)->on_read(); }
   static void on_deadline_cb(evutil_socket_t, short, void* arg) {
-    auto* self = static_cast<Http1Door*>(arg);
-    if (self->mode_ == Mode::Reading)
-      self->refuse(408, "request head not received within " + std::to_string(kRequestTimeoutS) + " s");
-    else
-      self->end("closing timed out");  // linger over
+    static_cast<Http1Door*>(arg)->end("closing timed out");  // linger over
   }
 
   void on_read() {
@@ -143,34 +159,8 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     last_rx_ = now();
     evbuffer* in = bufferevent_get_input(bev_);
     switch (mode_) {
-      case Mode::Reading: {
-        size_t len = evbuffer_get_length(in);
-        if (len == 0) return;
-        const char* data = reinterpret_cast<const char*>(evbuffer_pullup(in, -1));
-        auto st = reader_.feed(data, len);
-        evbuffer_drain(in, reader_.consumed());
-        if (st == RequestReader::State::Error) return refuse(reader_.error_status(), reader_.error());
-        if (st == RequestReader::State::Done) {
-          try {
-            handle(reader_.request());
-          } catch (const std::exception& e) {
-            log::error("request failed", {{"error", e.what()}});
-            if (mode_ == Mode::Reading) {
-              refuse(500, e.what());
-            } else {
-              // After the 101: no HTTP status any more; end the stream with an error.
-              if (engine_ && !engine_->done()) engine_->abort(std::string("internal error: ") + e.what());
-              if (ws_)
-                ws_close(WSLAY_CODE_INTERNAL_SERVER_ERROR, "internal error");
-              else
-                linger(std::string("internal error: ") + e.what());
-            }
-          }
-          if (mode_ != Mode::Reading && mode_ != Mode::Closing && evbuffer_get_length(in) > 0)
-            event_active(kick_, 0, 0);  // bytes that came with the request head
-        }
-        return;
-      }
+      case Mode::Starting:
+        return;  // not yet: start() kicks once the protocol is chosen
       case Mode::WsExec:
       case Mode::WsSpdy:
         if (input_paused_) return;
@@ -224,91 +214,19 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     }
   }
 
-  void handle(const Request& r) {
-    evtimer_del(deadline_);
-    Route rt = route(r.path);
-    std::string path = loggable_path(r.path);
-    log::set_context({{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}, {"path", path}});
-    if (rt.status) return refuse(rt.status, rt.why);
-    Negotiation n = negotiate(r, rt.verb);
-    if (n.status) return refuse(n.status, n.why);
-    const std::string verb = rt.verb == Verb::Exec ? "exec" : "portforward";
-
-    std::string token = rt.token;
-    if (rt.kube_api) {
-      auto auth = r.header("authorization");
-      if (!auth || auth->rfind("Bearer ", 0) != 0)
-        return refuse(401, "missing ticket: send Authorization: Bearer <ticket>");
-      token = auth->substr(7);
-    }
-    AuthResult a = verify_ticket(token, verb);
-    if (!a.claims) return refuse(a.status, a.why);
+  void handle(K8sAdmission a) {
     const ticket::Claims& c = *a.claims;
-    if (verb != "exec") Confinement::discard_warm();  // as in authenticate_once
-
-    // This shim serves one container: a Kubernetes path naming another pod is
-    // not ours (as the API server: 404). Checked after the ticket so an
-    // unauthenticated caller learns nothing about the names. Names are
-    // compared raw: valid Kubernetes names need no percent-encoding.
-    if (rt.kube_api && !cfg_.pod.empty() && (rt.ns != cfg_.ns || rt.pod != cfg_.pod))
-      return refuse(404, "pods \"" + rt.pod + "\" not found in namespace " + rt.ns + " on this shim (it serves " +
-                             cfg_.ns + "/" + cfg_.pod + ")");
-
-    ExecSpec spec;
-    if (rt.verb == Verb::Exec) {
-      spec.argv = c.cmd;
-      spec.stdin_ = c.stdin_;
-      spec.tty = c.tty;
-      spec.stderr_ = !c.tty;
-      if (rt.kube_api) {
-        // The query must ask for exactly what the ticket allows (command,
-        // stdin, tty); stdout/stderr only choose which output is shown.
-        auto q = parse_query(r.query);
-        if (!q) return refuse(400, "malformed query string");
-        std::vector<std::string> cmd;
-        std::optional<std::string> container;
-        bool want_stdin = false, want_tty = false, want_stdout = false, want_stderr = false;
-        for (auto& [k, v] : *q) {
-          if (k == "command") {
-            cmd.push_back(v);
-            continue;
-          }
-          if (k == "container") {
-            container = v;
-            continue;
-          }
-          if (k != "stdin" && k != "tty" && k != "stderr" && k != "stdout") continue;
-          std::optional<bool> b = parse_bool(v);
-          if (!b) return refuse(400, "query parameter " + k + " is not a boolean");
-          if (k == "stdin") want_stdin = *b;
-          if (k == "tty") want_tty = *b;
-          if (k == "stdout") want_stdout = *b;
-          if (k == "stderr") want_stderr = *b;
-        }
-        // As the API server for a container the pod does not have (400). An
-        // empty container= means the pod's default: this one.
-        if (container && !container->empty() && !cfg_.container.empty() && *container != cfg_.container &&
-            *container != cfg_.id)
-          return refuse(400, "container " + *container + " is not valid for pod " + rt.pod);
-        // As the kubelet (remotecommand NewOptions): a tty has no stderr
-        // (merged into stdout, the flag is dropped), and at least one stream.
-        if (want_tty) want_stderr = false;
-        if (!want_stdin && !want_stdout && !want_stderr)
-          return refuse(400, "you must specify at least 1 of stdin, stdout, stderr");
-        if (cmd.empty()) return refuse(400, "missing command (query parameter command)");
-        if (cmd != c.cmd) return refuse(403, "ticket does not allow this command");
-        if (want_stdin != c.stdin_ || want_tty != c.tty)
-          return refuse(403, "ticket does not allow these stdin/tty flags");
-        spec.stdout_ = want_stdout;
-        spec.stderr_ = want_stderr;
-      }
-    }
-    std::string why;
-    if (!consume_jti(c, why)) return refuse(why.rfind("ticket already", 0) == 0 ? 403 : 503, why);
-    log::set_context(
-        {{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}, {"user", c.sub}, {"jti", c.jti}, {"path", path}});
-    log::audit("k8s.request", {{"method", r.method},
-                               {"path", path},
+    const Negotiation& n = a.negotiation;
+    const std::string verb = a.verb == Verb::Exec ? "exec" : "portforward";
+    const ExecSpec& spec = a.spec;
+    log::set_context({{"container", cfg_.id},
+                      {"session", sid_},
+                      {"peer", peer_},
+                      {"user", c.sub},
+                      {"jti", c.jti},
+                      {"path", a.path}});
+    log::audit("k8s.request", {{"method", a.method},
+                               {"path", a.path},
                                {"verb", verb},
                                {"transport", n.transport == Transport::WebSocket ? "websocket" : "spdy"},
                                {"protocol", n.protocol}});
@@ -317,7 +235,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     bool spdy = n.transport == Transport::Spdy || n.protocol == "SPDY/3.1+portforward.k8s.io";
     if (spdy) {
       SpdyStart s;
-      s.kind = rt.verb == Verb::Exec ? SpdyKind::Exec : SpdyKind::PortForward;
+      s.kind = a.verb == Verb::Exec ? SpdyKind::Exec : SpdyKind::PortForward;
       s.protocol = n.transport == Transport::Spdy ? n.protocol : "portforward.k8s.io";
       s.websocket_tunnel = n.transport == Transport::WebSocket;
       s.claims = c;
@@ -354,7 +272,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     write_101(n);
     mode_ = Mode::WsExec;
     engine_ = std::make_unique<ExecEngine>(*this, *this);
-    engine_->start(spec, c);
+    engine_->start(spec, *claims_);
   }
 
   void write_101(const Negotiation& n) {
@@ -378,11 +296,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
   // An error before anything ran: one HTTP/1.1 response with a one-line body.
   void refuse(int status, const std::string& why) {
     log::audit("request.refused", {{"status", status}, {"reason", why}, {"stream", 0}});
-    const char* phrase = http_status_str(static_cast<http_status>(status));
-    std::string body = why + "\n";
-    std::string out = "HTTP/1.1 " + std::to_string(status) + " " + phrase + "\r\n" +
-                      "Content-Type: text/plain; charset=utf-8\r\n" + "Content-Length: " + std::to_string(body.size()) +
-                      "\r\n" + "Cache-Control: no-cache, private\r\nConnection: close\r\n\r\n" + body;
+    std::string out = k8s_refusal(status, why);
     evbuffer_add(bufferevent_get_output(bev_), out.data(), out.size());
     linger("refused: " + why);
   }
@@ -577,8 +491,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
   bufferevent* bev_ = nullptr;
   event *deadline_ = nullptr, *kick_ = nullptr, *keepalive_ = nullptr;
   wslay_event_context_ptr ws_ = nullptr;
-  RequestReader reader_{kDoorLimits};  // HeadOnly: one request head
-  Mode mode_ = Mode::Reading;
+  Mode mode_ = Mode::Starting;
   std::optional<ticket::Claims> claims_;
   std::unique_ptr<ExecEngine> engine_;
   std::unique_ptr<SpdyEndpoint> spdy_;
@@ -591,8 +504,103 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
 }  // namespace
 
 std::unique_ptr<FrontDoor> make_http1_front_door(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd,
-                                                 int shim_fd, SSL* ssl) {
-  return std::make_unique<Http1Door>(base, std::move(cfg), std::move(ctr), conn_fd, shim_fd, ssl);
+                                                 SSL* ssl, K8sAdmission admission, std::string early,
+                                                 int64_t accepted_unix) {
+  auto door = std::make_unique<Http1Door>(base, std::move(cfg), std::move(ctr), conn_fd, ssl);
+  door->start(std::move(admission), std::move(early), accepted_unix);
+  return door;
+}
+
+std::string k8s_refusal(int status, const std::string& why) {
+  const char* phrase = http_status_str(static_cast<http_status>(status));
+  std::string body = why + "\n";
+  return "HTTP/1.1 " + std::to_string(status) + " " + phrase + "\r\n" + "Content-Type: text/plain; charset=utf-8\r\n" +
+         "Content-Length: " + std::to_string(body.size()) + "\r\n" +
+         "Cache-Control: no-cache, private\r\nConnection: close\r\n\r\n" + body;
+}
+
+K8sAdmission admit_k8s(const Request& r, const Config& cfg, const std::string& peer_jkt) {
+  K8sAdmission a;
+  a.method = r.method;
+  a.path = loggable_path(r.path);
+  auto refuse = [&a](int status, std::string why) {
+    a.status = status;
+    a.why = std::move(why);
+    a.claims.reset();
+    return a;
+  };
+  Route rt = route(r.path);
+  if (rt.status) return refuse(rt.status, rt.why);
+  a.verb = rt.verb;
+  a.negotiation = negotiate(r, rt.verb);
+  if (a.negotiation.status) return refuse(a.negotiation.status, a.negotiation.why);
+  const std::string verb = rt.verb == Verb::Exec ? "exec" : "portforward";
+
+  std::string token = rt.token;
+  if (rt.kube_api) {
+    auto auth = r.header("authorization");
+    if (!auth || auth->rfind("Bearer ", 0) != 0)
+      return refuse(401, "missing ticket: send Authorization: Bearer <ticket>");
+    token = auth->substr(7);
+  }
+  AuthResult v = verify_ticket(cfg, token, verb, peer_jkt);
+  if (!v.claims) return refuse(v.status, v.why);
+  a.claims = std::move(v.claims);
+  const ticket::Claims& c = *a.claims;
+
+  // This shim serves one container: a Kubernetes path naming another pod is
+  // not ours (as the API server: 404). Checked after the ticket so an
+  // unauthenticated caller learns nothing about the names. Names are
+  // compared raw: valid Kubernetes names need no percent-encoding.
+  if (rt.kube_api && !cfg.pod.empty() && (rt.ns != cfg.ns || rt.pod != cfg.pod))
+    return refuse(404, "pods \"" + rt.pod + "\" not found in namespace " + rt.ns + " on this shim (it serves " +
+                           cfg.ns + "/" + cfg.pod + ")");
+  if (rt.verb != Verb::Exec) return a;
+  ExecSpec& spec = a.spec;
+  spec.argv = c.cmd;
+  spec.stdin_ = c.stdin_;
+  spec.tty = c.tty;
+  spec.stderr_ = !c.tty;
+  if (!rt.kube_api) return a;
+  // The query must ask for exactly what the ticket allows (command, stdin,
+  // tty); stdout/stderr only choose which output is shown.
+  auto q = parse_query(r.query);
+  if (!q) return refuse(400, "malformed query string");
+  std::vector<std::string> cmd;
+  std::optional<std::string> container;
+  bool want_stdin = false, want_tty = false, want_stdout = false, want_stderr = false;
+  for (auto& [k, v] : *q) {
+    if (k == "command") {
+      cmd.push_back(v);
+      continue;
+    }
+    if (k == "container") {
+      container = v;
+      continue;
+    }
+    if (k != "stdin" && k != "tty" && k != "stderr" && k != "stdout") continue;
+    std::optional<bool> b = parse_bool(v);
+    if (!b) return refuse(400, "query parameter " + k + " is not a boolean");
+    if (k == "stdin") want_stdin = *b;
+    if (k == "tty") want_tty = *b;
+    if (k == "stdout") want_stdout = *b;
+    if (k == "stderr") want_stderr = *b;
+  }
+  // As the API server for a container the pod does not have (400). An empty
+  // container= means the pod's default: this one.
+  if (container && !container->empty() && !cfg.container.empty() && *container != cfg.container && *container != cfg.id)
+    return refuse(400, "container " + *container + " is not valid for pod " + rt.pod);
+  // As the kubelet (remotecommand NewOptions): a tty has no stderr (merged
+  // into stdout, the flag is dropped), and at least one stream.
+  if (want_tty) want_stderr = false;
+  if (!want_stdin && !want_stdout && !want_stderr)
+    return refuse(400, "you must specify at least 1 of stdin, stdout, stderr");
+  if (cmd.empty()) return refuse(400, "missing command (query parameter command)");
+  if (cmd != c.cmd) return refuse(403, "ticket does not allow this command");
+  if (want_stdin != c.stdin_ || want_tty != c.tty) return refuse(403, "ticket does not allow these stdin/tty flags");
+  spec.stdout_ = want_stdout;
+  spec.stderr_ = want_stderr;
+  return a;
 }
 
 }  // namespace shimlet::session

@@ -8,13 +8,43 @@
 #include <openssl/ssl.h>
 
 #include <memory>
+#include <optional>
+#include <string>
 
+#include "proto/http1.h"
 #include "shim/session_context.h"
+#include "shim/session_exec.h"
+#include "shim/session_http1.h"
 
 namespace shimlet::session {
 
-// Takes ownership of conn_fd and ssl (TLS handshake already done).
+// The front door's checks of one request head, in the order of
+// docs/design.md "HTTP/1.1 front door details": route (404, 501 attach),
+// protocol negotiation (400), ticket present (401), ticket verified (403),
+// the Kubernetes names and query against the claims (404, 400, 403). All of
+// it comes before the jti is consumed, so the pre-authentication gate runs
+// it before any session exists (a refusal uses no ticket up).
+struct K8sAdmission {
+  int status = 0;  // refused: the HTTP status and one line
+  std::string why;
+  std::string method;
+  std::string path;  // loggable (a CRI path's ticket replaced)
+  http1::Verb verb = http1::Verb::Exec;
+  http1::Negotiation negotiation;
+  std::optional<ticket::Claims> claims;  // set when admitted
+  ExecSpec spec;                         // exec: argv, stdin, tty, which output streams
+};
+K8sAdmission admit_k8s(const proto::http1::Request& r, const Config& cfg, const std::string& peer_jkt);
+// The HTTP/1.1 answer to a refused request: status line, a one-line text
+// body, Connection: close.
+std::string k8s_refusal(int status, const std::string& why);
+
+// The door for an admitted request whose jti is consumed (the gate's): takes
+// ownership of conn_fd and ssl (TLS handshake done, the request head read);
+// early: bytes that came after the head (the upgraded protocol's);
+// accepted_unix: when the connection was accepted.
 std::unique_ptr<FrontDoor> make_http1_front_door(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd,
-                                                 int shim_fd, SSL* ssl);
+                                                 SSL* ssl, K8sAdmission admission, std::string early,
+                                                 int64_t accepted_unix);
 
 }  // namespace shimlet::session

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "shim/gate_proto.h"
 #include "ticket/replay.h"
 
 namespace shimlet::shim {
@@ -154,17 +155,26 @@ std::optional<long long> to_num(std::string_view s, long long lo, long long hi) 
 // The namespaces a session may need, in the order they are handed over.
 constexpr std::array<const char*, 8> kNsTypes = {"user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time"};
 
-// Fixed fds of the session contract (design.md).
+// Fixed fds of the session and gate contracts (design.md): fd 3 is the
+// local connection for a session, the TCP listening socket for the gate.
 constexpr int kConnFd = 3, kCtlFd = 4, kPidFd = 5, kFirstNsFd = 6;
 
 // A warm session is started this long after the connection that used the
 // last one, or when that connection's session ends if sooner (Shim::warm_due_).
 constexpr int64_t kWarmDelayMs = 250;
+// A gate that could not be started is tried again at a connection this
+// much later (the pending ones wait in the listen backlog meanwhile).
+constexpr int64_t kGateRetryMs = 1000;
+// STATE/<id>/stats.json is rewritten at most this often.
+constexpr int64_t kStatsEveryMs = 1000;
+// When the gate lingers without a zygote (warm_idle_s 0).
+constexpr unsigned kColdGateIdleS = 10;
 
 // Replay cache datagram: SHA-256(jti) + int64 LE expiry.
 constexpr size_t kReplayRequest = 32 + 8;
 
-struct Session {
+// A session of the local socket: our child, exec'd per connection (or warm).
+struct LocalSession {
   pid_t pid = -1;
   Fd ctl;  // our end of the SOCK_SEQPACKET; closed (-1) once the session hung up
   // Started ahead of a connection (docs/design.md "Warm sessions"): it waits
@@ -172,33 +182,71 @@ struct Session {
   bool warm = false;
 };
 
-// The shim's state; the main loop is a hand-written poll() over three kinds
-// of fds (signalfd+pidfd, the listen socket, one control socket per session):
-// an event library would cost more memory than the whole loop.
+// An authenticated TCP session: a gate process that admitted a connection
+// (docs/design.md "Pre-authentication gate"). Known by a pidfd: it may be
+// the child of an earlier session rather than ours.
+struct TcpSession {
+  pid_t pid = -1;
+  Fd pidfd;
+};
+
+int64_t mono_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+uint64_t* counters_of(gate::GateCounters& c) { return reinterpret_cast<uint64_t*>(&c); }
+
+// The shim's state; the main loop is a hand-written poll() over a few kinds
+// of fds (signalfd+pidfd, the listeners, the gate's and the local sessions'
+// control sockets, the TCP sessions' pidfds): an event library would cost
+// more memory than the whole loop.
 class Shim {
  public:
   Shim(const Options& opt) : opt_(opt) {}
+  // Runs until the container exits or SIGTERM; returns the exit code.
   int run();
 
  private:
   void setup();
-  void accept_connections(int listener);
+  void accept_local();
+  pid_t spawn(int fd3, int fd4, char* const* argv, bool warm);
   void spawn_session(Fd conn, bool warm);
+  void spawn_gate();
   bool hand_to_warm(const Fd& conn);
-  void handle_replay(Session& s);
+  char consume(const unsigned char* req, size_t n, pid_t who);
+  void handle_replay(LocalSession& s);
+  void handle_gate();
+  void gate_gone();
   void reap();
   void spawn_renewer();
+  void start_warm();
+  void write_stats(bool force);
   int shutdown(const char* why);
 
   const Options& opt_;
   Fd sigfd_, devnull_, listen_, local_;
   Held held_;
-  std::vector<Session> sessions_;
+  std::vector<LocalSession> local_sessions_;
+  std::vector<TcpSession> tcp_sessions_;
+  // The gate lineage (shim/gate_proto.h): its control socket while it
+  // lives; the pidfd of the process that is the gate now (none between an
+  // 'A' and the new gate's 'G').
+  Fd gate_ctl_, gate_pidfd_;
+  pid_t gate_pid_ = -1;
+  int64_t gate_retry_ = 0;  // no gate start before this (CLOCK_MONOTONIC ms)
+  // Pre-authentication counters: the ended lineages' sum, the current one's last report.
+  gate::GateCounters gate_base_, gate_now_;
+  uint64_t tcp_started_ = 0, local_started_ = 0, local_refused_ = 0;
+  std::string stats_path_;
+  bool stats_dirty_ = true;
+  int64_t stats_due_ = 0;
   ticket::ReplayCache cache_;
   bool accept_paused_ = false;  // after EMFILE/ENOMEM until a session ends
-  // Prepared once: argv/envp of every session (the child only execs).
-  std::vector<std::string> argv_store_;
-  std::vector<char*> argv_, warm_argv_;
+  // Prepared once: argv/envp of every session and gate (the child only execs).
+  std::vector<std::string> argv_store_, gate_store_;
+  std::vector<char*> argv_, warm_argv_, gate_argv_;
   std::vector<int> ns_src_;
   std::vector<std::string> renew_store_;
   std::vector<char*> renew_argv_;
@@ -208,14 +256,7 @@ class Shim {
   // session that took the last one ends or kWarmDelayMs after, whichever is
   // first: never while that session's own request is on the CPUs.
   int64_t warm_due_ = 0;
-  void start_warm();
 };
-
-int64_t mono_ms() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
 
 void Shim::setup() {
   // Signals arrive through a signalfd; SIGPIPE is ignored (writes to dead
@@ -227,6 +268,10 @@ void Shim::setup() {
   sigfd_ = Fd(signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
   if (!sigfd_) throw sys_error("signalfd");
   signal(SIGPIPE, SIG_IGN);
+  // Sessions born of the gate are the children of earlier sessions: when
+  // one of those ends first, its orphans come to us (reaped, not leaked to
+  // the host's init).
+  if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0) throw sys_error("prctl(PR_SET_CHILD_SUBREAPER)");
 
   devnull_ = Fd(::open("/dev/null", O_RDWR | O_CLOEXEC));
   if (!devnull_) throw sys_error("open /dev/null");
@@ -235,6 +280,8 @@ void Shim::setup() {
   listen_ = listen_on(opt_.listen);
   if (!opt_.local_socket.empty()) local_ = listen_local(opt_.local_socket);
   protect_binary(opt_.session_binary);
+  size_t slash = opt_.config.rfind('/');
+  stats_path_ = (slash == std::string::npos ? std::string(".") : opt_.config.substr(0, slash)) + "/stats.json";
 
   std::string ns_arg;
   for (size_t i = 0; i < held_.ns.size(); i++) {
@@ -249,8 +296,22 @@ void Shim::setup() {
   argv_.assign(warm_argv_.begin(), warm_argv_.end() - 2);
   argv_.push_back(nullptr);
   warm_argv_.push_back(nullptr);
+  // The gate lingers warm_idle_s unused, keeping a zygote; without warm
+  // sessions it keeps none and lingers kColdGateIdleS.
+  gate_store_ = {opt_.session_binary,
+                 "--config",
+                 opt_.config,
+                 "--ns",
+                 ns_arg,
+                 "--gate",
+                 std::to_string(opt_.warm_idle_s ? opt_.warm_idle_s : kColdGateIdleS)};
+  if (!opt_.warm_idle_s) gate_store_.push_back("--no-zygote");
+  for (auto& a : gate_store_) gate_argv_.push_back(a.data());
+  gate_argv_.push_back(nullptr);
   if (opt_.renew_every_s) {
-    renew_store_ = {opt_.renew_exec, "--config", opt_.renew_config, "renew", opt_.id};
+    renew_store_ = {opt_.hook_exec};
+    if (!opt_.hook_config.empty()) renew_store_.insert(renew_store_.end(), {"--config", opt_.hook_config});
+    renew_store_.insert(renew_store_.end(), {"renew", opt_.id});
     for (auto& a : renew_store_) renew_argv_.push_back(a.data());
     renew_argv_.push_back(nullptr);
     next_renew_ = mono_ms() + opt_.renew_every_s * 1000LL;  // the hook registered us just now
@@ -273,20 +334,42 @@ int Shim::run() {
     ::close(opt_.ready_fd);
   }
 
+  // What each pollfd is, by index; `pid` ties TCP sessions' pidfds to their
+  // entry (an fd number can be reused within one turn).
+  enum class Kind { Signals, Container, Listen, Local, GateCtl, LocalCtl, TcpPidfd };
+  struct Slot {
+    Kind kind;
+    pid_t pid;
+  };
   std::vector<pollfd> pfds;
+  std::vector<Slot> slots;
   for (;;) {
     pfds.clear();
-    pfds.push_back({sigfd_.get(), POLLIN, 0});
-    pfds.push_back({held_.pidfd.get(), POLLIN, 0});
-    pfds.push_back({accept_paused_ ? -1 : listen_.get(), POLLIN, 0});
-    pfds.push_back({accept_paused_ ? -1 : local_.get(), POLLIN, 0});
-    for (auto& s : sessions_) pfds.push_back({s.ctl.get(), POLLIN, 0});
-    int timeout = -1;
-    if (opt_.renew_every_s) timeout = static_cast<int>(std::max<int64_t>(0, next_renew_ - mono_ms()));
-    if (warm_due_) {
-      int w = static_cast<int>(std::max<int64_t>(0, warm_due_ - mono_ms()));
-      timeout = timeout < 0 ? w : std::min(timeout, w);
-    }
+    slots.clear();
+    auto watch = [&](int fd, Kind k, pid_t pid = 0) {
+      pfds.push_back({fd, POLLIN, 0});
+      slots.push_back({k, pid});
+    };
+    int64_t now = mono_ms();
+    watch(sigfd_.get(), Kind::Signals);
+    watch(held_.pidfd.get(), Kind::Container);
+    // Unauthenticated TCP connections are the gate's; the shim accepts
+    // nothing on the port, it only notices the first one to start a gate.
+    if (!gate_ctl_ && now >= gate_retry_) watch(listen_.get(), Kind::Listen);
+    if (local_ && !accept_paused_) watch(local_.get(), Kind::Local);
+    if (gate_ctl_) watch(gate_ctl_.get(), Kind::GateCtl);
+    for (auto& s : local_sessions_)
+      if (s.ctl) watch(s.ctl.get(), Kind::LocalCtl, s.pid);
+    for (auto& s : tcp_sessions_) watch(s.pidfd.get(), Kind::TcpPidfd, s.pid);
+    int64_t next = -1;
+    auto soon = [&](int64_t t) {
+      if (t > 0) next = next < 0 ? t : std::min(next, t);
+    };
+    if (opt_.renew_every_s) soon(next_renew_);
+    soon(warm_due_);
+    if (!gate_ctl_ && gate_retry_ > now) soon(gate_retry_);
+    if (stats_dirty_) soon(std::max(stats_due_, now));
+    int timeout = next < 0 ? -1 : static_cast<int>(std::max<int64_t>(0, next - now));
     int n = ::poll(pfds.data(), pfds.size(), timeout);
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -297,34 +380,55 @@ int Shim::run() {
       spawn_renewer();
     }
     if (warm_due_ && mono_ms() >= warm_due_) start_warm();
-    if (pfds[0].revents) {
-      signalfd_siginfo si;
-      while (::read(sigfd_.get(), &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
-        if (si.ssi_signo == SIGCHLD) continue;  // reaped below
-        if (si.ssi_signo == SIGHUP) continue;   // no terminal, nothing to reload
-        return shutdown(si.ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT");
+    for (size_t i = 0; i < pfds.size(); i++) {
+      if (!pfds[i].revents) continue;
+      switch (slots[i].kind) {
+        case Kind::Signals: {
+          signalfd_siginfo si;
+          while (::read(sigfd_.get(), &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
+            if (si.ssi_signo == SIGCHLD) continue;  // reaped below
+            if (si.ssi_signo == SIGHUP) continue;   // no terminal, nothing to reload
+            return shutdown(si.ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT");
+          }
+          reap();
+          break;
+        }
+        case Kind::Container:
+          return shutdown("container init exited");
+        case Kind::Listen:
+          spawn_gate();
+          break;
+        case Kind::Local:
+          accept_local();
+          break;
+        case Kind::GateCtl:
+          if (gate_ctl_) handle_gate();
+          break;
+        case Kind::LocalCtl:
+          for (auto& s : local_sessions_)
+            if (s.pid == slots[i].pid && s.ctl.get() == pfds[i].fd) handle_replay(s);
+          break;
+        case Kind::TcpPidfd:
+          for (auto it = tcp_sessions_.begin(); it != tcp_sessions_.end(); ++it) {
+            if (it->pid != slots[i].pid || it->pidfd.get() != pfds[i].fd) continue;
+            // Not necessarily our child (then reap() logs its status).
+            log("info", "session ended", {F("session_pid", static_cast<long long>(it->pid)), F("via", "gate")});
+            tcp_sessions_.erase(it);
+            stats_dirty_ = true;
+            break;
+          }
+          break;
       }
-      reap();
     }
-    if (pfds[1].revents) return shutdown("container init exited");
-    // Session sockets: pfds[kFirstCtl + i] belongs to sessions_[i] (reap() above
-    // may only have removed entries, so match by fd, not by index).
-    constexpr size_t kFirstCtl = 4;
-    for (size_t i = kFirstCtl; i < pfds.size(); i++) {
-      if (!pfds[i].revents || pfds[i].fd < 0) continue;
-      for (auto& s : sessions_)
-        if (s.ctl.get() == pfds[i].fd) handle_replay(s);
-    }
-    if (pfds[2].revents) accept_connections(listen_.get());
-    if (pfds[3].revents) accept_connections(local_.get());
+    write_stats(false);
   }
 }
 
-// From either listener: a session tells TCP (TLS) from the local socket by
-// the socket it is given.
-void Shim::accept_connections(int listener) {
+// The local socket's connections: root on the node (docs/design.md "Local
+// socket"), one session process each (a warm one when ready), own limit.
+void Shim::accept_local() {
   for (int i = 0; i < 16; i++) {
-    int c = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+    int c = ::accept4(local_.get(), nullptr, nullptr, SOCK_CLOEXEC);
     if (c < 0) {
       if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED) return;
       if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
@@ -338,14 +442,18 @@ void Shim::accept_connections(int listener) {
     }
     Fd conn(c);
     size_t live = 0;
-    for (auto& s : sessions_) live += s.pid > 0 && !s.warm;
-    if (live >= opt_.max_sessions) {
-      log("warn", "too many sessions, connection closed",
-          {F("max_sessions", static_cast<long long>(opt_.max_sessions))});
+    for (auto& s : local_sessions_) live += s.pid > 0 && !s.warm;
+    if (live >= opt_.max_local_sessions) {
+      local_refused_++;
+      stats_dirty_ = true;
+      log("warn", "too many local sessions, connection closed",
+          {F("max_local_sessions", static_cast<long long>(opt_.max_local_sessions))});
       continue;  // conn closes here
     }
     try {
       if (!(opt_.warm_idle_s && hand_to_warm(conn))) spawn_session(std::move(conn), false);
+      local_started_++;
+      stats_dirty_ = true;
     } catch (const std::exception& e) {
       log("error", "cannot start session", {F("error", e.what())});
     }
@@ -359,11 +467,11 @@ void Shim::accept_connections(int listener) {
 void Shim::start_warm() {
   warm_due_ = 0;
   size_t live = 0;
-  for (auto& s : sessions_) {
+  for (auto& s : local_sessions_) {
     if (s.warm) return;  // one is enough
     live += s.pid > 0;
   }
-  if (live >= opt_.max_sessions) return;
+  if (live >= opt_.max_local_sessions) return;
   try {
     spawn_session(Fd(), true);
   } catch (const std::exception& e) {
@@ -375,7 +483,7 @@ void Shim::start_warm() {
 // (common/fd.h has send_fd, but shimlet_common links OpenSSL and nlohmann,
 // which the static shim must not.)
 bool Shim::hand_to_warm(const Fd& conn) {
-  for (auto& s : sessions_) {
+  for (auto& s : local_sessions_) {
     if (!s.warm) continue;
     s.warm = false;  // given this connection, or broken: never offered again
     char tag = 'C';
@@ -403,18 +511,15 @@ bool Shim::hand_to_warm(const Fd& conn) {
   return false;
 }
 
-void Shim::spawn_session(Fd conn, bool warm) {
-  int sp[2];
-  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) throw sys_error("socketpair(SOCK_SEQPACKET)");
-  Fd ours(sp[0]), theirs(sp[1]);
-
-  // Sources of the session's fds 0..N-1 (design.md "shim -> session fd contract").
-  // src[i] becomes fd i in the session (design.md's fd contract).
+// fork + exec of the session binary with the contract's fds: fd3 and the
+// control socket (fd 4) given, 0-2, 5 and the namespace fds ours. Returns the pid.
+pid_t Shim::spawn(int fd3, int fd4, char* const* argv, bool warm) {
+  // src[i] becomes fd i in the child (design.md's fd contracts).
   std::vector<int> src(kFirstNsFd);
   src[0] = src[1] = devnull_.get();
   src[2] = 2;
-  src[kConnFd] = warm ? devnull_.get() : conn.get();  // a warm session gets it later
-  src[kCtlFd] = theirs.get();
+  src[kConnFd] = fd3;
+  src[kCtlFd] = fd4;
   src[kPidFd] = held_.pidfd.get();
   src.insert(src.end(), ns_src_.begin(), ns_src_.end());
   const int nfds = static_cast<int>(src.size());
@@ -447,17 +552,166 @@ void Shim::spawn_session(Fd conn, bool warm) {
     if (chdir("/") < 0) _exit(1);
     // Warming runs at the lowest priority (the session raises it once placed).
     if (warm && setpriority(PRIO_PROCESS, 0, 19) < 0) _exit(1);
-    execve(argv_[0], warm ? warm_argv_.data() : argv_.data(), envp);
+    execve(argv[0], argv, envp);
     static const char msg[] = "{\"level\":\"error\",\"component\":\"shim\",\"msg\":\"execve session binary failed\"}\n";
     ssize_t r = ::write(2, msg, sizeof msg - 1);
     (void)r;
     _exit(127);
   }
-  sessions_.push_back(Session{pid, std::move(ours), warm});
+  return pid;
+}
+
+void Shim::spawn_session(Fd conn, bool warm) {
+  int sp[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) throw sys_error("socketpair(SOCK_SEQPACKET)");
+  Fd ours(sp[0]), theirs(sp[1]);
+  // A warm session gets its connection later.
+  pid_t pid = spawn(warm ? devnull_.get() : conn.get(), theirs.get(), warm ? warm_argv_.data() : argv_.data(), warm);
+  local_sessions_.push_back(LocalSession{pid, std::move(ours), warm});
   if (warm)
     log("info", "warm session started", {F("session_pid", static_cast<long long>(pid))});
   else
     log("info", "session started", {F("session_pid", static_cast<long long>(pid))});
+}
+
+// The first TCP connection since no gate runs: start one. It takes the
+// listening socket (fd 3) and accepts that connection and every later one.
+void Shim::spawn_gate() {
+  int sp[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) {
+    log("error", "cannot start the gate", {F("what", "socketpair"), F("error", errdesc(errno))});
+    gate_retry_ = mono_ms() + kGateRetryMs;
+    return;
+  }
+  Fd ours(sp[0]), theirs(sp[1]);
+  try {
+    pid_t pid = spawn(listen_.get(), theirs.get(), gate_argv_.data(), false);
+    gate_pidfd_ = Fd(sys_pidfd_open(pid));  // our unreaped child: it is this process
+    gate_pid_ = pid;
+    gate_ctl_ = std::move(ours);
+    gate_now_ = {};
+    log("info", "gate started", {F("gate_pid", static_cast<long long>(pid))});
+  } catch (const std::exception& e) {
+    log("error", "cannot start the gate", {F("error", e.what())});
+    gate_retry_ = mono_ms() + kGateRetryMs;
+  }
+}
+
+char Shim::consume(const unsigned char* buf, size_t n, pid_t who) {
+  if (n != kReplayRequest) {
+    log("warn", "bad replay-cache request size",
+        {F("session_pid", static_cast<long long>(who)), F("size", static_cast<long long>(n))});
+    return 'F';
+  }
+  std::array<uint8_t, 32> digest;
+  memcpy(digest.data(), buf, 32);
+  uint64_t u = 0;
+  for (int i = 7; i >= 0; i--) u = (u << 8) | buf[32 + i];
+  char reply = 'F';
+  switch (cache_.consume(digest, static_cast<int64_t>(u), static_cast<int64_t>(time(nullptr)))) {
+    case ticket::ReplayCache::Result::Accepted:
+      reply = 'A';
+      break;
+    case ticket::ReplayCache::Result::Replayed:
+      reply = 'R';
+      break;
+    case ticket::ReplayCache::Result::Full:
+      reply = 'F';
+      break;
+  }
+  if (reply != 'A')
+    log("warn", reply == 'R' ? "ticket replay refused" : "replay cache full",
+        {F("session_pid", static_cast<long long>(who))});
+  return reply;
+}
+
+// One datagram of the gate lineage (shim/gate_proto.h).
+void Shim::handle_gate() {
+  unsigned char buf[1 + sizeof(gate::GateCounters) + 8];
+  iovec iov{buf, sizeof buf};
+  alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = cbuf;
+  msg.msg_controllen = sizeof cbuf;
+  ssize_t n = ::recvmsg(gate_ctl_.get(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  Fd passed;
+  for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm))
+    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int))) {
+      int fd;
+      memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+      passed = Fd(fd);
+    }
+  if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+  if (n <= 0) return gate_gone();
+  auto pid_at = [&](size_t off) {
+    int32_t p = 0;
+    if (static_cast<size_t>(n) >= off + 4) memcpy(&p, buf + off, 4);
+    return static_cast<pid_t>(p);
+  };
+  switch (buf[0]) {
+    case gate::kAdmit: {
+      char reply;
+      if (tcp_sessions_.size() >= opt_.max_sessions) {
+        reply = gate::kLimit;
+        log("warn", "too many sessions, admission refused",
+            {F("max_sessions", static_cast<long long>(opt_.max_sessions))});
+      } else {
+        reply = consume(buf + 1, static_cast<size_t>(n) - 1, gate_pid_);
+      }
+      if (::send(gate_ctl_.get(), &reply, 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) return gate_gone();
+      if (reply == gate::kAccepted) {
+        // The gate process is that connection's session now; its child
+        // takes over as the gate ('G').
+        log("info", "session started", {F("session_pid", static_cast<long long>(gate_pid_)), F("via", "gate")});
+        tcp_sessions_.push_back(TcpSession{gate_pid_, std::move(gate_pidfd_)});
+        gate_pid_ = -1;
+        tcp_started_++;
+        stats_dirty_ = true;
+      }
+      return;
+    }
+    case gate::kUnreserve:
+      for (auto it = tcp_sessions_.begin(); it != tcp_sessions_.end(); ++it) {
+        if (it->pid != pid_at(1)) continue;
+        gate_pid_ = it->pid;
+        gate_pidfd_ = std::move(it->pidfd);
+        tcp_sessions_.erase(it);
+        tcp_started_--;
+        break;
+      }
+      return;
+    case gate::kTakeOver:
+      if (!passed) return;
+      gate_pid_ = pid_at(1);
+      gate_pidfd_ = std::move(passed);
+      return;
+    case gate::kCounters:
+      if (static_cast<size_t>(n) == 1 + sizeof gate_now_) {
+        memcpy(&gate_now_, buf + 1, sizeof gate_now_);
+        stats_dirty_ = true;
+      }
+      return;
+    default:
+      log("warn", "unknown message from the gate", {F("type", static_cast<long long>(buf[0]))});
+  }
+}
+
+// The lineage ended (idle, crashed, stopped): its counters join the totals
+// and the next TCP connection starts a new gate.
+void Shim::gate_gone() {
+  uint64_t* base = counters_of(gate_base_);
+  uint64_t* now = counters_of(gate_now_);
+  for (size_t i = 0; i < gate::kNumCounters; i++) base[i] += now[i];
+  gate_base_.open = 0;
+  gate_base_.open_peak = std::max(gate_base_.open_peak - gate_now_.open_peak, gate_now_.open_peak);
+  gate_now_ = {};
+  gate_ctl_.reset();
+  gate_pidfd_.reset();  // an exiting process; a child of ours is reaped in reap()
+  gate_pid_ = -1;
+  stats_dirty_ = true;
+  log("info", "gate ended");
 }
 
 // One lease renewal: fork + exec the hook's `renew` (it has its own deadline).
@@ -496,7 +750,7 @@ void Shim::spawn_renewer() {
   renewer_ = pid;
 }
 
-void Shim::handle_replay(Session& s) {
+void Shim::handle_replay(LocalSession& s) {
   unsigned char buf[kReplayRequest + 1];
   ssize_t n = ::recv(s.ctl.get(), buf, sizeof buf, MSG_DONTWAIT | MSG_TRUNC);
   if (n < 0) {
@@ -508,30 +762,7 @@ void Shim::handle_replay(Session& s) {
     s.ctl.reset();
     return;
   }
-  char reply = 'F';
-  if (static_cast<size_t>(n) != kReplayRequest) {
-    log("warn", "bad replay-cache request size", {F("session_pid", static_cast<long long>(s.pid)), F("size", n)});
-  } else {
-    std::array<uint8_t, 32> digest;
-    memcpy(digest.data(), buf, 32);
-    uint64_t u = 0;
-    for (int i = 7; i >= 0; i--) u = (u << 8) | buf[32 + i];
-    auto exp = static_cast<int64_t>(u);
-    switch (cache_.consume(digest, exp, static_cast<int64_t>(time(nullptr)))) {
-      case ticket::ReplayCache::Result::Accepted:
-        reply = 'A';
-        break;
-      case ticket::ReplayCache::Result::Replayed:
-        reply = 'R';
-        break;
-      case ticket::ReplayCache::Result::Full:
-        reply = 'F';
-        break;
-    }
-    if (reply != 'A')
-      log("warn", reply == 'R' ? "ticket replay refused" : "replay cache full",
-          {F("session_pid", static_cast<long long>(s.pid))});
-  }
+  char reply = consume(buf, static_cast<size_t>(n), s.pid);
   if (::send(s.ctl.get(), &reply, 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) s.ctl.reset();
 }
 
@@ -540,6 +771,14 @@ void Shim::reap() {
     int status = 0;
     pid_t p = ::waitpid(-1, &status, WNOHANG);
     if (p <= 0) return;
+    auto ended = [&](const char* via) {
+      if (WIFSIGNALED(status))
+        log("info", "session ended",
+            {F("session_pid", static_cast<long long>(p)), F("signal", WTERMSIG(status)), F("via", via)});
+      else
+        log("info", "session ended",
+            {F("session_pid", static_cast<long long>(p)), F("exit_code", WEXITSTATUS(status)), F("via", via)});
+    };
     if (p == renewer_) {
       renewer_ = -1;
       if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
@@ -547,20 +786,62 @@ void Shim::reap() {
             {F("exit_code", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status))});
       continue;
     }
-    for (auto it = sessions_.begin(); it != sessions_.end(); ++it) {
+    bool found = false;
+    for (auto it = tcp_sessions_.begin(); it != tcp_sessions_.end(); ++it) {
       if (it->pid != p) continue;
-      if (WIFSIGNALED(status))
-        log("info", "session ended", {F("session_pid", static_cast<long long>(p)), F("signal", WTERMSIG(status))});
-      else
-        log("info", "session ended",
-            {F("session_pid", static_cast<long long>(p)), F("exit_code", WEXITSTATUS(status))});
-      bool was_warm = it->warm;
-      sessions_.erase(it);
-      accept_paused_ = false;
-      if (warm_due_ && !was_warm) start_warm();  // its request is done: warm up now
+      ended("gate");
+      tcp_sessions_.erase(it);
+      stats_dirty_ = true;
+      found = true;
       break;
     }
+    if (found) continue;
+    for (auto it = local_sessions_.begin(); it != local_sessions_.end(); ++it) {
+      if (it->pid != p) continue;
+      ended("local");
+      bool was_warm = it->warm;
+      local_sessions_.erase(it);
+      accept_paused_ = false;
+      if (warm_due_ && !was_warm) start_warm();  // its request is done: warm up now
+      stats_dirty_ = true;
+      break;
+    }
+    // Anything else: a gate (its lineage ends through the control socket),
+    // or an orphan adopted as the sessions' subreaper.
   }
+}
+
+// STATE/<id>/stats.json (docs/design.md "Pre-authentication gate"): the
+// gate's counters (ended lineages + the current one) and the sessions, as
+// one JSON object; written atomically, at most every kStatsEveryMs.
+void Shim::write_stats(bool force) {
+  int64_t now = mono_ms();
+  if (!stats_dirty_ || (!force && now < stats_due_)) return;
+  stats_dirty_ = false;
+  stats_due_ = now + kStatsEveryMs;
+  std::string j = "{\"ts\":\"";
+  append_time(j);
+  j += "\",\"sessions\":{\"tcp\":" + std::to_string(tcp_sessions_.size());
+  size_t local = 0, warm = 0;
+  for (auto& s : local_sessions_) (s.warm ? warm : local)++;
+  j += ",\"local\":" + std::to_string(local) + ",\"warm\":" + std::to_string(warm) +
+       ",\"tcp_started\":" + std::to_string(tcp_started_) + ",\"local_started\":" + std::to_string(local_started_) +
+       ",\"local_refused\":" + std::to_string(local_refused_) +
+       ",\"max_sessions\":" + std::to_string(opt_.max_sessions) +
+       ",\"max_local_sessions\":" + std::to_string(opt_.max_local_sessions) + "},\"preauth\":{";
+  const uint64_t* base = counters_of(gate_base_);
+  const uint64_t* cur = counters_of(gate_now_);
+  for (size_t i = 0; i < gate::kNumCounters; i++) {
+    std::string name = gate::kCounterNames[i];
+    uint64_t v = name == "open" ? cur[i] : name == "open_peak" ? std::max(base[i], cur[i]) : base[i] + cur[i];
+    j += (i ? ",\"" : "\"") + name + "\":" + std::to_string(v);
+  }
+  j += "},\"gate_pid\":" + std::to_string(gate_ctl_ ? gate_pid_ : 0) + "}\n";
+  std::string tmp = stats_path_ + ".tmp";
+  Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
+  if (!fd || ::write(fd.get(), j.data(), j.size()) != static_cast<ssize_t>(j.size()) ||
+      ::rename(tmp.c_str(), stats_path_.c_str()) < 0)
+    log("warn", "cannot write the stats file", {F("path", stats_path_), F("error", errdesc(errno))});
 }
 
 int Shim::shutdown(const char* why) {
@@ -569,29 +850,48 @@ int Shim::shutdown(const char* why) {
     local_.reset();
     ::unlink(opt_.local_socket.c_str());
   }
-  log("info", "shim stopping", {F("reason", why), F("sessions", static_cast<long long>(sessions_.size()))});
-  for (auto& s : sessions_) ::kill(s.pid, SIGTERM);
+  log("info", "shim stopping",
+      {F("reason", why), F("sessions", static_cast<long long>(local_sessions_.size() + tcp_sessions_.size()))});
+  auto signal_all = [&](int sig) {
+    if (gate_pidfd_) sys_pidfd_signal(gate_pidfd_.get(), sig);
+    for (auto& s : tcp_sessions_) sys_pidfd_signal(s.pidfd.get(), sig);
+    for (auto& s : local_sessions_) ::kill(s.pid, sig);
+  };
+  signal_all(SIGTERM);
   if (renewer_ > 0) ::kill(renewer_, SIGKILL);
-  // Up to 1 s for the sessions to end on SIGTERM, then SIGKILL (bounded).
-  timespec start{};
-  clock_gettime(CLOCK_MONOTONIC, &start);
+  // Up to 1 s for the sessions and the gate to end on SIGTERM, then SIGKILL (bounded).
+  int64_t start = mono_ms();
   bool killed = false;
-  while (!sessions_.empty() || renewer_ > 0) {
-    timespec now{};
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    long ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+  std::vector<pollfd> pfds;
+  for (;;) {
+    // Gone: the gate and TCP sessions by their pidfds, the rest reaped.
+    if (gate_pidfd_) {
+      pollfd p{gate_pidfd_.get(), POLLIN, 0};
+      if (::poll(&p, 1, 0) > 0) gate_pidfd_.reset();
+    }
+    for (auto it = tcp_sessions_.begin(); it != tcp_sessions_.end();) {
+      pollfd p{it->pidfd.get(), POLLIN, 0};
+      it = ::poll(&p, 1, 0) > 0 ? tcp_sessions_.erase(it) : it + 1;
+    }
+    if (local_sessions_.empty() && tcp_sessions_.empty() && !gate_pidfd_ && renewer_ <= 0) break;
+    int64_t ms = mono_ms() - start;
     if (ms >= 1000 && !killed) {
-      for (auto& s : sessions_) ::kill(s.pid, SIGKILL);
+      signal_all(SIGKILL);
       killed = true;
     }
     if (ms >= 3000) break;  // SIGKILLed processes stuck in D state: don't hang
-    pollfd p{sigfd_.get(), POLLIN, 0};
-    ::poll(&p, 1, 50);
+    pfds.assign(1, pollfd{sigfd_.get(), POLLIN, 0});
+    if (gate_pidfd_) pfds.push_back({gate_pidfd_.get(), POLLIN, 0});
+    for (auto& s : tcp_sessions_) pfds.push_back({s.pidfd.get(), POLLIN, 0});
+    ::poll(pfds.data(), pfds.size(), 50);
     signalfd_siginfo si;
     while (::read(sigfd_.get(), &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
     }
     reap();
   }
+  reap();
+  stats_dirty_ = true;
+  write_stats(true);
   log("info", "shim stopped");
   return 0;
 }
@@ -637,10 +937,10 @@ Options parse_args(int argc, const char* const* argv) {
       auto n = to_num(v, 1, 86400);
       if (!n) throw Error("shimlet: bad --renew-every " + std::string(v) + " (1..86400 seconds)");
       o.renew_every_s = static_cast<unsigned>(*n);
-    } else if (a == "--renew-exec") {
-      o.renew_exec = v;
-    } else if (a == "--renew-config") {
-      o.renew_config = v;
+    } else if (a == "--hook") {
+      o.hook_exec = v;
+    } else if (a == "--hook-config") {
+      o.hook_config = v;
     } else if (a == "--warm-idle-s") {
       auto n = to_num(v, 0, 3600);
       if (!n) throw Error("shimlet: bad --warm-idle-s " + std::string(v) + " (0..3600)");
@@ -649,6 +949,10 @@ Options parse_args(int argc, const char* const* argv) {
       auto n = to_num(v, 1, 65536);
       if (!n) throw Error("shimlet: bad --max-sessions " + std::string(v) + " (1..65536)");
       o.max_sessions = static_cast<unsigned>(*n);
+    } else if (a == "--max-local-sessions") {
+      auto n = to_num(v, 1, 65536);
+      if (!n) throw Error("shimlet: bad --max-local-sessions " + std::string(v) + " (1..65536)");
+      o.max_local_sessions = static_cast<unsigned>(*n);
     } else {
       throw Error("shimlet: unknown argument " + std::string(a));
     }
@@ -656,10 +960,14 @@ Options parse_args(int argc, const char* const* argv) {
   if (o.config.empty() || o.session_binary.empty() || o.pid <= 0)
     throw Error(
         "usage: shimlet --config PATH --pid PID --session-binary PATH [--id ID] [--listen ADDR:PORT] "
-        "[--ready-fd N] [--max-sessions N] [--warm-idle-s N]");
+        "[--local-socket PATH] [--ready-fd N] [--max-sessions N] [--max-local-sessions N] [--warm-idle-s N] "
+        "[--hook PATH [--hook-config PATH] [--renew-every S]]");
   if (o.session_binary[0] != '/') throw Error("shimlet: --session-binary must be absolute: " + o.session_binary);
-  if (o.renew_every_s && (o.renew_exec.empty() || o.renew_exec[0] != '/' || o.renew_config.empty() || o.id.empty()))
-    throw Error("shimlet: --renew-every needs an absolute --renew-exec, --renew-config and --id");
+  if (!o.hook_exec.empty() && (o.hook_exec[0] != '/' || o.id.empty()))
+    throw Error("shimlet: --hook needs an absolute path and --id");
+  if (!o.hook_config.empty() && o.hook_config[0] != '/') throw Error("shimlet: --hook-config must be absolute");
+  if (o.renew_every_s && (o.hook_exec.empty() || o.hook_config.empty()))
+    throw Error("shimlet: --renew-every needs --hook and --hook-config");
   return o;
 }
 

@@ -7,9 +7,18 @@
 // It takes everything it needs from argv (the hook writes shim.json and passes
 // the same values on the command line) so the shim needs no JSON parser:
 //   shimlet --config STATE/<id>/shim.json --pid PID --session-binary PATH
-//           [--id ID] [--listen ADDR:PORT] [--local-socket PATH] [--ready-fd N] [--max-sessions N]
-//           [--renew-every SECONDS --renew-exec HOOK --renew-config HOOK_CONFIG]
-// --config is only handed through to the sessions.
+//           [--id ID] [--listen ADDR:PORT] [--local-socket PATH] [--ready-fd N]
+//           [--max-sessions N] [--max-local-sessions N] [--warm-idle-s N]
+//           [--hook HOOK [--hook-config HOOK_CONFIG] [--renew-every SECONDS]]
+// --config is only handed through to the sessions and the gate (and names
+// the directory of STATE/<id>/stats.json).
+//
+// TCP: the shim accepts nothing on its port. The first connection starts
+// the pre-authentication gate (shim/gate.h), which takes the listening
+// socket and owns every unauthenticated connection; the gate asks the shim
+// (shim/gate_proto.h) to consume a ticket's jti and reserve one of
+// max_sessions authenticated sessions before it forks one. The local socket
+// keeps its own path and limit: one session process per connection.
 #pragma once
 #include <sys/types.h>
 
@@ -63,17 +72,19 @@ struct Options {
   // Also listen on this unix socket (root's, 0600): `shimctl --local` on the
   // node speaks HTTP/2 there without TLS (docs/design.md "Local socket").
   std::string local_socket;
-  int ready_fd = -1;            // "ready PORT\n" is written here, then closed
-  unsigned max_sessions = 256;  // connections beyond this are closed at once
+  int ready_fd = -1;                  // "ready PORT\n" is written here, then closed
+  unsigned max_sessions = 256;        // authenticated TCP sessions; a valid ticket beyond: 503 from the gate
+  unsigned max_local_sessions = 256;  // local socket connections beyond this are closed at once
   // Keep one warm session ready after the first connection (docs/design.md
   // "Warm sessions"): a request skips the session's start and cgroup
   // placement. It exits after this many seconds unused; 0: no warm sessions.
   unsigned warm_idle_s = 60;
-  // Master lease renewal (docs/design.md "Master registration"): every
-  // renew_every_s seconds run `RENEW_EXEC renew --config RENEW_CONFIG ID`, a
-  // short-lived process that does the HTTPS so the shim never links TLS.
+  // The hook binary and its config: master lease renewal (docs/design.md
+  // "Master registration": every renew_every_s seconds `HOOK --config
+  // HOOK_CONFIG renew ID`, a short-lived process that does the HTTPS so the
+  // shim never links TLS).
+  std::string hook_exec, hook_config;
   unsigned renew_every_s = 0;  // 0 = no master
-  std::string renew_exec, renew_config;
 };
 
 // Throws shimlet::Error with one clear line on bad arguments.

@@ -1,8 +1,8 @@
 """shimlet-hook + shimlet (the shim) with real runc and podman containers.
 
-The shim's side of the session fd contract is checked with fake_session.py
-standing in for shimlet-session (it reports its fds/argv/env over the TCP
-connection)."""
+The shim's side of the gate's fd contract and control protocol is checked
+with fake_session.py standing in for shimlet-session (started as the gate,
+it reports its fds/argv/env over a TCP connection it accepts)."""
 import base64
 import contextlib
 import errno
@@ -72,8 +72,8 @@ class HookEnv:
         self.config = os.path.join(self.dir, "hook.json")
         cfg.setdefault("state_dir", self.state)
         cfg.setdefault("session_binary", FAKE_SESSION)
-        # The fake session speaks only the cold contract (fd 3 at start);
-        # warm sessions are tested with the real one in test_warm.py.
+        # The fake stands in for the gate (TCP) only; warm sessions and the
+        # gate's zygote are tested with the real one (test_warm.py, test_flood.py).
         cfg.setdefault("warm_idle_s", 0)
         with open(self.config, "w") as f:
             json.dump(cfg, f)
@@ -194,7 +194,7 @@ def test_runc_start_registration_fd_contract_and_cleanup(env_factory, containers
     assert shim_fds[1] == shim_fds[2] == os.path.join(d, "shim.log")
     assert not any("pipe:" in v for v in shim_fds.values()), shim_fds  # no runtime pipes, ready fd closed
 
-    # fd contract seen by the session (fake_session.py reports over the connection).
+    # fd contract seen by the gate (fake_session.py reports over a connection it accepted).
     rep = session_report(reg["endpoint"])
     fds = {int(k): v for k, v in rep["fds"].items()}
     want_ns = []
@@ -204,12 +204,17 @@ def test_runc_start_registration_fd_contract_and_cleanup(env_factory, containers
             want_ns.append((t, theirs))
     assert fds[0] == "/dev/null" and fds[1] == "/dev/null"
     assert fds[2] == os.path.join(d, "shim.log")
-    assert fds[3].startswith("socket:") and rep["fd3"] == {"family": socket.AF_INET, "type": socket.SOCK_STREAM}
-    assert fds[4].startswith("socket:") and rep["fd4"] == {"family": socket.AF_UNIX, "type": socket.SOCK_SEQPACKET}
+    # fd 3: the shim's TCP listening socket itself (the gate accepts).
+    assert fds[3].startswith("socket:") and rep["fd3"] == {"family": socket.AF_INET, "type": socket.SOCK_STREAM,
+                                                           "listening": True}
+    assert fds[4].startswith("socket:") and rep["fd4"] == {"family": socket.AF_UNIX, "type": socket.SOCK_SEQPACKET,
+                                                           "listening": False}
     assert fds[5] == "anon_inode:[pidfd]"
     assert sorted(fds) == list(range(6 + len(want_ns))), fds
     ns_arg = ",".join(f"{t}={6 + i}" for i, (t, _) in enumerate(want_ns))
-    assert rep["argv"] == [os.path.realpath(FAKE_SESSION), "--config", os.path.join(d, "shim.json"), "--ns", ns_arg]
+    # warm_idle_s 0: the gate keeps no zygote and lingers 10 s unused.
+    assert rep["argv"] == [os.path.realpath(FAKE_SESSION), "--config", os.path.join(d, "shim.json"), "--ns", ns_arg,
+                           "--gate", "10", "--no-zygote"]
     for i, (t, link) in enumerate(want_ns):
         assert fds[6 + i] == link, (t, fds)
     assert rep["replay"] == ["A", "R", "F"]
@@ -224,8 +229,11 @@ def test_runc_start_registration_fd_contract_and_cleanup(env_factory, containers
     log = open(os.path.join(d, "shim.log")).read().splitlines()
     entries = [json.loads(l) for l in log]
     assert any(e["msg"] == "shim ready" for e in entries)
+    # The 'A' made the gate process a session: it ended when it exited.
     wait_for(lambda: any(json.loads(l)["msg"] == "session ended" for l in open(os.path.join(d, "shim.log"))),
              what="session end logged")
+    wait_for(lambda: any(json.loads(l)["msg"] == "gate ended" for l in open(os.path.join(d, "shim.log"))),
+             what="gate end logged")
 
     # Container init exits -> the shim exits by itself (pidfd), before delete.
     c.runc("kill", c.id, "KILL")
@@ -251,6 +259,8 @@ def test_poststop_stops_a_running_shim_and_is_idempotent(env_factory, containers
 
 
 def test_session_limit_and_shutdown_kills_sessions(env_factory, containers_):
+    # max_sessions counts admitted (authenticated) sessions: the gate's
+    # second admission is refused ('L'), the gate itself goes on.
     env = env_factory(max_sessions=1)
     c = new_container(containers_, env)
     c.start()
@@ -260,22 +270,35 @@ def test_session_limit_and_shutdown_kills_sessions(env_factory, containers_):
     try:
         first.sendall(b"hold\n")
         assert first.recv(64) == b"holding\n"
-        second = socket.create_connection((host, int(port)), timeout=5)
-        with second:
-            assert second.recv(64) == b""  # closed at once: over the limit
+        with socket.create_connection((host, int(port)), timeout=5) as second:
+            second.sendall(b"hold\n")
+            assert second.recv(64) == b"L\n"  # over the limit
         log = open(os.path.join(env.cdir(c.id), "shim.log")).read()
-        assert "too many sessions" in log
-        sessions = [json.loads(l)["session_pid"] for l in log.splitlines() if json.loads(l)["msg"] == "session started"]
-        assert len(sessions) == 1 and alive(sessions[0])
-        # SIGTERM to the shim terminates its sessions and exits 0.
+        assert "too many sessions, admission refused" in log
+        lines = [json.loads(l) for l in log.splitlines()]
+        sessions = [l["session_pid"] for l in lines if l["msg"] == "session started"]
+        gates = [l["gate_pid"] for l in lines if l["msg"] == "gate started"]
+        assert len(sessions) == 1 and alive(sessions[0]) and gates == sessions  # the gate became the session
+        # Its child took over as the gate (it answered the second connection).
+        gate = [p for p in kids(sessions[0]) if alive(p)]
+        assert len(gate) == 1, gate
+        # SIGTERM to the shim terminates its sessions and the gate, and exits 0.
         os.kill(reg["shim_pid"], signal.SIGTERM)
         wait_for(lambda: not alive(reg["shim_pid"]), what="shim exit on SIGTERM")
-        assert not alive(sessions[0])
+        assert not alive(sessions[0]) and not alive(gate[0])
         assert first.recv(64) == b""
     finally:
         first.close()
     c.stop()
     assert env.leftovers() == []
+
+
+def kids(pid):
+    out = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{t}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
 
 
 def test_broken_shim_binary_does_not_stop_the_container(env_factory, containers_):
