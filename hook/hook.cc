@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -870,12 +871,27 @@ void cleanup(const Config& c, const std::string& id) {
     throw sys_error("lstat " + dir);
   }
   if (!S_ISDIR(sb.st_mode)) throw Error(dir + ": not a directory (refusing to touch it)");
+  // One cleanup at a time (the runtime's poststop and the shim's own, after
+  // its container's exit, can overlap): a lock on the directory itself. One
+  // that waited finds it gone, and there is nothing left to do.
+  Fd lock(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!lock) {
+    if (errno == ENOENT) return;
+    throw sys_error("open " + dir);
+  }
+  while (::flock(lock.get(), LOCK_EX) < 0)
+    if (errno != EINTR) throw sys_error("flock " + dir);
+  struct stat locked {
+  }, now{};
+  if (::fstat(lock.get(), &locked) < 0) throw sys_error("fstat " + dir);
+  if (::lstat(dir.c_str(), &now) < 0 || now.st_ino != locked.st_ino || now.st_dev != locked.st_dev) return;
   std::string first_error;
   try {
     json reg = json::parse(read_file(dir + "/registration.json", kMaxRegistrationBytes));
     pid_t pid = reg.value("shim_pid", 0);
     uint64_t start_time = reg.value("shim_start_time", uint64_t{0});
-    stop_shim(pid, start_time, dir + "/shim.json");
+    // `cleanup ID` run by the shim itself (it exec'd us, same pid): gone already.
+    if (pid != ::getpid()) stop_shim(pid, start_time, dir + "/shim.json");
   } catch (const std::exception& e) {
     // No registration: the start failed or was interrupted, its shim was killed then.
     if (::access((dir + "/registration.json").c_str(), F_OK) == 0) first_error = e.what();
@@ -896,6 +912,25 @@ void cleanup(const Config& c, const std::string& id) {
   std::filesystem::remove_all(dir, ec);
   if (ec) throw Error("remove " + dir + ": " + ec.message());
   if (!first_error.empty()) throw Error("registration of " + id + ": " + first_error);
+}
+
+void poststop(const Config& c, const std::string& id) {
+  bool registered = c.master && valid_container_id(id) &&
+                    ::access((c.state_dir + "/" + id + "/registration.json").c_str(), F_OK) == 0;
+  std::string err;
+  try {
+    cleanup(c, id);  // first: the shim (and its renewer) must be gone before the DELETE
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  if (registered) {
+    try {
+      unregister_container(c, id);
+    } catch (const std::exception& e) {
+      err += (err.empty() ? "" : "; ") + std::string(e.what());
+    }
+  }
+  if (!err.empty()) throw Error(err);
 }
 
 json register_container(const Config& c, const std::string& id) {
@@ -1056,11 +1091,12 @@ int main(int argc, char** argv) {
     } else if (a == "--help" || a == "-h") {
       fprintf(stdout,
               "usage: shimlet-hook --config PATH [createRuntime|createContainer|prestart|poststop]\n"
-              "       shimlet-hook --config PATH renew CONTAINER_ID\n");
+              "       shimlet-hook --config PATH renew CONTAINER_ID\n"
+              "       shimlet-hook --config PATH cleanup CONTAINER_ID\n");
       return 0;
     } else if (stage_arg.empty() && a.substr(0, 1) != "-") {
       stage_arg = a;
-    } else if (stage_arg == "renew" && renew_id.empty() && a.substr(0, 1) != "-") {
+    } else if ((stage_arg == "renew" || stage_arg == "cleanup") && renew_id.empty() && a.substr(0, 1) != "-") {
       renew_id = a;
     } else {
       log::error("shimlet-hook: unexpected argument", {{"arg", a}});
@@ -1091,6 +1127,28 @@ int main(int argc, char** argv) {
       return 2;
     }
     return renew(cfg, renew_id);
+  }
+  if (stage_arg == "cleanup") {
+    // Run by the shim when its container is gone (docs/design.md "Stale
+    // state"): what poststop does, for a runtime that never calls it.
+    log::set_component("hook-cleanup");
+    log::set_context({{"id", renew_id}});
+    alarm(kPoststopFlushMs / 1000 + 10 + master_s);
+    try {
+      poststop(cfg, renew_id);
+      log::info("container gone: state cleaned up");
+      return 0;
+    } catch (const std::exception& e) {
+      log::error("cleanup after the container failed", {{"error", e.what()}});
+      if (::access(cfg.state_dir.c_str(), F_OK) == 0)
+        append_hook_log(cfg.state_dir, json{{"ts", now_rfc3339()},
+                                            {"component", "hook"},
+                                            {"level", "error"},
+                                            {"stage", "cleanup"},
+                                            {"id", renew_id},
+                                            {"error", e.what()}});
+      return 1;
+    }
   }
   g_fail_exit = cfg.fail_container_on_error ? 1 : 0;
   alarm(static_cast<unsigned>(kStdinTimeoutMs / 1000 + cfg.ready_timeout_ms / 1000 + 10) + master_s);
@@ -1130,22 +1188,7 @@ int main(int argc, char** argv) {
         }
       }
     } else {
-      bool registered = cfg.master && valid_container_id(st.id) &&
-                        ::access((cfg.state_dir + "/" + st.id + "/registration.json").c_str(), F_OK) == 0;
-      std::string err;
-      try {
-        cleanup(cfg, st.id);  // first: the shim (and its renewer) must be gone before the DELETE
-      } catch (const std::exception& e) {
-        err = e.what();
-      }
-      if (registered) {
-        try {
-          unregister_container(cfg, st.id);
-        } catch (const std::exception& e) {
-          err += (err.empty() ? "" : "; ") + std::string(e.what());
-        }
-      }
-      if (!err.empty()) throw Error(err);
+      poststop(cfg, st.id);
     }
     return 0;
   } catch (const std::exception& e) {

@@ -4,6 +4,8 @@
 //   shimlet-hook --config PATH [createRuntime|createContainer|prestart|poststop]
 //   shimlet-hook --config PATH renew ID      (the shim runs this every
 //                                            master.renew_interval_s: lease renewal)
+//   shimlet-hook --config PATH cleanup ID    (the shim becomes this when its
+//                                            container is gone: poststop's work)
 // Without a stage argument the stage comes from the state's status
 // ("creating"/"created" -> start, "stopped" -> cleanup).
 #pragma once
@@ -125,8 +127,14 @@ void write_file_atomic(const std::string& path, std::string_view content, mode_t
 // (shim killed, directory removed).
 Started start(const Config& c, const oci::State& st);
 // poststop: stops the shim if it is still ours and removes STATE_DIR/<id>.
-// Idempotent; bounded (SIGTERM, SIGKILL after 1 s).
+// Idempotent; bounded (SIGTERM, SIGKILL after 1 s). Cleanups of one
+// container are serialized (a lock on its directory): a later one finds
+// nothing left and returns quietly.
 void cleanup(const Config& c, const std::string& id);
+// cleanup(), then the master's DELETE when the container was registered:
+// the whole poststop, also run as `shimlet-hook cleanup ID` by the shim when
+// its container is gone without a poststop (docs/design.md "Stale state").
+void poststop(const Config& c, const std::string& id);
 
 // Master registration (docs/master-api.md "Node API"); each call is one
 // bounded HTTPS request and throws shimlet::Error with one clear line.

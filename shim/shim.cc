@@ -205,8 +205,11 @@ uint64_t* counters_of(gate::GateCounters& c) { return reinterpret_cast<uint64_t*
 class Shim {
  public:
   Shim(const Options& opt) : opt_(opt) {}
-  // Runs until the container exits or SIGTERM; returns the exit code.
-  int run();
+  // Runs until the container exits or SIGTERM; returns the exit code. After
+  // the container's exit with a hook to clean up, *cleanup is set.
+  int run(bool* cleanup);
+  // Replaces the shim with `shimlet-hook [--config CFG] cleanup ID`.
+  [[noreturn]] void exec_cleanup();
 
  private:
   void setup();
@@ -318,7 +321,7 @@ void Shim::setup() {
   }
 }
 
-int Shim::run() {
+int Shim::run(bool* cleanup) {
   setup();
   unsigned short port = bound_port(listen_.get());
   std::string names;
@@ -394,6 +397,11 @@ int Shim::run() {
           break;
         }
         case Kind::Container:
+          // Nothing is left to serve. Without a poststop (a start that
+          // failed after createRuntime, a killed runtime) nobody else would
+          // clean up: the hook's cleanup runs in our place (docs/design.md
+          // "Stale state").
+          *cleanup = !opt_.hook_exec.empty();
           return shutdown("container init exited");
         case Kind::Listen:
           spawn_gate();
@@ -896,6 +904,25 @@ int Shim::shutdown(const char* why) {
   return 0;
 }
 
+void Shim::exec_cleanup() {
+  std::vector<std::string> store = {opt_.hook_exec};
+  if (!opt_.hook_config.empty()) store.insert(store.end(), {"--config", opt_.hook_config});
+  store.insert(store.end(), {"cleanup", opt_.id});
+  std::vector<char*> argv;
+  for (auto& a : store) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  char* envp[] = {const_cast<char*>("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), nullptr};
+  log("info", "container gone: cleaning up as poststop would", {F("hook", opt_.hook_exec)});
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, nullptr);
+  signal(SIGPIPE, SIG_DFL);
+  // The same pid: `shimlet-hook cleanup` recognises the registration's shim as itself.
+  execve(argv[0], argv.data(), envp);
+  log("error", "execve of the cleanup hook failed", {F("hook", opt_.hook_exec), F("error", errdesc(errno))});
+  _exit(1);
+}
+
 }  // namespace
 
 void Fd::reset(int fd) {
@@ -1093,7 +1120,10 @@ int run(const Options& opt) {
   g_id = opt.id;
   try {
     Shim s(opt);
-    return s.run();
+    bool cleanup = false;
+    int code = s.run(&cleanup);
+    if (cleanup) s.exec_cleanup();
+    return code;
   } catch (const std::exception& e) {
     log("error", "shim failed", {F("error", e.what())});
     return 1;

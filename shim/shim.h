@@ -19,6 +19,9 @@
 // (shim/gate_proto.h) to consume a ticket's jti and reserve one of
 // max_sessions authenticated sessions before it forks one. The local socket
 // keeps its own path and limit: one session process per connection.
+// When the container's init exits, the shim stops its sessions and, given
+// --hook, replaces itself with `HOOK [--config HOOK_CONFIG] cleanup ID`,
+// which cleans up as poststop would (docs/design.md "Stale state").
 #pragma once
 #include <sys/types.h>
 
@@ -82,7 +85,7 @@ struct Options {
   // The hook binary and its config: master lease renewal (docs/design.md
   // "Master registration": every renew_every_s seconds `HOOK --config
   // HOOK_CONFIG renew ID`, a short-lived process that does the HTTPS so the
-  // shim never links TLS).
+  // shim never links TLS) and the cleanup after the container's exit.
   std::string hook_exec, hook_config;
   unsigned renew_every_s = 0;  // 0 = no master
 };

@@ -235,13 +235,15 @@ def test_runc_start_registration_fd_contract_and_cleanup(env_factory, containers
     wait_for(lambda: any(json.loads(l)["msg"] == "gate ended" for l in open(os.path.join(d, "shim.log"))),
              what="gate end logged")
 
-    # Container init exits -> the shim exits by itself (pidfd), before delete.
+    # Container init exits -> the shim stops and cleans up as poststop would
+    # (docs/design.md "Stale state"), before any delete.
     c.runc("kill", c.id, "KILL")
-    wait_for(lambda: not alive(shim), timeout=5, what="shim exit after container exit")
-    assert os.path.isdir(d)
-    c.stop()  # runc delete -> poststop hook
-    assert not os.path.exists(d)
+    wait_for(lambda: not alive(shim), timeout=10, what="shim exit after container exit")
+    wait_for(lambda: not os.path.exists(d), timeout=10, what="state dir removed by the shim's cleanup")
+    c.stop()  # runc delete -> poststop hook: nothing left, exits 0 quietly
     assert env.leftovers() == []
+    assert not os.path.exists(os.path.join(env.state, "hook.log")) or c.id not in open(
+        os.path.join(env.state, "hook.log")).read()
 
 
 def test_poststop_stops_a_running_shim_and_is_idempotent(env_factory, containers_):
@@ -299,6 +301,113 @@ def kids(pid):
         with open(f"/proc/{pid}/task/{t}/children") as f:
             out += [int(x) for x in f.read().split()]
     return out
+
+
+def marker_hook(path, extra=""):
+    """A createRuntime hook after ours: records the registration it sees."""
+    return {"path": "/bin/sh", "args": ["sh", "-c", f"cat \"$0\" > {path}.tmp && mv {path}.tmp {path}{extra}", "REG"]}
+
+
+def hooks_with(env, cid, after):
+    h = env.runc_hooks()
+    after = dict(after)
+    after["args"] = [a.replace("REG", os.path.join(env.cdir(cid), "registration.json")) for a in after["args"]]
+    h["createRuntime"].append(after)
+    return h
+
+
+def no_hook_errors(env, cid):
+    path = os.path.join(env.state, "hook.log")
+    return not os.path.exists(path) or cid not in open(path).read()
+
+
+def test_create_failing_after_create_runtime_leaves_nothing(env_factory, containers_):
+    # runc sets the rlimits after the createRuntime hooks; one it cannot set
+    # fails the create, and runc never calls poststop. The shim sees its
+    # container's init gone and cleans up as poststop would.
+    env = env_factory()
+    cid = f"shimlet-t-{uuid.uuid4().hex[:10]}"
+    seen = os.path.join(env.dir, "seen.json")
+
+    def edit(cfg):
+        cfg["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "soft": 2000000, "hard": 2000000}]  # > fs.nr_open
+        cfg["hooks"] = hooks_with(env, cid, marker_hook(seen))
+
+    c = Container(name=cid, edit=edit)
+    containers_.append(c)
+    with pytest.raises(AssertionError, match="rlimit"):
+        c.start()
+    reg = json.load(open(seen))  # createRuntime ran: the shim was up and registered
+    assert reg["id"] == cid and reg["shim_pid"] > 0
+    wait_for(lambda: not alive(reg["shim_pid"]), timeout=10, what="shim exit after the failed create")
+    wait_for(lambda: env.leftovers() == [], timeout=10, what="state dir removed by the shim's cleanup")
+    assert no_hook_errors(env, cid)
+    # A later poststop (runc delete of what is left) finds nothing and exits 0 quietly.
+    state = json.dumps({"ociVersion": "1.0.2", "id": cid, "status": "stopped", "bundle": c.bundle, "pid": 0})
+    p = subprocess.run([HOOK, "--config", env.config], input=state.encode(), capture_output=True, timeout=10)
+    assert (p.returncode, p.stderr) == (0, b""), p
+    c.started = True
+    c.stop()
+    assert env.leftovers() == [] and no_hook_errors(env, cid)
+
+
+def test_sigkilled_runtime_leaves_nothing(env_factory, containers_):
+    # The runtime killed between createRuntime and start: its container's
+    # init goes with it, no poststop ever comes.
+    env = env_factory()
+    cid = f"shimlet-t-{uuid.uuid4().hex[:10]}"
+    seen, blocker = os.path.join(env.dir, "seen.json"), os.path.join(env.dir, "blocker.pid")
+
+    def edit(cfg):
+        cfg["hooks"] = hooks_with(env, cid, marker_hook(seen, f"; echo $$ > {blocker}; exec sleep 60"))
+
+    c = Container(name=cid, edit=edit)
+    containers_.append(c)
+    os.makedirs(c.root, exist_ok=True)
+    runc = subprocess.Popen(["runc", "--root", c.root, "run", "-d", cid], cwd=c.bundle, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    c.started = True
+    try:
+        wait_for(lambda: os.path.exists(blocker) and os.path.getsize(blocker) > 0, timeout=20, what="createRuntime")
+        reg = json.load(open(seen))
+        assert alive(reg["shim_pid"])
+        runc.kill()
+        runc.wait(timeout=10)
+        wait_for(lambda: not alive(reg["shim_pid"]), timeout=15, what="shim exit after the runtime's death")
+        wait_for(lambda: env.leftovers() == [], timeout=10, what="state dir removed by the shim's cleanup")
+        assert no_hook_errors(env, cid)
+    finally:
+        with contextlib.suppress(Exception):
+            os.kill(int(open(blocker).read()), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runc.pid, signal.SIGKILL)
+    c.stop()  # runc delete -f of the remains: poststop, if any, finds nothing
+    assert env.leftovers() == [] and no_hook_errors(env, cid)
+
+
+def test_podman_create_failing_after_create_runtime(env_factory, podman_names):
+    # As seen with podman and a bad rlimit: `podman run` fails, podman rm
+    # follows; nothing of ours stays behind, and shimctl offers nothing.
+    env = env_factory()
+    hooks_dir = render_hooks_dir(env)
+    seen = os.path.join(env.dir, "seen")
+    with open(os.path.join(hooks_dir, "zz-marker.json"), "w") as f:
+        json.dump({"version": "1.0.0", "hook": {"path": "/bin/sh", "args": ["sh", "-c", f"ls {env.state} >> {seen}"]},
+                   "when": {"always": True}, "stages": ["createRuntime"]}, f)
+    name = f"hks-{uuid.uuid4().hex[:8]}"
+    podman_names.append(name)
+    p = run(["podman", "--runtime", "runc", "--hooks-dir", hooks_dir, "run", "-d", "--name", name, "--ulimit",
+             "nofile=2000000:2000000", "--rootfs", podman_rootfs(env), "sleep", "100000"], check=False,
+            stdin=subprocess.DEVNULL, timeout=60)
+    assert p.returncode != 0 and b"rlimit" in p.stderr, p.stderr
+    cid = run(["podman", "inspect", "-f", "{{.Id}}", name]).stdout.decode().strip()
+    assert cid in open(seen).read()  # our createRuntime ran before the failure
+    wait_for(lambda: env.leftovers() == [], timeout=10, what="state dir removed by the shim's cleanup")
+    shimctl = os.path.join(BIN, "shimctl")
+    r = run([shimctl, "--local", "--state-dir", env.state, "exec", cid[:12], "--", "true"], check=False)
+    assert r.returncode == 255 and b"no container" in r.stderr, r.stderr
+    run(["podman", "rm", "-f", "-t", "0", name])
+    assert env.leftovers() == [] and no_hook_errors(env, cid)
 
 
 def test_broken_shim_binary_does_not_stop_the_container(env_factory, containers_):
