@@ -1029,7 +1029,10 @@ Fd listen_on(const std::string& addr) {
   int one = 1;
   if (::setsockopt(s.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0) throw sys_error("SO_REUSEADDR");
   if (::bind(s.get(), reinterpret_cast<sockaddr*>(&ss), len) < 0) throw sys_error("bind " + addr);
-  if (::listen(s.get(), 64) < 0) throw sys_error("listen " + addr);
+  // The kernel's largest queue (net.core.somaxconn): a burst of connections
+  // waits for the gate's accept rather than having SYNs dropped (a dropped
+  // SYN costs a legitimate client a 1 s retransmission).
+  if (::listen(s.get(), SOMAXCONN) < 0) throw sys_error("listen " + addr);
   return s;
 }
 

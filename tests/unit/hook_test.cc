@@ -1,7 +1,10 @@
 #include "hook/hook.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -119,7 +122,32 @@ TEST(Config, DefaultsNextToTheHook) {
   EXPECT_FALSE(c.fail_container_on_error);
   EXPECT_EQ(c.ready_timeout_ms, 2000);
   EXPECT_EQ(c.max_sessions, 256);
+  EXPECT_EQ(c.max_local_sessions, 256);
+  EXPECT_EQ(c.preauth_timeout_ms, 5000);
+  EXPECT_EQ(c.preauth_max_connections, 4096);
+  EXPECT_EQ(c.preauth_max_per_source, 2048);
+  EXPECT_EQ(c.preauth_max_memory, 32 << 20);
   EXPECT_TRUE(c.trusted_keys.empty());
+}
+
+TEST(Config, PreauthLimitsReachShimJson) {
+  Config c = parse_config(R"({"preauth_timeout_ms":1500,"preauth_max_connections":100,"preauth_max_per_source":10,
+    "preauth_max_memory":8388608,"max_local_sessions":4})",
+                          "/x");
+  EXPECT_EQ(c.max_local_sessions, 4);
+  oci::State st;
+  st.id = "c1";
+  st.pid = 1;
+  st.bundle = "/b";
+  auto j = shim_json(c, st, "/run/shimlet/c1", {});
+  EXPECT_EQ(j["preauth_timeout_ms"], 1500);
+  EXPECT_EQ(j["preauth_max_connections"], 100);
+  EXPECT_EQ(j["preauth_max_per_source"], 10);
+  EXPECT_EQ(j["preauth_max_memory"], 8388608);
+  for (const char* bad :
+       {R"({"preauth_timeout_ms":99})", R"({"preauth_timeout_ms":60001})", R"({"preauth_max_connections":0})",
+        R"({"preauth_max_per_source":70000})", R"({"preauth_max_memory":1000})", R"({"max_local_sessions":0})"})
+    EXPECT_THROW(parse_config(bad, "/x"), shimlet::Error) << bad;
 }
 
 TEST(Config, AllFields) {
@@ -227,6 +255,50 @@ TEST(Registration, HasTheContractFields) {
   EXPECT_EQ(sj["session_binary"], "/bin/shimlet-session");
 }
 
+TEST(Cleanup, SerializedAndQuietWhenAnotherDidIt) {
+  TempDir d;
+  Config c = parse_config("{}", "/x");
+  c.state_dir = d.path;
+  const std::string dir = d.path + "/c1";
+  fs::create_directory(dir);
+  std::ofstream(dir + "/tls.key") << "k";
+  // This process plays the cleanup that runs first (the shim's own after
+  // its container's exit): it holds the directory's lock.
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+  pid_t child = fork();
+  if (child == 0) {
+    ::close(fd);  // our copy of the holder's open file (its lock goes when the parent's closes)
+    try {
+      cleanup(c, "c1");  // the later one (poststop): waits for the lock
+    } catch (...) {
+      _exit(1);
+    }
+    _exit(0);
+  }
+  // Its wait shows in /proc/locks ("-> FLOCK ... PID").
+  auto waiting = [&] {
+    std::ifstream locks("/proc/locks");
+    std::string line;
+    while (std::getline(locks, line))
+      if (line.find("->") != std::string::npos && line.find(" " + std::to_string(child) + " ") != std::string::npos)
+        return true;
+    return false;
+  };
+  for (int i = 0; i < 1000 && !waiting(); i++) usleep(10000);
+  ASSERT_TRUE(waiting());
+  // The first cleanup finishes; meanwhile a new container took the same id.
+  fs::remove_all(dir);
+  fs::create_directory(dir);
+  std::ofstream(dir + "/registration.json") << "{}";
+  ::close(fd);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_TRUE(fs::exists(dir + "/registration.json"));  // not the waiter's to remove
+}
+
 TEST(Cleanup, IdempotentAndRefusesBadIds) {
   TempDir d;
   Config c = parse_config("{}", "/x");
@@ -259,6 +331,19 @@ TEST(ShimArgs, ParsesAndRefuses) {
   EXPECT_THROW(shim::parse_args(7, rel), shim::Error);
   const char* missing[] = {"shimlet", "--config"};
   EXPECT_THROW(shim::parse_args(2, missing), shim::Error);
+  const char* hook[] = {"shimlet", "--config", "/c", "--pid",         "1",       "--session-binary",     "/b", "--id",
+                        "c",       "--hook",   "/h", "--hook-config", "/h.json", "--max-local-sessions", "5"};
+  o = shim::parse_args(15, hook);
+  EXPECT_EQ(o.hook_exec, "/h");
+  EXPECT_EQ(o.hook_config, "/h.json");
+  EXPECT_EQ(o.max_local_sessions, 5u);
+  const char* renew_without_config[] = {"shimlet", "--config", "/c", "--pid",  "1",  "--session-binary",
+                                        "/b",      "--id",     "c",  "--hook", "/h", "--renew-every",
+                                        "5"};
+  EXPECT_THROW(shim::parse_args(13, renew_without_config), shim::Error);
+  const char* relative_hook[] = {"shimlet", "--config", "/c", "--pid",  "1", "--session-binary",
+                                 "/b",      "--id",     "c",  "--hook", "h"};
+  EXPECT_THROW(shim::parse_args(11, relative_hook), shim::Error);
 }
 
 TEST(ShimListen, BindsLoopbackAndRefusesJunk) {
