@@ -219,7 +219,9 @@ class Sshd:
     key-only root login, pinned known_hosts; nothing of the system's ssh setup
     is used or changed (except creating /run/sshd, its privsep dir)."""
 
-    def __init__(self):
+    def __init__(self, max_startups="200"):
+        # max_startups None: OpenSSH's default (10:30:100) for unauthenticated connections.
+        self.max_startups = max_startups
         self.dir = tempfile.mkdtemp(prefix="shimlet-bench-sshd-")
         self.port = free_port()
         self.proc = None
@@ -249,10 +251,9 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 AllowTcpForwarding yes
-MaxStartups 200
 MaxSessions 100
 LogLevel ERROR
-""")
+""" + (f"MaxStartups {self.max_startups}\n" if self.max_startups else ""))
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
             self.log = open(self.path("sshd.log"), "w")
             self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", self.path("sshd_config")],
