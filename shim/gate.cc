@@ -36,14 +36,16 @@ namespace shimlet::session {
 namespace {
 
 constexpr int kListenFd = 3, kCtlFd = 4, kPidFd = 5;
-// What an unauthenticated connection costs this process, by state (measured
-// with mallinfo2 over a thousand connections of each kind, OpenSSL 3.0 and
-// nghttp2 1.52; docs/performance.md "Pre-authentication flood"): the
-// preauth_max_memory bound counts these plus the plaintext buffered.
+// What an unauthenticated connection costs this process, by state: the
+// gate's Private_Dirty growth per connection with a thousand bare ones
+// (0.56 kB), two hundred stalled after their ClientHello (10 kB) and two
+// hundred silent after a TLS+h2 handshake (31 kB), OpenSSL 3.0, nghttp2 1.52
+// (docs/performance.md "Pre-authentication flood"). The preauth_max_memory
+// bound counts these plus the plaintext buffered.
 constexpr size_t kCostBare = 512;              // our record, the table's nodes
-constexpr size_t kCostHandshake = 48u << 10;   // the SSL object mid-handshake (its buffers, the key share)
+constexpr size_t kCostHandshake = 12u << 10;   // the SSL object mid-handshake (buffers released between flights)
 constexpr size_t kCostEstablished = 8u << 10;  // the SSL object after it, buffers released, the peer certificate
-constexpr size_t kCostH2Reader = 40u << 10;    // an nghttp2 server session (its frame buffer, HPACK tables)
+constexpr size_t kCostH2Reader = 22u << 10;    // an nghttp2 server session (its frame buffer, HPACK tables)
 constexpr size_t kCostH1Reader = 1u << 10;     // the HTTP/1.1 head reader
 constexpr size_t kReadChunk = 16u << 10;       // one TLS record of plaintext: nothing stays pending in OpenSSL
 constexpr int64_t kLingerMs = 1000;            // after a refusal: time for the answer to leave, the peer's FIN

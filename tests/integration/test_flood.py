@@ -212,7 +212,7 @@ def test_bounds_drop_the_idlest_first():
         wait_for(lambda: all(closed(s) for s in a[30:] + b + d), 10, "the deadline")
         assert 1.5 < time.monotonic() - t0 < 8
         # Memory (1 MiB): a silent TLS+h2 connection is accounted at about
-        # 50 KiB; 40 of them do not fit, the idlest go.
+        # 31 KiB; 40 of them do not fit, the idlest go.
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
         ctx.set_alpn_protocols(["h2"])
