@@ -252,3 +252,71 @@ def test_authenticated_sessions_keep_their_own_limit():
         exec_ok(env, c, tls=True)
     finally:
         env.cleanup()
+
+
+def test_deadline_on_every_front_door():
+    # From accept to a valid ticket at most preauth_timeout_ms, whatever the
+    # door and however much of the request came: bare TCP, a TLS handshake
+    # that never ends, h2 (silent, or its preface without a request),
+    # HTTP/1.1 WebSocket and SPDY upgrades with and without ALPN (an
+    # incomplete head: the door's 408).
+    env = FloodEnv(preauth_timeout_ms=1500)
+    try:
+        c = env.container()
+        exec_ok(env, c, tls=True)  # the gate runs
+        host, port = env.endpoint(c)
+
+        def tls(alpn):
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            if alpn:
+                ctx.set_alpn_protocols([alpn])
+            s = ctx.wrap_socket(socket.create_connection((host, port), timeout=10), server_hostname="shim")
+            assert s.selected_alpn_protocol() == alpn, (alpn, s.selected_alpn_protocol())
+            return s
+
+        def stalled_handshake():
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            o = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="shim")
+            with contextlib.suppress(ssl.SSLWantReadError):
+                o.do_handshake()
+            s = socket.create_connection((host, port), timeout=10)
+            s.sendall(out.read())  # the ClientHello, then nothing
+            return s
+
+        ws = b"GET /exec/tok HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"  # no end
+        spdy = b"POST /api/v1/namespaces/default/pods/p/exec?command=true HTTP/1.1\r\nUpgrade: SPDY/3.1\r\n"
+        doors = {
+            "bare": socket.create_connection((host, port), timeout=10),
+            "handshake": stalled_handshake(),
+            "h2 silent": tls("h2"),
+            "h2 preface only": tls("h2"),
+            "websocket, alpn http/1.1": tls("http/1.1"),
+            "spdy, no alpn": tls(None),
+        }
+        t0 = time.monotonic()
+        doors["h2 preface only"].sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+        doors["websocket, alpn http/1.1"].sendall(ws)
+        doors["spdy, no alpn"].sendall(spdy)
+        got = {}
+        for name, s in doors.items():
+            s.settimeout(10)
+            data = b""
+            try:
+                while chunk := s.recv(65536):
+                    data += chunk
+            except (ConnectionResetError, ssl.SSLError):
+                pass
+            got[name] = (time.monotonic() - t0, data)
+            s.close()
+        for name, (took, data) in got.items():
+            assert 1.0 <= took <= 5.0, (name, took)
+        for name in ("websocket, alpn http/1.1", "spdy, no alpn"):
+            assert got[name][1].startswith(b"HTTP/1.1 408 "), (name, got[name][1][:200])
+        reasons = " ".join(l.get("reason", "") for l in env.log(c) if l.get("msg") == "request.refused")
+        assert "TLS handshake timed out: pre-authentication deadline (1500 ms) passed" in reasons, reasons[:3000]
+        assert "pre-authentication deadline (1500 ms) passed: no complete request" in reasons, reasons[:3000]
+        assert "request head not received within 1500 ms" in reasons, reasons[:3000]
+        assert exec_ok(env, c, tls=True) < 2.0
+    finally:
+        env.cleanup()
