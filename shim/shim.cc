@@ -487,28 +487,46 @@ void Shim::start_warm() {
   }
 }
 
+// One datagram with room for one fd (SCM_RIGHTS). common/fd.h has
+// send_fd/recv_fd, but shimlet_common links OpenSSL and nlohmann, which the
+// static shim must not.
+struct FdMsg {
+  iovec iov;
+  alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
+  msghdr msg{};
+  FdMsg(void* data, size_t len) : iov{data, len} {
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf;
+    msg.msg_controllen = sizeof cbuf;
+  }
+  void put(int fd) {
+    cmsghdr* cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+  }
+  Fd take() const {  // the fd received, if any
+    for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(const_cast<msghdr*>(&msg), cm))
+      if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int))) {
+        int fd;
+        memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+        return Fd(fd);
+      }
+    return Fd();
+  }
+};
+
 // Passes conn to the warm session, if there is one: true when it took it.
-// (common/fd.h has send_fd, but shimlet_common links OpenSSL and nlohmann,
-// which the static shim must not.)
 bool Shim::hand_to_warm(const Fd& conn) {
   for (auto& s : local_sessions_) {
     if (!s.warm) continue;
     s.warm = false;  // given this connection, or broken: never offered again
     char tag = 'C';
-    iovec iov{&tag, 1};
-    alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf;
-    msg.msg_controllen = sizeof cbuf;
-    cmsghdr* cm = CMSG_FIRSTHDR(&msg);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    int fd = conn.get();
-    memcpy(CMSG_DATA(cm), &fd, sizeof fd);
-    if (s.ctl && ::sendmsg(s.ctl.get(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
+    FdMsg m(&tag, 1);
+    m.put(conn.get());
+    if (s.ctl && ::sendmsg(s.ctl.get(), &m.msg, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
       log("info", "session started", {F("session_pid", static_cast<long long>(s.pid)), F("warm", true)});
       return true;
     }
@@ -636,21 +654,9 @@ char Shim::consume(const unsigned char* buf, size_t n, pid_t who) {
 // One datagram of the gate lineage (shim/gate_proto.h).
 void Shim::handle_gate() {
   unsigned char buf[1 + sizeof(gate::GateCounters) + 8];
-  iovec iov{buf, sizeof buf};
-  alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = cbuf;
-  msg.msg_controllen = sizeof cbuf;
-  ssize_t n = ::recvmsg(gate_ctl_.get(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-  Fd passed;
-  for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm))
-    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int))) {
-      int fd;
-      memcpy(&fd, CMSG_DATA(cm), sizeof fd);
-      passed = Fd(fd);
-    }
+  FdMsg m(buf, sizeof buf);
+  ssize_t n = ::recvmsg(gate_ctl_.get(), &m.msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  Fd passed = n > 0 ? m.take() : Fd();
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
   if (n <= 0) return gate_gone();
   auto pid_at = [&](size_t off) {

@@ -50,7 +50,8 @@ def pids_with_cmdline(needle):
 class ShimEnv:
     """A private hook config + state dir, and containers hooked to it."""
 
-    def __init__(self):
+    def __init__(self, **cfg):
+        """cfg: more hook config keys."""
         for b in (HOOK, SHIMCTL, os.path.join(BIN, "shimlet"), os.path.join(BIN, "shimlet-session")):
             if not os.access(b, os.X_OK):
                 raise AssertionError(f"{b} missing: build first (scripts/build)")
@@ -58,7 +59,7 @@ class ShimEnv:
         self.state = os.path.join(self.dir, "state")
         self.config = os.path.join(self.dir, "hook.json")
         with open(self.config, "w") as f:
-            json.dump({"state_dir": self.state, "fail_container_on_error": True}, f)
+            json.dump({"state_dir": self.state, "fail_container_on_error": True, **cfg}, f)
         self.containers = []
 
     def hooks(self):

@@ -26,14 +26,6 @@ FLOOD_BUDGET_KB = 64 * 1024
 
 
 class FloodEnv(ShimEnv):
-    def __init__(self, **cfg):
-        super().__init__()
-        with open(self.config) as f:
-            c = json.load(f)
-        c.update(cfg)
-        with open(self.config, "w") as f:
-            json.dump(c, f)
-
     def stats(self, c):
         try:
             with open(os.path.join(self.state, c.id, "stats.json")) as f:

@@ -547,20 +547,23 @@ def test_podman_broken_shim_binary(env_factory, podman_names):
         assert env.leftovers() == []
 
 
+def real_podman(env_factory, podman_names, *extra):
+    """A podman container (hooks.d) served by the real shimlet-session:
+    (env, name, container id, the `shimctl --local exec` argv prefix)."""
+    env = env_factory(session_binary=os.path.join(BIN, "shimlet-session"))
+    name = f"hks-{uuid.uuid4().hex[:8]}"
+    podman_names.append(name)
+    p = podman_run(env, render_hooks_dir(env), name, podman_rootfs(env), *extra)
+    assert p.returncode == 0, p.stderr
+    base = [os.path.join(BIN, "shimctl"), "--local", "--state-dir", env.state, "exec"]
+    return env, name, p.stdout.decode().strip(), base
+
+
 def test_podman_exec_through_the_real_session(env_factory, podman_names):
     """podman (hooks.d) + the real shimlet-session: shimctl --local exec works,
     exit codes come back, and everything goes away with `podman rm`."""
-    session = os.path.join(BIN, "shimlet-session")
-    shimctl = os.path.join(BIN, "shimctl")
-    env = env_factory(session_binary=session)
-    hooks_dir = render_hooks_dir(env)
-    name = f"hks-{uuid.uuid4().hex[:8]}"
-    podman_names.append(name)
-    p = podman_run(env, hooks_dir, name, podman_rootfs(env))
-    assert p.returncode == 0, p.stderr
-    cid = p.stdout.decode().strip()
+    env, name, cid, base = real_podman(env_factory, podman_names)
     shim = env.registration(cid)["shim_pid"]
-    base = [shimctl, "--local", "--state-dir", env.state, "exec"]
     r = run(base + [cid[:12], "--", "sh", "-c", "echo hi from $(hostname); exit 7"], check=False)
     assert r.returncode == 7, r.stderr
     assert r.stdout.startswith(b"hi from "), r.stdout
@@ -575,20 +578,11 @@ def test_podman_names_and_id_prefix(env_factory, podman_names):
     """podman 4.3 sets no name annotation: a container is reachable by a
     unique id prefix, and by its hostname when the user chose one; a
     registration whose shim is gone is never offered."""
-    session = os.path.join(BIN, "shimlet-session")
-    shimctl = os.path.join(BIN, "shimctl")
-    env = env_factory(session_binary=session)
-    hooks_dir = render_hooks_dir(env)
-    name = f"hks-{uuid.uuid4().hex[:8]}"
-    podman_names.append(name)
     host = f"web-{uuid.uuid4().hex[:6]}"
-    p = podman_run(env, hooks_dir, name, podman_rootfs(env), "--hostname", host)
-    assert p.returncode == 0, p.stderr
-    cid = p.stdout.decode().strip()
+    env, name, cid, base = real_podman(env_factory, podman_names, "--hostname", host)
     assert len(cid) == 64
     reg = env.registration(cid)
     assert (reg["namespace"], reg["pod"], reg["container"]) == ("default", host, host)
-    base = [shimctl, "--local", "--state-dir", env.state, "exec"]
     for target in (host, cid[:6], cid[:12], cid):
         r = run(base + [target, "--", "hostname"], check=False)
         assert (r.returncode, r.stdout) == (0, host.encode() + b"\n"), (target, r.stderr)

@@ -17,14 +17,6 @@ from test_isolation import KILLED_EXIT, shimlet_dirs
 
 
 class WarmEnv(ShimEnv):
-    def __init__(self, **cfg):
-        super().__init__()
-        with open(self.config) as f:
-            c = json.load(f)
-        c.update(cfg)
-        with open(self.config, "w") as f:
-            json.dump(c, f)
-
     def shim_pid(self, c):
         return self.registration(c.id)["shim_pid"]
 
