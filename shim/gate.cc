@@ -355,6 +355,7 @@ struct Gate::Impl {
     count_open();
   }
 
+  // Accounts c at what it costs now; the memory bound may drop others, never c.
   void set_cost(Conn& c) {
     size_t cost = kCostBare;
     if (c.st == Conn::St::Handshake) cost += kCostHandshake;
@@ -385,8 +386,9 @@ struct Gate::Impl {
   // accepted (the caller asks the shim and forks).
   std::optional<std::pair<uint64_t, AuthResult>> on_io(Conn& c, uint32_t events, int64_t now) {
     if (c.st == Conn::St::Closing) {
+      uint64_t id = c.id;  // discard_input() may close (and free) c
       if (events & EPOLLIN) discard_input(c);
-      if (conns.count(c.id)) flush(c);
+      if (conns.count(id)) flush(c);
       return std::nullopt;
     }
     if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
@@ -404,7 +406,6 @@ struct Gate::Impl {
       SSL_set_mode(c.ssl, SSL_MODE_RELEASE_BUFFERS);
       c.st = Conn::St::Handshake;
       set_cost(c);
-      if (!conns.count(c.id)) return std::nullopt;
     }
     if (c.st == Conn::St::Handshake) {
       ERR_clear_error();
@@ -442,7 +443,6 @@ struct Gate::Impl {
       }
       want(c, EPOLLIN);
       set_cost(c);
-      if (!conns.count(c.id)) return std::nullopt;
     }
     return read_request(c);
   }
@@ -489,7 +489,6 @@ struct Gate::Impl {
         }
       }
       set_cost(c);
-      if (!conns.count(c.id)) return std::nullopt;
     }
   }
 
