@@ -162,8 +162,9 @@ constexpr int kConnFd = 3, kCtlFd = 4, kPidFd = 5, kFirstNsFd = 6;
 // A warm session is started this long after the connection that used the
 // last one, or when that connection's session ends if sooner (Shim::warm_due_).
 constexpr int64_t kWarmDelayMs = 250;
-// A gate that could not be started is tried again at a connection this
-// much later (the pending ones wait in the listen backlog meanwhile).
+// A gate that could not be started, or ended, is started again at a
+// connection no sooner than this after the last start (the pending ones wait
+// in the listen backlog meanwhile).
 constexpr int64_t kGateRetryMs = 1000;
 // STATE/<id>/stats.json is rewritten at most this often.
 constexpr int64_t kStatsEveryMs = 1000;
@@ -238,7 +239,8 @@ class Shim {
   // 'A' and the new gate's 'G').
   Fd gate_ctl_, gate_pidfd_;
   pid_t gate_pid_ = -1;
-  int64_t gate_retry_ = 0;  // no gate start before this (CLOCK_MONOTONIC ms)
+  int64_t gate_started_ = 0;  // when the current lineage's first gate started (CLOCK_MONOTONIC ms)
+  int64_t gate_retry_ = 0;    // no gate start before this
   // Pre-authentication counters: the ended lineages' sum, the current one's last report.
   gate::GateCounters gate_base_, gate_now_;
   uint64_t tcp_started_ = 0, local_started_ = 0, local_refused_ = 0;
@@ -615,6 +617,7 @@ void Shim::spawn_gate() {
     gate_pidfd_ = Fd(sys_pidfd_open(pid));  // our unreaped child: it is this process
     gate_pid_ = pid;
     gate_ctl_ = std::move(ours);
+    gate_started_ = mono_ms();
     gate_now_ = {};
     log("info", "gate started", {F("gate_pid", static_cast<long long>(pid))});
   } catch (const std::exception& e) {
@@ -725,6 +728,9 @@ void Shim::gate_gone() {
   gate_pidfd_.reset();  // an exiting process; a child of ours is reaped in reap()
   gate_pid_ = -1;
   stats_dirty_ = true;
+  // A gate that dies at once (a broken session binary) is not restarted in
+  // a loop while the connection that woke it waits in the backlog.
+  gate_retry_ = gate_started_ + kGateRetryMs;
   log("info", "gate ended");
 }
 

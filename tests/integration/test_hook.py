@@ -295,6 +295,24 @@ def test_session_limit_and_shutdown_kills_sessions(env_factory, containers_):
     assert env.leftovers() == []
 
 
+def test_a_gate_that_dies_at_once_is_not_restarted_in_a_loop(env_factory, containers_):
+    # A broken session binary: each gate exits at once while the connection
+    # that woke it waits in the listen backlog. At most one start a second.
+    env = env_factory(session_binary="/bin/false")
+    c = new_container(containers_, env)
+    c.start()
+    host, port = env.registration(c.id)["endpoint"].rsplit(":", 1)
+    log = os.path.join(env.cdir(c.id), "shim.log")
+    starts = lambda: sum(1 for l in open(log) if '"msg":"gate started"' in l)
+    with socket.create_connection((host, int(port)), timeout=5):
+        wait_for(lambda: starts() >= 2, 5, "a second gate start")
+        t0 = time.time()
+        wait_for(lambda: starts() >= 4, 10, "two more")
+        assert time.time() - t0 >= 1.5, starts()
+    c.stop()
+    assert env.leftovers() == []
+
+
 def kids(pid):
     out = []
     for t in os.listdir(f"/proc/{pid}/task"):
