@@ -297,7 +297,7 @@ Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_
   accepted_claims_ = claims;
   adopt(claims, accepted_unix);
   conn_ = std::make_unique<proto::H2Conn>(base, conn_fd, ssl, proto::H2Conn::Role::Server, this, session_h2_settings(),
-                                          proto::H2Conn::Handover{std::move(early), sent});
+                                          proto::H2Conn::Handover{std::move(early), std::move(sent)});
 }
 
 Session::~Session() {

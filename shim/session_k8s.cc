@@ -1,8 +1,9 @@
-// The Kubernetes HTTP/1.1 front door (shim/session_k8s.h): reads one bounded
-// request head, routes it (Kubernetes API and CRI streaming URL shapes),
-// negotiates the streaming protocol, authenticates the ticket, then serves
-// exec over WebSocket channels (v5/v4.channel.k8s.io) with the exec engine,
-// or hands the byte stream to the SPDY side (session_spdy.h).
+// The Kubernetes HTTP/1.1 front door (shim/session_k8s.h): admit_k8s() checks
+// one request head (routes the Kubernetes API and CRI streaming URL shapes,
+// negotiates the streaming protocol, verifies the ticket against the query),
+// run by the pre-authentication gate; the door then serves the admitted
+// request: exec over WebSocket channels (v5/v4.channel.k8s.io) with the exec
+// engine, or the byte stream handed to the SPDY side (session_spdy.h).
 #include "shim/session_k8s.h"
 
 #include <event2/buffer.h>
