@@ -670,7 +670,11 @@ void Shim::handle_gate() {
   switch (buf[0]) {
     case gate::kAdmit: {
       char reply;
-      if (tcp_sessions_.size() >= opt_.max_sessions) {
+      if (!gate_pidfd_) {
+        // Only the gate admits, and the gate is known by its pidfd ('G').
+        reply = gate::kCacheFull;
+        log("warn", "admission request from a gate that did not take over (no pidfd): refused");
+      } else if (tcp_sessions_.size() >= opt_.max_sessions) {
         reply = gate::kLimit;
         log("warn", "too many sessions, admission refused",
             {F("max_sessions", static_cast<long long>(opt_.max_sessions))});
