@@ -60,6 +60,13 @@ def read_command(conn):
     return cmd.strip()
 
 
+def take_over(ctl):
+    """Tell the shim that this process is the gate now ('G' + its pidfd)."""
+    pidfd = os.pidfd_open(os.getpid())
+    socket.send_fds(ctl, [b"G" + struct.pack("<i", os.getpid())], [pidfd])
+    os.close(pidfd)
+
+
 def main():
     fds = describe_fds()  # before opening anything ourselves
     listener = socket.socket(fileno=3)
@@ -79,9 +86,7 @@ def main():
                 continue
             if os.fork() == 0:  # the new gate
                 conn.close()
-                pidfd = os.pidfd_open(os.getpid())
-                socket.send_fds(ctl, [b"G" + struct.pack("<i", os.getpid())], [pidfd])
-                os.close(pidfd)
+                take_over(ctl)
                 continue
             listener.close()  # the session
             ctl.close()
@@ -98,7 +103,12 @@ def main():
             mounts = [line.split() for line in f]
         my_mount = [m for m in mounts if m[4] == me]
         digest = os.urandom(32)
-        replay = [admit(ctl, digest), admit(ctl, digest)]
+        # Once admitted, this process is a session: the shim admits only from
+        # the gate it knows by its pidfd, so a second admission is refused
+        # until a gate takes over.
+        replay = [admit(ctl, digest), admit(ctl, os.urandom(32))]
+        take_over(ctl)
+        replay.append(admit(ctl, digest))
         ctl.send(b"S" + b"short")
         replay.append(ctl.recv(16).decode())
         report = {

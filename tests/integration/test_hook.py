@@ -217,7 +217,7 @@ def test_runc_start_registration_fd_contract_and_cleanup(env_factory, containers
                            "--gate", "10", "--no-zygote"]
     for i, (t, link) in enumerate(want_ns):
         assert fds[6 + i] == link, (t, fds)
-    assert rep["replay"] == ["A", "R", "F"]
+    assert rep["replay"] == ["A", "F", "R", "F"]
     assert rep["write_self_errno"] == errno.EROFS  # session binary read-only in the shim's mount ns
     assert rep["self_mount_opts"].split(",")[0] == "ro"
     assert set(rep["env"]) <= {"PATH", "LC_CTYPE"}, rep["env"]  # LC_CTYPE: python's own C-locale coercion
@@ -543,7 +543,7 @@ def test_podman_start_and_rm(env_factory, podman_names):
     if FOOTPRINT_CHECKED:
         assert m["Private_Dirty"] < CONMON_USS_KB and m["Pss"] < CONMON_PSS_KB, m
     rep = session_report(reg["endpoint"])
-    assert rep["fds"]["5"] == "anon_inode:[pidfd]" and rep["replay"] == ["A", "R", "F"]
+    assert rep["fds"]["5"] == "anon_inode:[pidfd]" and rep["replay"] == ["A", "F", "R", "F"]
     run(["podman", "rm", "-f", "-t", "0", name])
     wait_for(lambda: not alive(shim), what="shim exit after podman rm")
     wait_for(lambda: env.leftovers() == [], what="state dir cleaned by poststop")
