@@ -16,7 +16,7 @@ constexpr const char* kExecUsage =
     "CONTAINER] -- CMD [ARGS...]";
 constexpr const char* kPortForwardUsage =
     "shimctl [--local [--tls]] [--state-dir DIR] port-forward [-n NS] TARGET [-c CONTAINER] [--address ADDR[,ADDR]] "
-    "[LOCAL:]REMOTE[/udp] ... | port-forward [-n NS] TARGET --stdio REMOTE";
+    "[--ping-interval S] [LOCAL:]REMOTE[/udp] ... | port-forward [-n NS] TARGET --stdio REMOTE";
 
 }  // namespace
 
@@ -48,6 +48,10 @@ Invocation parse_args(const std::vector<std::string>& argv) {
   app.add_flag("--local", inv.local, "Root on the node: read the state dir and mint a ticket with its local.key");
   app.add_flag("--tls", inv.local_tls, "With --local: use the shim's TLS port rather than its root-only local socket");
   app.add_option("--state-dir", state_dir, "shimlet state directory (default $SHIMLET_STATE_DIR or /run/shimlet)");
+  app.add_option("--ticket-lifetime", inv.ticket_lifetime_s,
+                 "With --local: seconds until the minted ticket expires (default 30; it only needs to outlive the "
+                 "connection's start)")
+      ->check(CLI::Range(int64_t{1}, int64_t{3600}));
   CLI::Option* ns_opt =
       app.add_option("-n,--namespace", inv.ns, "Namespace of the pod named by TARGET")->capture_default_str();
   // Master mode (the default without --local), kubectl's flag names.
@@ -92,6 +96,10 @@ Invocation parse_args(const std::vector<std::string>& argv) {
       ->delimiter(',')
       ->allow_extra_args(false);  // one value per --address; the rest are ports
   pf->add_flag("--stdio", inv.pf.stdio, "Forward stdin/stdout to the one REMOTE port (ssh ProxyCommand, nc stand-in)");
+  pf->add_option("--ping-interval", inv.pf.ping_interval_s,
+                 "Seconds between keepalive PINGs to the shim; one unanswered for a whole interval drops the "
+                 "connection (default 30)")
+      ->check(CLI::Range(1, 3600));
   pf->add_option("TARGET", pf_positional, "TARGET then [LOCAL:]REMOTE[/udp] ...");
 
   std::vector<const char*> cargv;
@@ -112,8 +120,8 @@ Invocation parse_args(const std::vector<std::string>& argv) {
       // CLI11 only says "a subcommand is required": name the word it did not know.
       for (size_t i = 1; i < ours.size(); ++i) {
         const std::string& a = ours[i];
-        if (a == "--state-dir" || a == "-n" || a == "--namespace" || a == "--server" || a == "--token" ||
-            a == "--certificate-authority" || a == "--client-certificate" || a == "--client-key" ||
+        if (a == "--state-dir" || a == "--ticket-lifetime" || a == "-n" || a == "--namespace" || a == "--server" ||
+            a == "--token" || a == "--certificate-authority" || a == "--client-certificate" || a == "--client-key" ||
             a == "--kubeconfig" || a == "--context") {
           ++i;
           continue;

@@ -27,6 +27,10 @@ inline constexpr int kOwnErrorExit = 255;  // like ssh
 // "killed"; docs/design.md "Exec"); printed as "error: session killed: ...".
 inline constexpr int kSessionKilledExit = 254;
 inline constexpr const char* kDefaultStateDir = "/run/shimlet";
+// --local tickets only need to outlive connect + handshake: a connection that
+// accepted a ticket keeps it (docs/design.md "Port-forward").
+inline constexpr int64_t kDefaultLocalTicketLifetimeS = 30;
+inline constexpr int kDefaultPingIntervalS = 30;
 
 struct ExecOptions {
   std::string target;                // container id, unique id prefix, or pod name
@@ -54,6 +58,9 @@ struct PortForwardOptions {
   std::vector<std::string> addresses;  // --address (comma lists merged); "localhost" or IP literals
   std::vector<PortSpec> ports;
   bool stdio = false;  // --stdio: forward our stdin/stdout to the one REMOTE port
+  // --ping-interval: seconds between keepalive PINGs on the connection to the
+  // shim; a PING unanswered for a whole interval drops it (ssh's ServerAliveInterval).
+  int ping_interval_s = kDefaultPingIntervalS;
 };
 // Fills pf.target/ports from the positionals (TARGET then port specs) and
 // checks the combination (--stdio: exactly one REMOTE, no --address); the
@@ -85,7 +92,8 @@ struct Invocation {
   bool local_tls = false;      // --tls: --local exec over the shim's TLS port, not its local socket
   std::string state_dir;       // --state-dir, else $SHIMLET_STATE_DIR, else kDefaultStateDir
   std::string ns = "default";  // -n/--namespace (pod name lookups)
-  bool ns_set = false;         // -n given (else the kubeconfig context's namespace applies in master mode)
+  int64_t ticket_lifetime_s = kDefaultLocalTicketLifetimeS;  // --ticket-lifetime (--local)
+  bool ns_set = false;  // -n given (else the kubeconfig context's namespace applies in master mode)
   MasterFlags master;
   ProxyMode proxy = ProxyMode::Auto;
   std::string verb;  // "exec" | "port-forward"
@@ -155,8 +163,9 @@ struct Grant {
 // whose key the ticket binds (cnf.jkt).
 Grant obtain_exec_grant(const Invocation& inv, const proto::Identity& client);
 // Local implementation (exposed for tests).
+// Local tickets expire lifetime_s after now.
 Grant local_exec_grant(const std::string& state_dir, const std::string& ns, const ExecOptions& ex,
-                       const proto::Identity& client, int64_t now);
+                       const proto::Identity& client, int64_t now, int64_t lifetime_s = kDefaultLocalTicketLifetimeS);
 // Local exec in two steps, so that shimctl can mint its TLS identity and the
 // ticket while the shim answers the connection (client/exec.cc):
 // local_exec_target resolves TARGET and reads (does not parse) the node key,
@@ -171,13 +180,15 @@ struct LocalExec {
   std::string key_path, key_pem;
 };
 LocalExec local_exec_target(const std::string& state_dir, const std::string& ns, const ExecOptions& ex);
-void mint_local_exec_ticket(LocalExec& le, const ExecOptions& ex, const proto::Identity& client, int64_t now);
+void mint_local_exec_ticket(LocalExec& le, const ExecOptions& ex, const proto::Identity& client, int64_t now,
+                            int64_t lifetime_s = kDefaultLocalTicketLifetimeS);
 // Same for `port-forward`: the ticket's verb is "portforward" and its ports
 // claim lists every REMOTE (the shim refuses any other port). An empty
 // `client` identity (--local without --tls) means the shim's local socket.
 Grant obtain_portforward_grant(const Invocation& inv, const proto::Identity& client);
 Grant local_portforward_grant(const std::string& state_dir, const std::string& ns, const PortForwardOptions& pf,
-                              const proto::Identity& client, int64_t now);
+                              const proto::Identity& client, int64_t now,
+                              int64_t lifetime_s = kDefaultLocalTicketLifetimeS);
 // ---- master mode (client/master.cc; docs/master-api.md "Grants")
 
 // The parts of kubeconfig files shimctl uses (clusters, users, contexts,

@@ -539,7 +539,7 @@ int run_local_exec(const Invocation& inv) {
       // A fresh key per run: the ticket binds it (cnf.jkt), TLS proves it.
       // The local socket has no TLS: no key (the ticket has no cnf).
       if (g.local_socket.empty()) id = proto::generate_identity("shimctl");
-      mint_local_exec_ticket(le, inv.exec, id, static_cast<int64_t>(std::time(nullptr)));
+      mint_local_exec_ticket(le, inv.exec, id, static_cast<int64_t>(std::time(nullptr)), inv.ticket_lifetime_s);
       g.ticket = le.grant.ticket;
     });
     code = run(c);

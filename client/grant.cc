@@ -14,12 +14,6 @@
 #include "ticket/ticket.h"
 
 namespace shimlet::client {
-namespace {
-
-constexpr int64_t kTicketLifetimeS = 30;  // only needs to outlive connect + handshake
-
-}  // namespace
-
 std::string invoking_user() {
   if (const char* s = std::getenv("SUDO_USER"); s && *s) return s;
   uid_t uid = getuid();
@@ -44,7 +38,7 @@ Grant grant_for(const Registration& reg) {
 // Signs claims (everything but the common fields) for g's container with the
 // node key in key_pem.
 void sign_local(Grant& g, const std::string& key_path, const std::string& key_pem, ticket::Claims c,
-                const proto::Identity& client, int64_t now) {
+                const proto::Identity& client, int64_t now, int64_t lifetime_s) {
   ticket::PrivateKey key;
   try {
     key = ticket::PrivateKey::from_pem(key_pem);
@@ -55,7 +49,7 @@ void sign_local(Grant& g, const std::string& key_path, const std::string& key_pe
   c.sub = invoking_user();
   c.aud = g.container_id;
   c.iat = now;
-  c.exp = now + kTicketLifetimeS;
+  c.exp = now + lifetime_s;
   c.jti = base64url_encode(random_bytes(16));
   c.sid = base64url_encode(random_bytes(12));
   // Bind the ticket to this run's TLS key: a stolen ticket is useless without
@@ -98,19 +92,20 @@ LocalExec local_exec_target(const std::string& state_dir, const std::string& ns,
   return le;
 }
 
-void mint_local_exec_ticket(LocalExec& le, const ExecOptions& ex, const proto::Identity& client, int64_t now) {
-  sign_local(le.grant, le.key_path, le.key_pem, exec_claims(ex), client, now);
+void mint_local_exec_ticket(LocalExec& le, const ExecOptions& ex, const proto::Identity& client, int64_t now,
+                            int64_t lifetime_s) {
+  sign_local(le.grant, le.key_path, le.key_pem, exec_claims(ex), client, now, lifetime_s);
 }
 
 Grant local_exec_grant(const std::string& state_dir, const std::string& ns, const ExecOptions& ex,
-                       const proto::Identity& client, int64_t now) {
+                       const proto::Identity& client, int64_t now, int64_t lifetime_s) {
   LocalExec le = local_exec_target(state_dir, ns, ex);
-  mint_local_exec_ticket(le, ex, client, now);
+  mint_local_exec_ticket(le, ex, client, now, lifetime_s);
   return le.grant;
 }
 
 Grant local_portforward_grant(const std::string& state_dir, const std::string& ns, const PortForwardOptions& pf,
-                              const proto::Identity& client, int64_t now) {
+                              const proto::Identity& client, int64_t now, int64_t lifetime_s) {
   std::vector<Registration> regs = load_registrations(state_dir);
   const Registration& reg = resolve_target(regs, pf.target, ns, pf.container);
   Grant g = grant_for(reg);
@@ -126,19 +121,21 @@ Grant local_portforward_grant(const std::string& state_dir, const std::string& n
     if (std::find(c.ports.begin(), c.ports.end(), tp) == c.ports.end()) c.ports.push_back(tp);
   }
   std::string key_pem = read_node_key(state_dir);
-  sign_local(g, state_dir + "/local.key", key_pem, std::move(c), client, now);
+  sign_local(g, state_dir + "/local.key", key_pem, std::move(c), client, now, lifetime_s);
   OPENSSL_cleanse(key_pem.data(), key_pem.size());
   return g;
 }
 
 Grant obtain_exec_grant(const Invocation& inv, const proto::Identity& client) {
   if (!inv.local) return master_exec_grant(inv, client);
-  return local_exec_grant(inv.state_dir, inv.ns, inv.exec, client, static_cast<int64_t>(std::time(nullptr)));
+  return local_exec_grant(inv.state_dir, inv.ns, inv.exec, client, static_cast<int64_t>(std::time(nullptr)),
+                          inv.ticket_lifetime_s);
 }
 
 Grant obtain_portforward_grant(const Invocation& inv, const proto::Identity& client) {
   if (!inv.local) return master_portforward_grant(inv, client);
-  return local_portforward_grant(inv.state_dir, inv.ns, inv.pf, client, static_cast<int64_t>(std::time(nullptr)));
+  return local_portforward_grant(inv.state_dir, inv.ns, inv.pf, client, static_cast<int64_t>(std::time(nullptr)),
+                                 inv.ticket_lifetime_s);
 }
 
 }  // namespace shimlet::client

@@ -1,4 +1,4 @@
-// `shimctl port-forward` (issue 3): local listeners (TCP and UDP) or our own
+// `shimctl port-forward`: local listeners (TCP and UDP) or our own
 // stdin/stdout, each forwarded connection/flow one HTTP/2 stream over a single
 // TLS connection to the shim (docs/design.md "Port-forward").
 //
@@ -142,7 +142,6 @@ constexpr size_t kMaxUdpFlows = 256;         // per UDP listener
 constexpr size_t kUdpFlowHigh = 256u << 10;  // queued datagram bytes per flow before we drop
 constexpr int kUdpIdleS = 60;                // the shim expires its side after 120 s
 constexpr int kConnectTimeoutS = 10;
-constexpr int kPingIntervalS = 30;
 constexpr int kQuitGraceMs = 1000;
 
 void say(int fd, const std::string& line) {
@@ -343,7 +342,7 @@ class Forwarder : public proto::H2Conn::Handler {
     st.stream_window = kStreamWindow;
     st.connection_window = kConnectionWindow;
     st.handshake_timeout_s = kConnectTimeoutS;
-    st.ping_interval_s = kPingIntervalS;  // keeps idle forwards up (and notices a dead peer)
+    st.ping_interval_s = f->pf_.ping_interval_s;  // keeps idle forwards up (and notices a dead peer)
     st.total_high_water = kSessionHigh;
     f->conn_ =
         std::make_unique<proto::H2Conn>(f->base_.get(), f->sock_.release(), ssl, proto::H2Conn::Role::Client, f, st);

@@ -147,7 +147,22 @@ TEST(PortForwardGrant, LocalTicket) {
   EXPECT_EQ(c.ports[2], (shimlet::ticket::Port{443, "tcp"}));
   EXPECT_TRUE(c.cmd.empty());
   EXPECT_FALSE(c.cnf_jkt.empty());
+  EXPECT_EQ(c.exp - c.iat, sc::kDefaultLocalTicketLifetimeS);
+  // --ticket-lifetime shortens it (the integration tests idle past a short one).
+  inv = parse({"--local", "--ticket-lifetime", "2", "--state-dir", dir.string(), "port-forward", "web", "80"});
+  EXPECT_EQ(inv.ticket_lifetime_s, 2);
+  g = sc::local_portforward_grant(dir.string(), "default", inv.pf, id, 1000, inv.ticket_lifetime_s);
+  c = shimlet::ticket::verify(g.ticket, keys, e);
+  EXPECT_EQ(c.exp, 1002);
   fs::remove_all(dir);
+}
+
+TEST(PortForwardArgs, PingIntervalAndTicketLifetime) {
+  EXPECT_EQ(parse({"port-forward", "p", "80"}).pf.ping_interval_s, sc::kDefaultPingIntervalS);
+  EXPECT_EQ(parse({"port-forward", "p", "--ping-interval", "2", "80"}).pf.ping_interval_s, 2);
+  EXPECT_NE(usage_error({"port-forward", "p", "--ping-interval", "0", "80"}).find("ping-interval"), std::string::npos);
+  EXPECT_NE(usage_error({"--local", "--ticket-lifetime", "0", "port-forward", "p", "80"}).find("ticket-lifetime"),
+            std::string::npos);
 }
 
 }  // namespace
