@@ -394,9 +394,11 @@ def local_socket_client(env, ctr, data, uid=None):
     sock = env.registration(ctr.id)["local_socket"]
     script = ("import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);s.settimeout(30);"
               "out=b''\n"
+              # The peer may close before all of ours is sent (EPIPE) or with it unread (ECONNRESET).
               "try:\n s.sendall(bytes.fromhex(sys.argv[2]))\n"
-              " while True:\n  d=s.recv(65536)\n  if not d: break\n  out+=d\n"
-              "except ConnectionResetError: pass\n"  # closed with our bytes unread
+              "except (BrokenPipeError, ConnectionResetError): pass\n"
+              "try:\n while True:\n  d=s.recv(65536)\n  if not d: break\n  out+=d\n"
+              "except ConnectionResetError: pass\n"
               "sys.stdout.write(out.hex())")
     argv = ["/usr/bin/python3", "-c", script, sock, data.hex()]
     if uid is not None:

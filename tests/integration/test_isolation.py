@@ -1,4 +1,4 @@
-"""Per-session isolation on the host (issue 5): SELinux off, Landlock on.
+"""Per-session isolation on the host: SELinux off, Landlock on.
 
 Real runc containers hooked to shimlet-hook, the real shim and sessions,
 `shimctl --local`. Two exec sessions of one container as the same uid must
@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import pty
+import random
 import shutil
 import signal
 import subprocess
@@ -282,7 +283,10 @@ def test_memory_limit_kills_only_the_offender():
 def test_killed_session_leaves_nothing_behind(strict):
     c = strict.container()
     # A session with a background child that ignores SIGHUP, killed by the client going away.
-    p = strict.background("exec", c.id, "--", "sh", "-c", "trap '' HUP; sleep 1001 & sleep 1002 & echo $$ > /tmp/S.pid; wait")
+    # Sleep durations no other test (or parallel run) uses: found by argv across the host.
+    s1, s2 = random.sample(range(10**8, 10**9), 2)
+    p = strict.background("exec", c.id, "--", "sh", "-c",
+                          f"trap '' HUP; sleep {s1} & sleep {s2} & echo $$ > /tmp/S.pid; wait")
     wait_for(lambda: ctr_read(c, "/tmp/S.pid"), 15, "session to start")
     dirs = wait_for(lambda: shimlet_dirs(c), 5, "session cgroup directories")
     hierarchies = {d.split("/sys/fs/cgroup/")[1].split("/")[0] for d in dirs}
@@ -290,7 +294,7 @@ def test_killed_session_leaves_nothing_behind(strict):
     p.wait(timeout=5)
 
     def gone():
-        ps = subprocess.run(["pgrep", "-f", "sleep 100[12]"], stdout=subprocess.PIPE).stdout.split()
+        ps = subprocess.run(["pgrep", "-f", f"^sleep ({s1}|{s2})$"], stdout=subprocess.PIPE).stdout.split()
         return not ps and not shimlet_dirs(c)
 
     wait_for(gone, 10, "session processes and cgroups to disappear")

@@ -1,4 +1,4 @@
-"""Kubernetes streaming over SPDY/3.1 against the real shim (issue 6): exec
+"""Kubernetes streaming over SPDY/3.1 against the real shim: exec
 (v4..v2.channel.k8s.io, channel.k8s.io) and port-forward (portforward.k8s.io),
 as a plain `Upgrade: SPDY/3.1` and tunnelled in WebSocket
 (SPDY/3.1+portforward.k8s.io), driven by a small SPDY client written here with

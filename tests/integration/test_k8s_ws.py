@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import socket
 import ssl
 import struct
@@ -379,26 +380,41 @@ def test_seq_complete(env, ctr):
 def test_slow_reader_backpressure(env, ctr):
     # A client that stops reading: the session stops reading the command's
     # output (bounded memory) and nothing is lost when the client resumes.
-    cmd = ["seq", "1", "3000000"]
+    n = 3000000 + random.randint(0, 10**5)  # unique argv: the process is found across the host
+    cmd = ["seq", "1", str(n)]
     t = mint(env, ctr, cmd)
     _, _, body, ws = ws_open(env, ctr, kube_path(cmd), ticket=t)
     assert ws, body
-    time.sleep(3)
-    pid = next(iter(pids_with_cmdline(b"3000000")), None)
-    assert pid, "seq is not running while the client is not reading"
-    with open(f"/proc/{pid}/stat") as f:
-        assert f.read().rsplit(")", 1)[1].split()[0] in ("S", "R"), "seq should be blocked writing"
+    pid = wait_for(lambda: next(iter(pids_with_cmdline(str(n).encode())), None), 10, "seq in the container")
+    # The event: seq stops writing (blocked on its full pipe) while it still
+    # runs, long before its 20 MB are out.
+    seen = []
+
+    def blocked():
+        with open(f"/proc/{pid}/io") as f:
+            seen.append(int(next(l for l in f if l.startswith("wchar:")).split()[1]))
+        return len(seen) >= 4 and seen[-1] == seen[-4]
+
+    wait_for(blocked, 30, "seq blocked writing while the client is not reading", interval=0.1)
+    assert alive(pid) and seen[-1] < len(seq_bytes(n)), seen[-1]
     out, _, st = run_exec(ws)
-    assert hashlib.sha256(out).digest() == hashlib.sha256(seq_bytes(3000000)).digest()
+    assert hashlib.sha256(out).digest() == hashlib.sha256(seq_bytes(n)).digest()
     assert exit_code_of(st) == 0
 
 
+def unique_seconds():
+    """A sleep duration no other test (or parallel run) uses: its process is
+    found by its argv across the host."""
+    return str(random.randint(10**8, 10**9))
+
+
 def test_client_drop_kills_process(env, ctr):
-    cmd = ["sleep", "1001"]
+    secs = unique_seconds()
+    cmd = ["sleep", secs]
     t = mint(env, ctr, cmd)
     _, _, body, ws = ws_open(env, ctr, kube_path(cmd), ticket=t)
     assert ws, body
-    pid = wait_for(lambda: next(iter(pids_with_cmdline(b"1001")), None), 5, "sleep in the container")
+    pid = wait_for(lambda: next(iter(pids_with_cmdline(secs.encode())), None), 5, "sleep in the container")
     ws.c.close()
     wait_for(lambda: not alive(pid), 5, "the exec killed after the client dropped")
 
@@ -595,11 +611,12 @@ def test_garbage_request_400_and_shim_survives(env, ctr, shimlog, garbage):
 
 
 def test_text_frame_is_fatal(env, ctr):
-    cmd = ["sleep", "1002"]
+    secs = unique_seconds()
+    cmd = ["sleep", secs]
     t = mint(env, ctr, cmd, stdin=True)
     _, _, body, ws = ws_open(env, ctr, kube_path(cmd, stdin=True), ticket=t)
     assert ws, body
-    pid = wait_for(lambda: next(iter(pids_with_cmdline(b"1002")), None), 5, "sleep in the container")
+    pid = wait_for(lambda: next(iter(pids_with_cmdline(secs.encode())), None), 5, "sleep in the container")
     ws.send_frame(0x1, b"hello")
     while ws.recv_message() is not None:
         pass

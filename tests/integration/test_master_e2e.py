@@ -59,12 +59,16 @@ def test_pod_registered_by_the_hook(env, web):
     assert reg["endpoint"].startswith("127.0.0.1:")
 
 
+def _renewals(env, cid):
+    return [l for l in env.audit_lines() if l.get("method") == "PUT" and l.get("container_id") == cid and
+            l["code"] == 200]
+
+
 def test_shim_renews_the_lease(env, web):
-    time.sleep(LEASE_S * 2)
+    # renew_interval_s is 1: LEASE_S + 1 renewals after the registration span
+    # more than one lease, which would have lapsed without them.
+    wait_for(lambda: len(_renewals(env, web.id)) >= LEASE_S + 1, LEASE_S * 3, "renewals over more than a lease")
     assert web.pod in env.pods(), "the lease lapsed although the shim is alive"
-    renewals = [l for l in env.audit_lines()
-                if l.get("method") == "PUT" and l.get("container_id") == web.id and l["code"] == 200]
-    assert len(renewals) >= LEASE_S, renewals
     assert not any(l["event"] == "lease_expired" and l.get("container_id") == web.id for l in env.audit_lines())
 
 
@@ -204,9 +208,24 @@ def test_container_stop_deletes_registration(env):
     assert any(l.get("method") == "DELETE" and l.get("container_id") == c.id and l["code"] == 200 for l in lines)
     assert not any(l["event"] == "lease_expired" and l.get("container_id") == c.id for l in lines)
     assert not os.path.exists(os.path.join(env.state, c.id))
-    # no renewal re-registers it afterwards
-    time.sleep(2)
+    # No renewal re-registers it afterwards: once no process names the
+    # container (the shim, a renewer `shimlet-hook ... renew ID`), none can.
+    wait_for(lambda: not _procs_naming(c.id), 5, "the shim and its renewer gone")
     assert pod not in env.pods()
+
+
+def _procs_naming(word):
+    """Pids whose argv has `word` as one argument."""
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if word.encode() in f.read().split(b"\0"):
+                        out.append(int(p))
+            except OSError:
+                continue
+    return out
 
 
 def test_lease_lapses_when_renewals_stop(env):
@@ -250,7 +269,7 @@ def test_unreachable_master_never_fails_the_container(env):
     assert not os.path.exists(os.path.join(state, c.id))
 
 
-# ---------------------------------------------------------------- session ends reach the master (issue 4)
+# ---------------------------------------------------------------- session ends reach the master
 # The session writes STATE/<id>/ends/<sid>.json; the shim's renewer (every
 # renew_interval_s = 1 s here) POSTs it to /nodes/n1/sessions/SID and deletes it.
 
@@ -283,7 +302,9 @@ def test_exec_session_end_reaches_the_master(env, web):
     assert end["start"] <= end["end"] and end["peer"].startswith("127.0.0.1:"), end
     # Delivered once, and the outbox is empty again.
     wait_for(lambda: _ends_dir_empty(env, web.id), 5, "the outbox emptied")
-    time.sleep(2.5)  # two more renewals: nothing posted twice
+    # Two more renewals (each one flushes the outbox): nothing posted twice.
+    n = len(_renewals(env, web.id))
+    wait_for(lambda: len(_renewals(env, web.id)) >= n + 2, 10, "two more renewals")
     assert len([l for l in _session_ends(env, sid) if l.get("via") == "node"]) == 1
     # The posts themselves are audited as the node's requests.
     posts = [l for l in env.audit_lines() if l.get("verb") == "session_end" and l.get("session_id") == sid]
@@ -371,7 +392,11 @@ def test_session_end_kept_until_the_master_accepts_it(env):
         with open(os.path.join(ends, files[0])) as f:
             rec = json.load(f)
         assert rec["exit_code"] == 4 and rec["command"] == ["sh", "-c", "echo kept; exit 4"], rec
-        time.sleep(2.5)  # renewals fail: still there
+        # Two renewals fail after the record was spooled: it is still there.
+        shim_log = os.path.join(env.state, c.id, "shim.log")
+        failed = lambda: open(shim_log).read().count('"lease renewal failed"')
+        n = failed()
+        wait_for(lambda: failed() >= n + 2, 10, "two failed renewals")
         assert os.path.exists(os.path.join(ends, files[0]))
         env.write_hook_config(cfg_path, env.state, env.url, fail=False)
         end = _node_end(env, rec["session_id"])

@@ -371,11 +371,15 @@ port, path, out, rate = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.ar
 s = socket.create_connection(("127.0.0.1", port), timeout=120)
 s.sendall(("GET %s HTTP/1.0\r\nHost: x\r\n\r\n" % path).encode())
 buf = bytearray()
+started = False
 while True:
     c = s.recv(1 << 18)
     if not c:
         break
     buf += c
+    if not started and len(buf) >= 1 << 20:
+        open(out + ".started", "w").close()  # the caller waits for the transfer to be under way
+        started = True
     if rate:
         time.sleep(len(c) / rate)
 head, _, body = bytes(buf).partition(b"\r\n\r\n")
@@ -549,7 +553,10 @@ def test_master_restart_mid_stream(cluster, pods):
     # ~8 MiB/s: the 48 MiB transfer spans the restart
     pf = curl_popen(cluster, port, "/big", dl, rate=8 << 20)
     cluster.procs.append(pf)
-    time.sleep(2)
+    # Both streams under way: the exec's first line is out, the download has bytes.
+    first = ex.stdout.readline()
+    assert first == b"line-1\n", first
+    wait_for(lambda: os.path.exists(dl + ".started"), 30, "the download under way")
     assert pf.poll() is None, "the transfer should still be running"
     cluster.stop_master()
     restarted = time.time()
@@ -558,7 +565,7 @@ def test_master_restart_mid_stream(cluster, pods):
     assert time.time() - restarted < LEASE_S
     out, err = ex.communicate(timeout=30)
     assert ex.returncode == 9, err
-    assert out.decode().split() == [f"line-{i}" for i in range(1, 9)]
+    assert (first + out).decode().split() == [f"line-{i}" for i in range(1, 9)]
     try:
         assert pf.wait(60) == 0, pf.stderr.read()
     finally:

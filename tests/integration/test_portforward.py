@@ -4,6 +4,7 @@ container's network namespace (pf_peers.py, busybox nc, sshd, iperf3)."""
 import asyncio
 import base64
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -75,6 +76,22 @@ def listening(c, port):
     return False
 
 
+def free_port():
+    """A TCP port free on both loopbacks right now (the kernel's pick)."""
+    for _ in range(20):
+        with socket.socket() as s4:
+            s4.bind(("127.0.0.1", 0))
+            port = s4.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET6) as s6:
+                    s6.bind(("::1", port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    continue  # taken on ::1: another pick
+            return port
+    raise AssertionError("no TCP port free on both 127.0.0.1 and ::1")
+
+
 def pss_kb(pid):
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
@@ -87,7 +104,7 @@ class PfEnv:
     """A private hook config + state dir; containers, netns peers and forwards
     started through it are all cleaned up by cleanup()."""
 
-    def __init__(self):
+    def __init__(self, **hook_config):
         for b in (HOOK, SHIMCTL, os.path.join(BIN, "shimlet"), os.path.join(BIN, "shimlet-session")):
             if not os.access(b, os.X_OK):
                 raise AssertionError(f"{b} missing: build first (scripts/build)")
@@ -97,7 +114,7 @@ class PfEnv:
         with open(self.config, "w") as f:
             # Tests here count a shim's session processes: no warm spare
             # (a forward through a warm session is in test_warm.py).
-            json.dump({"state_dir": self.state, "fail_container_on_error": True, "warm_idle_s": 0}, f)
+            json.dump({"state_dir": self.state, "fail_container_on_error": True, "warm_idle_s": 0, **hook_config}, f)
         self.containers, self.procs = [], []
 
     def hooks(self):
@@ -133,8 +150,8 @@ class PfEnv:
     def peer(self, c, mode, port, *extra):
         return self.in_netns(c, PY, PEERS, mode, str(port), *map(str, extra))
 
-    def forward(self, target, *ports, addresses=None, tls=False):
-        fw = Forward(self, target, ports, addresses, tls)
+    def forward(self, target, *ports, addresses=None, tls=False, extra=()):
+        fw = Forward(self, target, ports, addresses, tls, extra)
         self.procs.append(fw.p)
         return fw
 
@@ -168,10 +185,10 @@ class Forward:
     """A running `shimctl port-forward`; stdout/stderr go to files (never a
     pipe nobody reads)."""
 
-    def __init__(self, env, target, ports, addresses, tls=False):
+    def __init__(self, env, target, ports, addresses, tls=False, extra=()):
         self.out_path = os.path.join(env.dir, f"fw-{uuid.uuid4().hex[:6]}.out")
         self.err_path = self.out_path[:-4] + ".err"
-        args = ["port-forward", target, *ports]
+        args = ["port-forward", *extra, target, *ports]
         if addresses:
             args += ["--address", addresses]
         with open(self.out_path, "w") as o, open(self.err_path, "w") as e:
@@ -204,12 +221,28 @@ class Forward:
         raise AssertionError(f"no listener for {remote} on {host}: {self.stdout()}")
 
 
-@pytest.fixture
-def env():
-    e = PfEnv()
+def _env(**hook_config):
+    e = PfEnv(**hook_config)
     yield e
     e.cleanup()
     assert not e.sanitizer, "".join(e.sanitizer[:20])
+
+
+@pytest.fixture
+def env():
+    yield from _env()
+
+
+# The long transfers run in a worker of their own (tests/integration/conftest.py).
+BULK = pytest.mark.xdist_group("portforward-bulk")
+
+# The shim accepts a ticket up to clock_leeway_s after its exp (default 5 s).
+SHORT_LEEWAY_S = 1
+
+
+@pytest.fixture
+def short_leeway_env():
+    yield from _env(clock_leeway_s=SHORT_LEEWAY_S)
 
 
 def recv_all(s):
@@ -227,11 +260,12 @@ def recv_all(s):
 def test_forward_basic_and_listeners(env):
     c = env.container()
     env.peer(c, "echo", 7000)
-    fw = env.forward(c.id, ":7000", "17777:7000")
+    fixed = free_port()  # a LOCAL port given on the command line (never a fixed number: parallel runs)
+    fw = env.forward(c.id, ":7000", f"{fixed}:7000")
     hosts = {h for h, _, _ in fw.listeners()}
     assert "127.0.0.1" in hosts  # and [::1] where the host has IPv6 loopback
-    assert fw.port(7000) != 17777 and any(l == "17777" for _, l, _ in fw.listeners())
-    for port in (fw.port(7000), 17777):
+    assert fw.port(7000) != fixed and any(l == str(fixed) for _, l, _ in fw.listeners())
+    for port in (fw.port(7000), fixed):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"hello through the shim")
             s.shutdown(socket.SHUT_WR)
@@ -293,6 +327,7 @@ async def _many(port, count, measure):
     return results
 
 
+@BULK
 def test_1000_concurrent_connections(env):
     c = env.container()
     env.peer(c, "echo", 7000)
@@ -424,11 +459,13 @@ def _expected_sha(total):
 
 
 # Over both transports of --local: the local socket (default) and the TLS port.
+@BULK
 @pytest.mark.parametrize("tls", [False, True], ids=["unix", "tls"])
 def test_transfer_256m_both_ways(env, tls):
     _transfer(env, 256 << 20, tls)
 
 
+@BULK
 @pytest.mark.slow
 def test_transfer_4g_both_ways(env):
     _transfer(env, 4 << 30)
@@ -461,6 +498,7 @@ def test_client_killed_mid_transfer(env):
     wait_for(lambda: env.session_pids(c.id), 5, "session")
     session = env.session_pids(c.id)[0]
     stop = threading.Event()
+    sent = [0]
 
     def pump():
         with contextlib.suppress(OSError):
@@ -468,10 +506,11 @@ def test_client_killed_mid_transfer(env):
                 blk = stream_block(1)
                 while not stop.is_set():
                     s.sendall(blk)
+                    sent[0] += len(blk)
 
     t = threading.Thread(target=pump, daemon=True)
     t.start()
-    time.sleep(1.0)
+    wait_for(lambda: sent[0] >= 8 << 20, 30, "bytes flowing through the forward")  # mid transfer
     os.kill(fw.p.pid, signal.SIGKILL)
     fw.p.wait()
     wait_for(lambda: not alive(session), 10, "session exit after the client died")
@@ -509,14 +548,18 @@ def test_container_stopped_mid_transfer(env):
     s.close()
 
 
-def test_idle_forward_stays_up_and_quits_cleanly(env):
+def test_idle_forward_stays_up_and_quits_cleanly(short_leeway_env):
+    env = short_leeway_env
     c = env.container()
     env.peer(c, "echo", 7000)
-    fw = env.forward(c.id, ":7000")
+    lifetime = 5  # long enough for shimctl to present it on a loaded machine
+    minted = time.time()
+    fw = env.forward(c.id, ":7000", extra=("--ping-interval", "1", "--ticket-lifetime", str(lifetime)))
     with socket.create_connection(("127.0.0.1", fw.port(7000)), timeout=10) as s:
-        # Idle past a keepalive PING (30 s) and past the ticket's exp (30 s):
-        # the connection stays up and new streams are still accepted.
-        time.sleep(36)
+        # Idle past keepalive PINGs (every 1 s here, 30 s by default) and past
+        # the ticket's exp plus the shim's leeway, when the ticket would no
+        # longer verify: the connection stays up and new streams are accepted.
+        time.sleep(max(0.0, minted + lifetime + SHORT_LEEWAY_S + 1.5 - time.time()))
         s.sendall(b"after idle")
         assert s.recv(100) == b"after idle"
     with socket.create_connection(("127.0.0.1", fw.port(7000)), timeout=10) as s:
@@ -850,6 +893,7 @@ def test_own_errors_exit_255(env):
 # ------------------------------------------------------------------ measurements
 
 
+@BULK
 @pytest.mark.slow
 def test_throughput_iperf3_vs_socat_vs_direct(env):
     for b in ("/usr/bin/iperf3", "/usr/bin/socat"):

@@ -1,4 +1,4 @@
-"""Per-session isolation by SELinux alone (issue 5), proven in an enforcing VM.
+"""Per-session isolation by SELinux alone, proven in an enforcing VM.
 
 tests/vm/build_image.py builds a Debian bookworm image (cached under build/vm,
 rebuilt when tests/vm/packages.txt or the policy sources change), installs the
