@@ -44,7 +44,7 @@ struct Applied {
 int enter_session_domain(const Options& o = {}, Applied* out = nullptr) noexcept;
 
 // "Sessions never keep CAP_SYS_ADMIN unless the container's own config
-// grants it" (issue 5): true when the calling process holds CAP_SYS_ADMIN in
+// grants it" (docs/isolation.md "CAP_SYS_ADMIN"): true when the calling process holds CAP_SYS_ADMIN in
 // its effective, permitted or ambient set (libcap-ng, capget(2)).
 bool holds_cap_sys_admin();
 // The assertion the session child makes right before execve: `granted` is

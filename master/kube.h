@@ -1,6 +1,6 @@
 // The Kubernetes API subset a stock kubectl needs before exec, port-forward
 // and cp (version, discovery), and the parsing of kubectl's streaming
-// requests (docs/design.md "Kubernetes streaming (issue 6)").
+// requests (docs/design.md "Kubernetes streaming").
 #pragma once
 #include <nlohmann/json.hpp>
 #include <string>

@@ -257,7 +257,7 @@ Response Master::pods(Ctx& ctx, const Request& req, const std::vector<std::strin
 // kubectl's exec/portforward: an HTTP/1.1 upgrade (WebSocket or SPDY) that is
 // already authorized. kubectl cannot follow a redirect, so the master mints a
 // ticket bound to its relay key, and the connection is relayed to the shim
-// with the request head unchanged but for the ticket (design.md, issue 6).
+// with the request head unchanged but for the ticket (docs/design.md "Kubernetes streaming").
 Response Master::stream(Ctx& ctx, const Request& req, const std::string& ns, const std::string& pod,
                         const std::string& sub) {
   auto fail = [&](int code, const std::string& why) {

@@ -653,7 +653,7 @@ void fix_stdio_owner(int sock, const Plan& plan) {
     if (::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, static_cast<unsigned long>(cap), 0, 0) < 0 && errno != EPERM &&
         errno != EINVAL)
       child_fail(sock, "prctl(PR_CAP_AMBIENT_RAISE)", errno);
-  // Issue 5: a session never keeps CAP_SYS_ADMIN unless the container's
+  // docs/isolation.md "CAP_SYS_ADMIN": a session never keeps CAP_SYS_ADMIN unless the container's
   // config grants it (with it, Landlock would not hide a sibling's environ).
   if (plan.landlock && !landlock::cap_sys_admin_ok(plan.cap_sys_admin_granted))
     child_fail(sock, "session would keep CAP_SYS_ADMIN that the container's config does not grant", EPERM);

@@ -53,7 +53,7 @@ struct Request {
   // SELinux exec label (setexeccon before execve); empty: config.process.selinuxLabel.
   // With a label here the pty slave is also relabelled to its level.
   std::string selinux_exec_label;
-  // Issue 5 (docs/isolation.md): the command gets its own Landlock domain
+  // docs/isolation.md: the command gets its own Landlock domain
   // (entered after the setns calls, before the capability drop); a kernel
   // without Landlock is tolerated (Spawned.landlock_abi = 0). Its pty gets
   // TIOCEXCL so a sibling session cannot open it.

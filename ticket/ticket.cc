@@ -202,7 +202,7 @@ std::vector<Port> get_ports(const json& o) {
     const json* port = find(p, "port");
     if (!port || !port->is_number_integer()) throw Error("ticket port has no integer \"port\"");
     // Port 0 = any TCP port (minted only by the master for kubectl, whose
-    // pods/portforward is not port-scoped; design.md issue 6).
+    // pods/portforward is not port-scoped; docs/design.md "Kubernetes streaming").
     bool ok = port->is_number_unsigned() ? port->get<uint64_t>() <= 65535
                                          : port->get<int64_t>() >= 0 && port->get<int64_t>() <= 65535;
     if (!ok) throw Error("ticket port " + port->dump() + " is out of range 0..65535");

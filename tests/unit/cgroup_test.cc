@@ -412,7 +412,7 @@ TEST_F(CgroupTest, V2WithoutControllersSkipsLimits) {
 
 namespace {
 
-// Cost added per session (issue 5 "Numbers"): median of create + attach of
+// Cost added per session (docs/isolation.md "Numbers"): median of create + attach of
 // one process + destroy (kill_all and rmdir), against fork + exit alone.
 TEST_F(CgroupTest, CostMedian) {
   auto median = [](std::vector<double> v) {

@@ -406,7 +406,7 @@ TEST_F(LandlockTest, PtyOpenBySibling) {
 
 namespace {
 
-// Cost added per session (issue 5 "Numbers"): median time of
+// Cost added per session (docs/isolation.md "Numbers"): median time of
 // enter_session_domain() in a fresh child, and fork+exit with and without it.
 TEST_F(LandlockTest, CostMedian) {
   auto median = [](std::vector<double> v) {
