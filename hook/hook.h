@@ -8,6 +8,7 @@
 //                                            container is gone: poststop's work)
 // Without a stage argument the stage comes from the state's status
 // ("creating"/"created" -> start, "stopped" -> cleanup).
+// Implemented one job per file (hook/internal.h lists them).
 #pragma once
 #include <sys/types.h>
 

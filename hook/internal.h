@@ -1,0 +1,56 @@
+// What the files of hook/ share and nobody else needs (hook/hook.h is the
+// folder's API). One file per job:
+//   config.cc        the hook config (parse, validate)
+//   keys.cc          key files: STATE_DIR/local.key + local.pub, trusted keys
+//   state.cc         the state directory and its files (shim.json, registration.json)
+//   shim_process.cc  the shim's start (double fork, ready line), its stop, cleanup (one at a time)
+//   master_sync.cc   the master: register, unregister (poststop), renew, session end records
+//   cli.cc           argv, the OCI state on stdin, the overall deadline, the stage (or renew/cleanup ID)
+#pragma once
+#include <signal.h>
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "hook/hook.h"
+
+namespace shimlet::hook {
+
+inline constexpr size_t kMaxStateBytes = 1 << 20;  // the OCI state on stdin
+inline constexpr size_t kMaxPemBytes = 64 * 1024;
+inline constexpr size_t kMaxRegistrationBytes = 256 * 1024;
+inline constexpr int kStdinTimeoutMs = 5000;
+inline constexpr size_t kEndsPerRenewal = 200;  // session end records posted per renewal (the rest: next tick)
+inline constexpr int kPoststopFlushMs = 2000;   // poststop's final flush: the runtime is waiting
+
+// For the SIGALRM deadline handler (cli.cc; async-signal-safe state only): a
+// shim being started is killed when the deadline strikes.
+extern volatile sig_atomic_t g_shim_pidfd;
+extern volatile sig_atomic_t g_fail_exit;
+extern int64_t g_start_ms;  // when main() started (the renewer's deadline is counted from it)
+
+// shim_process.cc
+int64_t monotonic_ms();
+int pidfd_open_(pid_t pid);
+int pidfd_signal_(int pidfd, int sig);
+
+// state.cc
+// Reads a regular file of at most max bytes.
+std::string read_file(const std::string& path, size_t max);
+std::string dirname_of(const std::string& p);
+std::string now_rfc3339();
+// Creates a private file that must not exist yet (fresh container directory).
+void write_new_file(const std::string& path, std::string_view content, mode_t mode);
+// Creates STATE_DIR (0700) if missing; refuses one that is not a private directory of ours.
+void ensure_state_dir(const std::string& dir);
+
+// keys.cc
+// STATE_DIR/local.key (created once) and local.pub; returns the public key PEM.
+std::string ensure_local_key(const std::string& dir);
+// A trusted key file: its Ed25519 public key as PEM.
+std::string load_public_key(const std::string& path);
+
+}  // namespace shimlet::hook
