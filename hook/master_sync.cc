@@ -10,7 +10,7 @@
 #include "common/log.h"
 #include "hook/internal.h"
 #include "masterclient/masterclient.h"
-#include "masterclient/spool.h"
+#include "spool/spool.h"
 
 namespace shimlet::hook {
 namespace {
@@ -128,15 +128,15 @@ FlushResult flush_session_ends(const Config& c, const std::string& id, size_t ma
   // A failure here must not hold back the records already pending.
   const std::string noticed = now_rfc3339();
   try {
-    masterclient::spool::Promoted pr =
-        masterclient::spool::promote_orphans(dir + "/ends", [&](json& r) { r["end"] = noticed; });
+    spool::Promoted pr =
+        spool::promote_orphans(dir + "/ends", [&](json& r) { r["end"] = noticed; });
     if (pr.promoted)
       log::warn("sessions ended without an end record (killed): sending their provisional records",
                 {{"sessions", pr.promoted}});
   } catch (const std::exception& e) {
     log::error("cannot check for killed sessions' provisional records", {{"error", e.what()}});
   }
-  std::vector<masterclient::spool::Pending> pending = masterclient::spool::list(dir + "/ends", max);
+  std::vector<spool::Pending> pending = spool::list(dir + "/ends", max);
   if (pending.empty()) return res;
   // Names the session cannot know: from the registration (as the master has them).
   json names = json::object();
@@ -172,7 +172,7 @@ FlushResult flush_session_ends(const Config& c, const std::string& id, size_t ma
     }
     t.timeout_ms = static_cast<int>(std::min<int64_t>(c.master->timeout_ms, left));
     std::string sid = p.record.value("session_id", std::string());
-    if (!masterclient::spool::valid_sid(sid)) sid = p.sid;
+    if (!spool::valid_sid(sid)) sid = p.sid;
     json body = p.record;
     for (auto& [k, v] : names.items())
       if (!body.contains(k)) body[k] = v;

@@ -22,7 +22,7 @@
 #include "common/log.h"
 #include "common/proc.h"
 #include "hook/internal.h"
-#include "masterclient/spool.h"
+#include "spool/spool.h"
 #include "proto/tls.h"
 
 namespace shimlet::hook {
@@ -339,7 +339,7 @@ void cleanup(const Config& c, const std::string& id) {
     // Last chance for the sessions' end records (the shim, hence its
     // sessions, are gone now): short, the runtime waits for us.
     try {
-      FlushResult f = flush_session_ends(c, id, masterclient::spool::kMaxPending, kPoststopFlushMs);
+      FlushResult f = flush_session_ends(c, id, spool::kMaxPending, kPoststopFlushMs);
       if (f.kept)
         log::warn("session end records not delivered to the master (lost with the state directory)",
                   {{"kept", f.kept}, {"posted", f.posted}, {"error", f.error}});

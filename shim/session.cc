@@ -24,7 +24,7 @@
 #include "common/base64.h"
 #include "common/error.h"
 #include "common/log.h"
-#include "masterclient/spool.h"
+#include "spool/spool.h"
 #include "proto/frames.h"
 #include "proto/tls.h"
 #include "shim/gate.h"

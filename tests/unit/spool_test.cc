@@ -1,5 +1,5 @@
-// masterclient/spool.h: the session-end outbox (docs/design.md "Session end records").
-#include "masterclient/spool.h"
+// spool/spool.h: the session-end outbox (docs/design.md "Session end records").
+#include "spool/spool.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -13,7 +13,7 @@
 #include "common/error.h"
 #include "hook/hook.h"
 
-namespace spool = shimlet::masterclient::spool;
+namespace spool = shimlet::spool;
 namespace fs = std::filesystem;
 
 namespace {

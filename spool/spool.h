@@ -14,7 +14,7 @@
 
 #include "common/fd.h"
 
-namespace shimlet::masterclient::spool {
+namespace shimlet::spool {
 
 inline constexpr size_t kMaxPending = 1000;           // more: the oldest are dropped (and logged)
 inline constexpr size_t kMaxRecordBytes = 60 * 1024;  // below the master's 64 KiB body limit
@@ -58,4 +58,10 @@ struct Promoted {
 // A locked one is a live session and stays. Throws on I/O errors.
 Promoted promote_orphans(const std::string& dir, const std::function<void(nlohmann::json&)>& finish);
 
-}  // namespace shimlet::masterclient::spool
+}  // namespace shimlet::spool
+
+// The session (shim/session*) still names it masterclient::spool; it goes
+// when the session moves to its own folder.
+namespace shimlet::masterclient {
+namespace spool = shimlet::spool;
+}  // namespace shimlet::masterclient

@@ -1,4 +1,4 @@
-#include "masterclient/spool.h"
+#include "spool/spool.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -13,7 +13,7 @@
 #include "common/error.h"
 #include "common/fd.h"
 
-namespace shimlet::masterclient::spool {
+namespace shimlet::spool {
 namespace {
 
 constexpr std::string_view kSuffix = ".json";
@@ -185,4 +185,4 @@ std::vector<Pending> list(const std::string& dir, size_t max) {
   return out;
 }
 
-}  // namespace shimlet::masterclient::spool
+}  // namespace shimlet::spool
