@@ -6,7 +6,7 @@
 #include <string.h>
 #include <sys/random.h>
 
-#include <stdexcept>
+#include "common/error.h"
 
 namespace shimlet {
 
@@ -82,7 +82,7 @@ std::string random_bytes(size_t n) {
   while (got < n) {
     ssize_t r = getrandom(out.data() + got, n - got, 0);
     if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) throw std::runtime_error(std::string("getrandom: ") + strerror(errno));
+    if (r <= 0) throw sys_error("getrandom", r == 0 ? EIO : errno);
     got += static_cast<size_t>(r);
   }
   return out;

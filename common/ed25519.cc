@@ -6,6 +6,8 @@
 #include <string>
 
 #include "common/base64.h"
+#include "common/error.h"
+#include "common/openssl.h"
 
 namespace shimlet {
 namespace {
@@ -45,7 +47,7 @@ EVP_PKEY* ed25519_generate() {
   EVP_PKEY* k =
       EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, nullptr, reinterpret_cast<const unsigned char*>(seed.data()), 32);
   OPENSSL_cleanse(seed.data(), seed.size());
-  if (!k) throw std::runtime_error("Ed25519 key from raw bytes failed");
+  if (!k) throw Error("Ed25519 key from raw bytes failed: " + openssl_error());
   return k;
 }
 

@@ -61,8 +61,8 @@ bool read_exact(int fd, void* buf, size_t len) {
     }
     if (n == 0) {
       if (got == 0) return false;
-      throw std::runtime_error("read fd " + std::to_string(fd) + ": short read (" + std::to_string(got) + " of " +
-                               std::to_string(len) + " bytes)");
+      throw Error("read fd " + std::to_string(fd) + ": short read (" + std::to_string(got) + " of " +
+                  std::to_string(len) + " bytes)");
     }
     got += static_cast<size_t>(n);
   }
@@ -107,10 +107,10 @@ Fd recv_fd(int sock, void* data, size_t len) {
     n = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
   } while (n < 0 && errno == EINTR);
   if (n < 0) throw sys_error("recvmsg(SCM_RIGHTS)");
-  if (n == 0) throw std::runtime_error("recvmsg(SCM_RIGHTS): peer closed");
+  if (n == 0) throw Error("recvmsg(SCM_RIGHTS): peer closed");
   cmsghdr* c = CMSG_FIRSTHDR(&msg);
   if (!c || c->cmsg_type != SCM_RIGHTS || c->cmsg_len != CMSG_LEN(sizeof(int)))
-    throw std::runtime_error("recvmsg: no file descriptor received");
+    throw Error("recvmsg: no file descriptor received");
   int fd;
   memcpy(&fd, CMSG_DATA(c), sizeof(int));
   return Fd(fd);

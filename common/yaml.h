@@ -19,10 +19,10 @@ namespace shimlet::yaml {
 struct Node {
   enum class Kind { Null, Scalar, Sequence, Map };
   Kind kind = Kind::Null;
-  std::string scalar;                              // Kind::Scalar
-  bool plain = false;                              // unquoted scalar (null/~ are Null, not Scalar)
-  std::vector<Node> items;                         // Kind::Sequence; Kind::Map: the values
-  std::vector<std::string> keys;                   // Kind::Map: keys[i] names items[i], in document order
+  std::string scalar;             // Kind::Scalar
+  bool plain = false;             // unquoted scalar (null/~ are Null, not Scalar)
+  std::vector<Node> items;        // Kind::Sequence; Kind::Map: the values
+  std::vector<std::string> keys;  // Kind::Map: keys[i] names items[i], in document order
 
   bool is_null() const { return kind == Kind::Null; }
   bool is_scalar() const { return kind == Kind::Scalar; }

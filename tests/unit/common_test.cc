@@ -163,3 +163,166 @@ TEST(Ed25519Pem, RejectsWrongPrefixLengthLabelAndGarbage) {
   EXPECT_EQ(ed25519_spki_der(nullptr), "");
   EVP_PKEY_free(k);
 }
+
+// ---- the utility layer: files, clocks, pidfds, OpenSSL, text, libevent
+
+#include <openssl/err.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "common/clock.h"
+#include "common/error.h"
+#include "common/event.h"
+#include "common/file.h"
+#include "common/openssl.h"
+#include "common/pidfd.h"
+#include "common/text.h"
+
+namespace {
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char t[] = "/tmp/common-test-XXXXXX";
+    path = mkdtemp(t);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+int code_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::system_error& e) {
+    return e.code().value();
+  }
+  return 0;
+}
+
+}  // namespace
+
+TEST(File, ReadsBoundedKeepingErrno) {
+  TempDir d;
+  std::string p = d.path + "/f";
+  std::ofstream(p) << "hello";
+  EXPECT_EQ(read_file(p, 5), "hello");
+  EXPECT_EQ(read_regular_file(p, 5), "hello");
+  EXPECT_THROW(read_file(p, 4), Error);
+  EXPECT_THROW(read_regular_file(p, 4), Error);
+  // errno survives into the exception, and the message names the path.
+  EXPECT_EQ(code_of([&] { read_file(d.path + "/missing", 10); }), ENOENT);
+  try {
+    read_file(d.path + "/missing", 10);
+  } catch (const std::system_error& e) {
+    EXPECT_NE(std::string(e.what()).find(d.path + "/missing"), std::string::npos) << e.what();
+  }
+  // Not a regular file: refused before any read (a FIFO would block).
+  std::string fifo = d.path + "/fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_THROW(read_regular_file(fifo, 10, O_NONBLOCK), Error);
+  EXPECT_THROW(read_regular_file(d.path, 10), Error);
+  // O_NOFOLLOW and friends are honoured.
+  std::string link = d.path + "/link";
+  ASSERT_EQ(symlink(p.c_str(), link.c_str()), 0);
+  EXPECT_EQ(code_of([&] { read_file(link, 10, O_NOFOLLOW); }), ELOOP);
+  EXPECT_EQ(read_file(link, 10), "hello");
+}
+
+TEST(File, ReadFdAndReadIfReadable) {
+  TempDir d;
+  std::string p = d.path + "/f";
+  std::ofstream(p) << std::string(40000, 'x');  // more than one read chunk
+  Fd fd(open(p.c_str(), O_RDONLY | O_CLOEXEC));
+  EXPECT_EQ(read_fd(fd.get(), 40000, "f").size(), 40000u);
+  EXPECT_EQ(read_file_if_readable(p, 40000)->size(), 40000u);
+  errno = 0;
+  EXPECT_FALSE(read_file_if_readable(p, 39999));
+  EXPECT_EQ(errno, EFBIG);
+  EXPECT_FALSE(read_file_if_readable(d.path + "/missing", 10));
+  EXPECT_EQ(errno, ENOENT);
+}
+
+TEST(File, WriteAtomicReplacesWithModeAndLeavesNoTemp) {
+  TempDir d;
+  std::string p = d.path + "/state.json";
+  write_file_atomic(p, "one", 0600);
+  write_file_atomic(p, "two", 0640);
+  EXPECT_EQ(read_file(p, 10), "two");
+  struct stat st {};
+  ASSERT_EQ(stat(p.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0640u);
+  size_t n = 0;
+  for (auto& e : std::filesystem::directory_iterator(d.path)) n += e.path().filename() != "state.json";
+  EXPECT_EQ(n, 0u);
+  EXPECT_EQ(code_of([&] { write_file_atomic(d.path + "/no/such/dir/f", "x", 0600); }), ENOENT);
+}
+
+TEST(Clock, MonotonicAndDeadline) {
+  int64_t a = monotonic_ms();
+  Deadline never(1 << 30), now(0), soon(50);
+  EXPECT_GT(never.left_ms(), 1000);
+  EXPECT_TRUE(now.passed());
+  EXPECT_EQ(now.left_ms(), 0);
+  EXPECT_LE(soon.left_ms(), 50);
+  usleep(60 * 1000);
+  EXPECT_TRUE(soon.passed());
+  EXPECT_GE(monotonic_ms() - a, 60);
+}
+
+TEST(Pidfd, OpenSignalAndGone) {
+  pid_t child = fork();
+  if (child == 0) {
+    pause();
+    _exit(0);
+  }
+  Fd p = open_pidfd(child);
+  ASSERT_TRUE(p);
+  EXPECT_EQ(fcntl(p.get(), F_GETFD) & FD_CLOEXEC, FD_CLOEXEC);
+  EXPECT_EQ(pidfd_signal(p.get(), 0), 0);
+  EXPECT_EQ(pidfd_signal(p.get(), SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  EXPECT_EQ(pidfd_signal(p.get(), 0), -1);
+  EXPECT_EQ(errno, ESRCH);
+  EXPECT_FALSE(open_pidfd(child));  // reaped: no such process
+  EXPECT_EQ(errno, ESRCH);
+}
+
+TEST(OpenSsl, ErrorQueueAsOneLine) {
+  ERR_clear_error();
+  EXPECT_EQ(openssl_error(), "no OpenSSL error");
+  BioPtr b(BIO_new_mem_buf("not a key", -1));
+  PkeyPtr k(PEM_read_bio_PrivateKey(b.get(), nullptr, nullptr, nullptr));
+  EXPECT_FALSE(k);
+  std::string e = openssl_error();
+  EXPECT_NE(e, "no OpenSSL error");
+  EXPECT_EQ(e.find('\n'), std::string::npos);
+  EXPECT_EQ(openssl_error(), "no OpenSSL error");  // the queue was cleared
+  BioPtr m(BIO_new(BIO_s_mem()));
+  BIO_write(m.get(), "abc", 3);
+  EXPECT_EQ(bio_string(m.get()), "abc");
+}
+
+TEST(Text, OneLine) {
+  EXPECT_EQ(one_line("a\nb\tc\x7f", 100), "a b c");
+  EXPECT_EQ(one_line("abcdef", 3), "abc");
+  EXPECT_EQ(one_line("trailing  \r\n"), "trailing");
+  EXPECT_EQ(one_line(""), "");
+}
+
+TEST(Event, CheckedCreation) {
+  EventBasePtr base = new_event_base();
+  ASSERT_TRUE(base);
+  bool fired = false;
+  EventPtr t = new_timer(
+      base.get(), [](evutil_socket_t, short, void* f) { *static_cast<bool*>(f) = true; }, &fired);
+  timeval zero{0, 0};
+  event_add(t.get(), &zero);
+  event_base_loop(base.get(), EVLOOP_ONCE);
+  EXPECT_TRUE(fired);
+  EXPECT_TRUE(new_evbuffer());
+}
