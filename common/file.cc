@@ -70,21 +70,24 @@ std::string read_regular_file(const std::string& path, size_t max, int flags) {
   return read_open(fd.get(), max, path);
 }
 
-std::optional<std::string> read_file_if_readable(const std::string& path, size_t max, int flags) noexcept {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | flags);
-  if (fd < 0) return std::nullopt;
+std::optional<std::string> read_fd_if_readable(int fd, size_t max) noexcept {
   std::string out;
-  bool ok = read_all(fd, max, out);
-  int e = errno;
-  ::close(fd);
-  if (!ok) {
-    errno = e;
-    return std::nullopt;
-  }
+  if (!read_all(fd, max, out)) return std::nullopt;
   return out;
 }
 
-void write_file_atomic(const std::string& path, std::string_view content, mode_t mode) {
+std::optional<std::string> read_file_if_readable(const std::string& path, size_t max, int flags) noexcept {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | flags);
+  if (fd < 0) return std::nullopt;
+  std::optional<std::string> out = read_fd_if_readable(fd, max);
+  int e = errno;
+  ::close(fd);
+  errno = e;
+  return out;
+}
+
+Fd write_file_atomic(const std::string& path, std::string_view content, mode_t mode,
+                     const std::function<void(int fd)>& prepare) {
   auto slash = path.rfind('/');
   std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
   std::string tmp = dir + "/." + path.substr(slash == std::string::npos ? 0 : slash + 1) + ".XXXXXX";
@@ -92,6 +95,7 @@ void write_file_atomic(const std::string& path, std::string_view content, mode_t
   if (!fd) throw sys_error("create temp file for " + path);
   try {
     if (::fchmod(fd.get(), mode) < 0) throw sys_error("fchmod " + tmp);
+    if (prepare) prepare(fd.get());
     write_all(fd.get(), content.data(), content.size());
     if (::fsync(fd.get()) < 0) throw sys_error("fsync " + tmp);
     if (::rename(tmp.c_str(), path.c_str()) < 0) throw sys_error("rename " + tmp + " -> " + path);
@@ -99,6 +103,7 @@ void write_file_atomic(const std::string& path, std::string_view content, mode_t
     ::unlink(tmp.c_str());
     throw;
   }
+  return fd;
 }
 
 }  // namespace shimlet

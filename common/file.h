@@ -5,9 +5,12 @@
 #include <sys/types.h>
 
 #include <cstddef>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
+
+#include "common/fd.h"
 
 namespace shimlet {
 
@@ -25,10 +28,15 @@ std::string read_fd(int fd, size_t max, const std::string& what);
 // a record being replaced): nullopt with errno set when the file cannot be
 // opened or read, or holds more than max bytes (EFBIG). Never throws.
 std::optional<std::string> read_file_if_readable(const std::string& path, size_t max, int flags = 0) noexcept;
+// The same for the rest of an open fd.
+std::optional<std::string> read_fd_if_readable(int fd, size_t max) noexcept;
 
 // Replaces path atomically: a temp file in the same directory with `mode`,
-// written, fsync()ed and renamed over path. Throws with context; the temp
-// file never stays behind.
-void write_file_atomic(const std::string& path, std::string_view content, mode_t mode);
+// written, fsync()ed and renamed over path. `prepare`, when given, runs on
+// the temp file first (a flock taken there means the file is never seen
+// unlocked). Returns the file, still open (and locked); throws with context,
+// and the temp file never stays behind.
+Fd write_file_atomic(const std::string& path, std::string_view content, mode_t mode,
+                     const std::function<void(int fd)>& prepare = {});
 
 }  // namespace shimlet
