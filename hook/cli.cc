@@ -12,9 +12,11 @@
 
 #include <CLI/CLI.hpp>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/log.h"
+#include "common/pidfd.h"
 #include "hook/internal.h"
 
 namespace shimlet::hook {
@@ -28,7 +30,7 @@ namespace {
 using nlohmann::json;
 
 void on_deadline(int) {
-  if (g_shim_pidfd >= 0) pidfd_signal_(g_shim_pidfd, SIGKILL);
+  if (g_shim_pidfd >= 0) pidfd_signal(g_shim_pidfd, SIGKILL);
   static const char msg[] =
       "{\"level\":\"error\",\"component\":\"hook\",\"msg\":\"shimlet-hook: overall deadline exceeded, giving up\"}\n";
   ssize_t r = ::write(2, msg, sizeof msg - 1);
@@ -53,15 +55,12 @@ void append_hook_log(const std::string& state_dir, const json& line) {
 
 std::string read_stdin_bounded(int timeout_ms) {
   std::string out;
-  timespec start{};
-  clock_gettime(CLOCK_MONOTONIC, &start);
+  Deadline deadline(timeout_ms);
   for (;;) {
-    timespec now{};
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    long left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
+    int left = deadline.left_ms();
     if (left <= 0) throw Error("OCI state on stdin not complete after " + std::to_string(timeout_ms) + " ms");
     pollfd p{0, POLLIN, 0};
-    int r = ::poll(&p, 1, static_cast<int>(left));
+    int r = ::poll(&p, 1, left);
     if (r < 0 && errno != EINTR) throw sys_error("poll stdin");
     if (r <= 0) continue;
     char buf[16384];

@@ -6,6 +6,7 @@
 #include <cctype>
 
 #include "common/error.h"
+#include "common/file.h"
 #include "hook/internal.h"
 #include "masterclient/masterclient.h"
 
@@ -250,7 +251,7 @@ Config parse_config(std::string_view text, const std::string& dir) {
 }
 
 Config load_config(const std::string& path, const std::string& dir) {
-  return parse_config(read_file(path, kMaxConfigBytes), dir);
+  return parse_config(read_regular_file(path, kMaxConfigBytes), dir);
 }
 
 }  // namespace shimlet::hook

@@ -120,10 +120,6 @@ nlohmann::json shim_json(const Config& c, const oci::State& st, const std::strin
                          const std::vector<std::pair<std::string, std::string>>& trusted /* kid, pem */,
                          const std::optional<Names>& names = std::nullopt);
 
-// Writes path atomically (temp file in the same directory + fsync + rename)
-// with the given mode. Throws with context.
-void write_file_atomic(const std::string& path, std::string_view content, mode_t mode);
-
 // createRuntime: everything of design.md; throws on failure after undoing it
 // (shim killed, directory removed).
 Started start(const Config& c, const oci::State& st);

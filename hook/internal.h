@@ -32,15 +32,9 @@ extern volatile sig_atomic_t g_shim_pidfd;
 extern volatile sig_atomic_t g_fail_exit;
 extern int64_t g_start_ms;  // when main() started (the renewer's deadline is counted from it)
 
-// shim_process.cc
-int64_t monotonic_ms();
-int pidfd_open_(pid_t pid);
-int pidfd_signal_(int pidfd, int sig);
-
 // state.cc
-// Reads a regular file of at most max bytes.
-std::string read_file(const std::string& path, size_t max);
 std::string dirname_of(const std::string& p);
+// Now as RFC 3339 UTC ("2026-11-27T03:04:05Z").
 std::string now_rfc3339();
 // Creates a private file that must not exist yet (fresh container directory).
 void write_new_file(const std::string& path, std::string_view content, mode_t mode);

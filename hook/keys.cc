@@ -12,29 +12,17 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/file.h"
+#include "common/openssl.h"
 #include "hook/internal.h"
-#include "proto/tls.h"
 
 namespace shimlet::hook {
 namespace {
 
-template <typename T, void (*F)(T*)>
-struct Free {
-  void operator()(T* p) const { F(p); }
-};
-using Pkey = std::unique_ptr<EVP_PKEY, Free<EVP_PKEY, EVP_PKEY_free>>;
-using Bio = std::unique_ptr<BIO, Free<BIO, BIO_free_all>>;
-
-std::string bio_string(BIO* b) {
-  char* data = nullptr;
-  long n = BIO_get_mem_data(b, &data);
-  return std::string(data, static_cast<size_t>(n));
-}
-
 // Public key PEM of an Ed25519 key; refuses other key types.
 std::string ed25519_public_pem(EVP_PKEY* k, const std::string& what) {
   if (EVP_PKEY_get_id(k) != EVP_PKEY_ED25519) throw Error(what + ": not an Ed25519 key");
-  Bio b(BIO_new(BIO_s_mem()));
+  BioPtr b(BIO_new(BIO_s_mem()));
   if (PEM_write_bio_PUBKEY(b.get(), k) != 1) throw Error(what + ": cannot encode public key");
   return bio_string(b.get());
 }
@@ -42,10 +30,10 @@ std::string ed25519_public_pem(EVP_PKEY* k, const std::string& what) {
 }  // namespace
 
 std::string load_public_key(const std::string& path) {
-  std::string pem = read_file(path, kMaxPemBytes);
-  Bio b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  Pkey k(PEM_read_bio_PUBKEY(b.get(), nullptr, nullptr, nullptr));
-  if (!k) throw Error(path + ": not a PEM public key (" + proto::ssl_error_string() + ")");
+  std::string pem = read_regular_file(path, kMaxPemBytes);
+  BioPtr b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  PkeyPtr k(PEM_read_bio_PUBKEY(b.get(), nullptr, nullptr, nullptr));
+  if (!k) throw Error(path + ": not a PEM public key (" + openssl_error() + ")");
   return ed25519_public_pem(k.get(), path);
 }
 
@@ -55,11 +43,11 @@ std::string load_public_key(const std::string& path) {
 std::string ensure_local_key(const std::string& dir) {
   const std::string key_path = dir + "/local.key", pub_path = dir + "/local.pub";
   if (::access(key_path.c_str(), F_OK) != 0) {
-    Pkey k(EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519"));
-    if (!k) throw Error("Ed25519 keygen: " + proto::ssl_error_string());
-    Bio b(BIO_new(BIO_s_mem()));
+    PkeyPtr k(EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519"));
+    if (!k) throw Error("Ed25519 keygen: " + openssl_error());
+    BioPtr b(BIO_new(BIO_s_mem()));
     if (PEM_write_bio_PrivateKey(b.get(), k.get(), nullptr, nullptr, 0, nullptr, nullptr) != 1)
-      throw Error("encode local key: " + proto::ssl_error_string());
+      throw Error("encode local key: " + openssl_error());
     std::string pem = bio_string(b.get());
     std::string tmp = dir + "/.local.key.XXXXXX";
     Fd fd(::mkostemp(tmp.data(), O_CLOEXEC));  // mode 0600
@@ -77,14 +65,14 @@ std::string ensure_local_key(const std::string& dir) {
   struct stat st {};
   if (::lstat(key_path.c_str(), &st) < 0) throw sys_error("lstat " + key_path);
   if (!S_ISREG(st.st_mode) || (st.st_mode & 077)) throw Error(key_path + ": must be a regular file with mode 0600");
-  std::string pem = read_file(key_path, kMaxPemBytes);
-  Bio b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  Pkey k(PEM_read_bio_PrivateKey(b.get(), nullptr, nullptr, nullptr));
-  if (!k) throw Error(key_path + ": not a PEM private key (" + proto::ssl_error_string() + ")");
+  std::string pem = read_regular_file(key_path, kMaxPemBytes);
+  BioPtr b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  PkeyPtr k(PEM_read_bio_PrivateKey(b.get(), nullptr, nullptr, nullptr));
+  if (!k) throw Error(key_path + ": not a PEM private key (" + openssl_error() + ")");
   std::string pub = ed25519_public_pem(k.get(), key_path);
   std::string have;
   try {
-    have = read_file(pub_path, kMaxPemBytes);
+    have = read_regular_file(pub_path, kMaxPemBytes);
   } catch (const std::exception&) {
   }
   if (have != pub) write_file_atomic(pub_path, pub, 0644);

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cctype>
 
+#include "common/clock.h"
 #include "common/error.h"
+#include "common/file.h"
 #include "common/log.h"
 #include "hook/internal.h"
 #include "masterclient/masterclient.h"
@@ -23,16 +25,16 @@ masterclient::Target master_target(const MasterConfig& m) {
   t.server = m.url;
   t.timeout_ms = m.timeout_ms;
   t.user_agent = "shimlet-hook";
-  if (!m.ca.empty()) t.ca_pem = read_file(m.ca, kMaxPemBytes * 16);
+  if (!m.ca.empty()) t.ca_pem = read_regular_file(m.ca, kMaxPemBytes * 16);
   if (!m.token.empty()) t.token = m.token;
   if (!m.token_file.empty()) {
-    t.token = read_file(m.token_file, 4096);
+    t.token = read_regular_file(m.token_file, 4096);
     while (!t.token.empty() && isspace(static_cast<unsigned char>(t.token.back()))) t.token.pop_back();
     if (t.token.empty()) throw Error(m.token_file + ": empty token file");
   }
   if (!m.client_cert.empty()) {
-    t.cert_pem = read_file(m.client_cert, kMaxPemBytes);
-    t.key_pem = read_file(m.client_key, kMaxPemBytes);
+    t.cert_pem = read_regular_file(m.client_cert, kMaxPemBytes);
+    t.key_pem = read_regular_file(m.client_key, kMaxPemBytes);
   }
   return t;
 }
@@ -47,7 +49,7 @@ std::string node_path(const MasterConfig& m, const std::string& id) {
 json register_container(const Config& c, const std::string& id) {
   if (!c.master) throw Error("no master in the hook config");
   if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);
-  json reg = json::parse(read_file(c.state_dir + "/" + id + "/registration.json", kMaxRegistrationBytes));
+  json reg = json::parse(read_regular_file(c.state_dir + "/" + id + "/registration.json", kMaxRegistrationBytes));
   reg["node"] = c.master->node;
   masterclient::Response r =
       masterclient::request(master_target(*c.master), "PUT", node_path(*c.master, id), reg.dump());
@@ -128,8 +130,7 @@ FlushResult flush_session_ends(const Config& c, const std::string& id, size_t ma
   // A failure here must not hold back the records already pending.
   const std::string noticed = now_rfc3339();
   try {
-    spool::Promoted pr =
-        spool::promote_orphans(dir + "/ends", [&](json& r) { r["end"] = noticed; });
+    spool::Promoted pr = spool::promote_orphans(dir + "/ends", [&](json& r) { r["end"] = noticed; });
     if (pr.promoted)
       log::warn("sessions ended without an end record (killed): sending their provisional records",
                 {{"sessions", pr.promoted}});
@@ -141,7 +142,7 @@ FlushResult flush_session_ends(const Config& c, const std::string& id, size_t ma
   // Names the session cannot know: from the registration (as the master has them).
   json names = json::object();
   try {
-    json reg = json::parse(read_file(dir + "/registration.json", kMaxRegistrationBytes));
+    json reg = json::parse(read_regular_file(dir + "/registration.json", kMaxRegistrationBytes));
     for (const char* k : {"namespace", "pod", "container"})
       if (reg.contains(k) && reg[k].is_string()) names[k] = reg[k];
   } catch (const std::exception&) {

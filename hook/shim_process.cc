@@ -9,7 +9,6 @@
 #include <stdlib.h>
 #include <sys/file.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -17,29 +16,20 @@
 #include <charconv>
 #include <filesystem>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/file.h"
 #include "common/log.h"
+#include "common/pidfd.h"
 #include "common/proc.h"
 #include "hook/internal.h"
-#include "spool/spool.h"
 #include "proto/tls.h"
+#include "spool/spool.h"
 
 namespace shimlet::hook {
 
 using nlohmann::json;
-
-int64_t monotonic_ms() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
-
-// glibc 2.36's <sys/pidfd.h> lacks extern "C": use the syscalls directly.
-int pidfd_open_(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
-int pidfd_signal_(int pidfd, int sig) {
-  return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
-}
 
 namespace {
 
@@ -52,14 +42,11 @@ uint64_t proc_start_time(pid_t pid) {
 // Waits until the pidfd's process has exited, at most timeout_ms.
 bool wait_exit(int pidfd, int timeout_ms) {
   pollfd p{pidfd, POLLIN, 0};
-  timespec start{};
-  clock_gettime(CLOCK_MONOTONIC, &start);
+  Deadline deadline(timeout_ms);
   for (;;) {
-    timespec now{};
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    long left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
+    int left = deadline.left_ms();
     if (left <= 0) return false;
-    int r = ::poll(&p, 1, static_cast<int>(left));
+    int r = ::poll(&p, 1, left);
     if (r > 0) return true;
     if (r < 0 && errno != EINTR) return false;
   }
@@ -67,9 +54,9 @@ bool wait_exit(int pidfd, int timeout_ms) {
 
 // SIGTERM, then SIGKILL after 1 s; bounded.
 void terminate(int pidfd) {
-  if (pidfd_signal_(pidfd, SIGTERM) < 0) return;  // ESRCH: gone already
+  if (pidfd_signal(pidfd, SIGTERM) < 0) return;  // ESRCH: gone already
   if (wait_exit(pidfd, 1000)) return;
-  pidfd_signal_(pidfd, SIGKILL);
+  pidfd_signal(pidfd, SIGKILL);
   wait_exit(pidfd, 1000);
 }
 
@@ -77,7 +64,7 @@ void terminate(int pidfd) {
 // same start time and the same --config on its command line.
 void stop_shim(pid_t pid, uint64_t start_time, const std::string& shim_config) {
   if (pid <= 0) return;
-  Fd pidfd(pidfd_open_(pid));
+  Fd pidfd = open_pidfd(pid);
   if (!pidfd) {
     if (errno == ESRCH) return;  // already gone (it exits when the container does)
     throw sys_error("pidfd_open shim pid " + std::to_string(pid));
@@ -85,7 +72,7 @@ void stop_shim(pid_t pid, uint64_t start_time, const std::string& shim_config) {
   std::string cmdline;
   uint64_t st = 0;
   try {
-    cmdline = read_file("/proc/" + std::to_string(pid) + "/cmdline", 64 * 1024);
+    cmdline = read_regular_file("/proc/" + std::to_string(pid) + "/cmdline", 64 * 1024);
     st = proc_start_time(pid);
   } catch (const std::exception&) {
     return;  // exited meanwhile
@@ -97,7 +84,7 @@ void stop_shim(pid_t pid, uint64_t start_time, const std::string& shim_config) {
   }
   // The checks above read /proc/PID; if the pidfd's process is still alive
   // now, they were about that process (no pid reuse in between).
-  if (pidfd_signal_(pidfd.get(), 0) < 0) return;
+  if (pidfd_signal(pidfd.get(), 0) < 0) return;
   terminate(pidfd.get());
 }
 
@@ -109,7 +96,7 @@ struct StartGuard {
   ~StartGuard() {
     if (committed) return;
     if (shim_pidfd) {
-      pidfd_signal_(shim_pidfd.get(), SIGKILL);
+      pidfd_signal(shim_pidfd.get(), SIGKILL);
       wait_exit(shim_pidfd.get(), 1000);
     }
     g_shim_pidfd = -1;
@@ -172,15 +159,12 @@ pid_t spawn_shim(const std::string& binary, const std::vector<std::string>& args
 // Reads "ready PORT\n" (bounded bytes and time).
 unsigned wait_ready(int fd, int timeout_ms, const std::string& log_path) {
   std::string line;
-  timespec start{};
-  clock_gettime(CLOCK_MONOTONIC, &start);
+  Deadline deadline(timeout_ms);
   while (line.find('\n') == std::string::npos) {
-    timespec now{};
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    long left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
+    int left = deadline.left_ms();
     if (left <= 0) throw Error("shim not ready after " + std::to_string(timeout_ms) + " ms (see " + log_path + ")");
     pollfd p{fd, POLLIN, 0};
-    int r = ::poll(&p, 1, static_cast<int>(left));
+    int r = ::poll(&p, 1, left);
     if (r < 0 && errno != EINTR) throw sys_error("poll ready pipe");
     if (r <= 0) continue;
     char buf[64];
@@ -191,7 +175,7 @@ unsigned wait_ready(int fd, int timeout_ms, const std::string& log_path) {
       // Exited before ready: its last log line says why.
       std::string tail;
       try {
-        tail = read_file(log_path, 1 << 20);
+        tail = read_regular_file(log_path, 1 << 20);
       } catch (const std::exception&) {
       }
       while (!tail.empty() && tail.back() == '\n') tail.pop_back();
@@ -285,7 +269,7 @@ Started start(const Config& c, const oci::State& st) {
   }
   s.shim_pid = spawn_shim(shim_bin, args, log_fd.get(), ready.write.get());
   ready.write.reset();
-  guard.shim_pidfd = Fd(pidfd_open_(s.shim_pid));
+  guard.shim_pidfd = open_pidfd(s.shim_pid);
   if (guard.shim_pidfd) g_shim_pidfd = guard.shim_pidfd.get();
   unsigned port = wait_ready(ready.read.get(), c.ready_timeout_ms, log_path);
   if (!guard.shim_pidfd) throw sys_error("pidfd_open shim pid " + std::to_string(s.shim_pid));
@@ -326,7 +310,7 @@ void cleanup(const Config& c, const std::string& id) {
   if (::lstat(dir.c_str(), &now) < 0 || now.st_ino != locked.st_ino || now.st_dev != locked.st_dev) return;
   std::string first_error;
   try {
-    json reg = json::parse(read_file(dir + "/registration.json", kMaxRegistrationBytes));
+    json reg = json::parse(read_regular_file(dir + "/registration.json", kMaxRegistrationBytes));
     pid_t pid = reg.value("shim_pid", 0);
     uint64_t start_time = reg.value("shim_start_time", uint64_t{0});
     // `cleanup ID` run by the shim itself (it exec'd us, same pid): gone already.

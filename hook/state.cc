@@ -12,6 +12,7 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/log.h"
 #include "hook/internal.h"
 
 namespace shimlet::hook {
@@ -44,43 +45,12 @@ void ensure_state_dir(const std::string& dir) {
   check_private_dir(dir);
 }
 
-// Reads a regular file of at most max bytes.
-std::string read_file(const std::string& path, size_t max) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
-  if (!fd) throw sys_error("open " + path);
-  struct stat st {};
-  if (::fstat(fd.get(), &st) < 0) throw sys_error("fstat " + path);
-  if (!S_ISREG(st.st_mode)) throw Error(path + ": not a regular file");
-  if (static_cast<uint64_t>(st.st_size) > max)
-    throw Error(path + ": " + std::to_string(st.st_size) + " bytes exceeds the limit of " + std::to_string(max));
-  std::string out;
-  char buf[8192];
-  for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw sys_error("read " + path);
-    }
-    if (n == 0) break;
-    out.append(buf, static_cast<size_t>(n));
-    if (out.size() > max) throw Error(path + ": exceeds the limit of " + std::to_string(max) + " bytes");
-  }
-  return out;
-}
-
 std::string dirname_of(const std::string& p) {
   auto s = p.rfind('/');
   return s == std::string::npos ? "." : (s == 0 ? "/" : p.substr(0, s));
 }
 
-std::string now_rfc3339() {
-  time_t t = time(nullptr);
-  tm tmv{};
-  gmtime_r(&t, &tmv);
-  char b[32];
-  strftime(b, sizeof b, "%Y-%m-%dT%H:%M:%SZ", &tmv);
-  return b;
-}
+std::string now_rfc3339() { return log::rfc3339(static_cast<int64_t>(::time(nullptr))); }
 
 // Creates a private file that must not exist yet (fresh container directory).
 void write_new_file(const std::string& path, std::string_view content, mode_t mode) {
@@ -169,21 +139,6 @@ json shim_json(const Config& c, const oci::State& st, const std::string& dir,
   j["pod"] = n.pod;
   j["container"] = n.container;
   return j;
-}
-
-void write_file_atomic(const std::string& path, std::string_view content, mode_t mode) {
-  std::string tmp = dirname_of(path) + "/." + path.substr(path.rfind('/') + 1) + ".XXXXXX";
-  Fd fd(::mkostemp(tmp.data(), O_CLOEXEC));
-  if (!fd) throw sys_error("create temp file for " + path);
-  try {
-    if (::fchmod(fd.get(), mode) < 0) throw sys_error("fchmod " + tmp);
-    write_all(fd.get(), content.data(), content.size());
-    if (::fsync(fd.get()) < 0) throw sys_error("fsync " + tmp);
-    if (::rename(tmp.c_str(), path.c_str()) < 0) throw sys_error("rename " + tmp + " -> " + path);
-  } catch (...) {
-    ::unlink(tmp.c_str());
-    throw;
-  }
 }
 
 }  // namespace shimlet::hook

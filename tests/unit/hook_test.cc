@@ -19,13 +19,6 @@ using namespace shimlet::hook;
 namespace fs = std::filesystem;
 
 namespace {
-std::string slurp(const std::string& p) {
-  std::ifstream f(p);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
 struct TempDir {
   std::string path;
   TempDir() {
@@ -207,19 +200,6 @@ TEST(Config, RefusesBadInputWithOneClearLine) {
     }
   }
   EXPECT_THROW(parse_config(std::string(kMaxConfigBytes + 1, ' '), "/x"), shimlet::Error);
-}
-
-TEST(Files, WriteAtomicReplacesWithModeAndLeavesNoTemp) {
-  TempDir d;
-  std::string p = d.path + "/registration.json";
-  write_file_atomic(p, "one", 0600);
-  write_file_atomic(p, "two", 0644);
-  EXPECT_EQ(slurp(p), "two");
-  struct stat st {};
-  ASSERT_EQ(stat(p.c_str(), &st), 0);
-  EXPECT_EQ(st.st_mode & 0777, 0644u);
-  EXPECT_EQ(std::distance(fs::directory_iterator(d.path), fs::directory_iterator()), 1);
-  EXPECT_ANY_THROW(write_file_atomic(d.path + "/missing/x", "x", 0600));
 }
 
 TEST(Registration, HasTheContractFields) {
