@@ -1,5 +1,6 @@
 // The command's process from its clone to execve (nsenter/internal.h): after
-// fork only syscalls, no allocation; failures go to the parent as reports.
+// clone mostly syscalls and nothing that throws; failures go to the parent as
+// reports.
 #include <cap-ng.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -94,13 +95,9 @@ void setup_tty(int sock, const Plan& plan) {
   // Landlock does not cover opening a same-uid sibling's /dev/pts/N: with
   // TIOCEXCL any further open needs CAP_SYS_ADMIN (docs/isolation.md "Ptys").
   if (plan.pty_exclusive && ::ioctl(s, TIOCEXCL) < 0) child_fail(sock, "ioctl(TIOCEXCL)", errno);
-  if (plan.pty_level) {
-    try {
-      selinux::label_fd_level(s, *plan.pty_level);
-    } catch (...) {
-      child_fail(sock, "relabel the pty to the session's SELinux level", errno ? errno : EACCES);
-    }
-  }
+  if (plan.pty_level)
+    if (int e = selinux::label_fd_level_nothrow(s, *plan.pty_level))
+      child_fail(sock, "relabel the pty to the session's SELinux level", e);
   child_send_fd(sock, m);
   ::close(m);
   for (int fd = 0; fd < 3; fd++)
@@ -212,11 +209,7 @@ void fix_stdio_owner(int sock, const Plan& plan) {
 
   if (plan.nnp && ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) child_fail(sock, "prctl(PR_SET_NO_NEW_PRIVS)", errno);
   ::umask(plan.umask);
-  try {
-    selinux::set_exec_label(plan.selinux_label);
-  } catch (...) {
-    child_fail(sock, "SELinux setexeccon", errno ? errno : EINVAL);
-  }
+  if (int e = selinux::set_exec_label_nothrow(plan.selinux_label)) child_fail(sock, "SELinux setexeccon", e);
   // Without NO_NEW_PRIVS loading a filter needs CAP_SYS_ADMIN: before the drop.
   if (plan.seccomp && !plan.nnp) load_seccomp(sock, plan);
 

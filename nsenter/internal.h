@@ -10,7 +10,6 @@
 #include <sys/wait.h>
 
 #include <cerrno>
-#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -18,7 +17,7 @@
 
 namespace shimlet::nsenter {
 
-inline constexpr auto kChildTimeout = std::chrono::seconds(10);
+inline constexpr int kChildTimeoutMs = 10000;  // from a request to the command past execve
 
 // Child -> parent messages over the SOCK_SEQPACKET pair (fixed size, no
 // allocation in the child).

@@ -11,6 +11,7 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/file.h"
 #include "nsenter/seccomp.h"
 
 namespace shimlet::nsenter {
@@ -21,7 +22,7 @@ constexpr size_t kMaxPasswdBytes = 1 << 20;
 int last_cap() {
   Fd fd(::open("/proc/sys/kernel/cap_last_cap", O_RDONLY | O_CLOEXEC));
   if (!fd) throw sys_error("open /proc/sys/kernel/cap_last_cap");
-  std::string s = read_small_file(fd.get(), 16, "/proc/sys/kernel/cap_last_cap");
+  std::string s = read_fd(fd.get(), 16, "/proc/sys/kernel/cap_last_cap");
   return std::stoi(s);
 }
 
@@ -42,24 +43,6 @@ int ns_flag(const std::string& name) {
   for (const auto& t : kNsTypes)
     if (name == t.name) return t.flag;
   throw Error("nsenter: unknown namespace type \"" + name + "\"");
-}
-
-std::string read_small_file(int fd, size_t max, const std::string& what) {
-  // Grown as read, not allocated at max: a zero-filled 1 MiB buffer costs 256
-  // page faults on the exec path for a passwd file of a hundred bytes.
-  std::string buf;
-  char chunk[16384];
-  for (;;) {
-    ssize_t n = ::read(fd, chunk, sizeof chunk);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw sys_error("read " + what);
-    }
-    if (n == 0) break;
-    buf.append(chunk, static_cast<size_t>(n));
-    if (buf.size() > max) throw Error(what + ": larger than " + std::to_string(max) + " bytes");
-  }
-  return buf;
 }
 
 void set_env(std::vector<std::string>& env, const std::string& kv) {
@@ -113,7 +96,7 @@ std::string container_home(pid_t init_pid, uid_t uid) {
   if (!fd) return "/";  // no passwd file: runc falls back to the default too
   struct stat st;
   if (::fstat(fd.get(), &st) < 0 || !S_ISREG(st.st_mode)) return "/";
-  std::string text = read_small_file(fd.get(), kMaxPasswdBytes, "container /etc/passwd");
+  std::string text = read_fd(fd.get(), kMaxPasswdBytes, "container /etc/passwd");
   return home_from_passwd(text, uid);
 }
 
@@ -168,7 +151,7 @@ Plan prepare_container(const Container& c) {
   {
     std::string path = "/proc/" + std::to_string(c.init_pid) + "/setgroups";
     Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd) plan.allow_setgroups = read_small_file(fd.get(), 64, path).rfind("deny", 0) != 0;
+    if (fd) plan.allow_setgroups = read_fd(fd.get(), 64, path).rfind("deny", 0) != 0;
   }
   plan.cwd = p.cwd.empty() ? "/" : p.cwd;
   return plan;

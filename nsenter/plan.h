@@ -71,9 +71,6 @@ struct Plan {
   std::string cwd;
 };
 
-// Reads fd to its end, at most max bytes; `what` names it in errors.
-std::string read_small_file(int fd, size_t max, const std::string& what);
-
 // "KEY=VALUE" list: later entries replace earlier ones with the same key and
 // keep the first position (runc sets them one by one with os.Setenv).
 void set_env(std::vector<std::string>& env, const std::string& kv);

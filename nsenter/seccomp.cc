@@ -13,7 +13,7 @@
 
 #include "common/error.h"
 #include "common/fd.h"
-#include "nsenter/plan.h"
+#include "common/file.h"
 
 namespace shimlet::nsenter {
 namespace {
@@ -101,7 +101,7 @@ SeccompProgram compile_seccomp(const oci::Seccomp& s) {
   if (!mem) throw sys_error("memfd_create");
   if (int rc = seccomp_export_bpf(ctx.get(), mem.get()); rc < 0) throw sys_error("seccomp_export_bpf", -rc);
   if (::lseek(mem.get(), 0, SEEK_SET) < 0) throw sys_error("lseek memfd");
-  std::string prog = read_small_file(mem.get(), BPF_MAXINSNS * sizeof(sock_filter) * 8, "seccomp program");
+  std::string prog = read_fd(mem.get(), BPF_MAXINSNS * sizeof(sock_filter) * 8, "seccomp program");
   if (prog.empty() || prog.size() % sizeof(sock_filter) != 0) throw Error("seccomp: bad exported program size");
   if (prog.size() / sizeof(sock_filter) > BPF_MAXINSNS)
     throw Error("seccomp: filter has " + std::to_string(prog.size() / sizeof(sock_filter)) +

@@ -6,18 +6,16 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/pidfd.h"
 #include "nsenter/internal.h"
 
 namespace shimlet::nsenter {
 namespace {
-
-// Debian 12's <sys/pidfd.h> lacks extern "C" for C++: use the syscall.
-int sys_pidfd_open(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
 
 std::string quote(const std::string& s) {
   std::string out = "\"";
@@ -30,19 +28,19 @@ std::string quote(const std::string& s) {
 Spawned await_exec(int sock, pid_t pid, const Request& r, bool tty, ChildGuard& guard) {
   Spawned out;
   out.pid = pid;
-  out.pidfd = Fd(sys_pidfd_open(pid));  // our unreaped child: no pid reuse race
+  out.pidfd = open_pidfd(pid);  // our unreaped child: no pid reuse race
   if (!out.pidfd) throw sys_error("pidfd_open child " + std::to_string(pid));
   char go = 'G';
   if (::send(sock, &go, 1, MSG_NOSIGNAL) != 1) throw sys_error("release the nsenter child");
 
   const bool searched = r.argv[0].find('/') == std::string::npos;
-  auto deadline = std::chrono::steady_clock::now() + kChildTimeout;
+  Deadline deadline(kChildTimeoutMs);
   bool reached_exec = false;
   for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) throw Error("nsenter: child " + std::to_string(pid) + " did not reach execve in time");
+    int left = deadline.left_ms();
+    if (left <= 0) throw Error("nsenter: child " + std::to_string(pid) + " did not reach execve in time");
     pollfd pfd{sock, POLLIN, 0};
-    int pr = ::poll(&pfd, 1, static_cast<int>(left.count()));
+    int pr = ::poll(&pfd, 1, left);
     if (pr < 0) {
       if (errno == EINTR) continue;
       throw sys_error("poll nsenter child");
@@ -114,7 +112,7 @@ Spawned await_exec(int sock, pid_t pid, const Request& r, bool tty, ChildGuard& 
 OpenedContainer open_container(pid_t pid) {
   if (pid <= 0) throw Error("open_container: bad pid " + std::to_string(pid));
   OpenedContainer oc;
-  oc.pidfd = Fd(sys_pidfd_open(pid));
+  oc.pidfd = open_pidfd(pid);
   if (!oc.pidfd) throw sys_error("pidfd_open pid " + std::to_string(pid));
   for (const auto& t : kNsTypes) {
     std::string ours = std::string("/proc/self/ns/") + t.name;
@@ -132,7 +130,7 @@ OpenedContainer open_container(pid_t pid) {
   }
   // Still alive after the opens: /proc/PID was this process throughout (a
   // pid is not reused while its process lives).
-  if (::syscall(SYS_pidfd_send_signal, oc.pidfd.get(), 0, nullptr, 0) < 0)
+  if (pidfd_signal(oc.pidfd.get(), 0) < 0)
     throw sys_error("pid " + std::to_string(pid) + " exited while its namespaces were being opened");
   return oc;
 }

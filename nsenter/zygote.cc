@@ -16,8 +16,10 @@
 #include <span>
 #include <utility>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/pidfd.h"
 #include "nsenter/internal.h"
 
 namespace shimlet::nsenter {
@@ -205,7 +207,7 @@ void close_all_but(int sock, const Container& c) {
 Zygote Zygote::start(const Container& c, const std::function<void(pid_t)>& place) {
   if (!place) throw Error("nsenter: Request.place is required");
   // /proc/init_pid is read by the zygote (HOME, setgroups): it must still be the container's init.
-  if (c.pidfd >= 0 && ::syscall(SYS_pidfd_send_signal, c.pidfd, 0, nullptr, 0) < 0)
+  if (c.pidfd >= 0 && pidfd_signal(c.pidfd, 0) < 0)
     throw sys_error("nsenter: container init " + std::to_string(c.init_pid) + " is gone");
   int sp[2];
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) throw sys_error("socketpair");
@@ -261,7 +263,7 @@ Spawned Zygote::spawn(const Request& r, const Stdio& io, const std::function<voi
   if (pid_ <= 0) throw Error("nsenter: zygote already used");
   validate(r);
   if (!io.tty && (io.in < 0 || io.out < 0 || io.err < 0)) throw Error("nsenter: stdio fds are required without a tty");
-  if (init_pidfd_ >= 0 && ::syscall(SYS_pidfd_send_signal, init_pidfd_, 0, nullptr, 0) < 0)
+  if (init_pidfd_ >= 0 && pidfd_signal(init_pidfd_, 0) < 0)
     throw sys_error("nsenter: container init " + std::to_string(init_pid_) + " is gone");
   std::string req = encode(r, io);
   Fd sock = std::move(sock_);
@@ -272,9 +274,10 @@ Spawned Zygote::spawn(const Request& r, const Stdio& io, const std::function<voi
 
   // The zygote answers with the command's pid (or an error), then exits.
   pollfd pfd{sock.get(), POLLIN, 0};
+  Deadline deadline(kChildTimeoutMs);
   int pr;
-  do pr = ::poll(&pfd, 1, static_cast<int>(std::chrono::milliseconds(kChildTimeout).count()));
-  while (pr < 0 && errno == EINTR);
+  do pr = ::poll(&pfd, 1, deadline.left_ms());
+  while (pr < 0 && errno == EINTR && !deadline.passed());
   if (pr <= 0) throw Error("nsenter: zygote " + std::to_string(zygote.pid) + " did not answer in time");
   Report rep{};
   ssize_t n = ::recv(sock.get(), &rep, sizeof rep, 0);

@@ -23,9 +23,13 @@ std::string status() {
   return std::string("SELinux ") + (e == 1 ? "enforcing" : e == 0 ? "permissive" : "unknown mode");
 }
 
+int set_exec_label_nothrow(const std::string& label) noexcept {
+  if (label.empty() || !enabled()) return 0;
+  return setexeccon(label.c_str()) < 0 ? (errno ? errno : EINVAL) : 0;
+}
+
 void set_exec_label(const std::string& label) {
-  if (label.empty() || !enabled()) return;
-  if (setexeccon(label.c_str()) < 0) throw sys_error("setexeccon(" + label + ")");
+  if (int e = set_exec_label_nothrow(label)) throw sys_error("setexeccon(" + label + ")", e);
 }
 
 namespace {
@@ -245,6 +249,17 @@ void label_fd_level(int fd, const Level& level) {
   if (!enabled()) return;
   std::string want = object_label_at(fd_label(fd), level);
   if (fsetfilecon(fd, want.c_str()) < 0) throw sys_error("fsetfilecon(fd " + std::to_string(fd) + ", " + want + ")");
+}
+
+int label_fd_level_nothrow(int fd, const Level& level) noexcept {
+  try {
+    label_fd_level(fd, level);
+    return 0;
+  } catch (const std::system_error& e) {
+    return e.code().value();  // the errno it was thrown with, not whatever errno holds now
+  } catch (...) {
+    return EINVAL;  // a label we cannot make sense of
+  }
 }
 
 ScopedSockCreate::ScopedSockCreate(const std::string& label) {

@@ -36,6 +36,9 @@ std::string status();
 // host side, before joining). No-op when disabled or label is empty.
 // Throws shimlet::Error with context on failure.
 void set_exec_label(const std::string& label);
+// The same for a child between fork and execve, where nothing may throw
+// (common/error.h): 0, or the errno of the failure.
+int set_exec_label_nothrow(const std::string& label) noexcept;
 
 // Highest category index accepted (the MCS policies ship c0..c1023).
 inline constexpr unsigned kMaxCategory = 1023;
@@ -110,6 +113,8 @@ std::string process_label(pid_t pid);
 // Relabels an open file (the session's pty slave) to the session's level,
 // keeping the file's type. No-op when disabled.
 void label_fd_level(int fd, const Level& level);
+// The same for a child between fork and execve: 0, or the errno of the failure.
+int label_fd_level_nothrow(int fd, const Level& level) noexcept;
 // The label of an open fd (fgetfilecon; sockets too). "" when disabled.
 std::string fd_label(int fd);
 
