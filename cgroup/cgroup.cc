@@ -3,21 +3,23 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <sstream>
 
 #include "common/error.h"
+#include "common/file.h"
 #include "common/log.h"
+#include "common/pidfd.h"
 
 namespace shimlet::cgroup {
 namespace {
+
+constexpr size_t kMaxProcFile = 16 << 20;  // /proc/self/mountinfo with many containers' mounts
 
 // mountinfo field 5 is the mount point, after " - " come fstype, source, super options.
 struct Mount {
@@ -25,8 +27,7 @@ struct Mount {
 };
 
 std::vector<Mount> cgroup_mounts() {
-  std::ifstream in("/proc/self/mountinfo");
-  if (!in) throw sys_error("open /proc/self/mountinfo");
+  std::istringstream in(shimlet::read_file("/proc/self/mountinfo", kMaxProcFile));
   std::vector<Mount> out;
   std::string line;
   while (std::getline(in, line)) {
@@ -61,8 +62,7 @@ const Entry* Membership::unified() const {
 
 Membership of_pid(pid_t pid) {
   std::string file = "/proc/" + std::to_string(pid) + "/cgroup";
-  std::ifstream in(file);
-  if (!in) throw sys_error("open " + file);
+  std::istringstream in(shimlet::read_file(file, kMaxProcFile));
   auto mounts = cgroup_mounts();
   Membership m;
   std::string line;
@@ -120,18 +120,9 @@ namespace {
 // cgroup files are small; cgroup.procs of a session is bounded by its pids.
 constexpr size_t kMaxCgroupFile = 4 << 20;
 
-std::optional<std::string> read_file(const std::string& path) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return std::nullopt;
-  std::string out;
-  char buf[4096];
-  while (out.size() < kMaxCgroupFile) {
-    ssize_t n = ::read(fd.get(), buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    out.append(buf, static_cast<size_t>(n));
-  }
-  return out;
+// Gone (the cgroup was removed meanwhile) or unreadable: nullopt.
+std::optional<std::string> read_cgroup_file(const std::string& path) {
+  return read_file_if_readable(path, kMaxCgroupFile);
 }
 
 // Returns 0 or errno.
@@ -166,7 +157,7 @@ uint64_t number(const std::optional<std::string>& content) {
 
 std::vector<pid_t> read_pids(const std::string& dir) {
   std::vector<pid_t> out;
-  auto c = read_file(dir + "/cgroup.procs");
+  auto c = read_cgroup_file(dir + "/cgroup.procs");
   if (!c) return out;
   std::istringstream in(*c);
   long p;
@@ -177,7 +168,7 @@ std::vector<pid_t> read_pids(const std::string& dir) {
 
 // Controllers a v2 cgroup can use (given by its parent's subtree_control).
 bool v2_has(const std::string& dir, const std::string& controller) {
-  auto c = read_file(dir + "/cgroup.controllers");
+  auto c = read_cgroup_file(dir + "/cgroup.controllers");
   if (!c) return false;
   std::istringstream in(*c);
   std::string x;
@@ -195,7 +186,8 @@ bool freeze(const std::string& dir, bool on) {
     if (write_file_err(dir + "/cgroup.freeze", on ? "1" : "0")) return false;
     if (!on) return true;
     auto end = steady_clock::now() + milliseconds(500);
-    while (key_value(read_file(dir + "/cgroup.events"), "frozen") != 1 && steady_clock::now() < end) ::usleep(1000);
+    while (key_value(read_cgroup_file(dir + "/cgroup.events"), "frozen") != 1 && steady_clock::now() < end)
+      ::usleep(1000);
     return true;
   }
   if (exists(dir + "/freezer.state")) {
@@ -203,7 +195,7 @@ bool freeze(const std::string& dir, bool on) {
     if (!on) return true;
     auto end = steady_clock::now() + milliseconds(500);
     while (steady_clock::now() < end) {
-      auto s = read_file(dir + "/freezer.state");
+      auto s = read_cgroup_file(dir + "/freezer.state");
       if (s && s->rfind("FROZEN", 0) == 0) break;
       ::usleep(1000);
     }
@@ -220,13 +212,13 @@ void kill_listed(const std::string& dir) {
   auto first = read_pids(dir);
   std::vector<std::pair<pid_t, Fd>> fds;
   for (pid_t p : first) {
-    Fd fd(static_cast<int>(::syscall(SYS_pidfd_open, p, 0)));
+    Fd fd = open_pidfd(p);
     if (fd) fds.emplace_back(p, std::move(fd));
   }
   auto second = read_pids(dir);
   for (auto& [p, fd] : fds)
     if (std::find(second.begin(), second.end(), p) != second.end())
-      ::syscall(SYS_pidfd_send_signal, fd.get(), SIGKILL, nullptr, 0);
+      pidfd_signal(fd.get(), SIGKILL);  // ESRCH: it exited meanwhile
 }
 
 }  // namespace
@@ -453,18 +445,19 @@ Usage SessionCgroup::usage() const {
   for (const Entry& e : m_.entries) {
     if (std::find(created_.begin(), created_.end(), e.dir) == created_.end()) continue;
     if (e.v2()) {
-      u.cpu_usec = key_value(read_file(e.dir + "/cpu.stat"), "usage_usec");
-      if (auto p = read_file(e.dir + "/memory.peak")) u.memory_peak = number(p);
-      u.oom_kills = std::max(u.oom_kills, key_value(read_file(e.dir + "/memory.events"), "oom_kill"));
-      u.pids_max_hits = std::max(u.pids_max_hits, key_value(read_file(e.dir + "/pids.events"), "max"));
+      u.cpu_usec = key_value(read_cgroup_file(e.dir + "/cpu.stat"), "usage_usec");
+      if (auto p = read_cgroup_file(e.dir + "/memory.peak")) u.memory_peak = number(p);
+      u.oom_kills = std::max(u.oom_kills, key_value(read_cgroup_file(e.dir + "/memory.events"), "oom_kill"));
+      u.pids_max_hits = std::max(u.pids_max_hits, key_value(read_cgroup_file(e.dir + "/pids.events"), "max"));
       continue;
     }
-    if (e.has("cpuacct") && !m_.unified()) u.cpu_usec = number(read_file(e.dir + "/cpuacct.usage")) / 1000;
+    if (e.has("cpuacct") && !m_.unified()) u.cpu_usec = number(read_cgroup_file(e.dir + "/cpuacct.usage")) / 1000;
     if (e.has("memory")) {
-      u.memory_peak = number(read_file(e.dir + "/memory.max_usage_in_bytes"));
-      u.oom_kills = std::max(u.oom_kills, key_value(read_file(e.dir + "/memory.oom_control"), "oom_kill"));
+      u.memory_peak = number(read_cgroup_file(e.dir + "/memory.max_usage_in_bytes"));
+      u.oom_kills = std::max(u.oom_kills, key_value(read_cgroup_file(e.dir + "/memory.oom_control"), "oom_kill"));
     }
-    if (e.has("pids")) u.pids_max_hits = std::max(u.pids_max_hits, key_value(read_file(e.dir + "/pids.events"), "max"));
+    if (e.has("pids"))
+      u.pids_max_hits = std::max(u.pids_max_hits, key_value(read_cgroup_file(e.dir + "/pids.events"), "max"));
   }
   u.oom_killed = u.oom_kills > 0;
   u.pids_limited = u.pids_max_hits > 0;

@@ -20,92 +20,59 @@
 #include <charconv>
 #include <nlohmann/json.hpp>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/openssl.h"
+#include "common/text.h"
 
 namespace shimlet::masterclient {
 namespace {
 
-template <typename T, void (*F)(T*)>
-struct Free {
-  void operator()(T* p) const { F(p); }
-};
-using Ctx = std::unique_ptr<SSL_CTX, Free<SSL_CTX, SSL_CTX_free>>;
-using Ssl = std::unique_ptr<SSL, Free<SSL, SSL_free>>;
-using Bio = std::unique_ptr<BIO, Free<BIO, BIO_free_all>>;
-using X509p = std::unique_ptr<X509, Free<X509, X509_free>>;
-using Pkey = std::unique_ptr<EVP_PKEY, Free<EVP_PKEY, EVP_PKEY_free>>;
-
-std::string ssl_err() {
-  unsigned long e = ERR_get_error();
-  ERR_clear_error();
-  if (!e) return "unknown TLS error";
-  char buf[256];
-  ERR_error_string_n(e, buf, sizeof buf);
-  return buf;
-}
-
-int64_t now_ms() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
-
-// Text from the network on one of our lines: no control characters, bounded.
-std::string one_line(std::string_view s, size_t max = 1024) {
-  std::string out;
-  for (unsigned char c : s) {
-    if (out.size() >= max) break;
-    out += (c < 0x20 || c == 0x7f) ? ' ' : static_cast<char>(c);
-  }
-  while (!out.empty() && out.back() == ' ') out.pop_back();
-  return out;
-}
-
-Bio mem_bio(std::string_view pem) {
-  Bio b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  if (!b) throw Error("BIO_new_mem_buf: " + ssl_err());
+BioPtr mem_bio(std::string_view pem) {
+  BioPtr b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  if (!b) throw Error("BIO_new_mem_buf: " + openssl_error());
   return b;
 }
 
 // Every certificate of a PEM bundle; at least one.
-std::vector<X509p> read_certs(std::string_view pem, const std::string& what) {
-  Bio b = mem_bio(pem);
-  std::vector<X509p> out;
+std::vector<X509Ptr> read_certs(std::string_view pem, const std::string& what) {
+  BioPtr b = mem_bio(pem);
+  std::vector<X509Ptr> out;
   while (X509* c = PEM_read_bio_X509(b.get(), nullptr, nullptr, nullptr)) out.emplace_back(c);
   ERR_clear_error();  // the loop ends with a "no start line" error
   if (out.empty()) throw Error(what + ": no PEM certificate found");
   return out;
 }
 
-Ctx make_ctx(const Target& t) {
-  Ctx ctx(SSL_CTX_new(TLS_client_method()));
-  if (!ctx) throw Error("SSL_CTX_new: " + ssl_err());
+SslCtxPtr make_ctx(const Target& t) {
+  SslCtxPtr ctx(SSL_CTX_new(TLS_client_method()));
+  if (!ctx) throw Error("SSL_CTX_new: " + openssl_error());
   SSL_CTX_set_min_proto_version(ctx.get(), TLS1_2_VERSION);
   static const unsigned char alpn[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
   SSL_CTX_set_alpn_protos(ctx.get(), alpn, sizeof alpn);
   SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
   if (t.ca_pem.empty()) {
     if (SSL_CTX_set_default_verify_paths(ctx.get()) != 1)
-      throw Error("cannot load the system trust store: " + ssl_err());
+      throw Error("cannot load the system trust store: " + openssl_error());
   } else {
     X509_STORE* store = SSL_CTX_get_cert_store(ctx.get());
     for (auto& c : read_certs(t.ca_pem, "certificate authority"))
-      if (X509_STORE_add_cert(store, c.get()) != 1) throw Error("certificate authority: " + ssl_err());
+      if (X509_STORE_add_cert(store, c.get()) != 1) throw Error("certificate authority: " + openssl_error());
   }
   if (!t.cert_pem.empty() || !t.key_pem.empty()) {
     if (t.cert_pem.empty() || t.key_pem.empty())
       throw Error("a client certificate needs both the certificate and its key");
     auto certs = read_certs(t.cert_pem, "client certificate");
-    if (SSL_CTX_use_certificate(ctx.get(), certs[0].get()) != 1) throw Error("client certificate: " + ssl_err());
+    if (SSL_CTX_use_certificate(ctx.get(), certs[0].get()) != 1) throw Error("client certificate: " + openssl_error());
     for (size_t i = 1; i < certs.size(); i++)
       if (SSL_CTX_add1_chain_cert(ctx.get(), certs[i].get()) != 1)
-        throw Error("client certificate chain: " + ssl_err());
-    Bio kb = mem_bio(t.key_pem);
-    Pkey key(PEM_read_bio_PrivateKey(kb.get(), nullptr, nullptr, nullptr));
-    if (!key) throw Error("client key: not a PEM private key (" + ssl_err() + ")");
+        throw Error("client certificate chain: " + openssl_error());
+    BioPtr kb = mem_bio(t.key_pem);
+    PkeyPtr key(PEM_read_bio_PrivateKey(kb.get(), nullptr, nullptr, nullptr));
+    if (!key) throw Error("client key: not a PEM private key (" + openssl_error() + ")");
     if (SSL_CTX_use_PrivateKey(ctx.get(), key.get()) != 1 || SSL_CTX_check_private_key(ctx.get()) != 1)
-      throw Error("client key does not match the client certificate: " + ssl_err());
+      throw Error("client key does not match the client certificate: " + openssl_error());
   }
   return ctx;
 }
@@ -113,7 +80,7 @@ Ctx make_ctx(const Target& t) {
 // Waits for fd readiness until the deadline; throws on timeout.
 void wait_fd(int fd, short events, int64_t deadline, const std::string& what) {
   for (;;) {
-    int64_t left = deadline - now_ms();
+    int64_t left = deadline - monotonic_ms();
     if (left <= 0) throw Error("timed out " + what);
     pollfd p{fd, events, 0};
     int r = ::poll(&p, 1, static_cast<int>(left));
@@ -176,7 +143,7 @@ int ssl_io(SSL* ssl, int fd, int64_t deadline, const std::string& what, F call) 
     else if (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
       return errno == 0 || errno == ECONNRESET ? 0 : -1;  // EOF without close_notify
     else
-      throw Error(what + ": " + ssl_err());
+      throw Error(what + ": " + openssl_error());
   }
 }
 
@@ -325,17 +292,17 @@ namespace {
 
 struct Conn {
   Fd sock;
-  Ssl ssl;
+  SslPtr ssl;
   Url url;
 };
 
 // Connects, handshakes and verifies the master's certificate before the deadline.
 Conn open_conn(const Target& t, int64_t deadline, const std::string& where) {
   Url u = parse_url(t.server);
-  Ctx ctx = make_ctx(t);  // the SSL keeps its own reference
+  SslCtxPtr ctx = make_ctx(t);  // the SSL keeps its own reference
   Fd sock = connect_to(u, deadline, where);
-  Ssl ssl(SSL_new(ctx.get()));
-  if (!ssl) throw Error("SSL_new: " + ssl_err());
+  SslPtr ssl(SSL_new(ctx.get()));
+  if (!ssl) throw Error("SSL_new: " + openssl_error());
   // The identity check: the certificate must name the host (DNS SAN) or the
   // IP address (IP SAN) we connected to.
   if (is_ip(u.host)) {
@@ -345,7 +312,7 @@ Conn open_conn(const Target& t, int64_t deadline, const std::string& where) {
     if (SSL_set1_host(ssl.get(), u.host.c_str()) != 1) throw Error("bad host name " + u.host);
     SSL_set_tlsext_host_name(ssl.get(), u.host.c_str());
   }
-  if (SSL_set_fd(ssl.get(), sock.get()) != 1) throw Error("SSL_set_fd: " + ssl_err());
+  if (SSL_set_fd(ssl.get(), sock.get()) != 1) throw Error("SSL_set_fd: " + openssl_error());
   SSL* s = ssl.get();
   try {
     ssl_io(s, sock.get(), deadline, "TLS handshake with " + where, [&] { return SSL_connect(s); });
@@ -387,7 +354,7 @@ void send_all(Conn& c, const std::string& data, int64_t deadline, const std::str
 
 Response request(const Target& t, const std::string& method, const std::string& path, const std::string& body) {
   const std::string where = "the master at " + one_line(t.server, 256);
-  const int64_t deadline = now_ms() + t.timeout_ms;
+  const int64_t deadline = monotonic_ms() + t.timeout_ms;
   Conn c = open_conn(t, deadline, where);
   SSL* s = c.ssl.get();
   std::string req = request_head(t, c.url, method, path) + "Connection: close\r\n";
@@ -411,7 +378,7 @@ Response request(const Target& t, const std::string& method, const std::string& 
 
 Upgraded upgrade(const Target& t, const std::string& method, const std::string& path, const std::string& protocol) {
   const std::string where = "the master at " + one_line(t.server, 256);
-  const int64_t deadline = now_ms() + t.timeout_ms;
+  const int64_t deadline = monotonic_ms() + t.timeout_ms;
   if (protocol.empty() || protocol.find_first_of("\r\n ,") != std::string::npos)
     throw Error("bad upgrade protocol name");
   Conn c = open_conn(t, deadline, where);
@@ -444,7 +411,7 @@ Upgraded upgrade(const Target& t, const std::string& method, const std::string& 
     Upgraded u;
     u.leftover = head.substr(end + 4);
     u.sock = std::move(c.sock);
-    u.ssl = std::unique_ptr<SSL, void (*)(SSL*)>(c.ssl.release(), SSL_free);
+    u.ssl = std::move(c.ssl);
     return u;
   }
   // A refusal: read the whole (bounded) response for its Status message.

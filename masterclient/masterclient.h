@@ -11,6 +11,7 @@
 #include <string_view>
 
 #include "common/fd.h"
+#include "common/openssl.h"
 
 struct http_parser;
 struct ssl_st;
@@ -58,7 +59,7 @@ Response request(const Target& t, const std::string& method, const std::string& 
 // a byte stream to whatever the master splices it to (shimctl --proxy).
 struct Upgraded {
   Fd sock;  // non-blocking, CLOEXEC
-  std::unique_ptr<SSL, void (*)(SSL*)> ssl{nullptr, nullptr};
+  SslPtr ssl;
   std::string leftover;  // bytes read past the 101 response (the tunnel's first bytes)
 };
 // Sends METHOD PREFIX+path with `Connection: Upgrade`, `Upgrade: protocol`

@@ -12,6 +12,7 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/file.h"
 
 namespace shimlet::spool {
 namespace {
@@ -49,23 +50,11 @@ std::vector<Entry> scan(const std::string& dir, std::string_view suffix = kSuffi
   return out;
 }
 
-// At most kMaxRecordBytes from fd; "" when longer or unreadable.
-std::string read_bounded(int fd) {
-  std::string s;
-  char buf[8192];
-  for (;;) {
-    ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    s.append(buf, static_cast<size_t>(n));
-    if (s.size() > kMaxRecordBytes) return {};
-  }
-  return s;
-}
-
-std::string read_bounded(const std::string& path) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
-  return fd ? read_bounded(fd.get()) : std::string();
+// A record, or "" when it is unreadable or longer than kMaxRecordBytes
+// (parsed as discarded: dropped rather than blocking the outbox).
+std::string read_record(int fd) { return read_fd_if_readable(fd, kMaxRecordBytes).value_or(""); }
+std::string read_record(const std::string& path) {
+  return read_file_if_readable(path, kMaxRecordBytes, O_NOFOLLOW).value_or("");
 }
 
 }  // namespace
@@ -89,20 +78,10 @@ Fd write_file(const std::string& dir, const std::string& sid, std::string_view s
     throw Error("session end record for " + sid + ": " + std::to_string(body.size()) + " bytes, more than " +
                 std::to_string(kMaxRecordBytes));
   const std::string path = dir + "/" + sid + std::string(suffix);
-  std::string tmp = dir + "/." + sid + ".XXXXXX";
-  Fd fd(::mkostemp(tmp.data(), O_CLOEXEC));
-  if (!fd) throw sys_error("create temp file in " + dir);
-  try {
-    if (::fchmod(fd.get(), 0600) < 0) throw sys_error("fchmod " + tmp);
+  return write_file_atomic(path, body, 0600, [&](int fd) {
     // Locked before it has its name: nobody can see it unlocked while we live.
-    if (lock && ::flock(fd.get(), LOCK_EX | LOCK_NB) < 0) throw sys_error("flock " + tmp);
-    write_all(fd.get(), body.data(), body.size());
-    if (::rename(tmp.c_str(), path.c_str()) < 0) throw sys_error("rename " + tmp + " -> " + path);
-  } catch (...) {
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  return fd;
+    if (lock && ::flock(fd, LOCK_EX | LOCK_NB) < 0) throw sys_error("flock the new " + path);
+  });
 }
 
 }  // namespace
@@ -155,7 +134,7 @@ Promoted promote_orphans(const std::string& dir, const std::function<void(nlohma
     // this one: the final record (pending or already delivered) wins.
     struct stat st {};
     const std::string final_path = dir + "/" + sid + std::string(kSuffix);
-    nlohmann::json r = nlohmann::json::parse(read_bounded(fd.get()), nullptr, false);
+    nlohmann::json r = nlohmann::json::parse(read_record(fd.get()), nullptr, false);
     if (::stat(final_path.c_str(), &st) == 0 || r.is_discarded() || !r.is_object()) {
       ::unlink(path.c_str());
       res.dropped++;
@@ -178,7 +157,7 @@ std::vector<Pending> list(const std::string& dir, size_t max) {
     Pending p;
     p.sid = e.name.substr(0, e.name.size() - kSuffix.size());
     p.path = dir + "/" + e.name;
-    p.record = nlohmann::json::parse(read_bounded(p.path), nullptr, false);
+    p.record = nlohmann::json::parse(read_record(p.path), nullptr, false);
     if (!p.record.is_discarded() && !p.record.is_object()) p.record = nlohmann::json::value_t::discarded;
     out.push_back(std::move(p));
   }

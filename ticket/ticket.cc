@@ -16,20 +16,13 @@
 #include "common/ed25519.h"
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/file.h"
+#include "common/openssl.h"
 
 namespace shimlet::ticket {
 namespace {
 
 using json = nlohmann::json;
-
-template <typename T, void (*F)(T*)>
-struct Free {
-  void operator()(T* p) const { F(p); }
-};
-using Pkey = std::unique_ptr<EVP_PKEY, Free<EVP_PKEY, EVP_PKEY_free>>;
-using X509p = std::unique_ptr<X509, Free<X509, X509_free>>;
-using Bio = std::unique_ptr<BIO, Free<BIO, BIO_free_all>>;
-using MdCtx = std::unique_ptr<EVP_MD_CTX, Free<EVP_MD_CTX, EVP_MD_CTX_free>>;
 
 constexpr std::string_view kAlg = "EdDSA";
 constexpr std::string_view kTyp = "shimlet-ticket+jwt";
@@ -40,19 +33,6 @@ constexpr size_t kMaxJsonDepth = 4;             // claims nest at most ports[{..
 constexpr int64_t kMaxTime = int64_t{1} << 40;  // keeps exp-iat, now+leeway free of overflow
 constexpr size_t kMaxPemSize = 64 * 1024;
 
-// Drains OpenSSL's (thread-local) error queue into one line.
-std::string ssl_err() {
-  unsigned long e = ERR_get_error();
-  std::string out = "no OpenSSL error";
-  if (e) {
-    char buf[256];
-    ERR_error_string_n(e, buf, sizeof buf);
-    out = buf;
-  }
-  ERR_clear_error();
-  return out;
-}
-
 // Untrusted text in an error line: printable ASCII only, bounded.
 std::string printable(std::string_view s, size_t max = 64) {
   std::string out;
@@ -61,10 +41,10 @@ std::string printable(std::string_view s, size_t max = 64) {
   return out;
 }
 
-Bio mem_bio(std::string_view s) {
+BioPtr mem_bio(std::string_view s) {
   if (s.size() > kMaxPemSize) throw Error("key PEM too large (" + std::to_string(s.size()) + " bytes)");
-  Bio b(BIO_new_mem_buf(s.data(), static_cast<int>(s.size())));
-  if (!b) throw Error("BIO_new_mem_buf: " + ssl_err());
+  BioPtr b(BIO_new_mem_buf(s.data(), static_cast<int>(s.size())));
+  if (!b) throw Error("BIO_new_mem_buf: " + openssl_error());
   return b;
 }
 
@@ -80,26 +60,26 @@ void require_ed25519(EVP_PKEY* k, const char* what) {
 }
 
 // A PUBLIC KEY PEM, or else the key of a CERTIFICATE PEM.
-Pkey public_from_pem(std::string_view pem) {
-  if (EVP_PKEY* fast = ed25519_public_from_pem(pem)) return Pkey(fast);
+PkeyPtr public_from_pem(std::string_view pem) {
+  if (EVP_PKEY* fast = ed25519_public_from_pem(pem)) return PkeyPtr(fast);
   {
-    Bio b = mem_bio(pem);
-    Pkey k(PEM_read_bio_PUBKEY(b.get(), nullptr, nullptr, nullptr));
+    BioPtr b = mem_bio(pem);
+    PkeyPtr k(PEM_read_bio_PUBKEY(b.get(), nullptr, nullptr, nullptr));
     if (k) return k;
   }
   ERR_clear_error();
-  Bio b = mem_bio(pem);
-  X509p c(PEM_read_bio_X509(b.get(), nullptr, nullptr, nullptr));
-  if (!c) throw Error("cannot parse public key PEM (neither PUBLIC KEY nor CERTIFICATE): " + ssl_err());
-  Pkey k(X509_get_pubkey(c.get()));
-  if (!k) throw Error("cannot get the certificate's public key: " + ssl_err());
+  BioPtr b = mem_bio(pem);
+  X509Ptr c(PEM_read_bio_X509(b.get(), nullptr, nullptr, nullptr));
+  if (!c) throw Error("cannot parse public key PEM (neither PUBLIC KEY nor CERTIFICATE): " + openssl_error());
+  PkeyPtr k(X509_get_pubkey(c.get()));
+  if (!k) throw Error("cannot get the certificate's public key: " + openssl_error());
   return k;
 }
 
 std::string spki_der(EVP_PKEY* k) {
   unsigned char* der = nullptr;
   int n = i2d_PUBKEY(k, &der);
-  if (n <= 0) throw Error("cannot encode public key: " + ssl_err());
+  if (n <= 0) throw Error("cannot encode public key: " + openssl_error());
   std::string out(reinterpret_cast<char*>(der), static_cast<size_t>(n));
   OPENSSL_free(der);
   return out;
@@ -309,49 +289,33 @@ json claims_to_json(const Claims& c) {
   return o;
 }
 
-std::string read_small_file(const std::string& path) {
-  Fd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
-  if (!fd) throw sys_error("open " + path);
-  std::string out;
-  char buf[4096];
-  for (;;) {
-    ssize_t n = read(fd.get(), buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw sys_error("read " + path);
-    }
-    if (n == 0) break;
-    out.append(buf, static_cast<size_t>(n));
-    if (out.size() > kMaxPemSize)
-      throw Error(path + ": key file larger than " + std::to_string(kMaxPemSize) + " bytes");
-  }
-  return out;
-}
+// A key file: small, regular.
+std::string read_small_file(const std::string& path) { return read_regular_file(path, kMaxPemSize); }
 
 }  // namespace
 
 struct PrivateKey::Impl {
-  Pkey key;
+  PkeyPtr key;
 };
 struct PublicKey::Impl {
-  Pkey key;
+  PkeyPtr key;
 };
 
 PrivateKey PrivateKey::generate() {
-  Pkey k(EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519"));
-  if (!k) throw Error("Ed25519 keygen: " + ssl_err());
+  PkeyPtr k(EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519"));
+  if (!k) throw Error("Ed25519 keygen: " + openssl_error());
   PrivateKey out;
   out.impl = std::make_shared<Impl>(Impl{std::move(k)});
   return out;
 }
 
 PrivateKey PrivateKey::from_pem(std::string_view pem) {
-  Pkey k(ed25519_private_from_pem(pem));
+  PkeyPtr k(ed25519_private_from_pem(pem));
   if (!k) {
-    Bio b = mem_bio(pem);
+    BioPtr b = mem_bio(pem);
     k.reset(PEM_read_bio_PrivateKey(b.get(), nullptr, nullptr, nullptr));
   }
-  if (!k) throw Error("cannot parse private key PEM: " + ssl_err());
+  if (!k) throw Error("cannot parse private key PEM: " + openssl_error());
   require_ed25519(k.get(), "private key");
   PrivateKey out;
   out.impl = std::make_shared<Impl>(Impl{std::move(k)});
@@ -370,15 +334,16 @@ PrivateKey PrivateKey::load(const std::string& path) {
 }
 
 std::string PrivateKey::to_pem() const {
-  Bio b(BIO_new(BIO_s_mem()));
+  BioPtr b(BIO_new(BIO_s_mem()));
   if (!b || PEM_write_bio_PrivateKey(b.get(), impl->key.get(), nullptr, nullptr, 0, nullptr, nullptr) != 1)
-    throw Error("PEM encode private key: " + ssl_err());
+    throw Error("PEM encode private key: " + openssl_error());
   return bio_string(b.get());
 }
 
 std::string PrivateKey::public_pem() const {
-  Bio b(BIO_new(BIO_s_mem()));
-  if (!b || PEM_write_bio_PUBKEY(b.get(), impl->key.get()) != 1) throw Error("PEM encode public key: " + ssl_err());
+  BioPtr b(BIO_new(BIO_s_mem()));
+  if (!b || PEM_write_bio_PUBKEY(b.get(), impl->key.get()) != 1)
+    throw Error("PEM encode public key: " + openssl_error());
   return bio_string(b.get());
 }
 
@@ -406,13 +371,13 @@ void PrivateKey::save(const std::string& path) const {
 }
 
 std::string PrivateKey::sign_data(std::string_view data) const {
-  MdCtx ctx(EVP_MD_CTX_new());
+  MdCtxPtr ctx(EVP_MD_CTX_new());
   std::string sig(kSigLen, '\0');
   size_t len = sig.size();
   if (!ctx || EVP_DigestSignInit(ctx.get(), nullptr, nullptr, nullptr, impl->key.get()) != 1 ||
       EVP_DigestSign(ctx.get(), reinterpret_cast<unsigned char*>(sig.data()), &len,
                      reinterpret_cast<const unsigned char*>(data.data()), data.size()) != 1)
-    throw Error("Ed25519 sign: " + ssl_err());
+    throw Error("Ed25519 sign: " + openssl_error());
   sig.resize(len);
   return sig;
 }
@@ -425,7 +390,7 @@ std::string PrivateKey::sign(const Claims& c, const std::string& kid) const {
 }
 
 PublicKey PublicKey::from_pem(std::string_view pem) {
-  Pkey k = public_from_pem(pem);
+  PkeyPtr k = public_from_pem(pem);
   require_ed25519(k.get(), "public key");
   PublicKey out;
   out.impl = std::make_shared<Impl>(Impl{std::move(k)});
@@ -434,7 +399,7 @@ PublicKey PublicKey::from_pem(std::string_view pem) {
 
 bool PublicKey::verify(std::string_view data, std::string_view sig) const {
   if (!impl || sig.size() != kSigLen) return false;
-  MdCtx ctx(EVP_MD_CTX_new());
+  MdCtxPtr ctx(EVP_MD_CTX_new());
   bool ok = ctx && EVP_DigestVerifyInit(ctx.get(), nullptr, nullptr, nullptr, impl->key.get()) == 1 &&
             EVP_DigestVerify(ctx.get(), reinterpret_cast<const unsigned char*>(sig.data()), sig.size(),
                              reinterpret_cast<const unsigned char*>(data.data()), data.size()) == 1;
