@@ -59,10 +59,24 @@ class ExecClient : public proto::H2Conn::Handler {
     init();
   }
   void init() {
-    base_.reset(event_base_new());
-    if (!base_) throw Error("event_base_new failed");
-    out_[0].reset(evbuffer_new());
-    out_[1].reset(evbuffer_new());
+    base_ = new_event_base();
+    out_[0] = new_evbuffer();
+    out_[1] = new_evbuffer();
+    // Every timer up front: they are armed inside callbacks, where nothing
+    // may throw (common/error.h).
+    mint_ev_ = new_timer(
+        base_.get(),
+        [](evutil_socket_t, short, void* self) {
+          auto* c = static_cast<ExecClient*>(self);
+          if (!c->ensure_minted()) c->fail_now(c->mint_error_);
+        },
+        this);
+    start_ev_ = new_timer(
+        base_.get(), [](evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->start_exec(); }, this);
+    grace_ev_ = new_timer(
+        base_.get(), [](evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->grace_over(); }, this);
+    pump_ev_ = new_timer(
+        base_.get(), [](evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->pump(); }, this);
   }
   ~ExecClient() override {
     // Everything was written (GOAWAY included): say goodbye properly so the
@@ -91,7 +105,7 @@ class ExecClient : public proto::H2Conn::Handler {
     ShimLink link = connect_shim(base_.get(), grant_);
     sock_ = std::move(link.fd);
     bridge_ = std::move(link.bridge);
-    connect_ev_.reset(event_new(base_.get(), sock_.get(), EV_WRITE, &ExecClient::on_connect_cb, this));
+    connect_ev_ = new_event(base_.get(), sock_.get(), EV_WRITE, &ExecClient::on_connect_cb, this);
     timeval tv{kConnectTimeoutS, 0};
     event_add(connect_ev_.get(), &tv);
   }
@@ -104,7 +118,7 @@ class ExecClient : public proto::H2Conn::Handler {
     getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
     if (err) return c->fail_now("cannot connect to shim at " + c->grant_.address() + ": " + strerror(err));
     SSL* ssl = nullptr;  // the local socket: HTTP/2 without TLS
-    if (c->ctx_ && !(ssl = SSL_new(c->ctx_.get()))) return c->fail_now("SSL_new: " + proto::ssl_error_string());
+    if (c->ctx_ && !(ssl = SSL_new(c->ctx_.get()))) return c->fail_now("SSL_new: " + openssl_error());
     // H2Conn owns fd and ssl from here; it runs the handshake (bounded) and HTTP/2.
     proto::H2Settings st;
     st.stream_window = kStreamWindow;
@@ -115,13 +129,6 @@ class ExecClient : public proto::H2Conn::Handler {
     if (c->mint_) {
       // Runs after the ClientHello is written: libevent runs the socket's
       // write event before timers that expire in the same loop turn.
-      c->mint_ev_.reset(evtimer_new(
-          c->base_.get(),
-          [](evutil_socket_t, short, void* self) {
-            auto* c = static_cast<ExecClient*>(self);
-            if (!c->ensure_minted()) c->fail_now(c->mint_error_);
-          },
-          c));
       timeval zero{0, 0};
       event_add(c->mint_ev_.get(), &zero);
     }
@@ -155,14 +162,12 @@ class ExecClient : public proto::H2Conn::Handler {
 
   std::string on_connected(SSL* ssl) override {
     if (!ensure_minted()) return mint_error_;
-    if (std::string e = ssl ? proto::check_pin(ssl, grant_.pin) : ""; !e.empty()) {
-      pin_error_ = e;
-      return e;
+    if (auto e = ssl ? proto::pin_mismatch(ssl, grant_.pin) : std::nullopt) {
+      pin_error_ = *e;
+      return *e;
     }
     conn_ready_ = true;
     // The HTTP/2 session exists only once this returns: submit from the loop.
-    start_ev_.reset(evtimer_new(
-        base_.get(), [](evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->start_exec(); }, this));
     timeval zero{0, 0};
     event_add(start_ev_.get(), &zero);
     return "";
@@ -202,17 +207,17 @@ class ExecClient : public proto::H2Conn::Handler {
   void start_stdio() {
     stdio_.emplace(ex_.tty, ex_.stdin_);
     for (int i = 0; i < 2; ++i)
-      out_ev_[i].reset(event_new(base_.get(), i + 1, EV_WRITE, &ExecClient::on_out_writable_cb, this));
+      out_ev_[i] = new_event(base_.get(), i + 1, EV_WRITE, &ExecClient::on_out_writable_cb, this);
     if (ex_.stdin_) {
       stdin_pollable_ = pollable(0);
       // Non-pollable stdin (regular file, /dev/null) is always ready: we
       // activate the event by hand instead of waiting on it.
-      stdin_ev_.reset(event_new(base_.get(), stdin_pollable_ ? 0 : -1, stdin_pollable_ ? EV_READ | EV_PERSIST : 0,
-                                &ExecClient::on_stdin_cb, this));
+      stdin_ev_ = new_event(base_.get(), stdin_pollable_ ? 0 : -1, stdin_pollable_ ? EV_READ | EV_PERSIST : 0,
+                            &ExecClient::on_stdin_cb, this);
       resume_stdin();
     }
     if (ex_.tty) {
-      winch_ev_.reset(evsignal_new(base_.get(), SIGWINCH, &ExecClient::on_winch_cb, this));
+      winch_ev_ = new_event(base_.get(), SIGWINCH, EV_SIGNAL | EV_PERSIST, &ExecClient::on_winch_cb, this);
       event_add(winch_ev_.get(), nullptr);
     }
   }
@@ -427,8 +432,6 @@ class ExecClient : public proto::H2Conn::Handler {
     pause_stdin();
     stdin_done_ = true;
     if (conn_ && stream_ > 0 && !stream_closed_ && !conn_->closed()) end_pending_ = true;
-    grace_ev_.reset(evtimer_new(
-        base_.get(), [](evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->grace_over(); }, this));
     timeval tv{0, kFinishGraceMs * 1000};
     event_add(grace_ev_.get(), &tv);
     defer_pump();
@@ -449,9 +452,6 @@ class ExecClient : public proto::H2Conn::Handler {
   // Callbacks from H2Conn run inside nghttp2; state changes that call back into
   // H2Conn wait for the next loop turn.
   void defer_pump() {
-    if (!pump_ev_)
-      pump_ev_.reset(evtimer_new(
-          base_.get(), [](evutil_socket_t, short, void* self) { static_cast<ExecClient*>(self)->pump(); }, this));
     timeval zero{0, 0};
     event_add(pump_ev_.get(), &zero);
   }
@@ -480,12 +480,12 @@ class ExecClient : public proto::H2Conn::Handler {
   proto::Identity id_;  // made by mint_
   bool minted_ = false;
   std::string mint_error_;
-  EventBase base_;
+  EventBasePtr base_;
   TunnelBridgePtr bridge_;  // proxy mode: the pump into the master's tunnel (before base_ goes)
   Fd sock_;
-  Event connect_ev_, mint_ev_, start_ev_, stdin_ev_, winch_ev_, grace_ev_, pump_ev_, out_ev_[2];
+  EventPtr connect_ev_, mint_ev_, start_ev_, stdin_ev_, winch_ev_, grace_ev_, pump_ev_, out_ev_[2];
   std::unique_ptr<proto::H2Conn> conn_;
-  EvBuffer out_[2];
+  EvBufferPtr out_[2];
   std::optional<LocalStdio> stdio_;
   proto::FrameDecoder decoder_;
   WinSize size_;

@@ -74,10 +74,15 @@ std::string addr_string(const sockaddr_storage& ss) {
 
 Forwarder::Forwarder(const Grant& g, const PortForwardOptions& pf, const proto::Identity& id)
     : grant_(g), pf_(pf), ctx_(g.local_socket.empty() ? proto::make_client_ctx(id) : nullptr) {
-  base_.reset(event_base_new());
-  if (!base_) throw Error("event_base_new failed");
-  defer_ev_.reset(evtimer_new(
-      base_.get(), [](evutil_socket_t, short, void* self) { static_cast<Forwarder*>(self)->deferred(); }, this));
+  base_ = new_event_base();
+  // Every timer up front: quit() and pause_accept() run inside callbacks,
+  // where nothing may throw (common/error.h).
+  defer_ev_ = new_timer(
+      base_.get(), [](evutil_socket_t, short, void* self) { static_cast<Forwarder*>(self)->deferred(); }, this);
+  grace_ev_ = new_timer(
+      base_.get(), [](evutil_socket_t, short, void* self) { static_cast<Forwarder*>(self)->stop_loop(); }, this);
+  accept_retry_ev_ = new_timer(
+      base_.get(), [](evutil_socket_t, short, void* self) { static_cast<Forwarder*>(self)->resume_accept(); }, this);
 }
 
 Forwarder::~Forwarder() {
@@ -89,9 +94,9 @@ Forwarder::~Forwarder() {
 
 int Forwarder::run() {
   for (int sig : {SIGINT, SIGTERM}) {
-    signals_.emplace_back(evsignal_new(
-        base_.get(), sig, [](evutil_socket_t, short, void* self) { static_cast<Forwarder*>(self)->quit(0, ""); },
-        this));
+    signals_.push_back(new_event(
+        base_.get(), sig, EV_SIGNAL | EV_PERSIST,
+        [](evutil_socket_t, short, void* self) { static_cast<Forwarder*>(self)->quit(0, ""); }, this));
     event_add(signals_.back().get(), nullptr);
   }
   start_connect();
@@ -138,8 +143,6 @@ void Forwarder::quit(int code, const std::string& msg) {
   for (auto& l : listeners_) event_del(l->ev.get());
   if (conn_ && !conn_->closed()) {
     shutdown_pending_ = true;  // GOAWAY from the deferred event, outside H2Conn callbacks
-    grace_ev_.reset(evtimer_new(
-        base_.get(), [](evutil_socket_t, short, void* self) { static_cast<Forwarder*>(self)->stop_loop(); }, this));
     timeval tv{0, kQuitGraceMs * 1000};
     event_add(grace_ev_.get(), &tv);
     defer();
@@ -153,7 +156,7 @@ void Forwarder::start_connect() {
   ShimLink link = connect_shim(base_.get(), grant_);
   sock_ = std::move(link.fd);
   bridge_ = std::move(link.bridge);
-  connect_ev_.reset(event_new(base_.get(), sock_.get(), EV_WRITE, &Forwarder::on_connect_cb, this));
+  connect_ev_ = new_event(base_.get(), sock_.get(), EV_WRITE, &Forwarder::on_connect_cb, this);
   timeval tv{kConnectTimeoutS, 0};
   event_add(connect_ev_.get(), &tv);
 }
@@ -166,7 +169,7 @@ void Forwarder::on_connect_cb(evutil_socket_t fd, short what, void* self) {
   getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
   if (err) return f->quit(kOwnErrorExit, "error: cannot connect to shim at " + f->grant_.address() + ": " + strerror(err));
   SSL* ssl = nullptr;  // the local socket: HTTP/2 without TLS
-  if (f->ctx_ && !(ssl = SSL_new(f->ctx_.get()))) return f->quit(kOwnErrorExit, "error: SSL_new: " + proto::ssl_error_string());
+  if (f->ctx_ && !(ssl = SSL_new(f->ctx_.get()))) return f->quit(kOwnErrorExit, "error: SSL_new: " + openssl_error());
   proto::H2Settings st;
   st.stream_window = kStreamWindow;
   st.connection_window = kConnectionWindow;
@@ -178,9 +181,9 @@ void Forwarder::on_connect_cb(evutil_socket_t fd, short what, void* self) {
 }
 
 std::string Forwarder::on_connected(SSL* ssl) {
-  if (std::string e = ssl ? proto::check_pin(ssl, grant_.pin) : ""; !e.empty()) {
-    pin_error_ = e;
-    return e;
+  if (auto e = ssl ? proto::pin_mismatch(ssl, grant_.pin) : std::nullopt) {
+    pin_error_ = *e;
+    return *e;
   }
   conn_ready_ = true;
   open_pending_ = true;  // the HTTP/2 session exists only once this returns
@@ -202,8 +205,8 @@ void Forwarder::send_open() {
 void Forwarder::opened() {
   if (quitting_) return;
   if (open_status_ != 200) return quit(kOwnErrorExit, "error: " + error_message(open_body_, open_status_));
-  if (pf_.stdio) return start_stdio();
   try {
+    if (pf_.stdio) return start_stdio();
     bind_all();
   } catch (const std::exception& e) {
     return quit(kOwnErrorExit, std::string("error: ") + e.what());
@@ -288,8 +291,8 @@ std::unique_ptr<Listener> Forwarder::bind_one(const std::string& ip, uint16_t po
   len = sizeof ss;
   getsockname(l->fd.get(), reinterpret_cast<sockaddr*>(&ss), &len);
   l->where = addr_string(ss);
-  l->ev.reset(event_new(base_.get(), l->fd.get(), EV_READ | EV_PERSIST,
-                        p.udp ? &Forwarder::on_udp_cb : &Forwarder::on_accept_cb, this));
+  l->ev = new_event(base_.get(), l->fd.get(), EV_READ | EV_PERSIST,
+                    p.udp ? &Forwarder::on_udp_cb : &Forwarder::on_accept_cb, this);
   if (p.udp) udp_[l.get()];
   event_add(l->ev.get(), nullptr);
   return l;
@@ -297,8 +300,12 @@ std::unique_ptr<Listener> Forwarder::bind_one(const std::string& ip, uint16_t po
 
 void Forwarder::on_accept_cb(evutil_socket_t fd, short, void* self) {
   auto* f = static_cast<Forwarder*>(self);
-  for (auto& l : f->listeners_)
-    if (l->fd.get() == fd) return f->accept_on(*l);
+  try {
+    for (auto& l : f->listeners_)
+      if (l->fd.get() == fd) return f->accept_on(*l);
+  } catch (const std::exception& e) {  // libevent's callback: nothing may pass through it
+    f->quit(kOwnErrorExit, std::string("error: ") + e.what());
+  }
 }
 
 void Forwarder::pause_accept(bool retry_timer) {
@@ -306,10 +313,6 @@ void Forwarder::pause_accept(bool retry_timer) {
   for (auto& l : listeners_)
     if (!l->udp) event_del(l->ev.get());
   if (retry_timer) {
-    if (!accept_retry_ev_)
-      accept_retry_ev_.reset(evtimer_new(
-          base_.get(), [](evutil_socket_t, short, void* self) { static_cast<Forwarder*>(self)->resume_accept(); },
-          this));
     timeval tv{0, 100 * 1000};
     event_add(accept_retry_ev_.get(), &tv);
   }
@@ -324,8 +327,12 @@ void Forwarder::resume_accept() {
 
 void Forwarder::on_udp_cb(evutil_socket_t fd, short, void* self) {
   auto* f = static_cast<Forwarder*>(self);
-  for (auto& l : f->listeners_)
-    if (l->fd.get() == fd) return f->udp_readable(*l);
+  try {
+    for (auto& l : f->listeners_)
+      if (l->fd.get() == fd) return f->udp_readable(*l);
+  } catch (const std::exception& e) {  // libevent's callback: nothing may pass through it
+    f->quit(kOwnErrorExit, std::string("error: ") + e.what());
+  }
 }
 
 void Forwarder::on_headers(int32_t stream, const proto::Headers& h, bool) {

@@ -71,7 +71,7 @@ struct StreamUser {
 
 struct Listener {
   Fd fd;
-  Event ev;
+  EventPtr ev;
   uint16_t remote = 0;
   bool udp = false;
   std::string where;  // "127.0.0.1:8080"
@@ -163,11 +163,11 @@ class Forwarder : public proto::H2Conn::Handler {
   const Grant& grant_;
   const PortForwardOptions& pf_;
   proto::SslCtx ctx_;
-  EventBase base_;
+  EventBasePtr base_;
   TunnelBridgePtr bridge_;  // proxy mode: the pump into the master's tunnel (before base_ goes)
   Fd sock_;
-  Event connect_ev_, defer_ev_, grace_ev_, accept_retry_ev_;
-  std::vector<Event> signals_;
+  EventPtr connect_ev_, defer_ev_, grace_ev_, accept_retry_ev_;
+  std::vector<EventPtr> signals_;
   std::unique_ptr<proto::H2Conn> conn_;
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::unordered_map<StreamUser*, std::unique_ptr<StreamUser>> users_;

@@ -14,18 +14,11 @@
 #include <time.h>
 
 #include "client/client.h"
+#include "common/clock.h"
 #include "common/error.h"
 #include "masterclient/masterclient.h"
 
 namespace shimlet::client {
-
-std::string one_line(std::string_view s, size_t max) {
-  std::string out;
-  for (unsigned char c : s) out += (c < 0x20 || c == 0x7f) ? ' ' : static_cast<char>(c);
-  if (out.size() > max) out.resize(max);
-  while (!out.empty() && out.back() == ' ') out.pop_back();
-  return out;
-}
 
 std::pair<std::string, std::string> split_endpoint(const std::string& ep) {
   std::string host, port;
@@ -85,7 +78,7 @@ Fd connect_local(const std::string& path, int timeout_ms) {
   if (r < 0) throw sys_error("cannot connect to shim at " + path);
   timeval none{0, 0};
   setsockopt(sock.get(), SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none);
-  if (fcntl(sock.get(), F_SETFL, fcntl(sock.get(), F_GETFL) | O_NONBLOCK) < 0) throw sys_error("fcntl O_NONBLOCK");
+  set_nonblocking(sock.get());
   return sock;
 }
 
@@ -99,21 +92,15 @@ namespace {
 constexpr size_t kBridgeHigh = 1u << 20;  // stop reading one side while the other has this much queued
 constexpr int kTunnelTimeoutMs = 10000;   // connect + TLS + upgrade answer from the master
 
-int64_t now_ms() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
-
 // A connected TCP socket to endpoint within timeout_ms, or Error with the reason.
 Fd connect_direct(const std::string& endpoint, int timeout_ms) {
   Fd s = start_connect(endpoint);
-  const int64_t deadline = now_ms() + timeout_ms;
+  Deadline deadline(timeout_ms);
   for (;;) {
-    int64_t left = deadline - now_ms();
+    int left = deadline.left_ms();
     if (left <= 0) throw Error("no answer within " + std::to_string(timeout_ms) + " ms");
     pollfd p{s.get(), POLLOUT, 0};
-    int r = ::poll(&p, 1, static_cast<int>(left));
+    int r = ::poll(&p, 1, left);
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) throw sys_error("poll");
     if (r == 0) continue;
@@ -133,18 +120,19 @@ Fd connect_direct(const std::string& endpoint, int timeout_ms) {
 class TunnelBridge {
  public:
   TunnelBridge(event_base* base, masterclient::Upgraded up, Fd pair_end) {
-    tls_ =
-        bufferevent_openssl_socket_new(base, up.sock.get(), up.ssl.get(), BUFFEREVENT_SSL_OPEN, BEV_OPT_CLOSE_ON_FREE);
+    tls_.reset(
+        bufferevent_openssl_socket_new(base, up.sock.get(), up.ssl.get(), BUFFEREVENT_SSL_OPEN, BEV_OPT_CLOSE_ON_FREE));
     if (!tls_) throw Error("bufferevent_openssl_socket_new failed");
     up.sock.release();  // owned by tls_ now (fd and SSL)
     up.ssl.release();
-    bufferevent_openssl_set_allow_dirty_shutdown(tls_, 1);
-    local_ = bufferevent_socket_new(base, pair_end.get(), BEV_OPT_CLOSE_ON_FREE);
+    bufferevent_openssl_set_allow_dirty_shutdown(tls_.get(), 1);
+    local_.reset(bufferevent_socket_new(base, pair_end.get(), BEV_OPT_CLOSE_ON_FREE));
     if (!local_) throw Error("bufferevent_socket_new failed");
     pair_end.release();
     // The shim's first bytes may have arrived with the 101 answer.
-    if (!up.leftover.empty()) bufferevent_write(local_, up.leftover.data(), up.leftover.size());
-    for (bufferevent* b : {tls_, local_}) {
+    if (!up.leftover.empty() && bufferevent_write(local_.get(), up.leftover.data(), up.leftover.size()) < 0)
+      throw Error("bufferevent_write failed");
+    for (bufferevent* b : {tls_.get(), local_.get()}) {
       bufferevent_setcb(b, &TunnelBridge::on_read, &TunnelBridge::on_write, &TunnelBridge::on_event, this);
       bufferevent_setwatermark(b, EV_WRITE, kBridgeHigh / 2, 0);
       bufferevent_enable(b, EV_READ | EV_WRITE);
@@ -155,13 +143,12 @@ class TunnelBridge {
   TunnelBridge& operator=(const TunnelBridge&) = delete;
 
  private:
-  bufferevent* other(bufferevent* b) const { return b == tls_ ? local_ : tls_; }
-  bool& eof_of(bufferevent* b) { return b == tls_ ? tls_eof_ : local_eof_; }
+  bufferevent* other(bufferevent* b) const { return b == tls_.get() ? local_.get() : tls_.get(); }
+  bool& eof_of(bufferevent* b) { return b == tls_.get() ? tls_eof_ : local_eof_; }
 
   void close() {
-    if (tls_) bufferevent_free(tls_);
-    if (local_) bufferevent_free(local_);
-    tls_ = local_ = nullptr;
+    tls_.reset();
+    local_.reset();
   }
 
   static void on_read(bufferevent* b, void* self) {
@@ -195,17 +182,16 @@ class TunnelBridge {
     if (!eof_of(b)) return;
     bufferevent* o = other(b);
     if (!o || evbuffer_get_length(bufferevent_get_output(o)) > 0) return;
-    if (b == tls_) {
+    if (b == tls_.get()) {
       // The master (or the shim behind it) closed: half-close toward HTTP/2.
-      ::shutdown(bufferevent_getfd(local_), SHUT_WR);
+      ::shutdown(bufferevent_getfd(local_.get()), SHUT_WR);
     } else {
       // HTTP/2 side done: TLS has no half-close, end the tunnel.
       close();
     }
   }
 
-  bufferevent* tls_ = nullptr;
-  bufferevent* local_ = nullptr;
+  BufferEventPtr tls_, local_;
   bool tls_eof_ = false, local_eof_ = false;
 };
 

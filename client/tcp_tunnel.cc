@@ -138,13 +138,13 @@ class Tunnel : public StreamUser {
 
  private:
   void init() {
-    out_.reset(evbuffer_new());
-    rd_ev_.reset(event_new(
+    out_ = new_evbuffer();
+    rd_ev_ = new_event(
         f_.base(), in_pollable_ ? in_fd_ : -1, in_pollable_ ? EV_READ | EV_PERSIST : 0,
-        [](evutil_socket_t, short, void* self) { static_cast<Tunnel*>(self)->read_local(); }, this));
-    wr_ev_.reset(event_new(
+        [](evutil_socket_t, short, void* self) { static_cast<Tunnel*>(self)->read_local(); }, this);
+    wr_ev_ = new_event(
         f_.base(), out_fd_, EV_WRITE,
-        [](evutil_socket_t, short, void* self) { static_cast<Tunnel*>(self)->flush_local(); }, this));
+        [](evutil_socket_t, short, void* self) { static_cast<Tunnel*>(self)->flush_local(); }, this);
   }
 
   void pause() {
@@ -269,8 +269,8 @@ class Tunnel : public StreamUser {
   std::optional<LocalStdio> local_;
   int in_fd_ = -1, out_fd_ = -1;
   bool in_pollable_ = true;
-  Event rd_ev_, wr_ev_;
-  EvBuffer out_;
+  EventPtr rd_ev_, wr_ev_;
+  EvBufferPtr out_;
   std::string err_body_;
   int status_ = 0;
   bool reading_ = false, in_eof_ = false, remote_end_ = false, out_shut_ = false, out_dead_ = false;

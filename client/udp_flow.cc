@@ -35,8 +35,8 @@ class UdpFlow : public StreamUser {
  public:
   UdpFlow(Forwarder& f, Listener& l, const sockaddr_storage& peer, socklen_t plen, std::string key)
       : f_(f), l_(l), peer_(peer), plen_(plen), key_(std::move(key)) {
-    idle_.reset(evtimer_new(
-        f_.base(), [](evutil_socket_t, short, void* self) { static_cast<UdpFlow*>(self)->expire(); }, this));
+    idle_ = new_timer(
+        f_.base(), [](evutil_socket_t, short, void* self) { static_cast<UdpFlow*>(self)->expire(); }, this);
   }
 
   bool start() {
@@ -135,7 +135,7 @@ class UdpFlow : public StreamUser {
   sockaddr_storage peer_;
   socklen_t plen_;
   std::string key_, in_, err_body_;
-  Event idle_;
+  EventPtr idle_;
   int status_ = 0;
   bool ending_ = false, dead_ = false;
 };

@@ -8,12 +8,13 @@
 #include <openssl/x509v3.h>
 #include <strings.h>
 
-#include <fstream>
 #include <set>
 #include <sstream>
 
 #include "common/base64.h"
 #include "common/error.h"
+#include "common/file.h"
+#include "common/openssl.h"
 #include "proto/tls.h"
 
 namespace shimlet::master {
@@ -69,18 +70,6 @@ std::string trim(std::string_view s) {
   while (b < e && (s[b] == ' ' || s[b] == '\t')) ++b;
   while (e > b && (s[e - 1] == ' ' || s[e - 1] == '\t')) --e;
   return std::string(s.substr(b, e - b));
-}
-
-std::string read_file(const std::string& path, size_t max) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error("cannot read " + path);
-  std::string data;
-  char buf[65536];
-  while (f.read(buf, sizeof buf) || f.gcount() > 0) {
-    data.append(buf, static_cast<size_t>(f.gcount()));
-    if (data.size() > max) throw Error(path + ": file too large");
-  }
-  return data;
 }
 
 void add_authenticated(Identity& id) {
@@ -139,7 +128,7 @@ bool constant_time_equal(std::string_view a, std::string_view b) {
 
 void Authenticator::load_token_file(const std::string& path) {
   try {
-    set_tokens(parse_token_file(read_file(path, kMaxTokenFile)));
+    set_tokens(parse_token_file(read_regular_file(path, kMaxTokenFile)));
   } catch (const Error& e) {
     throw Error(path + ": " + e.what());
   }
@@ -153,7 +142,7 @@ void Authenticator::set_tokens(std::vector<TokenEntry> tokens) {
 
 void Authenticator::load_client_ca_file(const std::string& path) {
   try {
-    set_client_ca_pem(read_file(path, 4 << 20));
+    set_client_ca_pem(read_regular_file(path, 4 << 20));
   } catch (const Error& e) {
     throw Error(std::string("client CA ") + e.what());
   }
@@ -161,14 +150,14 @@ void Authenticator::load_client_ca_file(const std::string& path) {
 
 void Authenticator::set_client_ca_pem(std::string_view pem) {
   std::shared_ptr<X509_STORE> store(X509_STORE_new(), X509_STORE_free);
-  BIO* b = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+  if (!store) throw Error("X509_STORE_new: " + openssl_error());
+  BioPtr b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  if (!b) throw Error("client CA bundle: " + openssl_error());
   int n = 0;
-  while (X509* c = PEM_read_bio_X509(b, nullptr, nullptr, nullptr)) {
-    X509_STORE_add_cert(store.get(), c);
-    X509_free(c);
+  while (X509Ptr c = X509Ptr(PEM_read_bio_X509(b.get(), nullptr, nullptr, nullptr))) {
+    if (X509_STORE_add_cert(store.get(), c.get()) != 1) throw Error("client CA bundle: " + openssl_error());
     ++n;
   }
-  BIO_free(b);
   ERR_clear_error();  // the loop ends on a "no start line" error
   if (n == 0) throw Error("no certificates in client CA bundle");
   store_ = std::move(store);
@@ -178,7 +167,8 @@ AuthResult Authenticator::authenticate_cert(SSL* ssl) const {
   X509* leaf = ssl ? SSL_get0_peer_certificate(ssl) : nullptr;
   if (!leaf) return {std::nullopt, "no credentials (anonymous requests are refused)"};
   if (!store_) return {std::nullopt, "client certificate presented but no --client-ca-file is configured"};
-  std::unique_ptr<X509_STORE_CTX, decltype(&X509_STORE_CTX_free)> ctx(X509_STORE_CTX_new(), X509_STORE_CTX_free);
+  X509StoreCtxPtr ctx(X509_STORE_CTX_new());
+  if (!ctx) return {std::nullopt, "certificate verification setup failed"};
   // Intermediates the client sent (the server side chain excludes the leaf).
   STACK_OF(X509)* chain = SSL_get_peer_cert_chain(ssl);
   if (X509_STORE_CTX_init(ctx.get(), store_.get(), leaf, chain) != 1)

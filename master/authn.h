@@ -59,9 +59,6 @@ class Authenticator {
   AuthResult authenticate_cert(SSL* ssl) const;
 
  private:
-  struct StoreFree {
-    void operator()(X509_STORE* s) const { X509_STORE_free(s); }
-  };
   std::vector<TokenEntry> tokens_;
   std::shared_ptr<X509_STORE> store_;
 };

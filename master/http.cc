@@ -130,8 +130,6 @@ Request from_http1(proto::http1::Request&& in) {
 
 // ---------------------------------------------------------------- server
 
-void BufferEventFree::operator()(bufferevent* b) const { bufferevent_free(b); }
-
 struct Server::Impl {
   event_base* base;
   SSL_CTX* ctx;
@@ -165,16 +163,15 @@ struct Server::Conn {
   std::unique_ptr<proto::http1::RequestReader> h1;
   nghttp2_session* h2 = nullptr;
   std::map<int32_t, H2Stream> streams;
-  event* deadline = nullptr;
-  event* linger = nullptr;
+  EventPtr deadline, linger;
   bool closing = false;
   std::vector<std::pair<Request, bool>> pending;  // completed HTTP/1.1 requests
   UpgradeHandler takeover;                        // set: hand the connection over after this read
 
   ~Conn() {
     if (h2) nghttp2_session_del(h2);
-    if (deadline) event_free(deadline);
-    if (linger) event_free(linger);
+    deadline.reset();
+    linger.reset();
     if (bev) bufferevent_free(bev);  // frees the SSL and closes the socket
   }
 
@@ -222,12 +219,12 @@ struct Server::Conn {
     }
     if (closing) return len;  // input is drained while the answer goes out (see linger)
     if (h1->in_request()) {
-      if (!evtimer_pending(deadline, nullptr)) {
+      if (!evtimer_pending(deadline.get(), nullptr)) {
         timeval tv{srv->limits.request_timeout_s, 0};
-        evtimer_add(deadline, &tv);
+        evtimer_add(deadline.get(), &tv);
       }
     } else {
-      evtimer_del(deadline);
+      evtimer_del(deadline.get());
     }
     return len;
   }
@@ -236,7 +233,7 @@ struct Server::Conn {
   // handler; `this` is gone afterwards.
   void hand_over() {
     UpgradeHandler h = std::move(takeover);
-    evtimer_del(deadline);
+    evtimer_del(deadline.get());
     bufferevent_setcb(bev, nullptr, nullptr, nullptr, nullptr);
     bufferevent_set_timeouts(bev, nullptr, nullptr);
     bufferevent_disable(bev, EV_READ);
@@ -463,9 +460,13 @@ struct Server::Conn {
       if (!linger) srv->close(this);  // `this` is gone
       return;
     }
-    linger = evtimer_new(srv->base, on_linger_done, this);
+    linger.reset(evtimer_new(srv->base, on_linger_done, this));
+    if (!linger) {       // no memory (inside a libevent callback: no throw): close without lingering
+      srv->close(this);  // `this` is gone
+      return;
+    }
     timeval tv{1, 0};
-    evtimer_add(linger, &tv);
+    evtimer_add(linger.get(), &tv);
   }
 
   static void on_linger_done(evutil_socket_t, short, void* arg) {
@@ -547,7 +548,8 @@ void Server::Conn::on_accept(evconnlistener*, evutil_socket_t fd, sockaddr* sa, 
     return;
   }
   bufferevent_openssl_set_allow_dirty_shutdown(c->bev, 1);
-  c->deadline = evtimer_new(srv->base, Server::Conn::on_deadline, c.get());
+  c->deadline.reset(evtimer_new(srv->base, Server::Conn::on_deadline, c.get()));
+  if (!c->deadline) return;  // no memory: ~Conn frees the bufferevent, its SSL and socket
   timeval hs{srv->limits.handshake_timeout_s, 0};
   bufferevent_set_timeouts(c->bev, &hs, &hs);
   bufferevent_setwatermark(c->bev, EV_READ, 0, 256 * 1024);

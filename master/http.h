@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "common/event.h"
+
 struct bufferevent;
 struct event_base;
 
@@ -40,11 +42,8 @@ struct Request {
   std::multimap<std::string, std::string> query_params() const;
 };
 
-struct BufferEventFree {
-  void operator()(bufferevent* b) const;
-};
 // Owns a bufferevent: freeing it closes the socket (and frees its SSL).
-using BevPtr = std::unique_ptr<bufferevent, BufferEventFree>;
+using BevPtr = BufferEventPtr;
 
 // A client connection handed over after an HTTP/1.1 upgrade request. Bytes
 // the client sent after the request head are left in bev's input buffer; the

@@ -4,12 +4,13 @@
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
-#include <fstream>
 #include <iostream>
-#include <sstream>
 
 #include "common/error.h"
+#include "common/event.h"
+#include "common/file.h"
 #include "common/log.h"
+#include "common/openssl.h"
 #include "master/master.h"
 #include "proto/tls.h"
 
@@ -17,13 +18,7 @@ using namespace shimlet;
 
 namespace {
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error("cannot read " + path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+constexpr size_t kMaxPemFileBytes = 1 << 20;  // a serving certificate chain or its key
 
 // Go-style durations as kube-apiserver takes them ("90s", "2m", "1h"); a bare number is seconds.
 int64_t parse_duration_s(const std::string& s) {
@@ -47,13 +42,6 @@ int64_t parse_duration_s(const std::string& s) {
   if (total <= 0) throw Error("duration must be positive: " + s);
   return total;
 }
-
-struct EventBaseFree {
-  void operator()(event_base* b) const { event_base_free(b); }
-};
-struct EventFree {
-  void operator()(event* e) const { event_free(e); }
-};
 
 }  // namespace
 
@@ -106,13 +94,13 @@ int main(int argc, char** argv) {
 
     signal(SIGPIPE, SIG_IGN);
     // The loop outlives the master: its relays free bufferevents of this base.
-    std::unique_ptr<event_base, EventBaseFree> base(event_base_new());
-    if (!base) throw Error("event_base_new failed");
+    EventBasePtr base = new_event_base();
     master::Master m(cfg);
-    auto ctx = proto::make_server_ctx(slurp(cfg.tls_cert_file), slurp(cfg.tls_private_key_file), true);
+    auto ctx = proto::make_server_ctx(read_regular_file(cfg.tls_cert_file, kMaxPemFileBytes),
+                                      read_regular_file(cfg.tls_private_key_file, kMaxPemFileBytes), true);
     // The full chain for clients that need intermediates.
     if (SSL_CTX_use_certificate_chain_file(ctx.get(), cfg.tls_cert_file.c_str()) != 1)
-      throw Error("cannot load certificate chain " + cfg.tls_cert_file + ": " + proto::ssl_error_string());
+      throw Error("cannot load certificate chain " + cfg.tls_cert_file + ": " + openssl_error());
     if (!cfg.client_ca_file.empty()) {
       // Advertise the acceptable CAs: Go clients (kubectl) only send a
       // certificate that chains to one of them.
@@ -125,12 +113,12 @@ int main(int argc, char** argv) {
     uint16_t port = server.listen(cfg.bind_address, cfg.secure_port);
 
     auto on_signal = [](evutil_socket_t, short, void* arg) { event_base_loopbreak(static_cast<event_base*>(arg)); };
-    std::unique_ptr<event, EventFree> sigterm(evsignal_new(base.get(), SIGTERM, on_signal, base.get()));
-    std::unique_ptr<event, EventFree> sigint(evsignal_new(base.get(), SIGINT, on_signal, base.get()));
+    EventPtr sigterm = new_event(base.get(), SIGTERM, EV_SIGNAL | EV_PERSIST, on_signal, base.get());
+    EventPtr sigint = new_event(base.get(), SIGINT, EV_SIGNAL | EV_PERSIST, on_signal, base.get());
     evsignal_add(sigterm.get(), nullptr);
     evsignal_add(sigint.get(), nullptr);
     auto on_tick = [](evutil_socket_t, short, void* arg) { static_cast<master::Master*>(arg)->expire_leases(); };
-    std::unique_ptr<event, EventFree> tick(event_new(base.get(), -1, EV_PERSIST, on_tick, &m));
+    EventPtr tick = new_event(base.get(), -1, EV_PERSIST, on_tick, &m);
     timeval every{std::max<int64_t>(1, std::min<int64_t>(cfg.lease_duration_s / 4, 10)), 0};
     evtimer_add(tick.get(), &every);
 

@@ -13,12 +13,6 @@ namespace shimlet::master {
 
 using nlohmann::json;
 
-int64_t monotonic_ms() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
-
 int64_t wall_s() { return static_cast<int64_t>(::time(nullptr)); }
 
 namespace {
@@ -293,9 +287,9 @@ Response Master::stream(Ctx& ctx, const Request& req, const std::string& ns, con
     gr.ports = {ticket::Port{0, "tcp"}};
     ctx.ev["ports"] = json::array({{{"port", 0}, {"proto", "tcp"}}});
   }
-  std::string why;
-  auto target = registry_.find(ns, pod, gr.container, monotonic_ms(), &why);
-  if (!target) return fail(why.find("not found") != std::string::npos ? 404 : 400, why);
+  Registry::Found found = registry_.find(ns, pod, gr.container, monotonic_ms());
+  if (!found.registration) return fail(found.status, found.error);
+  const Registration* target = &*found.registration;
   Grant g = allow(ctx, gr, *target);
   ctx.ev["relay"] = true;
 
@@ -381,14 +375,13 @@ Response Master::grant(Ctx& ctx, const Request& req, const std::string& ns, cons
     return status_error(400, "\"jkt\" is required: tickets are bound to the key of the client's TLS certificate",
                         "BadRequest");
   }
-  std::string why;
-  auto target = registry_.find(ns, pod, gr.container, monotonic_ms(), &why);
-  if (!target) {
+  Registry::Found found = registry_.find(ns, pod, gr.container, monotonic_ms());
+  if (!found.registration) {  // a grant names what is missing with 404 either way
     ctx.ev["decision"] = "error";
-    ctx.ev["reason"] = why;
-    return status_error(404, why, "NotFound");
+    ctx.ev["reason"] = found.error;
+    return status_error(404, found.error, "NotFound");
   }
-  Grant g = allow(ctx, gr, *target);
+  Grant g = allow(ctx, gr, *found.registration);
   ctx.ev["jkt"] = g.claims.cnf_jkt;
   return json_response(201, g.response);
 }

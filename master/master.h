@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "common/clock.h"
 #include "master/audit.h"
 #include "master/authn.h"
 #include "master/grant.h"
@@ -35,8 +36,7 @@ struct Config {
   Limits limits;
 };
 
-// Monotonic milliseconds (lease clock) and wall seconds (ticket clock).
-int64_t monotonic_ms();
+// Wall seconds (the ticket clock; the lease clock is common/clock.h monotonic_ms).
 int64_t wall_s();
 
 class Master {

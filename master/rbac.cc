@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 
 #include "common/error.h"
+#include "common/file.h"
 #include "common/yaml.h"
 
 namespace shimlet::master {
@@ -177,10 +177,7 @@ void Policy::load_path(const std::string& path) {
     files.push_back(path);
   }
   for (const auto& f : files) {
-    std::ifstream in(f, std::ios::binary);
-    if (!in) throw Error("cannot read authorization policy " + f);
-    std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    add_yaml(data, f);
+    add_yaml(read_regular_file(f, kMaxPolicyBytes), f);
   }
 }
 

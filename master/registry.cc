@@ -206,13 +206,10 @@ std::vector<Registration> Registry::pod_containers(const std::string& ns, const 
   return out;
 }
 
-std::optional<Registration> Registry::find(const std::string& ns, const std::string& pod, const std::string& container,
-                                           int64_t now_ms, std::string* why) const {
+Registry::Found Registry::find(const std::string& ns, const std::string& pod, const std::string& container,
+                               int64_t now_ms) const {
   auto cs = pod_containers(ns, pod, now_ms);
-  if (cs.empty()) {
-    if (why) *why = "pods \"" + pod + "\" not found";
-    return std::nullopt;
-  }
+  if (cs.empty()) return {std::nullopt, 404, "pods \"" + pod + "\" not found"};
   std::string want = container;
   if (want.empty()) {
     for (const auto& c : cs)
@@ -221,17 +218,14 @@ std::optional<Registration> Registry::find(const std::string& ns, const std::str
         break;
       }
   }
-  if (want.empty()) return cs.front();
+  if (want.empty()) return {cs.front(), 200, ""};
   // The most recent registration wins when a restarted container's old entry
   // still holds its lease.
   const Registration* best = nullptr;
   for (const auto& c : cs)
     if (c.container == want && (!best || c.registered_ms >= best->registered_ms)) best = &c;
-  if (!best) {
-    if (why) *why = "container " + want + " is not valid for pod " + pod;
-    return std::nullopt;
-  }
-  return *best;
+  if (!best) return {std::nullopt, 400, "container " + want + " is not valid for pod " + pod};
+  return {*best, 200, ""};
 }
 
 nlohmann::json Registry::to_pod(const std::vector<Registration>& cs) {

@@ -65,9 +65,12 @@ class Registry {
   std::vector<Registration> list(const std::string& ns, int64_t now_ms) const;
   // The container to exec into: by name, else the pod's
   // kubectl.kubernetes.io/default-container annotation, else the first.
-  // nullopt + *why when not found.
-  std::optional<Registration> find(const std::string& ns, const std::string& pod, const std::string& container,
-                                   int64_t now_ms, std::string* why) const;
+  struct Found {
+    std::optional<Registration> registration;  // nullopt: status and error say why
+    int status = 200;                          // 404 no such pod, 400 no such container in it (as kubelet)
+    std::string error;                         // Kubernetes' wording
+  };
+  Found find(const std::string& ns, const std::string& pod, const std::string& container, int64_t now_ms) const;
 
   // Kubernetes shapes: PodList for a namespace ("" = all), Pod or nullopt.
   nlohmann::json pod_list_json(const std::string& ns, int64_t now_ms) const;

@@ -10,23 +10,15 @@
 
 #include <cstring>
 
+#include "common/clock.h"
+#include "common/event.h"
 #include "common/log.h"
+#include "common/openssl.h"
 #include "proto/tls.h"
 
 namespace shimlet::master {
 
 namespace {
-
-int64_t now_ms() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
-
-struct EventFree {
-  void operator()(event* e) const { event_free(e); }
-};
-using EventPtr = std::unique_ptr<event, EventFree>;
 
 // Why a bufferevent reported an error: the socket's errno or OpenSSL's queue.
 std::string bev_error(bufferevent* bev, short what) {
@@ -51,7 +43,7 @@ struct Relayer::Relay {
   BevPtr client, shim;
   RelayOptions opt;
   RelayStats st;
-  int64_t start_ms = now_ms();
+  int64_t start_ms = monotonic_ms();
   bool closing = false;
   EventPtr idle, linger;
 
@@ -59,6 +51,11 @@ struct Relayer::Relay {
   void begin() {
     idle.reset(evtimer_new(base, on_idle, this));
     linger.reset(evtimer_new(base, on_linger, this));
+    if (!idle || !linger) {  // no memory; we run inside a libevent callback: end here, no throw
+      st.error = "cannot create the relay's timers";
+      client.reset();
+      return finish();
+    }
     bufferevent_setcb(client.get(), on_client_read, on_client_write, on_client_event, this);
     bufferevent_disable(client.get(), EV_READ);  // until the shim is connected
     bufferevent_enable(client.get(), EV_WRITE);
@@ -70,7 +67,7 @@ struct Relayer::Relay {
     bufferevent* b = nullptr;
     if (opt.tls) {
       SSL* ssl = SSL_new(opt.tls);
-      if (!ssl) return fail_connect("SSL_new: " + proto::ssl_error_string());
+      if (!ssl) return fail_connect("SSL_new: " + openssl_error());
       b = bufferevent_openssl_socket_new(base, -1, ssl, BUFFEREVENT_SSL_CONNECTING,
                                          BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
       if (!b) {
@@ -94,8 +91,7 @@ struct Relayer::Relay {
 
   void connected() {
     if (opt.tls) {
-      std::string bad = proto::check_pin(bufferevent_openssl_get_ssl(shim.get()), opt.pin);
-      if (!bad.empty()) return fail_connect(bad);
+      if (auto bad = proto::pin_mismatch(bufferevent_openssl_get_ssl(shim.get()), opt.pin)) return fail_connect(*bad);
     }
     st.connected = true;
     bufferevent_set_timeouts(shim.get(), nullptr, nullptr);
@@ -193,7 +189,7 @@ struct Relayer::Relay {
     for (bufferevent* b : {client.get(), shim.get()})
       if (b && !evbuffer_get_length(bufferevent_get_output(b)))
         if (SSL* ssl = bufferevent_openssl_get_ssl(b)) SSL_shutdown(ssl);
-    st.duration_ms = now_ms() - start_ms;
+    st.duration_ms = monotonic_ms() - start_ms;
     auto on_end = std::move(opt.on_end);
     RelayStats stats = st;
     Relayer* o = owner;

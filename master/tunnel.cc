@@ -59,9 +59,9 @@ Response Master::tunnel(Ctx& ctx, const Request& req, const std::string& ns, con
                          "\" cannot create resource \"pods/exec\" nor \"pods/portforward\" in API group \"\" in the "
                          "namespace \"" +
                          ns + "\"");
-  std::string why;
-  auto target = registry_.find(ns, pod, container, monotonic_ms(), &why);
-  if (!target) return fail(404, why);
+  Registry::Found found = registry_.find(ns, pod, container, monotonic_ms());
+  if (!found.registration) return fail(404, found.error);
+  const Registration* target = &*found.registration;
   ctx.ev["decision"] = "allow";
   ctx.ev["reason"] = allowed.reason;
   ctx.ev["container"] = target->container;

@@ -15,23 +15,9 @@
 namespace shimlet::proto {
 namespace {
 
-template <typename T, void (*F)(T*)>
-struct Free {
-  void operator()(T* p) const { F(p); }
-};
-using Pkey = std::unique_ptr<EVP_PKEY, Free<EVP_PKEY, EVP_PKEY_free>>;
-using X509p = std::unique_ptr<X509, Free<X509, X509_free>>;
-using Bio = std::unique_ptr<BIO, Free<BIO, BIO_free_all>>;
-
-std::string bio_string(BIO* b) {
-  char* data = nullptr;
-  long n = BIO_get_mem_data(b, &data);
-  return std::string(data, static_cast<size_t>(n));
-}
-
-X509p cert_from_pem(std::string_view pem) {
-  Bio b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  X509p c(PEM_read_bio_X509(b.get(), nullptr, nullptr, nullptr));
+X509Ptr cert_from_pem(std::string_view pem) {
+  BioPtr b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  X509Ptr c(PEM_read_bio_X509(b.get(), nullptr, nullptr, nullptr));
   if (!c) throw Error("cannot parse certificate PEM: " + ssl_error_string());
   return c;
 }
@@ -70,10 +56,10 @@ int select_alpn(SSL*, const unsigned char** out, unsigned char* outlen, const un
 }
 
 void use_identity(SSL_CTX* ctx, const std::string& cert_pem, const std::string& key_pem) {
-  X509p cert = cert_from_pem(cert_pem);
-  Pkey key(ed25519_private_from_pem(key_pem));
+  X509Ptr cert = cert_from_pem(cert_pem);
+  PkeyPtr key(ed25519_private_from_pem(key_pem));
   if (!key) {
-    Bio kb(BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size())));
+    BioPtr kb(BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size())));
     key.reset(PEM_read_bio_PrivateKey(kb.get(), nullptr, nullptr, nullptr));
   }
   if (!key) throw Error("cannot parse private key PEM: " + ssl_error_string());
@@ -94,19 +80,10 @@ SslCtx base_ctx(const SSL_METHOD* m) {
 
 }  // namespace
 
-std::string ssl_error_string() {
-  unsigned long e = ERR_get_error();
-  if (!e) return "no OpenSSL error";
-  char buf[256];
-  ERR_error_string_n(e, buf, sizeof buf);
-  ERR_clear_error();
-  return buf;
-}
-
 Identity generate_identity(const std::string& common_name, int days) {
-  Pkey key(ed25519_generate());
+  PkeyPtr key(ed25519_generate());
   std::string spki = ed25519_spki_der(key.get());
-  X509p cert(X509_new());
+  X509Ptr cert(X509_new());
   if (!cert || spki.empty()) throw Error("cannot create a certificate: " + ssl_error_string());
   X509_set_version(cert.get(), 2);
   std::string serial = random_bytes(16);
@@ -137,11 +114,11 @@ Identity generate_identity(const std::string& common_name, int days) {
   int n = i2d_X509(cert.get(), &der);
   if (n <= 0) throw Error("cannot encode certificate: " + ssl_error_string());
   const unsigned char* p = der;
-  X509p parsed(d2i_X509(nullptr, &p, n));
+  X509Ptr parsed(d2i_X509(nullptr, &p, n));
   OPENSSL_free(der);
   if (!parsed || EVP_PKEY_eq(X509_get0_pubkey(parsed.get()), key.get()) != 1)
     throw Error("generated certificate does not carry its key: " + ssl_error_string());
-  Bio cb(BIO_new(BIO_s_mem()));
+  BioPtr cb(BIO_new(BIO_s_mem()));
   if (!cb || PEM_write_bio_X509(cb.get(), parsed.get()) != 1) throw Error("PEM encode: " + ssl_error_string());
   Identity id(ed25519_private_pem(key.get()), bio_string(cb.get()));
   id.key = std::shared_ptr<EVP_PKEY>(key.release(), EVP_PKEY_free);
@@ -198,12 +175,12 @@ SslCtx make_client_ctx_deferred() {
   return ctx;
 }
 
-std::string check_pin(SSL* ssl, const std::string& pin) {
+std::optional<std::string> pin_mismatch(SSL* ssl, const std::string& pin) {
   X509* peer = SSL_get0_peer_certificate(ssl);
   if (!peer) return "shim presented no certificate";
   std::string got = pin_of_cert(peer);
   if (got != pin) return "shim certificate pin mismatch: expected " + pin + ", got " + got;
-  return "";
+  return std::nullopt;
 }
 
 }  // namespace shimlet::proto

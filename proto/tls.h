@@ -4,16 +4,16 @@
 #include <openssl/ssl.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
 
+#include "common/openssl.h"
+
 namespace shimlet::proto {
 
-struct SslCtxDeleter {
-  void operator()(SSL_CTX* c) const { SSL_CTX_free(c); }
-};
-using SslCtx = std::unique_ptr<SSL_CTX, SslCtxDeleter>;
+using SslCtx = SslCtxPtr;
 
 struct Identity {
   Identity() = default;
@@ -44,7 +44,7 @@ std::string jkt_of_cert(X509* cert);
 // certificate but accepts any (tickets bind it through cnf.jkt).
 SslCtx make_server_ctx(const std::string& cert_pem, const std::string& key_pem, bool allow_http1 = false);
 // Client: TLS 1.3 only, ALPN h2, presents identity; verification is by pin
-// (call check_pin after the handshake), never by CA.
+// (pin_mismatch after the handshake), never by CA.
 SslCtx make_client_ctx(const Identity& client);
 // The same without an identity yet: the caller installs one per connection
 // with use_client_identity before the server's CertificateRequest is
@@ -52,10 +52,12 @@ SslCtx make_client_ctx(const Identity& client);
 SslCtx make_client_ctx_deferred();
 // Installs identity on one client connection; throws Error.
 void use_client_identity(SSL* ssl, const Identity& client);
-// Returns an error line, or "" when the peer certificate matches pin.
-std::string check_pin(SSL* ssl, const std::string& pin);
+// After the handshake (inside the caller's TLS callback, so a result, not a
+// throw): why the peer certificate does not match pin, nullopt when it does.
+std::optional<std::string> pin_mismatch(SSL* ssl, const std::string& pin);
 
-// Last OpenSSL error as one line (for error context).
-std::string ssl_error_string();
+// OpenSSL's error queue as one line: common/openssl.h's openssl_error()
+// under the name proto/h2.cc and the session still use.
+inline std::string ssl_error_string() { return openssl_error(); }
 
 }  // namespace shimlet::proto

@@ -14,8 +14,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     reg.put("n1", r.id, r, 0, "10.0.0.1");
     reg.pod_list_json("", 1).dump();
     reg.pod_json(r.namespace_, r.pod, 1);
-    std::string why;
-    reg.find(r.namespace_, r.pod, "", 1, &why);
+    reg.find(r.namespace_, r.pod, "", 1);
     reg.expire(5000);
   } catch (const shimlet::Error&) {
   }

@@ -293,7 +293,7 @@ class Request : public proto::H2Conn::Handler {
 
   std::string on_connected(SSL* ssl) override {
     if (ssl && !c_.o.pin.empty())
-      if (std::string e = proto::check_pin(ssl, c_.o.pin); !e.empty()) return e;
+      if (auto e = proto::pin_mismatch(ssl, c_.o.pin)) return *e;
     // The HTTP/2 session exists once this returns: submit from the loop.
     start_ = evtimer_new(base_, on_start, this);
     timeval zero{0, 0};
@@ -444,7 +444,7 @@ class Raw {
       throw Error("TLS handshake failed: " + proto::ssl_error_string());
     }
     if (!c.o.pin.empty())
-      if (std::string e = proto::check_pin(ssl_.get(), c.o.pin); !e.empty()) throw Error(e);
+      if (auto e = proto::pin_mismatch(ssl_.get(), c.o.pin)) throw Error(*e);
     const unsigned char* alpn = nullptr;
     unsigned alpn_len = 0;
     SSL_get0_alpn_selected(ssl_.get(), &alpn, &alpn_len);

@@ -98,12 +98,16 @@ TEST(MasterRegistry, PodShapesAndFind) {
   EXPECT_EQ((*pod)["status"]["phase"], "Running");
   EXPECT_EQ(reg.pod_list_json("", 5)["items"].size(), 2u);
   EXPECT_FALSE(reg.pod_json("dev", "nope", 5));
-  std::string why;
-  EXPECT_EQ(reg.find("dev", "p", "", 5, &why)->id, "a1");  // default-container annotation
-  EXPECT_EQ(reg.find("dev", "p", "b", 5, &why)->id, "b1");
-  EXPECT_FALSE(reg.find("dev", "p", "c", 5, &why));
-  EXPECT_NE(why.find("not valid"), std::string::npos);
-  EXPECT_FALSE(reg.find("dev", "q", "", 5, &why));
+  EXPECT_EQ(reg.find("dev", "p", "", 5).registration->id, "a1");  // default-container annotation
+  EXPECT_EQ(reg.find("dev", "p", "b", 5).registration->id, "b1");
+  auto no_container = reg.find("dev", "p", "c", 5);
+  EXPECT_FALSE(no_container.registration);
+  EXPECT_EQ(no_container.status, 400);
+  EXPECT_NE(no_container.error.find("not valid"), std::string::npos);
+  auto no_pod = reg.find("dev", "q", "", 5);
+  EXPECT_FALSE(no_pod.registration);
+  EXPECT_EQ(no_pod.status, 404);
+  EXPECT_NE(no_pod.error.find("not found"), std::string::npos);
 }
 
 TEST(MasterRegistry, UnspecifiedHostBecomesPeer) {

@@ -43,7 +43,7 @@ std::string handshake(SSL_CTX* client_ctx, const proto::Identity& server_id, std
   t.join();
   std::string jkt;
   if (src == 1 && SSL_get0_peer_certificate(s)) jkt = proto::jkt_of_cert(SSL_get0_peer_certificate(s));
-  if (crc != 1 && client_error) *client_error = proto::ssl_error_string();
+  if (crc != 1 && client_error) *client_error = openssl_error();
   SSL_free(c);
   SSL_free(s);
   return jkt;
