@@ -6,7 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <vector>
+#include <algorithm>
 
 #include "common/error.h"
 
@@ -69,50 +69,77 @@ bool read_exact(int fd, void* buf, size_t len) {
   return true;
 }
 
-void send_fds(int sock, std::span<const int> fds, const void* data, size_t len) {
+int send_fds_nothrow(int sock, std::span<const int> fds, const void* data, size_t len) noexcept {
+  if (fds.size() > kMaxPassedFds) return EINVAL;
   char dummy = 0;
   iovec iov{const_cast<void*>(data ? data : &dummy), data ? len : 1};
-  std::vector<char> cbuf(fds.empty() ? 0 : CMSG_SPACE(fds.size_bytes()));
+  alignas(cmsghdr) char cbuf[CMSG_SPACE(kMaxPassedFds * sizeof(int))];
   msghdr msg{};
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
   if (!fds.empty()) {
-    msg.msg_control = cbuf.data();
-    msg.msg_controllen = cbuf.size();
+    msg.msg_control = cbuf;
+    msg.msg_controllen = CMSG_SPACE(fds.size_bytes());
     cmsghdr* c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
     c->cmsg_len = CMSG_LEN(fds.size_bytes());
     memcpy(CMSG_DATA(c), fds.data(), fds.size_bytes());
   }
-  for (;;) {
-    if (::sendmsg(sock, &msg, MSG_NOSIGNAL) >= 0) return;
-    if (errno != EINTR) throw sys_error("sendmsg(SCM_RIGHTS)");
+  while (::sendmsg(sock, &msg, MSG_NOSIGNAL) < 0)
+    if (errno != EINTR) return errno;
+  return 0;
+}
+
+ssize_t recv_fds_nothrow(int sock, void* data, size_t len, std::span<int> fds, size_t* nfds) noexcept {
+  *nfds = 0;
+  char dummy = 0;
+  iovec iov{data ? data : &dummy, data ? len : 1};
+  alignas(cmsghdr) char cbuf[CMSG_SPACE(kMaxPassedFds * sizeof(int))];
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = cbuf;
+  msg.msg_controllen = CMSG_SPACE(std::min(fds.size(), kMaxPassedFds) * sizeof(int));
+  ssize_t n;
+  do n = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+  while (n < 0 && errno == EINTR);
+  if (n < 0) return -1;
+  size_t got = 0;
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < k; i++) {
+      int fd;
+      memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+      if (got < fds.size())
+        fds[got++] = fd;
+      else
+        ::close(fd);
+    }
   }
+  if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+    for (size_t i = 0; i < got; i++) ::close(fds[i]);
+    errno = EMSGSIZE;
+    return -1;
+  }
+  *nfds = got;
+  return n;
+}
+
+void send_fds(int sock, std::span<const int> fds, const void* data, size_t len) {
+  if (int e = send_fds_nothrow(sock, fds, data, len)) throw sys_error("sendmsg(SCM_RIGHTS)", e);
 }
 
 void send_fd(int sock, int fd, const void* data, size_t len) { send_fds(sock, {&fd, 1}, data, len); }
 
 Fd recv_fd(int sock, void* data, size_t len) {
-  char dummy = 0;
-  iovec iov{data ? data : &dummy, data ? len : 1};
-  alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = cbuf;
-  msg.msg_controllen = sizeof cbuf;
-  ssize_t n;
-  do {
-    n = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-  } while (n < 0 && errno == EINTR);
+  int fd = -1;
+  size_t nfds = 0;
+  ssize_t n = recv_fds_nothrow(sock, data, len, {&fd, 1}, &nfds);
   if (n < 0) throw sys_error("recvmsg(SCM_RIGHTS)");
   if (n == 0) throw Error("recvmsg(SCM_RIGHTS): peer closed");
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  if (!c || c->cmsg_type != SCM_RIGHTS || c->cmsg_len != CMSG_LEN(sizeof(int)))
-    throw Error("recvmsg: no file descriptor received");
-  int fd;
-  memcpy(&fd, CMSG_DATA(c), sizeof(int));
+  if (nfds != 1) throw Error("recvmsg: no file descriptor received");
   return Fd(fd);
 }
 

@@ -20,6 +20,7 @@
 #include <termios.h>
 #include <unistd.h>
 
+#include "common/fd.h"
 #include "nsenter/internal.h"
 
 #ifndef CLOSE_RANGE_CLOEXEC
@@ -46,20 +47,7 @@ namespace {
 void child_send_fd(int sock, int fd) {
   Report rep{};
   rep.type = kMsgPty;
-  iovec iov{&rep, sizeof rep};
-  alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = cbuf;
-  msg.msg_controllen = sizeof cbuf;
-  cmsghdr* cm = CMSG_FIRSTHDR(&msg);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(sizeof(int));
-  memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-  while (::sendmsg(sock, &msg, MSG_NOSIGNAL) < 0)
-    if (errno != EINTR) child_fail(sock, "send pty master to parent", errno);
+  if (int e = send_fds_nothrow(sock, {&fd, 1}, &rep, sizeof rep)) child_fail(sock, "send pty master to parent", e);
 }
 
 void load_seccomp(int sock, const Plan& plan) {

@@ -48,26 +48,11 @@ Spawned await_exec(int sock, pid_t pid, const Request& r, bool tty, ChildGuard& 
     if (pr == 0) continue;
 
     Report rep{};
-    iovec iov{&rep, sizeof rep};
-    alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf;
-    msg.msg_controllen = sizeof cbuf;
-    ssize_t n = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw sys_error("recvmsg from nsenter child");
-    }
-    Fd passed;
-    for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
-      if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int))) {
-        int fd;
-        memcpy(&fd, CMSG_DATA(cm), sizeof fd);
-        passed = Fd(fd);
-      }
-    }
+    int fd = -1;
+    size_t nfds = 0;
+    ssize_t n = recv_fds_nothrow(sock, &rep, sizeof rep, {&fd, 1}, &nfds);
+    if (n < 0) throw sys_error("recvmsg from nsenter child");
+    Fd passed(nfds == 1 ? fd : -1);
     if (n == 0) {  // EOF: execve closed the CLOEXEC socket, or the child died
       if (!reached_exec) {
         siginfo_t si{};

@@ -154,26 +154,11 @@ void close_all_but(int sock, const Container& c) {
   }
   // Not zero-filled: only the pages the request lands in are touched.
   auto buf = std::make_unique_for_overwrite<char[]>(kMaxRequestBytes);
-  iovec iov{buf.get(), kMaxRequestBytes};
-  alignas(cmsghdr) char cbuf[CMSG_SPACE(3 * sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = cbuf;
-  msg.msg_controllen = sizeof cbuf;
-  ssize_t n;
-  do n = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-  while (n < 0 && errno == EINTR);
-  if (n <= 0) _exit(0);  // the parent dropped us unused
-  if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) child_fail(sock, "zygote: request truncated", EMSGSIZE);
   int fds[3] = {-1, -1, -1};
   size_t nfds = 0;
-  for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm))
-    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-      nfds = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      if (nfds > 3) child_fail(sock, "zygote: too many fds", EINVAL);
-      memcpy(fds, CMSG_DATA(cm), nfds * sizeof(int));
-    }
+  ssize_t n = recv_fds_nothrow(sock, buf.get(), kMaxRequestBytes, fds, &nfds);
+  if (n < 0 && errno == EMSGSIZE) child_fail(sock, "zygote: request or its fds truncated", EMSGSIZE);
+  if (n <= 0) _exit(0);  // the parent dropped us unused
   Request r;
   Stdio io;
   if (!decode(buf.get(), static_cast<size_t>(n), r, io)) child_fail(sock, "zygote: malformed request", EINVAL);
