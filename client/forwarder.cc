@@ -72,6 +72,14 @@ std::string addr_string(const sockaddr_storage& ss) {
   return "[" + std::string(host) + "]:" + std::to_string(port);
 }
 
+bool StreamUser::took_error_body(proto::H2Conn& conn, const uint8_t* data, size_t len) {
+  if (status_ == 200) return false;
+  if (err_body_.size() < kMaxErrorBody)
+    err_body_.append(reinterpret_cast<const char*>(data), std::min(len, kMaxErrorBody - err_body_.size()));
+  conn.consume(stream, len);
+  return true;
+}
+
 Forwarder::Forwarder(const Grant& g, const PortForwardOptions& pf, const proto::Identity& id)
     : grant_(g), pf_(pf), ctx_(g.local_socket.empty() ? proto::make_client_ctx(id) : nullptr) {
   base_ = new_event_base();

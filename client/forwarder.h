@@ -59,7 +59,7 @@ std::string addr_string(const sockaddr_storage& ss);
 // Something that owns one HTTP/2 stream (a TCP tunnel or a UDP flow).
 struct StreamUser {
   virtual ~StreamUser() = default;
-  virtual void on_status(int status) = 0;
+  void on_status(int status) { status_ = status; }
   virtual void on_data(const uint8_t* data, size_t len) = 0;
   virtual void on_remote_end() = 0;
   virtual void on_close(uint32_t code) = 0;
@@ -67,6 +67,14 @@ struct StreamUser {
   // The connection to the shim is gone: close the local side now.
   virtual void abandon() = 0;
   int32_t stream = -1;
+
+ protected:
+  // Body bytes of an answer other than 200 (the shim's {"error": ...}):
+  // kept, bounded, and their window returned. False on a 200: data is the
+  // caller's to deliver.
+  bool took_error_body(proto::H2Conn& conn, const uint8_t* data, size_t len);
+  int status_ = 0;
+  std::string err_body_;
 };
 
 struct Listener {

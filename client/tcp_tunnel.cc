@@ -62,15 +62,8 @@ class Tunnel : public StreamUser {
     return true;
   }
 
-  void on_status(int status) override { status_ = status; }
-
   void on_data(const uint8_t* data, size_t len) override {
-    if (status_ != 200) {
-      if (err_body_.size() < kMaxErrorBody)
-        err_body_.append(reinterpret_cast<const char*>(data), std::min(len, kMaxErrorBody - err_body_.size()));
-      f_.conn().consume(stream, len);
-      return;
-    }
+    if (took_error_body(f_.conn(), data, len)) return;
     if (out_dead_) {
       f_.conn().consume(stream, len);
       return;
@@ -271,8 +264,6 @@ class Tunnel : public StreamUser {
   bool in_pollable_ = true;
   EventPtr rd_ev_, wr_ev_;
   EvBufferPtr out_;
-  std::string err_body_;
-  int status_ = 0;
   bool reading_ = false, in_eof_ = false, remote_end_ = false, out_shut_ = false, out_dead_ = false;
   bool stream_closed_ = false, dead_ = false;
 };

@@ -56,15 +56,8 @@ class UdpFlow : public StreamUser {
     touch();
   }
 
-  void on_status(int status) override { status_ = status; }
-
   void on_data(const uint8_t* data, size_t len) override {
-    if (status_ != 200) {
-      if (err_body_.size() < kMaxErrorBody)
-        err_body_.append(reinterpret_cast<const char*>(data), std::min(len, kMaxErrorBody - err_body_.size()));
-      f_.conn().consume(stream, len);
-      return;
-    }
+    if (took_error_body(f_.conn(), data, len)) return;
     in_.append(reinterpret_cast<const char*>(data), len);
     size_t off = 0;
     while (in_.size() - off >= 2) {
@@ -134,9 +127,8 @@ class UdpFlow : public StreamUser {
   Listener& l_;
   sockaddr_storage peer_;
   socklen_t plen_;
-  std::string key_, in_, err_body_;
+  std::string key_, in_;
   EventPtr idle_;
-  int status_ = 0;
   bool ending_ = false, dead_ = false;
 };
 
