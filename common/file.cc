@@ -103,6 +103,8 @@ Fd write_file_atomic(const std::string& path, std::string_view content, mode_t m
     ::unlink(tmp.c_str());
     throw;
   }
+  // The rename made durable; a failure here leaves a valid file: not fatal.
+  if (Fd d(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)); d) (void)::fsync(d.get());
   return fd;
 }
 

@@ -32,7 +32,7 @@ std::optional<std::string> read_file_if_readable(const std::string& path, size_t
 std::optional<std::string> read_fd_if_readable(int fd, size_t max) noexcept;
 
 // Replaces path atomically: a temp file in the same directory with `mode`,
-// written, fsync()ed and renamed over path. `prepare`, when given, runs on
+// written, fsync()ed and renamed over path (the directory fsync()ed too). `prepare`, when given, runs on
 // the temp file first (a flock taken there means the file is never seen
 // unlocked). Returns the file, still open (and locked); throws with context,
 // and the temp file never stays behind.

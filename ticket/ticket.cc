@@ -348,26 +348,8 @@ std::string PrivateKey::public_pem() const {
 }
 
 void PrivateKey::save(const std::string& path) const {
-  std::string pem = to_pem();
-  size_t slash = path.rfind('/');
-  std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  std::string tmp = path + ".tmp.XXXXXX";
-  // mkostemp creates the file 0600, so the key is never readable by others.
-  Fd fd(mkostemp(tmp.data(), O_CLOEXEC));
-  if (!fd) throw sys_error("create temporary key file " + tmp);
-  try {
-    if (fchmod(fd.get(), 0600) != 0) throw sys_error("fchmod " + tmp);
-    write_all(fd.get(), pem.data(), pem.size());
-    if (fsync(fd.get()) != 0) throw sys_error("fsync " + tmp);
-    fd.reset();
-    if (rename(tmp.c_str(), path.c_str()) != 0) throw sys_error("rename " + tmp + " to " + path);
-  } catch (...) {
-    unlink(tmp.c_str());
-    throw;
-  }
-  // Make the rename durable; failure here leaves a valid key, so it is not fatal.
-  Fd d(open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (d) fsync(d.get());
+  // The temp file is created 0600: the key is never readable by others.
+  write_file_atomic(path, to_pem(), 0600);
 }
 
 std::string PrivateKey::sign_data(std::string_view data) const {
