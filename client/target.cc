@@ -6,12 +6,12 @@
 
 #include <algorithm>
 #include <cctype>
-#include <fstream>
 #include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
 
 #include "client/client.h"
+#include "common/file.h"
 #include "common/proc.h"
 
 namespace shimlet::client {
@@ -114,17 +114,12 @@ std::vector<Registration> load_registrations(const std::string& state_dir) {
     std::string name = ent->d_name;
     if (name == "." || name == "..") continue;
     std::string path = state_dir + "/" + name + "/registration.json";
-    std::ifstream f(path, std::ios::binary);
-    if (!f) continue;  // not a container dir, or one being created/removed
-    // Chunked read up to the cap: sizing a buffer to the cap up front would
-    // zero a megabyte per registration on every shimctl start.
-    std::string text;
-    char buf[4096];
-    while (text.size() <= kMaxRegistrationSize && f.read(buf, sizeof buf).gcount() > 0)
-      text.append(buf, static_cast<size_t>(f.gcount()));
-    if (text.size() > kMaxRegistrationSize) continue;
+    // Absent, unreadable or too large: not a container dir, or one being
+    // created/removed.
+    std::optional<std::string> text = read_file_if_readable(path, kMaxRegistrationSize);
+    if (!text) continue;
     try {
-      out.push_back(parse_registration(text, path));
+      out.push_back(parse_registration(*text, path));
     } catch (const Error&) {
       continue;  // torn down or foreign: never a reason to fail another target
     }
