@@ -351,3 +351,22 @@ TEST(Config, IsolationCopiedIntoShimJson) {
   EXPECT_EQ(shim_json(parse_config("{}", "/x"), st, "/d", {})["isolation"],
             nlohmann::json({{"selinux_lock_dir", "/run/shimlet/selinux"}}));
 }
+
+// argv (CLI11): what the runtime passes is accepted, anything else refused
+// with exit 2 before the OCI state is read; -h prints the usage.
+TEST(HookCli, ArgumentsParsedByCli11) {
+  auto run = [](std::vector<std::string> args) {
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    int rc = shimlet::hook::main(static_cast<int>(argv.size()), argv.data());
+    alarm(0);  // main's own deadline: not for this test process
+    return rc;
+  };
+  EXPECT_EQ(run({"shimlet-hook", "--bogus"}), 2);
+  EXPECT_EQ(run({"shimlet-hook", "--config", "/nonexistent", "poststop", "extra"}), 2);
+  EXPECT_EQ(run({"shimlet-hook", "--config"}), 2);
+  testing::internal::CaptureStdout();
+  EXPECT_EQ(run({"shimlet-hook", "--help"}), 0);
+  std::string help = testing::internal::GetCapturedStdout();
+  EXPECT_NE(help.find("renew CONTAINER_ID"), std::string::npos) << help;
+}
