@@ -18,6 +18,11 @@ import pytest
 from containers import wait_for
 from test_exec import ShimEnv, alive
 
+# Thousands of connections and two flood generators on 2 CPUs, and execs
+# timed against a 2 s bound: no other test beside it (scripts/test runs the
+# `alone` tests after the parallel run).
+pytestmark = pytest.mark.alone
+
 FLOOD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flood.py")
 # The memory bound holds for the real binaries; ASan's shadow memory says
 # nothing about them (the plain pass of scripts/test asserts it).
