@@ -175,7 +175,8 @@ void Forwarder::on_connect_cb(evutil_socket_t fd, short what, void* self) {
   int err = 0;
   socklen_t len = sizeof err;
   getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-  if (err) return f->quit(kOwnErrorExit, "error: cannot connect to shim at " + f->grant_.address() + ": " + strerror(err));
+  if (err)
+    return f->quit(kOwnErrorExit, "error: cannot connect to shim at " + f->grant_.address() + ": " + strerror(err));
   SSL* ssl = nullptr;  // the local socket: HTTP/2 without TLS
   if (f->ctx_ && !(ssl = SSL_new(f->ctx_.get()))) return f->quit(kOwnErrorExit, "error: SSL_new: " + openssl_error());
   proto::H2Settings st;
@@ -371,7 +372,8 @@ void Forwarder::on_remote_end(int32_t stream) {
 
 void Forwarder::on_stream_close(int32_t stream, uint32_t code) {
   if (stream == open_id_) {
-    if (open_status_ == 0) quit(kOwnErrorExit, "error: the shim refused the port-forward session: " + reset_reason(code));
+    if (open_status_ == 0)
+      quit(kOwnErrorExit, "error: the shim refused the port-forward session: " + reset_reason(code));
     return;
   }
   auto it = by_stream_.find(stream);

@@ -49,7 +49,7 @@ bool read_exact(int fd, void* buf, size_t len);
 // SCM_RIGHTS over a unix socket: one message (on a SOCK_SEQPACKET) with up
 // to kMaxPassedFds fds. The _nothrow primitives allocate nothing and are
 // async-signal-safe (a child between fork and execve uses them); EINTR is
-// retried. The static shim keeps its own copy (shim/shim.h: it links no
+// retried. The static shim keeps its own copy (shim/shim.cc FdMsg: it links no
 // common/ code).
 inline constexpr size_t kMaxPassedFds = 8;
 // 0, or an errno (EINVAL: more than kMaxPassedFds fds).
