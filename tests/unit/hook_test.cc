@@ -369,4 +369,17 @@ TEST(HookCli, ArgumentsParsedByCli11) {
   EXPECT_EQ(run({"shimlet-hook", "--help"}), 0);
   std::string help = testing::internal::GetCapturedStdout();
   EXPECT_NE(help.find("renew CONTAINER_ID"), std::string::npos) << help;
+  EXPECT_NE(help.find("cleanup CONTAINER_ID"), std::string::npos) << help;
+  // `cleanup ID` (the shim's, when its container is gone): poststop's work on
+  // STATE_DIR/ID, no stdin; a second id is refused like any extra argument.
+  TempDir d;
+  const std::string config = d.path + "/hook.json";
+  std::ofstream(config) << "{\"state_dir\": \"" << d.path << "/state\"}";
+  fs::create_directories(d.path + "/state/c1");
+  std::ofstream(d.path + "/state/c1/tls.key") << "k";
+  EXPECT_EQ(run({"shimlet-hook", "--config", config, "cleanup", "c1", "c2"}), 2);
+  EXPECT_TRUE(fs::exists(d.path + "/state/c1"));
+  EXPECT_EQ(run({"shimlet-hook", "--config", config, "cleanup", "c1"}), 0);
+  EXPECT_FALSE(fs::exists(d.path + "/state/c1"));
+  EXPECT_EQ(run({"shimlet-hook", "--config", config, "cleanup", ".."}), 1);
 }
