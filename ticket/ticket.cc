@@ -238,6 +238,28 @@ Limits get_limits(const json& o) {
   return l;
 }
 
+std::optional<Recording> get_rec(const json& o) {
+  const json* v = find(o, "rec");
+  if (!v) return std::nullopt;
+  if (!v->is_object()) throw Error("ticket claim \"rec\" is not an object");
+  Recording r;
+  for (auto& [k, x] : v->items()) {
+    if (k == "disk_full") {
+      if (!x.is_string() || (x != "fail-closed" && x != "fail-open"))
+        throw Error("ticket claim \"rec.disk_full\" must be \"fail-closed\" or \"fail-open\"");
+      r.fail_closed = x == "fail-closed";
+    } else if (k == "max_bytes") {
+      // 64 KiB .. 1 TiB: below the encoder's minimum a recording holds nothing.
+      if (!x.is_number_unsigned() || x.get<uint64_t>() < (64u << 10) || x.get<uint64_t>() > (1ull << 40))
+        throw Error("ticket claim \"rec.max_bytes\" must be an integer in 65536..1099511627776");
+      r.max_bytes = x.get<uint64_t>();
+    } else {
+      throw Error("ticket claim \"rec\" has an unknown key \"" + printable(k) + "\"");
+    }
+  }
+  return r;
+}
+
 Claims claims_from_json(const json& o) {
   Claims c;
   c.iss = get_string(o, "iss", false);
@@ -255,6 +277,7 @@ Claims claims_from_json(const json& o) {
   c.ports = get_ports(o);
   c.cnf_jkt = get_cnf_jkt(o);
   c.limits = get_limits(o);
+  c.rec = get_rec(o);
   if (c.jti.empty()) throw Error("ticket claim \"jti\" is empty");
   return c;
 }
@@ -283,6 +306,11 @@ json claims_to_json(const Claims& c) {
     if (c.limits.memory) l["memory"] = c.limits.memory;
     if (c.limits.cpu_weight) l["cpu_weight"] = c.limits.cpu_weight;
     o["limits"] = std::move(l);
+  }
+  if (c.rec) {
+    json r = {{"disk_full", c.rec->fail_closed ? "fail-closed" : "fail-open"}};
+    if (c.rec->max_bytes) r["max_bytes"] = c.rec->max_bytes;
+    o["rec"] = std::move(r);
   }
   if (!c.sid.empty()) o["sid"] = c.sid;
   if (!c.node.empty()) o["node"] = c.node;
@@ -419,6 +447,7 @@ Claims verify(std::string_view token, const std::vector<TrustedKey>& keys, const
   std::string_view signing_input = token.substr(0, d2);
   if (keys.empty()) throw Error("no trusted ticket keys configured");
   bool ok = false;
+  std::string verified_kid;
   if (kid) {
     std::string want = kid->get<std::string>();
     const TrustedKey* k = nullptr;
@@ -426,14 +455,19 @@ Claims verify(std::string_view token, const std::vector<TrustedKey>& keys, const
       if (t.kid == want) k = &t;
     if (!k) throw Error("ticket kid \"" + printable(want) + "\" is not trusted");
     ok = k->key.verify(signing_input, sig);
+    verified_kid = k->kid;
   } else {
     for (const TrustedKey& t : keys)
-      if ((ok = t.key.verify(signing_input, sig))) break;
+      if ((ok = t.key.verify(signing_input, sig))) {
+        verified_kid = t.kid;
+        break;
+      }
   }
   if (!ok) throw Error("ticket signature invalid");
 
   // Signed: now the claims.
   Claims c = claims_from_json(parse_object(b64url_strict(p64, "payload"), "payload"));
+  c.verified_kid = std::move(verified_kid);
   // 128-bit so that no Expect value can overflow the window arithmetic.
   __int128 now = expect.now, leeway = std::max<int64_t>(expect.leeway_s, 0);
   if (c.exp <= c.iat)

@@ -25,14 +25,27 @@ struct Limits {
   bool operator==(const Limits&) const = default;
 };
 
+// Session recording ("rec" claim, docs/recording.md): present = the shim
+// records this exec; absent = it does not (a ticket without it is served
+// exactly as before the claim existed).
+struct Recording {
+  bool fail_closed = true;  // "disk_full": "fail-closed" (end the session) | "fail-open" (go on unrecorded)
+  uint64_t max_bytes = 0;   // the recording's size limit; 0 = the node's default
+  bool operator==(const Recording&) const = default;
+};
+
 struct Claims {
   std::string iss, sub, aud, jti, verb, sid, node;
   int64_t iat = 0, exp = 0;
   std::vector<std::string> cmd;
   bool stdin_ = false, tty = false;
   std::vector<Port> ports;
-  std::string cnf_jkt;  // base64url SHA-256 of the client key's SPKI DER; empty = unbound
-  Limits limits;        // exec only
+  std::string cnf_jkt;           // base64url SHA-256 of the client key's SPKI DER; empty = unbound
+  Limits limits;                 // exec only
+  std::optional<Recording> rec;  // exec only
+  // Not a claim: verify() sets it to the kid of the trusted key that
+  // verified the signature ("local" for STATE_DIR/local.pub).
+  std::string verified_kid;
 };
 
 // Ed25519 keys (OpenSSL EVP_PKEY underneath).
