@@ -109,6 +109,7 @@ Grant mint_grant(const ticket::PrivateKey& key, const GrantConfig& cfg, const st
   c.tty = req.tty;
   c.ports = req.ports;
   c.cnf_jkt = req.jkt;
+  c.rec = req.rec;
   g.ticket = key.sign(c, cfg.kid);
   g.response = {{"kind", "Grant"},
                 {"apiVersion", "shimlet.io/v1"},
@@ -120,6 +121,7 @@ Grant mint_grant(const ticket::PrivateKey& key, const GrantConfig& cfg, const st
                 {"node", target.node},
                 {"session_id", c.sid},
                 {"expires", c.exp}};
+  if (c.rec) g.response["recorded"] = true;
   return g;
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -20,7 +21,8 @@ struct GrantRequest {
   std::vector<std::string> command;
   bool stdin_ = false, tty = false;
   std::vector<ticket::Port> ports;
-  std::string jkt;  // base64url SHA-256 of the client key's SPKI DER (43 chars)
+  std::string jkt;                       // base64url SHA-256 of the client key's SPKI DER (43 chars)
+  std::optional<ticket::Recording> rec;  // exec: the recording policy's decision (the ticket's "rec" claim)
 };
 
 // Parses the POST body for verb ("exec" | "portforward"); ≤ 64 KiB. Throws

@@ -77,6 +77,10 @@ int main(int argc, char** argv) {
   app.add_option("--request-timeout", cfg.limits.request_timeout_s, "seconds for a request to arrive")
       ->capture_default_str();
   app.add_option("--max-connections", cfg.limits.max_connections)->capture_default_str();
+  app.add_option("--recording-policy-file", cfg.recording_policy_file,
+                 "which exec sessions the shims record (RecordingPolicy YAML, docs/recording.md)");
+  app.add_option("--recording-dir", cfg.recording_dir, "where the master keeps the recordings nodes upload");
+  app.add_option("--recording-max-bytes", cfg.recording_max_bytes, "largest recording accepted")->capture_default_str();
   app.add_flag("--print-ticket-public-key", print_pub, "print the ticket public key (PEM) for shims, then exit");
   CLI11_PARSE(app, argc, argv);
 

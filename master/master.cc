@@ -83,6 +83,12 @@ Master::Master(const Config& cfg, Authenticator authn, Policy policy, ticket::Pr
       key_(std::move(key)),
       audit_(std::move(audit)),
       registry_(cfg.lease_duration_s * 1000) {
+  if (!cfg.recording_policy_file.empty()) recording_policy_ = RecordingPolicy::load(cfg.recording_policy_file);
+  if (!cfg.recording_dir.empty()) recordings_ = RecordingStore(cfg.recording_dir, cfg.recording_max_bytes);
+  if (recording_policy_.records_anything() && !recordings_.enabled())
+    throw Error("--recording-policy-file records sessions: --recording-dir is required");
+  if (recording_policy_.largest_max_bytes() > cfg.recording_max_bytes)
+    throw Error("--recording-policy-file: a maxBytes is above --recording-max-bytes");
   grant_cfg_.issuer = cfg.issuer;
   grant_cfg_.kid = cfg.ticket_key_id;
   grant_cfg_.lifetime_s = cfg.ticket_lifetime_s;
@@ -195,6 +201,14 @@ Response Master::route(Ctx& ctx, const Request& req) {
     if (req.method == "DELETE") return node_delete(ctx, req, seg[4], seg[6]);
     return status_error(405, "use PUT (register/renew) or DELETE", "MethodNotAllowed");
   }
+  if (is({"apis", "shimlet.io", "v1", "nodes"}) && seg.size() == 7 && seg[5] == "recordings") {
+    if (req.method != "POST") return status_error(405, "use POST to upload a recording", "MethodNotAllowed");
+    return recording_upload(ctx, req, seg[4], seg[6]);
+  }
+  if (is({"apis", "shimlet.io", "v1", "sessions"}))  // recorded sessions (master/sessions.cc)
+    return sessions(ctx, req, "", {seg.begin() + 4, seg.end()});
+  if (is({"apis", "shimlet.io", "v1", "namespaces"}) && seg.size() >= 6 && seg[5] == "sessions")
+    return sessions(ctx, req, seg[4], {seg.begin() + 6, seg.end()});
   if (is({"apis", "shimlet.io", "v1", "nodes"}) && seg.size() == 7 && seg[5] == "sessions") {
     if (req.method != "POST") return status_error(405, "use POST to report a session end", "MethodNotAllowed");
     return session_end(ctx, req, seg[4], seg[6]);
@@ -282,6 +296,7 @@ Response Master::stream(Ctx& ctx, const Request& req, const std::string& ns, con
     ctx.ev["command"] = gr.command;
     ctx.ev["stdin"] = gr.stdin_;
     ctx.ev["tty"] = gr.tty;
+    apply_recording(ctx, gr, ns);
   } else {
     // kubectl names no ports and pods/portforward is not port-scoped: port 0 = any TCP port.
     gr.ports = {ticket::Port{0, "tcp"}};
@@ -359,6 +374,7 @@ Response Master::grant(Ctx& ctx, const Request& req, const std::string& ns, cons
     ctx.ev["command"] = gr.command;
     ctx.ev["stdin"] = gr.stdin_;
     ctx.ev["tty"] = gr.tty;
+    apply_recording(ctx, gr, ns);
   } else {
     json ports = json::array();
     for (const auto& p : gr.ports) ports.push_back({{"port", p.port}, {"proto", p.proto}});
@@ -473,6 +489,7 @@ Response Master::session_end(Ctx& ctx, const Request& req, const std::string& no
       return deny(ctx, "container " + cid->get<std::string>() + " is registered by node \"" + *owner + "\"");
     ev["container_registered"] = owner.has_value();
   }
+  if (json rec = recording_ref(j); !rec.is_null()) ev["recording"] = std::move(rec);
   audit_.write("session_end", ev);
   ctx.ev["reason"] = "session end recorded";
   return json_response(200, {{"kind", "Status"}, {"apiVersion", "v1"}, {"status", "Success"}, {"code", 200}});

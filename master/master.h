@@ -14,6 +14,8 @@
 #include "master/grant.h"
 #include "master/http.h"
 #include "master/rbac.h"
+#include "master/recording_policy.h"
+#include "master/recordings.h"
 #include "master/registry.h"
 #include "master/relay.h"
 #include "proto/tls.h"
@@ -34,6 +36,10 @@ struct Config {
   int64_t ticket_lifetime_s = 60;
   std::string kube_version = "v1.32.4";  // /version gitVersion (kubectl's dispatcher picks its client by it)
   Limits limits;
+  // Session recording (docs/recording.md): which execs the shims record, and
+  // where the master keeps what the nodes upload ("" = none).
+  std::string recording_policy_file, recording_dir;
+  uint64_t recording_max_bytes = 1ull << 30;  // the largest recording the store accepts
 };
 
 // Wall seconds (the ticket clock; the lease clock is common/clock.h monotonic_ms).
@@ -77,6 +83,12 @@ class Master {
   Response node_put(Ctx& ctx, const Request& req, const std::string& node, const std::string& id);
   Response node_delete(Ctx& ctx, const Request& req, const std::string& node, const std::string& id);
   Response session_end(Ctx& ctx, const Request& req, const std::string& node, const std::string& sid);
+  // Recorded sessions (master/sessions.cc).
+  Response recording_upload(Ctx& ctx, const Request& req, const std::string& node, const std::string& id);
+  Response sessions(Ctx& ctx, const Request& req, const std::string& ns, const std::vector<std::string>& rest);
+  nlohmann::json recording_ref(const nlohmann::json& record) const;
+  void apply_recording(Ctx& ctx, GrantRequest& gr, const std::string& ns) const;
+  static std::string sessions_forbidden(const Attributes& a);
   Grant allow(Ctx& ctx, const GrantRequest& gr, const Registration& target);
   Response deny(Ctx& ctx, const std::string& reason);
   std::optional<Response> require_node(Ctx& ctx, const std::string& node);
@@ -87,6 +99,8 @@ class Master {
   ticket::PrivateKey key_;
   AuditLog audit_;
   Registry registry_;
+  RecordingPolicy recording_policy_;
+  RecordingStore recordings_;
   GrantConfig grant_cfg_;
   proto::SslCtx relay_ctx_;  // TLS client context toward shims (fresh Ed25519 identity, ALPN http/1.1)
   std::string relay_jkt_;
