@@ -102,6 +102,25 @@ Invocation parse_args(const std::vector<std::string>& argv) {
       ->check(CLI::Range(1, 3600));
   pf->add_option("TARGET", pf_positional, "TARGET then [LOCAL:]REMOTE[/udp] ...");
 
+  // Recorded sessions, through the master (client/sessions.cc).
+  CLI::App* ss = app.add_subcommand("sessions", "List, play and export recorded exec sessions (through the master)");
+  ss->fallthrough();
+  ss->require_subcommand(1);
+  CLI::App* ss_list = ss->add_subcommand("list", "List recorded sessions (all namespaces unless -n)");
+  ss_list->fallthrough();
+  ss_list->add_option("--user", inv.sessions.user, "Only this user's sessions");
+  ss_list->add_option("-o,--output", inv.sessions.output, "table (default) or json")
+      ->check(CLI::IsMember({"table", "json"}));
+  CLI::App* ss_play = ss->add_subcommand("play", "Replay a recorded session on this terminal, with its timing");
+  ss_play->fallthrough();
+  ss_play->add_option("ID", inv.sessions.id, "Session id")->required();
+  ss_play->add_option("--speed", inv.sessions.speed, "Playback speed factor")->check(CLI::Range(0.01, 1000.0));
+  ss_play->add_option("--idle-time-limit", inv.sessions.idle_limit_s, "Cut longer pauses to this many seconds")
+      ->check(CLI::Range(0.0, 86400.0));
+  CLI::App* ss_export = ss->add_subcommand("export", "Write a recorded session's asciicast v2 file to stdout");
+  ss_export->fallthrough();
+  ss_export->add_option("ID", inv.sessions.id, "Session id")->required();
+
   std::vector<const char*> cargv;
   for (const auto& a : ours) cargv.push_back(a.c_str());
   try {
@@ -127,7 +146,7 @@ Invocation parse_args(const std::vector<std::string>& argv) {
           continue;
         }
         if (!a.empty() && a[0] != '-') {
-          what = "unknown command '" + a + "' (commands: exec, port-forward)";
+          what = "unknown command '" + a + "' (commands: exec, port-forward, sessions)";
           break;
         }
       }
@@ -153,6 +172,12 @@ Invocation parse_args(const std::vector<std::string>& argv) {
     if (!have_dashdash || inv.exec.command.empty())
       throw UsageError("exec: missing command: put it after --, as in 'shimctl exec " + inv.exec.target + " -- sh'");
     if (inv.ns.empty()) throw UsageError("exec: -n/--namespace is empty");
+  }
+  if (ss->parsed()) {
+    inv.verb = "sessions";
+    if (inv.local) throw UsageError("sessions: recordings are kept by the master; --local does not apply");
+    inv.sessions.action = ss_list->parsed() ? "list" : ss_play->parsed() ? "play" : "export";
+    if (!inv.exec.command.empty()) throw UsageError("sessions: unexpected arguments after --");
   }
   if (pf->parsed()) {
     inv.verb = "port-forward";

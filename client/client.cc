@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
       fputs(inv.help_text.c_str(), stdout);
       return 0;
     }
+    if (inv.verb == "sessions") return run_sessions(inv);
     if (inv.verb == "exec" && inv.local) return run_local_exec(inv);
     // A fresh key per run: the ticket binds it (cnf.jkt), TLS proves it. The
     // local socket (--local without --tls) has no TLS: no key, no cnf.

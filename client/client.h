@@ -67,6 +67,16 @@ struct PortForwardOptions {
 // default address list is {"localhost"}. Throws UsageError.
 void parse_port_forward(PortForwardOptions& pf, const std::vector<std::string>& positional);
 
+// `shimctl sessions list|play|export` (client/sessions.cc; docs/recording.md).
+struct SessionsOptions {
+  std::string action;       // "list" | "play" | "export"
+  std::string id;           // play, export
+  std::string user;         // list: --user filter
+  std::string output;       // list: -o table (default) | json
+  double speed = 1.0;       // play: --speed
+  double idle_limit_s = 0;  // play: --idle-time-limit (0 = keep every pause)
+};
+
 // kubectl's connection flags (master mode); empty = from the kubeconfig.
 struct MasterFlags {
   std::string server;       // --server https://HOST:PORT
@@ -96,9 +106,10 @@ struct Invocation {
   bool ns_set = false;  // -n given (else the kubeconfig context's namespace applies in master mode)
   MasterFlags master;
   ProxyMode proxy = ProxyMode::Auto;
-  std::string verb;  // "exec" | "port-forward"
+  std::string verb;  // "exec" | "port-forward" | "sessions"
   ExecOptions exec;
   PortForwardOptions pf;
+  SessionsOptions sessions;
 };
 
 // Parses argv (argv[0] is the program name). Throws UsageError.
@@ -247,6 +258,9 @@ int run_local_exec(const Invocation& inv);
 // command): cannot listen, connect or authenticate, the connection to the
 // shim lost, the --stdio tunnel failed: one line, exit kOwnErrorExit (255).
 int run_port_forward(const Grant& grant, const PortForwardOptions& pf, const proto::Identity& client);
+
+// `shimctl sessions ...` against the master; returns the exit status.
+int run_sessions(const Invocation& inv);
 
 // Whole program: parse, obtain the grant, run. Returns the exit status.
 int main(int argc, char** argv);
