@@ -218,6 +218,8 @@ Config parse_config(std::string_view text, const std::string& dir) {
       c.master = parse_master(v, str, abs_path, num);
     } else if (k == "isolation") {
       c.isolation = parse_isolation(v);
+    } else if (k == "recording") {
+      c.recording = parse_recording(v);
     } else if (k == "fail_container_on_error") {
       if (!v.is_boolean()) throw Error("hook config: fail_container_on_error must be a boolean");
       c.fail_container_on_error = v.get<bool>();

@@ -42,6 +42,18 @@ struct MasterConfig {
   int renew_interval_s = 20;  // keep below the master's renewIntervalSeconds (lease/3)
 };
 
+// The "recording" object of the hook config (docs/recording.md "On the
+// node"): where this node spools session recordings and the policy for
+// tickets minted with the node's local key (`shimctl --local`); tickets from
+// the master carry theirs ("rec" claim).
+struct RecordingConfig {
+  std::string dir;                        // the node's recording root; "" = STATE_DIR/recordings
+  std::string local = "none";             // local tickets: "none" | "tty" | "all"
+  bool fail_closed = true;                // local tickets' disk-full policy ("disk_full")
+  uint64_t max_bytes = 256ull << 20;      // per recording, unless the ticket says otherwise
+  uint64_t spool_max_bytes = 1ull << 30;  // the whole outbox (every container): above it, new recordings fail
+};
+
 // The hook config (deploy/hook.json documents it). Every field is optional.
 struct Config {
   std::string state_dir = "/run/shimlet";
@@ -73,7 +85,8 @@ struct Config {
   // with limits {"pids":N,"memory":BYTES,"cpu_weight":N}. Validated here.
   nlohmann::json isolation = nlohmann::json::object();
   std::optional<MasterConfig> master;  // no master: the node works with `shimctl --local` only
-  std::string config_path;             // absolute path of this config file ("" = defaults), for the renewer
+  RecordingConfig recording;
+  std::string config_path;  // absolute path of this config file ("" = defaults), for the renewer
 };
 
 inline constexpr size_t kMaxConfigBytes = 64 * 1024;
@@ -156,6 +169,26 @@ struct FlushResult {
   std::string error;  // why records were kept ("" = none kept)
 };
 FlushResult flush_session_ends(const Config& c, const std::string& id, size_t max, int budget_ms);
+
+// Session recordings on the node (hook/recordings.cc, docs/recording.md).
+RecordingConfig parse_recording(const nlohmann::json& v);
+std::string recording_root(const Config& c);
+// shim.json's "recording" object for container id.
+nlohmann::json recording_shim_json(const Config& c, const std::string& id);
+// createRuntime: the root and the container's directory (0700).
+void prepare_recordings(const Config& c, const std::string& id);
+// Finishes the recordings of killed sessions (marked incomplete) and, with a
+// master, uploads what is ready (docs/master-api.md "Recording upload"):
+// oldest first, in chunks, resuming from the size the master has, each
+// deleted once the master has it whole; 400/413 answers drop it (logged),
+// any other failure keeps the rest for the next try. With `sweep`, also the
+// recordings left by containers that are gone (their poststop ran out of
+// time or the master was down). Within budget_ms.
+struct RecordingFlush {
+  size_t sent = 0, dropped = 0, kept = 0;
+  std::string error;  // why recordings were kept
+};
+RecordingFlush flush_recordings(const Config& c, const std::string& id, int budget_ms, bool sweep);
 
 // The whole hook (argv, stdin, overall deadline); returns the exit code.
 int main(int argc, char** argv);

@@ -5,6 +5,7 @@
 //   state.cc         the state directory and its files (shim.json, registration.json)
 //   shim_process.cc  the shim's start (double fork, ready line), its stop, cleanup (one at a time)
 //   master_sync.cc   the master: register, unregister (poststop), renew, session end records
+//   recordings.cc    session recordings: the config, the container's spool, their sending
 //   cli.cc           argv, the OCI state on stdin, the overall deadline, the stage (or renew/cleanup ID)
 #pragma once
 #include <signal.h>
@@ -17,6 +18,10 @@
 
 #include "hook/hook.h"
 
+namespace shimlet::masterclient {
+struct Target;
+}
+
 namespace shimlet::hook {
 
 inline constexpr size_t kMaxStateBytes = 1 << 20;  // the OCI state on stdin
@@ -25,6 +30,7 @@ inline constexpr size_t kMaxRegistrationBytes = 256 * 1024;
 inline constexpr int kStdinTimeoutMs = 5000;
 inline constexpr size_t kEndsPerRenewal = 200;  // session end records posted per renewal (the rest: next tick)
 inline constexpr int kPoststopFlushMs = 2000;   // poststop's final flush: the runtime is waiting
+inline constexpr int kPoststopRecordingsMs = 5000;  // and its recordings' (what is left stays on the node)
 
 // For the SIGALRM deadline handler (cli.cc; async-signal-safe state only): a
 // shim being started is killed when the deadline strikes.
@@ -40,6 +46,10 @@ std::string now_rfc3339();
 void write_new_file(const std::string& path, std::string_view content, mode_t mode);
 // Creates STATE_DIR (0700) if missing; refuses one that is not a private directory of ours.
 void ensure_state_dir(const std::string& dir);
+
+// master_sync.cc
+// The master's address and this node's credential (files read now).
+masterclient::Target master_target(const MasterConfig& m);
 
 // keys.cc
 // STATE_DIR/local.key (created once) and local.pub; returns the public key PEM.

@@ -19,6 +19,13 @@ namespace {
 
 using nlohmann::json;
 
+std::string node_path(const MasterConfig& m, const std::string& id) {
+  return "/apis/shimlet.io/v1/nodes/" + masterclient::path_segment(m.node) + "/containers/" +
+         masterclient::path_segment(id);
+}
+
+}  // namespace
+
 // The master's address and our node credential, files read now (small, bounded).
 masterclient::Target master_target(const MasterConfig& m) {
   masterclient::Target t;
@@ -38,13 +45,6 @@ masterclient::Target master_target(const MasterConfig& m) {
   }
   return t;
 }
-
-std::string node_path(const MasterConfig& m, const std::string& id) {
-  return "/apis/shimlet.io/v1/nodes/" + masterclient::path_segment(m.node) + "/containers/" +
-         masterclient::path_segment(id);
-}
-
-}  // namespace
 
 json register_container(const Config& c, const std::string& id) {
   if (!c.master) throw Error("no master in the hook config");
@@ -114,6 +114,19 @@ int renew(const Config& c, const std::string& id) {
   if (!f.error.empty()) {
     log::error("posting session end records failed (kept for the next renewal)",
                {{"error", f.error}, {"posted", f.posted}, {"kept", f.kept}});
+    return 1;
+  }
+  // Then recordings (bigger, resumable), with what is left of the deadline.
+  RecordingFlush rf;
+  try {
+    rf = flush_recordings(c, id, c.master->timeout_ms + 4000 - static_cast<int>(monotonic_ms() - started), true);
+  } catch (const std::exception& e) {
+    rf.error = e.what();
+  }
+  if (rf.sent || rf.dropped) log::info("recordings sent to the master", {{"sent", rf.sent}, {"dropped", rf.dropped}});
+  if (!rf.error.empty()) {
+    log::error("sending recordings failed (kept for the next renewal)",
+               {{"error", rf.error}, {"sent", rf.sent}, {"kept", rf.kept}});
     return 1;
   }
   return 0;

@@ -241,6 +241,7 @@ Started start(const Config& c, const oci::State& st) {
   write_new_file(dir + "/tls.key", id.key_pem, 0600);
   write_new_file(dir + "/tls.crt", id.cert_pem, 0644);
   if (c.master && ::mkdir((dir + "/ends").c_str(), 0700) < 0) throw sys_error("mkdir " + dir + "/ends");
+  prepare_recordings(c, st.id);
   Started s;
   s.pin = proto::pin_of_cert_pem(id.cert_pem);
   s.pid_start_time = proc_start_time(st.pid);
@@ -330,6 +331,18 @@ void cleanup(const Config& c, const std::string& id) {
     } catch (const std::exception& e) {
       log::warn("session end records not delivered to the master", {{"error", e.what()}});
     }
+  }
+  // Recordings: the killed sessions' finished as incomplete, then sent while
+  // the runtime can wait; the rest stays in the recording root, where any
+  // later renewer on this node sends it (docs/recording.md).
+  try {
+    RecordingFlush f = flush_recordings(c, id, kPoststopRecordingsMs, false);
+    if (f.kept)
+      log::warn("recordings not delivered to the master yet (kept on the node for a later renewer)",
+                {{"kept", f.kept}, {"sent", f.sent}, {"error", f.error}});
+    ::rmdir((recording_root(c) + "/" + id).c_str());  // only when empty
+  } catch (const std::exception& e) {
+    log::warn("recordings not delivered to the master yet", {{"error", e.what()}});
   }
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);

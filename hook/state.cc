@@ -133,6 +133,8 @@ json shim_json(const Config& c, const oci::State& st, const std::string& dir,
     // Session end records for the master (docs/design.md "Session end records").
     j["ends_dir"] = dir + "/ends";
   }
+  // Session recordings (docs/recording.md): the container's spool and the local policy.
+  j["recording"] = recording_shim_json(c, st.id);
   // The Kubernetes front door refuses requests naming another pod/container.
   Names n = names ? *names : names_from(st.id, st.annotations);
   j["namespace"] = n.ns;
