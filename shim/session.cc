@@ -30,6 +30,7 @@
 #include "shim/gate.h"
 #include "shim/session_internal.h"
 #include "shim/session_k8s.h"
+#include "shim/session_recording.h"
 
 namespace shimlet::session {
 namespace {
@@ -95,6 +96,7 @@ Config load_config(const std::string& path) {
   c.preauth_max_connections = j.value("preauth_max_connections", c.preauth_max_connections);
   c.preauth_max_per_source = j.value("preauth_max_per_source", c.preauth_max_per_source);
   c.preauth_max_memory = j.value("preauth_max_memory", c.preauth_max_memory);
+  c.recording = parse_recording_settings(j.value("recording", nlohmann::json::object()));
   return c;
 }
 
@@ -159,6 +161,7 @@ void Context::write_end_record() {
   if (end_exit_) r["exit_code"] = *end_exit_;
   if (end_signal_) r["signal"] = end_signal_;
   if (!end_error_.empty()) r["error"] = end_error_.substr(0, 1000);
+  if (!end_recording_.is_null()) r["recording"] = end_recording_;
   for (const std::string& gone : masterclient::spool::write(cfg_.ends_dir, sid_, r))
     log::warn("session end outbox full: dropped the oldest record",
               {{"dropped_session", gone}, {"limit", masterclient::spool::kMaxPending}});

@@ -19,6 +19,16 @@
 
 namespace shimlet::session {
 
+// shim.json "recording" (docs/recording.md "On the node"), read by
+// parse_recording_settings (session_recording.h).
+struct RecordingSettings {
+  std::string dir, root;                  // the container's spool, the node's recording root ("" = cannot record)
+  std::string local = "none";             // tickets signed with local.key: "none" | "tty" | "all"
+  bool fail_closed = true;                // their disk-full policy
+  uint64_t max_bytes = 256ull << 20;      // per recording, when the ticket names none
+  uint64_t spool_max_bytes = 1ull << 30;  // the node's whole outbox
+};
+
 struct Config {
   std::string id;    // container id (tickets' aud)
   std::string node;  // this node's name (hook master.node); empty: no master, not checked
@@ -41,6 +51,7 @@ struct Config {
   size_t preauth_max_connections = 4096;
   size_t preauth_max_per_source = 2048;
   size_t preauth_max_memory = 32u << 20;
+  RecordingSettings recording;
 };
 Config load_config(const std::string& path);
 
@@ -108,6 +119,8 @@ class Context {
   void note_error(const std::string& error) {
     if (end_error_.empty()) end_error_ = error;
   }
+  // The exec's recording for the end record ("recording": id, bytes, complete, ...).
+  void note_recording(nlohmann::json r) { end_recording_ = std::move(r); }
 
  protected:
   event_base* base_;
@@ -129,6 +142,7 @@ class Context {
   std::optional<int> end_exit_;
   int end_signal_ = 0;
   std::string end_error_;
+  nlohmann::json end_recording_;
 };
 
 // What main() drives once TLS is up: the native HTTP/2 Session (ALPN h2) or

@@ -19,6 +19,7 @@
 #include "common/log.h"
 #include "proto/frames.h"
 #include "shim/session_internal.h"
+#include "shim/session_recording.h"
 
 namespace shimlet::session {
 namespace {
@@ -41,9 +42,10 @@ std::string sanitize_term(const std::string& t) {
 struct ExecEngine::Impl {
   Impl(Context& ctx, ExecSink& sink) : ctx_(ctx), sink_(sink) {}
   ~Impl() {
-    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_})
+    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_, ev_rec_wait_})
       if (e) event_free(e);
     kill_all();
+    rec_.reset();  // an unfinished recording is marked incomplete (before the end record)
     // The session's end record (written by the Context) counts every transport's exec here.
     ctx_.add_bytes(bytes_in_, static_cast<uint64_t>(bytes_out_ + bytes_err_));
   }
@@ -78,6 +80,20 @@ struct ExecEngine::Impl {
     // process never blocks on it and the exit drain works the same.
     keep_stdout_ = spec.stdout_;
     keep_stderr_ = spec.stderr_;
+    // Recording (docs/recording.md): before anything runs, so that
+    // fail-closed refuses the exec when the recording cannot be written.
+    try {
+      rec_ = ExecRecording::begin(ctx_, spec, claims, [this](const std::string& why) { recording_failed(why); });
+    } catch (const RecordingRefused& e) {
+      log::audit("exec.start",
+                 {{"command", spec.argv}, {"tty", spec.tty}, {"stdin", spec.stdin_}, {"error", e.what()}});
+      sink_.on_started(0);
+      ExecResult r;
+      r.exit_code = 126;
+      r.killed = "recording";
+      r.error = e.what();
+      return finish_with(r);
+    }
     nsenter::Request req;
     req.argv = spec.argv;
     nsenter::Stdio io;
@@ -150,6 +166,7 @@ struct ExecEngine::Impl {
       sink_.on_stdin_consumed(len);  // nowhere to go: dropped, like a closed pipe
       return;
     }
+    if (rec_) rec_->input(reinterpret_cast<const char*>(data), len, tty_ ? out_fd_.get() : -1);
     stdin_buf_.append(reinterpret_cast<const char*>(data), len);
     bytes_in_ += len;
     flush_stdin();
@@ -164,6 +181,7 @@ struct ExecEngine::Impl {
     if (!tty_ || !out_fd_ || finished_) return;
     winsize ws{std::max<uint16_t>(rows, 1), std::max<uint16_t>(cols, 1), 0, 0};
     ioctl(out_fd_.get(), TIOCSWINSZ, &ws);
+    if (rec_) rec_->resize(ws.ws_col, ws.ws_row);
   }
 
   void resume_output() {
@@ -178,6 +196,7 @@ struct ExecEngine::Impl {
     finished_ = true;
     log::audit("session.end", {{"reason", why}, {"killed", true}});
     ctx_.note_error("session ended: " + why);
+    if (rec_) rec_->abort(why);
     for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_})
       if (e) event_del(e);
     kill_all();
@@ -195,8 +214,15 @@ struct ExecEngine::Impl {
         pause_reading();
         return;
       }
+      // The recording's writer is behind the disk: wait for it as for a slow client.
+      if (!force && rec_ && rec_->backlog_high()) {
+        pause_reading();
+        wait_for_recording();
+        return;
+      }
       ssize_t n = ::read(fd, buf, sizeof buf);
       if (n > 0) {
+        if (rec_) rec_->output(is_err ? 2 : 1, buf, static_cast<size_t>(n));
         if (is_err) {
           bytes_err_ += n;
           if (keep_stderr_) sink_.on_output(2, buf, static_cast<size_t>(n));
@@ -230,6 +256,30 @@ struct ExecEngine::Impl {
     if (ev_out_ && !out_eof_) event_del(ev_out_);
     if (ev_err_ && !err_eof_) event_del(ev_err_);
     paused_ = true;
+  }
+
+  // Polls (every 5 ms) until the recording's backlog is below its high water.
+  void wait_for_recording() {
+    if (!ev_rec_wait_) ev_rec_wait_ = evtimer_new(ctx_.base(), on_rec_wait, this);
+    timeval tv{0, 5000};
+    evtimer_add(ev_rec_wait_, &tv);
+  }
+  static void on_rec_wait(evutil_socket_t, short, void* arg) {
+    auto* self = static_cast<Impl*>(arg);
+    if (self->finished_) return;
+    if (self->rec_ && self->rec_->backlog_high()) return self->wait_for_recording();
+    self->resume_output();
+  }
+
+  // Fail-closed: the recording cannot be written while the command runs.
+  void recording_failed(const std::string& why) {
+    if (finished_) return;
+    ExecResult r;
+    r.signal = SIGKILL;
+    r.exit_code = 128 + SIGKILL;
+    r.error = why;
+    r.killed = "recording";
+    finish_with(r);
   }
 
   static void on_writable(evutil_socket_t, short, void* arg) { static_cast<Impl*>(arg)->flush_stdin(); }
@@ -315,7 +365,8 @@ struct ExecEngine::Impl {
     if (conf_) conf_->usage_into(rec);
     log::audit("session.end", rec);
     ctx_.note_exit(r.exit_code, r.signal, r.error);
-    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_})
+    if (rec_) rec_->end(r);
+    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_, ev_rec_wait_})
       if (e) event_del(e);
     in_fd_.reset();
     out_fd_.reset();
@@ -340,10 +391,11 @@ struct ExecEngine::Impl {
   ExecSink& sink_;
   bool tty_ = false, stdin_ = false, keep_stdout_ = true, keep_stderr_ = true;
   nsenter::Spawned proc_;
-  std::optional<Confinement> conf_;  // the session's cgroup, label, Landlock (outlives proc_'s kill)
+  std::optional<Confinement> conf_;     // the session's cgroup, label, Landlock (outlives proc_'s kill)
+  std::unique_ptr<ExecRecording> rec_;  // the exec's recording, when it is recorded (docs/recording.md)
   Fd in_fd_, out_fd_, err_fd_;
   event *ev_out_ = nullptr, *ev_err_ = nullptr, *ev_in_ = nullptr, *ev_exit_ = nullptr, *ev_drain_ = nullptr,
-        *ev_watch_ = nullptr;
+        *ev_watch_ = nullptr, *ev_rec_wait_ = nullptr;
   std::string stdin_buf_;
   bool stdin_eof_ = false, stdin_closed_ = false, paused_ = false;
   bool out_eof_ = false, err_eof_ = false, exited_ = false, finished_ = false;
