@@ -1,0 +1,486 @@
+"""Session recording and replay (docs/recording.md) end to end: a real master
+with a recording policy and store, real runc containers whose sessions record
+to the node's spool, the hook's renewer and poststop shipping the recordings,
+and `shimctl sessions` (list, play, export) reading them back; asciinema (from
+Debian) plays the exported file too. One master and one container are shared;
+the tests that kill a shim or a container, or fill a disk, bring their own."""
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+
+import pyte
+import pytest
+
+from containers import Container
+from master_env import NODE, SHIMCTL, TOKENS, MasterEnv, wait_for
+from test_exec import Pty
+
+# alice's sessions: fail-closed; carol's: fail-open; namespace "quiet": none.
+POLICY = """
+apiVersion: shimlet.io/v1
+kind: RecordingPolicy
+default: none
+rules:
+- namespaces: [quiet]
+  record: none
+- users: [carol]
+  record: all
+  diskFull: fail-open
+- namespaces: [default]
+  record: all
+  diskFull: fail-closed
+"""
+
+# Who may read recordings: alice everywhere (ClusterRoleBinding), carol only
+# in "default" (RoleBinding: no list across namespaces), dave nothing. And
+# alice may exec in namespace "quiet" (not recorded by the policy).
+RBAC = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: quiet-exec
+  namespace: quiet
+rules:
+- apiGroups: [""]
+  resources: ["pods", "pods/exec"]
+  verbs: ["get", "list", "create"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: quiet-exec
+  namespace: quiet
+subjects:
+- kind: User
+  name: alice
+roleRef:
+  kind: Role
+  name: quiet-exec
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: session-viewer
+rules:
+- apiGroups: ["shimlet.io"]
+  resources: ["sessions"]
+  verbs: ["get", "list"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: alice-sessions
+subjects:
+- kind: User
+  name: alice
+roleRef:
+  kind: ClusterRole
+  name: session-viewer
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: carol-sessions
+  namespace: default
+subjects:
+- kind: User
+  name: carol
+roleRef:
+  kind: ClusterRole
+  name: session-viewer
+"""
+
+# asciicast data back to bytes: U+EF80..U+EFFF are raw bytes 0x80..0xFF,
+# which Python's surrogateescape writes for U+DC80..U+DCFF.
+_RAW = {0xEF00 + b: 0xDC00 + b for b in range(0x80, 0x100)}
+
+
+def data_bytes(s):
+    return s.translate(_RAW).encode("utf-8", "surrogateescape")
+
+
+def parse_cast(raw):
+    lines = raw.split(b"\n")
+    assert lines[-1] == b"", "a recording ends with a newline"
+    header = json.loads(lines[0])
+    events = [json.loads(l) for l in lines[1:-1]]
+    return header, events
+
+
+def stream(events, code):
+    return b"".join(data_bytes(d) for _, c, d in events if c == code)
+
+
+def replay_screen(header, events):
+    """The screen a terminal of the header's size shows after the output
+    events, resized where the recording says."""
+    screen = pyte.Screen(header["width"], header["height"])
+    st = pyte.ByteStream(screen)
+    for _, c, d in events:
+        if c == "o":
+            st.feed(data_bytes(d))
+        elif c == "r":
+            cols, rows = d.split("x")
+            screen.resize(int(rows), int(cols))
+    return [l.rstrip() for l in screen.display]
+
+
+@pytest.fixture(scope="module")
+def env():
+    files = tempfile.mkdtemp(prefix="rec-e2e-files-")
+    pol, rbac = os.path.join(files, "policy.yaml"), os.path.join(files, "rbac-sessions.yaml")
+    with open(pol, "w") as f:
+        f.write(POLICY)
+    with open(rbac, "w") as f:
+        f.write(RBAC)
+    store = os.path.join(files, "store")
+    e = MasterEnv(extra_args=["--authorization-policy-file", rbac, "--recording-policy-file", pol,
+                              "--recording-dir", store])
+    e.store = store
+    e.kc_alice = e.kubeconfig("kc-alice.yaml", user="alice")
+    e.kc_carol = e.kubeconfig("kc-carol.yaml", user="carol")
+    e.rec_root = os.path.join(e.dir, "recordings")
+    write_config(e, e.hook_config, {"dir": e.rec_root})
+    try:
+        yield e
+    finally:
+        e.cleanup()
+        shutil.rmtree(files, ignore_errors=True)
+
+
+def write_config(env, path, recording, **master):
+    env.write_hook_config(path, env.state, env.url)
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["recording"] = recording
+    cfg["master"].update(master)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.fixture(scope="module")
+def pod(env):
+    name = "rec-" + uuid.uuid4().hex[:6]
+    c = env.container(name)
+    c.pod = name
+    return c
+
+
+def as_alice(env, *args, **kw):
+    return env.shimctl("--kubeconfig", env.kc_alice, *args, **kw)
+
+
+def grant_sid(env, cmd):
+    return [l for l in env.audit_lines() if l.get("resource") == "pods/exec" and l.get("command") == cmd][-1][
+        "session_id"]
+
+
+def stored(env, sid, timeout=30):
+    """The recording's metadata once the master has it whole."""
+    def got():
+        st, m = env.get(f"/apis/shimlet.io/v1/sessions/{sid}")
+        return m if st == 200 else None
+    return wait_for(got, timeout, f"recording {sid} at the master", interval=0.2)
+
+
+def export(env, sid):
+    p = as_alice(env, "sessions", "export", sid)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def node_end(env, sid):
+    return wait_for(lambda: [l for l in env.audit_lines() if l["event"] == "session_end" and
+                             l.get("session_id") == sid and l.get("via") == "node"], 15, "the node's session end")[0]
+
+
+# ---------------------------------------------------------------- tty
+
+def test_tty_session_plays_back_to_the_same_screen(env, pod):
+    """Typed input, a resize and output through the master: the recording
+    replays (here, in shimctl's player and in asciinema) to the screen the
+    user saw, byte for byte; typed input the terminal showed is not recorded
+    again, input at a hidden prompt once."""
+    t = Pty(["env", "HOME=" + env.home, SHIMCTL, "--kubeconfig", env.kc_alice, "exec", "-it", pod.pod, "--", "sh"],
+            30, 90)
+    # The user's terminal: it answers the shell's cursor position queries
+    # (busybox ash asks after each prompt), as a real one does.
+    screen = pyte.Screen(90, 30)
+    term = pyte.ByteStream(screen)
+    screen.write_process_input = lambda data: os.write(t.master, data.encode())
+    fed = [0]
+
+    def shown(pred):
+        def check(o):
+            term.feed(o[fed[0]:])
+            fed[0] = len(o)
+            return pred(o)
+        return check
+
+    prompt = lambda o: o.rstrip().endswith(b"#") or o.endswith(b"# \x1b[6n")
+    try:
+        t.read_until(shown(prompt))
+        os.write(t.master, b"echo one-$((6*7))\r")
+        t.read_until(shown(lambda o: b"one-42" in o and prompt(o)))
+        os.write(t.master, b"stty -echo; printf pw:; read SECRET; stty echo; echo got-${#SECRET}\r")
+        t.read_until(shown(lambda o: o.endswith(b"pw:")))  # echo is off now: a hidden prompt
+        os.write(t.master, b"hunter2\r")
+        t.read_until(shown(lambda o: b"got-7" in o and prompt(o)))
+        mark = len(t.out)
+        t.set_size(40, 100)  # the kernel sends shimctl SIGWINCH
+        screen.resize(40, 100)
+        os.write(t.master, b"stty size; printf '\\033[1;31mred\\033[0m\\n'\r")
+        t.read_until(shown(lambda o: b"40 100" in o[mark:] and b"red" in o[mark:] and prompt(o)))
+        os.write(t.master, b"exit 3\r")
+        t.read_until(shown(lambda o: o.endswith(b"exit 3\r\n")))
+        assert t.wait() == 3
+    finally:
+        t.close()
+    live = t.out
+    term.feed(live[fed[0]:])
+    want = [l.rstrip() for l in screen.display]
+    assert any("one-42" in l for l in want) and any("got-7" in l for l in want), want
+
+    sid = grant_sid(env, ["sh"])
+    meta = stored(env, sid)
+    assert meta["complete"] and meta["tty"] and meta["end"] == "end: exit code 3", meta
+    assert (meta["user"], meta["pod"], meta["container"], meta["node"]) == ("alice", pod.pod, "app", NODE), meta
+    raw = export(env, sid)
+    assert len(raw) == meta["bytes"]
+    header, events = parse_cast(raw)
+    s = header["shimlet"]
+    assert (header["width"], header["height"]) == (90, 30), header
+    assert s["session_id"] == sid and s["user"] == "alice" and s["command"] == ["sh"] and s["pod"] == pod.pod, s
+    assert s["container_id"] == pod.id and s["jti"] and s["start"] and s["tty"], s
+    # What the terminal showed, exactly; the resize where it happened.
+    out = stream(events, "o")
+    assert out == live
+    at = len(b"".join(data_bytes(d) for _, c, d in events[:[c for _, c, _ in events].index("r")] if c == "o"))
+    assert at == mark and [c for _, c, _ in events].count("r") == 1
+    assert replay_screen(header, events) == want
+    # The echo rule: only what was typed at the hidden prompt, once.
+    assert stream(events, "i") == b"hunter2\r", events
+    # Byte counts match the session's (the node's session end record).
+    end = node_end(env, sid)
+    assert meta["out_bytes"] == end["bytes_out"] == len(out), (meta, end)
+    assert end["recording"]["id"] == sid and end["recording"]["complete"], end
+    assert end["recording"]["path"] == os.path.join(env.store, "default", sid + ".cast"), end
+
+    # Players write exactly the output events, with their timing.
+    t0 = time.monotonic()
+    p = as_alice(env, "sessions", "play", "--idle-time-limit", "0.2", sid, timeout=60)
+    assert p.returncode == 0 and p.stderr == b"", p.stderr
+    assert p.stdout == out
+    # Paused between events as recorded (each pause cut to 0.2 s), not dumped at once.
+    times = [e[0] for e in events if e[1] == "o"]
+    paced = sum(min(b - a, 0.2) for a, b in zip([0.0] + times, times))
+    assert paced > 0.05 and time.monotonic() - t0 >= paced, (paced, time.monotonic() - t0)
+    cast = os.path.join(env.dir, sid + ".cast")
+    with open(cast, "wb") as f:
+        f.write(raw)
+    a = subprocess.run(["asciinema", "play", "-s", "20", "-i", "0.2", cast], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert a.returncode == 0 and a.stdout == out, a.stderr
+
+
+# ---------------------------------------------------------------- non-tty
+
+@pytest.mark.slow
+def test_non_tty_50mb_reassembles_to_the_same_checksum(env, pod):
+    cmd = ["sh", "-c", "cat; head -c 50000000 /dev/urandom; echo to-stderr >&2"]
+    stdin = b"typed \x00\xff\xfe bytes\n"
+    p = as_alice(env, "exec", "-i", pod.pod, "--", *cmd, stdin=None, input=stdin, timeout=300)
+    assert p.returncode == 0, p.stderr[-500:]
+    assert len(p.stdout) == len(stdin) + 50000000 and p.stderr == b"to-stderr\n"
+    sid = grant_sid(env, cmd)
+    meta = stored(env, sid, timeout=120)
+    assert meta["complete"] and not meta["truncated"] and not meta["tty"], meta
+    assert meta["out_bytes"] == len(p.stdout) and meta["in_bytes"] == len(stdin) and meta["err_bytes"] == 10, meta
+    header, events = parse_cast(export(env, sid))
+    assert hashlib.sha256(stream(events, "o")).hexdigest() == hashlib.sha256(p.stdout).hexdigest()
+    assert stream(events, "i") == stdin and stream(events, "e") == b"to-stderr\n"
+    assert (header["width"], header["height"]) == (80, 24) and "r" not in {c for _, c, _ in events}
+    # shimctl's player gives stdout and stderr back as they were.
+    pl = as_alice(env, "sessions", "play", "--speed", "1000", sid, timeout=300)
+    assert pl.returncode == 0 and pl.stderr == b"to-stderr\n", pl.stderr[-300:]
+    assert hashlib.sha256(pl.stdout).hexdigest() == hashlib.sha256(p.stdout).hexdigest()
+    end = node_end(env, sid)
+    assert end["bytes_out"] == len(p.stdout) + 10 and end["recording"]["bytes"] == meta["bytes"], end
+    # Nothing left on the node once the master has it.
+    wait_for(lambda: not os.listdir(os.path.join(env.rec_root, pod.id)), 10, "the node's spool emptied")
+
+
+def test_policy_none_records_nothing(env):
+    """Namespace "quiet" is not recorded: no claim in the ticket, no file."""
+    name = "quiet-" + uuid.uuid4().hex[:6]
+    hook = lambda stage: [{"path": os.path.join(os.path.dirname(SHIMCTL), "shimlet-hook"),
+                           "args": ["shimlet-hook", "--config", env.hook_config, stage]}]
+
+    def edit(cfg):
+        cfg["annotations"] = {"io.kubernetes.pod.name": name, "io.kubernetes.pod.namespace": "quiet",
+                              "io.kubernetes.container.name": "app"}
+
+    c = Container(hooks={"createRuntime": hook("createRuntime"), "poststop": hook("poststop")}, edit=edit)
+    env.containers.append(c)
+    c.start()
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(env.state, c.id, "registration.json")), 5, "registration")
+        cmd = ["sh", "-c", "echo not-recorded"]
+        p = as_alice(env, "exec", "-it", "-n", "quiet", name, "--", *cmd)
+        assert p.returncode == 0 and p.stdout == b"not-recorded\r\n", p.stderr
+        sid = grant_sid(env, cmd)
+        grant = [l for l in env.audit_lines() if l.get("session_id") == sid and l.get("resource") == "pods/exec"][-1]
+        assert "recording" not in grant, grant
+        assert "recording" not in node_end(env, sid)
+        assert os.listdir(os.path.join(env.rec_root, c.id)) == []
+        assert env.get(f"/apis/shimlet.io/v1/sessions/{sid}")[0] == 404
+    finally:
+        c.stop()
+
+
+# ---------------------------------------------------------------- killed sessions
+
+def _session_recording(rec_dir):
+    """(pid, path) of the shimlet-session holding a .rec of rec_dir open."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if not open(f"/proc/{pid}/comm").read().startswith("shimlet-sess"):
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                t = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if t.startswith(rec_dir + "/") and t.endswith(".rec"):
+                    return int(pid), t
+    return None
+
+
+@pytest.mark.parametrize("victim", ["session", "shim", "container"])
+def test_killed_session_recording_reaches_the_master_incomplete(env, victim):
+    name = f"kill-{victim[:4]}-" + uuid.uuid4().hex[:6]
+    c = env.container(name)
+    cmd = ["sh", "-c", f"echo before-the-{victim}-dies; sleep 1000"]
+    p = subprocess.Popen([SHIMCTL, "--kubeconfig", env.kc_alice, "exec", name, "--", *cmd],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOME": env.home})
+    try:
+        assert p.stdout.readline() == f"before-the-{victim}-dies\n".encode()
+        rec_dir = os.path.join(env.rec_root, c.id)
+        pid, path = wait_for(lambda: _session_recording(rec_dir), 5, "the session's recording")
+        if victim == "session":
+            os.kill(pid, signal.SIGKILL)
+        elif victim == "shim":
+            os.kill(env.registration(c.id)["shim_pid"], signal.SIGKILL)
+        else:
+            c.runc("kill", c.id, "KILL")
+        assert p.wait(timeout=15) != 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        c.stop()  # poststop: finishes the .rec as incomplete and sends it
+    sid = grant_sid(env, cmd)
+    meta = stored(env, sid)
+    assert not meta["complete"] and meta["end"].startswith("incomplete: "), meta
+    _, events = parse_cast(export(env, sid))
+    assert stream(events, "o") == f"before-the-{victim}-dies\n".encode(), events
+    assert not os.path.exists(os.path.join(env.rec_root, c.id)), "poststop left the container's spool"
+
+
+# ---------------------------------------------------------------- disk full
+
+@pytest.fixture
+def small_disk(env):
+    """The node's recording root on a 1 MiB tmpfs, and a container using it."""
+    mnt = tempfile.mkdtemp(prefix="rec-tmpfs-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", mnt], check=True)
+    c = None
+    try:
+        cfg = env.path("hook-small-disk.json")
+        write_config(env, cfg, {"dir": mnt})
+        name = "full-" + uuid.uuid4().hex[:6]
+        c = env.container(name, config=cfg)
+        c.pod, c.mnt = name, mnt
+        yield c
+    finally:
+        if c:
+            c.stop()
+        subprocess.run(["umount", "-l", mnt], check=False)
+        os.rmdir(mnt)
+
+
+def test_disk_full_policies(env, small_disk):
+    c = small_disk
+    two_mb = ["sh", "-c", "head -c 2000000 /dev/zero | tr '\\0' x; echo; echo done"]
+    # fail-closed (alice): the session ends with a clear message.
+    p = as_alice(env, "exec", c.pod, "--", *two_mb)
+    assert p.returncode == 254, (p.returncode, p.stderr)
+    assert b"recording" in p.stderr and b"No space left on device" in p.stderr, p.stderr
+    assert len(p.stdout) < 2000000
+    meta = stored(env, grant_sid(env, two_mb))  # what was written reaches the master, incomplete
+    assert not meta["complete"], meta
+    # fail-open (carol): the session goes on, unrecorded past the failure.
+    wait_for(lambda: not os.listdir(os.path.join(c.mnt, c.id)), 15, "the small disk emptied")
+    cmd = two_mb[:2] + [two_mb[2] + " "]  # another command line, to find its grant
+    p = env.shimctl("--kubeconfig", env.kc_carol, "exec", c.pod, "--", *cmd)
+    assert p.returncode == 0 and p.stdout.endswith(b"done\n") and len(p.stdout) == 2000006, p.stderr
+    meta = stored(env, grant_sid(env, cmd))
+    assert not meta["complete"] and meta["user"] == "carol", meta
+    log = open(os.path.join(env.state, c.id, "shim.log")).read()
+    assert "recording.failed" in log, log[-2000:]
+    # fail-closed when the disk is full before the command starts: it never runs.
+    wait_for(lambda: not os.listdir(os.path.join(c.mnt, c.id)), 15, "the small disk emptied")
+    filler = os.path.join(c.mnt, "filler")
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4096"], stderr=subprocess.DEVNULL)
+    try:
+        cmd = ["sh", "-c", "touch /ran; echo ran"]
+        p = as_alice(env, "exec", c.pod, "--", *cmd)
+        assert p.returncode == 254 and p.stdout == b"", (p.returncode, p.stdout, p.stderr)
+        assert b"recording" in p.stderr, p.stderr
+        assert c.exec("test", "-e", "/ran").returncode == 1, "the command ran"
+    finally:
+        os.unlink(filler)
+
+
+# ---------------------------------------------------------------- RBAC and audit
+
+def test_reading_recordings_needs_rbac_and_is_audited(env, pod):
+    cmd = ["sh", "-c", "echo for-the-record"]
+    assert as_alice(env, "exec", pod.pod, "--", *cmd).returncode == 0
+    sid = grant_sid(env, cmd)
+    stored(env, sid)
+    # alice: list (all namespaces, filtered), get.
+    p = as_alice(env, "sessions", "list", "--user", "alice", "-o", "json")
+    assert p.returncode == 0, p.stderr
+    items = json.loads(p.stdout)["items"]
+    assert sid in [i["id"] for i in items] and {i["user"] for i in items} == {"alice"}, items
+    p = as_alice(env, "sessions", "list")
+    assert p.returncode == 0 and re.search(rb"^" + sid.encode() + rb" +default +" + pod.pod.encode(), p.stdout,
+                                          re.M), p.stdout
+    # carol: only in "default".
+    carol = ["--kubeconfig", env.kc_carol]
+    assert env.shimctl(*carol, "sessions", "list", "-n", "default").returncode == 0
+    p = env.shimctl(*carol, "sessions", "list")
+    assert p.returncode == 255 and b"cannot list resource \"sessions\"" in p.stderr, p.stderr
+    assert env.shimctl(*carol, "sessions", "export", sid).returncode == 0
+    # dave: nothing, and no way to tell a real id from a made-up one.
+    dave = ["--server", env.url, "--certificate-authority", env.ca, "--token", TOKENS["dave"]]
+    for args in (["list"], ["list", "-n", "default"], ["play", sid], ["export", sid], ["export", "no-such-id"]):
+        p = env.shimctl(*dave, "sessions", *args)
+        assert p.returncode == 255 and b"forbidden" in p.stderr, (args, p.stderr)
+    lines = [l for l in env.audit_lines() if l.get("resource") == "sessions"]
+    assert [l for l in lines if l["user"] == "dave" and l["verb"] == "list" and l["decision"] == "deny"], lines
+    assert [l for l in lines if l["user"] == "dave" and l["verb"] == "get" and l.get("session") == sid and
+            l["decision"] == "deny"], lines
+    ok = [l for l in lines if l["user"] == "alice" and l["verb"] == "list" and l["decision"] == "allow"]
+    assert ok and ok[-1]["count"] >= 1 and ok[-1]["code"] == 200, ok
+    # The upload itself is the node's, and only the node's.
+    st, _ = env.get(f"/apis/shimlet.io/v1/nodes/{NODE}/recordings/{sid}")
+    assert st == 405
