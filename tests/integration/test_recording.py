@@ -237,6 +237,8 @@ def test_tty_session_plays_back_to_the_same_screen(env, pod):
         mark = len(t.out)
         t.set_size(40, 100)  # the kernel sends shimctl SIGWINCH
         screen.resize(40, 100)
+        # The shell redraws its prompt line once the resize reached the container.
+        t.read_until(shown(lambda o: b"\r/ # \x1b[J" in o[mark:]))
         os.write(t.master, b"stty size; printf '\\033[1;31mred\\033[0m\\n'\r")
         t.read_until(shown(lambda o: b"40 100" in o[mark:] and b"red" in o[mark:] and prompt(o)))
         os.write(t.master, b"exit 3\r")
