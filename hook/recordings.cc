@@ -14,6 +14,7 @@
 #include "common/log.h"
 #include "hook/internal.h"
 #include "masterclient/masterclient.h"
+#include "masterclient/spool.h"
 #include "recording/spool.h"
 
 namespace shimlet::hook {
@@ -42,13 +43,10 @@ enum class Sent { Done, Dropped, Kept, Busy };
 // Uploads one finished recording; `error` says why it was kept.
 Sent send_one(const Config& c, masterclient::Target& t, const recording::spool::Ready& r, int64_t deadline,
               std::string& error) {
-  Fd fd(::open(r.path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
-  if (!fd) {
-    if (errno == ENOENT) return Sent::Busy;  // another sender finished it
-    throw sys_error("open " + r.path);
-  }
-  // Another sender (the renewer and poststop, two renewers sweeping) has it.
-  if (::flock(fd.get(), LOCK_EX | LOCK_NB) < 0) return Sent::Busy;
+  // Gone, or another sender (the renewer and poststop, two renewers sweeping) has it.
+  std::optional<Fd> locked = masterclient::spool::lock_if_free(r.path, O_RDONLY);
+  if (!locked) return Sent::Busy;
+  Fd fd = std::move(*locked);
   struct stat st {};
   if (::fstat(fd.get(), &st) < 0) throw sys_error("fstat " + r.path);
   if (st.st_nlink == 0) return Sent::Busy;  // unlinked by the sender we waited for

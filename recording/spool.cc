@@ -98,15 +98,9 @@ Finished finish_orphans(const std::string& dir, std::string_view why) {
   Finished res;
   for (const Entry& e : scan(dir, ".rec")) {
     const std::string rec = dir + "/" + e.id + ".rec", cast = dir + "/" + e.id + ".cast";
-    Fd fd(::open(rec.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
-    if (!fd) {
-      if (errno == ENOENT) continue;  // its session just finished it
-      throw sys_error("open " + rec);
-    }
-    if (::flock(fd.get(), LOCK_EX | LOCK_NB) < 0) {
-      if (errno == EWOULDBLOCK) continue;  // a live session
-      throw sys_error("flock " + rec);
-    }
+    std::optional<Fd> locked = masterclient::spool::lock_if_free(rec, O_RDWR);
+    if (!locked) continue;  // a live session's (or finished just now)
+    Fd fd = std::move(*locked);
     struct stat st {};
     if (::fstat(fd.get(), &st) < 0) throw sys_error("fstat " + rec);
     // A session killed in the middle of a write leaves half a line.

@@ -116,20 +116,27 @@ void remove_open(const std::string& dir, const std::string& sid) {
   if (::unlink(path.c_str()) < 0 && errno != ENOENT) throw sys_error("unlink " + path);
 }
 
+std::optional<Fd> lock_if_free(const std::string& path, int flags) {
+  Fd fd(::open(path.c_str(), flags | O_CLOEXEC | O_NOFOLLOW));
+  if (!fd) {
+    if (errno == ENOENT) return std::nullopt;  // its session (or another sender) just finished it
+    throw sys_error("open " + path);
+  }
+  if (::flock(fd.get(), LOCK_EX | LOCK_NB) < 0) {
+    if (errno == EWOULDBLOCK) return std::nullopt;  // held: a live session, or another sender
+    throw sys_error("flock " + path);
+  }
+  return fd;
+}
+
 Promoted promote_orphans(const std::string& dir, const std::function<void(nlohmann::json&)>& finish) {
   Promoted res;
   for (const Entry& e : scan(dir, kOpenSuffix)) {
     const std::string sid = e.name.substr(0, e.name.size() - kOpenSuffix.size());
     const std::string path = dir + "/" + e.name;
-    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
-    if (!fd) {
-      if (errno == ENOENT) continue;  // its session just ended normally
-      throw sys_error("open " + path);
-    }
-    if (::flock(fd.get(), LOCK_EX | LOCK_NB) < 0) {
-      if (errno == EWOULDBLOCK) continue;  // a live session
-      throw sys_error("flock " + path);
-    }
+    std::optional<Fd> locked = lock_if_free(path, O_RDONLY);
+    if (!locked) continue;
+    Fd fd = std::move(*locked);
     // The session died after writing its final record but before removing
     // this one: the final record (pending or already delivered) wins.
     struct stat st {};

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstddef>
 #include <functional>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
@@ -47,6 +48,12 @@ std::vector<Pending> list(const std::string& dir, size_t max);
 // counted as pending, and list() does not see it.
 Fd write_open(const std::string& dir, const std::string& sid, const nlohmann::json& record);
 void remove_open(const std::string& dir, const std::string& sid);
+
+// `path` opened with `flags` (O_CLOEXEC | O_NOFOLLOW added) and flock()ed
+// exclusively, when no process holds its lock: nullopt when the file is gone
+// or its lock is held (a live session, another sender). Throws on other
+// errors. The liveness test of every outbox here (records and recordings).
+std::optional<Fd> lock_if_free(const std::string& path, int flags);
 
 struct Promoted {
   size_t promoted = 0;  // now pending as <sid>.json

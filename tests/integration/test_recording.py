@@ -22,6 +22,7 @@ import pytest
 from containers import Container
 from master_env import NODE, SHIMCTL, TOKENS, MasterEnv, wait_for
 from test_exec import Pty
+from test_master_e2e import _session_holding
 
 # alice's sessions: fail-closed; carol's: fail-open; namespace "quiet": none.
 POLICY = """
@@ -350,21 +351,6 @@ def test_policy_none_records_nothing(env):
 
 # ---------------------------------------------------------------- killed sessions
 
-def _session_recording(rec_dir):
-    """(pid, path) of the shimlet-session holding a .rec of rec_dir open."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if not open(f"/proc/{pid}/comm").read().startswith("shimlet-sess"):
-                continue
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                t = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if t.startswith(rec_dir + "/") and t.endswith(".rec"):
-                    return int(pid), t
-    return None
-
-
 @pytest.mark.parametrize("victim", ["session", "shim", "container"])
 def test_killed_session_recording_reaches_the_master_incomplete(env, victim):
     name = f"kill-{victim[:4]}-" + uuid.uuid4().hex[:6]
@@ -374,8 +360,9 @@ def test_killed_session_recording_reaches_the_master_incomplete(env, victim):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOME": env.home})
     try:
         assert p.stdout.readline() == f"before-the-{victim}-dies\n".encode()
-        rec_dir = os.path.join(env.rec_root, c.id)
-        pid, path = wait_for(lambda: _session_recording(rec_dir), 5, "the session's recording")
+        # The session process: it holds its provisional end record (and its recording).
+        pid, _ = wait_for(lambda: _session_holding(os.path.join(env.state, c.id, "ends")), 5, "the session")
+        assert [n for n in os.listdir(os.path.join(env.rec_root, c.id)) if n.endswith(".rec")]
         if victim == "session":
             os.kill(pid, signal.SIGKILL)
         elif victim == "shim":
@@ -393,7 +380,8 @@ def test_killed_session_recording_reaches_the_master_incomplete(env, victim):
     assert not meta["complete"] and meta["end"].startswith("incomplete: "), meta
     _, events = parse_cast(export(env, sid))
     assert stream(events, "o") == f"before-the-{victim}-dies\n".encode(), events
-    assert not os.path.exists(os.path.join(env.rec_root, c.id)), "poststop left the container's spool"
+    # Sent by poststop, or (when it ran out of time) by a renewer sweeping gone containers.
+    wait_for(lambda: not os.path.exists(os.path.join(env.rec_root, c.id)), 10, "the container's spool removed")
 
 
 # ---------------------------------------------------------------- disk full

@@ -83,6 +83,15 @@ Header test_header(bool tty = true) {
   return h;
 }
 
+Recorder::Options options(const std::string& dir, const std::string& id, bool tty) {
+  Recorder::Options o;
+  o.dir = dir;
+  o.id = id;
+  o.header = test_header(tty);
+  o.tty = tty;
+  return o;
+}
+
 }  // namespace
 
 TEST(RecordingMapping, EveryByteSequenceRoundTrips) {
@@ -284,11 +293,7 @@ TEST(RecordingEcho, OnlyHiddenLineInputIsRecorded) {
 
 TEST(Recorder, WritesALockedFileThenACast) {
   TempDir d;
-  Recorder::Options o;
-  o.dir = d.path;
-  o.id = "sess-1";
-  o.header = test_header();
-  o.tty = true;
+  Recorder::Options o = options(d.path, "sess-1", true);
   std::string result_path;
   {
     Recorder r(o);
@@ -325,10 +330,7 @@ TEST(Recorder, WritesALockedFileThenACast) {
 
 TEST(Recorder, RefusesAnIdInUseAndBadIds) {
   TempDir d;
-  Recorder::Options o;
-  o.dir = d.path;
-  o.id = "dup";
-  o.header = test_header();
+  Recorder::Options o = options(d.path, "dup", true);
   Recorder a(o);
   EXPECT_THROW(Recorder b(o), std::exception);
   o.id = "../x";
@@ -339,11 +341,7 @@ TEST(RecorderSpool, AKilledSessionsRecordingIsFinishedIncomplete) {
   TempDir root;
   const std::string dir = root.path + "/ctr1";
   std::filesystem::create_directory(dir);
-  Recorder::Options o;
-  o.dir = dir;
-  o.id = "killed";
-  o.header = test_header(false);
-  auto r = std::make_unique<Recorder>(o);
+  auto r = std::make_unique<Recorder>(options(dir, "killed", false));
   r->output(Code::Output, "partial output\n", 15);
   // The live session's .rec is left alone.
   EXPECT_EQ(spool::finish_orphans(dir, "x").finished, 0u);
@@ -370,11 +368,7 @@ TEST(RecorderSpool, AKilledSessionsRecordingIsFinishedIncomplete) {
 
 TEST(Recorder, AWriteFailureIsReportedNotBlocking) {
   TempDir d;
-  Recorder::Options o;
-  o.dir = d.path;
-  o.id = "full";
-  o.header = test_header(false);
-  Recorder r(o);
+  Recorder r(options(d.path, "full", false));
   // A file size limit stands in for a full disk: writes past it fail with EFBIG.
   struct sigaction ign {
   }, old{};
