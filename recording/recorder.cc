@@ -29,7 +29,8 @@ Recorder::Recorder(Options o) : opt_(std::move(o)), enc_(opt_.max_bytes) {
   if (!masterclient::spool::valid_sid(opt_.id)) throw Error("recording: invalid id \"" + opt_.id.substr(0, 80) + "\"");
   t0_ns_ = monotonic_ns();
   failure_fd_ = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!failure_fd_) throw sys_error("recording: eventfd");
+  drained_fd_ = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!failure_fd_ || !drained_fd_) throw sys_error("recording: eventfd");
   // Locked and given its header under a hidden name, so the spool never sees
   // it unlocked (it would take it for a dead session's).
   std::string tmp = opt_.dir + "/." + opt_.id + ".XXXXXX";
@@ -133,8 +134,19 @@ void Recorder::run() {
     }
     buf.clear();
     if (buf.capacity() > 2 * kHighWater) buf = std::string();  // give a burst's memory back
-    backlog_.fetch_sub(n, std::memory_order_relaxed);
+    if (backlog_.fetch_sub(n) - n <= kHighWater && want_drained_.exchange(false)) {
+      uint64_t one = 1;
+      (void)!::write(drained_fd_.get(), &one, sizeof one);
+    }
   }
+}
+
+bool Recorder::notify_when_drained() {
+  want_drained_.store(true);
+  // The writer may have caught up between the caller's check and now.
+  if (backlog_high()) return true;
+  want_drained_.store(false);
+  return false;
 }
 
 void Recorder::stop_thread() {

@@ -10,9 +10,9 @@
 //
 // Buffer bound: above kHighWater bytes not yet on disk, backlog_high() says so
 // and the engine stops reading the command's output (backpressure, exactly as
-// for a slow client). Stdin and resizes cannot wait: above kHardLimit events
-// are dropped, counted, and a "gap" marker says so once the backlog is below
-// kHighWater again. Nothing here ever blocks on the disk.
+// for a slow client) until drained_fd() says the writer caught up. Stdin and resizes cannot wait: above kHardLimit
+// events are dropped, counted, and a "gap" marker says so once the backlog is below kHighWater again. Nothing here ever
+// blocks on the disk.
 //
 // Files (DIR is the container's spool, DIR/<id>.* with id [A-Za-z0-9_-]{1,64}):
 //   .<id>.XXXXXX   being created (header written, lock taken), then renamed:
@@ -79,6 +79,10 @@ class Recorder {
 
   // More than kHighWater bytes wait for the disk: stop reading output.
   bool backlog_high() const { return backlog_.load(std::memory_order_relaxed) > kHighWater; }
+  // Arms a one-shot wake-up: drained_fd() (an eventfd) becomes readable once
+  // the backlog is below kHighWater. False when it already is (nothing armed).
+  bool notify_when_drained();
+  int drained_fd() const { return drained_fd_.get(); }
   // Readable (an eventfd) once the writer failed; failure() says why.
   int failure_fd() const { return failure_fd_.get(); }
   std::string failure() const;
@@ -109,7 +113,8 @@ class Recorder {
   void stop_thread();
 
   Options opt_;
-  Fd fd_, failure_fd_;
+  Fd fd_, failure_fd_, drained_fd_;
+  std::atomic<bool> want_drained_{false};
   std::string rec_path_;
   int64_t t0_ns_ = 0;
   Encoder enc_;

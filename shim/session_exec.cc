@@ -42,7 +42,7 @@ std::string sanitize_term(const std::string& t) {
 struct ExecEngine::Impl {
   Impl(Context& ctx, ExecSink& sink) : ctx_(ctx), sink_(sink) {}
   ~Impl() {
-    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_, ev_rec_wait_})
+    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_})
       if (e) event_free(e);
     kill_all();
     rec_.reset();  // an unfinished recording is marked incomplete (before the end record)
@@ -217,7 +217,7 @@ struct ExecEngine::Impl {
       // The recording's writer is behind the disk: wait for it as for a slow client.
       if (!force && rec_ && rec_->backlog_high()) {
         pause_reading();
-        wait_for_recording();
+        rec_->when_drained([this] { resume_output(); });
         return;
       }
       ssize_t n = ::read(fd, buf, sizeof buf);
@@ -256,19 +256,6 @@ struct ExecEngine::Impl {
     if (ev_out_ && !out_eof_) event_del(ev_out_);
     if (ev_err_ && !err_eof_) event_del(ev_err_);
     paused_ = true;
-  }
-
-  // Polls (every 5 ms) until the recording's backlog is below its high water.
-  void wait_for_recording() {
-    if (!ev_rec_wait_) ev_rec_wait_ = evtimer_new(ctx_.base(), on_rec_wait, this);
-    timeval tv{0, 5000};
-    evtimer_add(ev_rec_wait_, &tv);
-  }
-  static void on_rec_wait(evutil_socket_t, short, void* arg) {
-    auto* self = static_cast<Impl*>(arg);
-    if (self->finished_) return;
-    if (self->rec_ && self->rec_->backlog_high()) return self->wait_for_recording();
-    self->resume_output();
   }
 
   // Fail-closed: the recording cannot be written while the command runs.
@@ -366,7 +353,7 @@ struct ExecEngine::Impl {
     log::audit("session.end", rec);
     ctx_.note_exit(r.exit_code, r.signal, r.error);
     if (rec_) rec_->end(r);
-    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_, ev_rec_wait_})
+    for (event* e : {ev_out_, ev_err_, ev_in_, ev_exit_, ev_drain_, ev_watch_})
       if (e) event_del(e);
     in_fd_.reset();
     out_fd_.reset();
@@ -395,7 +382,7 @@ struct ExecEngine::Impl {
   std::unique_ptr<ExecRecording> rec_;  // the exec's recording, when it is recorded (docs/recording.md)
   Fd in_fd_, out_fd_, err_fd_;
   event *ev_out_ = nullptr, *ev_err_ = nullptr, *ev_in_ = nullptr, *ev_exit_ = nullptr, *ev_drain_ = nullptr,
-        *ev_watch_ = nullptr, *ev_rec_wait_ = nullptr;
+        *ev_watch_ = nullptr;
   std::string stdin_buf_;
   bool stdin_eof_ = false, stdin_closed_ = false, paused_ = false;
   bool out_eof_ = false, err_eof_ = false, exited_ = false, finished_ = false;

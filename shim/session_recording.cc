@@ -75,11 +75,14 @@ ExecRecording::ExecRecording(Context& ctx, std::unique_ptr<recording::Recorder> 
     : ctx_(ctx), rec_(std::move(rec)), fail_closed_(fail_closed), on_fail_closed_(std::move(cb)) {
   ev_fail_ = event_new(ctx_.base(), rec_->failure_fd(), EV_READ, on_failure, this);
   event_add(ev_fail_, nullptr);
+  ev_drained_ = event_new(ctx_.base(), rec_->drained_fd(), EV_READ, on_drained, this);
 }
 
 ExecRecording::~ExecRecording() {
-  if (ev_fail_) event_free(ev_fail_);
+  resume_ = nullptr;  // the engine is going away
   finish(recording::incomplete_marker("the session ended without closing its recording"));
+  if (ev_fail_) event_free(ev_fail_);
+  if (ev_drained_) event_free(ev_drained_);
 }
 
 std::unique_ptr<ExecRecording> ExecRecording::begin(Context& ctx, const ExecSpec& spec, const ticket::Claims& claims,
@@ -154,6 +157,21 @@ void ExecRecording::on_failure(evutil_socket_t, short, void* arg) {
   self->finish("");
 }
 
+void ExecRecording::when_drained(std::function<void()> resume) {
+  if (!rec_ || !rec_->notify_when_drained()) return resume();
+  resume_ = std::move(resume);
+  event_add(ev_drained_, nullptr);
+}
+
+void ExecRecording::on_drained(evutil_socket_t fd, short, void* arg) {
+  auto* self = static_cast<ExecRecording*>(arg);
+  uint64_t n;
+  (void)!::read(fd, &n, sizeof n);  // EAGAIN when finish() woke us
+  std::function<void()> resume = std::move(self->resume_);
+  self->resume_ = nullptr;
+  if (resume) resume();
+}
+
 void ExecRecording::output(int fd, const char* data, size_t len) {
   if (rec_) rec_->output(fd == 2 ? recording::Code::Stderr : recording::Code::Output, data, len);
 }
@@ -190,6 +208,9 @@ void ExecRecording::abort(const std::string& why) { finish(recording::incomplete
 void ExecRecording::finish(const std::string& marker) {
   if (!rec_) return;
   if (ev_fail_) event_del(ev_fail_);
+  if (ev_drained_) event_del(ev_drained_);
+  // Output waiting for the writer goes on (fail-open): nothing is recorded now.
+  if (resume_) event_active(ev_drained_, EV_READ, 0);
   recording::Recorder::Result res;
   if (marker.empty()) {
     res = rec_->abandon();

@@ -53,14 +53,17 @@ class ExecRecording {
   // pty: the terminal's master fd (its termios decide the echo rule), -1 without a tty.
   void input(const char* data, size_t len, int pty);
   void resize(uint16_t cols, uint16_t rows);
-  // The writer is behind: the engine stops reading output until it is not.
+  // The writer is behind: the engine stops reading output and calls
+  // when_drained(resume), which runs resume (from the loop) once it caught up.
   bool backlog_high() const { return rec_ && rec_->backlog_high(); }
+  void when_drained(std::function<void()> resume);
   void end(const ExecResult& r);
   void abort(const std::string& why);
 
  private:
   ExecRecording(Context& ctx, std::unique_ptr<recording::Recorder> rec, bool fail_closed, OnFailClosed cb);
   static void on_failure(evutil_socket_t, short, void* arg);
+  static void on_drained(evutil_socket_t, short, void* arg);
   void finish(const std::string& marker);
 
   Context& ctx_;
@@ -68,6 +71,8 @@ class ExecRecording {
   bool fail_closed_;
   OnFailClosed on_fail_closed_;
   event* ev_fail_ = nullptr;
+  event* ev_drained_ = nullptr;
+  std::function<void()> resume_;
 };
 
 }  // namespace shimlet::session
