@@ -18,6 +18,10 @@ constexpr const char* kPortForwardUsage =
     "shimctl [--local [--tls]] [--state-dir DIR] port-forward [-n NS] TARGET [-c CONTAINER] [--address ADDR[,ADDR]] "
     "[--ping-interval S] [LOCAL:]REMOTE[/udp] ... | port-forward [-n NS] TARGET --stdio REMOTE";
 
+constexpr const char* kSessionsUsage =
+    "shimctl [--server URL --token T | --kubeconfig F] sessions list [-n NS] [--user U] [-o json] | "
+    "sessions play ID [--speed X] [--idle-time-limit S] | sessions export ID";
+
 }  // namespace
 
 std::string default_state_dir() {
@@ -43,7 +47,7 @@ Invocation parse_args(const std::vector<std::string>& argv) {
   if (ours.empty()) ours.push_back("shimctl");
 
   CLI::App app{"shimctl: run commands in containers through their shimlet", "shimctl"};
-  app.footer(std::string("Usage: ") + kExecUsage + "\n       " + kPortForwardUsage);
+  app.footer(std::string("Usage: ") + kExecUsage + "\n       " + kPortForwardUsage + "\n       " + kSessionsUsage);
   std::string state_dir;
   app.add_flag("--local", inv.local, "Root on the node: read the state dir and mint a ticket with its local.key");
   app.add_flag("--tls", inv.local_tls, "With --local: use the shim's TLS port rather than its root-only local socket");

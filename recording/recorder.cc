@@ -153,10 +153,15 @@ void Recorder::stop_thread() {
   {
     std::lock_guard lk(mu_);
     closing_ = true;
-    if (!writer_.joinable() && !pending_.empty() && fd_) writer_ = std::thread([this] { run(); });
   }
   cv_.notify_one();
-  if (writer_.joinable()) writer_.join();
+  if (writer_.joinable()) {
+    writer_.join();
+  } else if (!pending_.empty() && fd_) {
+    // No event ever started the writer (a command without output): the
+    // terminal marker is one small line, written here like the header.
+    run();
+  }
 }
 
 Recorder::Result Recorder::abandon() {
