@@ -70,58 +70,79 @@ std::string Recorder::failure() const {
   return failure_;
 }
 
-// Encodes one event into the pending buffer, or drops it when the writer is
-// too far behind (or gone).
-void Recorder::add_locked(const std::function<void(std::string&)>& encode, size_t raw) {
+// Queues one event for the writer, or drops it when the writer is too far
+// behind (or failed). The session's thread only copies the bytes: encoding
+// happens on the writer thread, beside the session's own work.
+void Recorder::add(char code, std::string_view data, uint16_t cols, uint16_t rows) {
   if (done_ || failed_.load(std::memory_order_relaxed)) return;
+  int64_t t = now_us();
   std::lock_guard lk(mu_);
   if (closing_) return;
   size_t backlog = backlog_.load(std::memory_order_relaxed);
   if (backlog > kHardLimit) {
     dropped_events_++;
-    dropped_bytes_ += raw;
+    dropped_bytes_ += data.size();
     return;
   }
-  size_t before = pending_.size();
+  bool was_empty = pending_.empty();
+  size_t added = 0;
   if (dropped_events_ && backlog < kHighWater) {
-    enc_.marker(pending_, now_us(), gap_marker(dropped_events_, dropped_bytes_));
+    pending_.push_back({t, 'm', 0, 0, gap_marker(dropped_events_, dropped_bytes_)});
     dropped_events_ = dropped_bytes_ = 0;
+    added += kEventCost;
   }
-  encode(pending_);
-  size_t added = pending_.size() - before;
-  if (added == 0) return;
+  pending_.push_back({t, code, cols, rows, std::string(data)});
+  added += data.size() + kEventCost;
   backlog_.fetch_add(added, std::memory_order_relaxed);
   if (!writer_.joinable()) writer_ = std::thread([this] { run(); });
   // The writer sleeps only when nothing is pending.
-  if (before == 0) cv_.notify_one();
+  if (was_empty) cv_.notify_one();
 }
 
 void Recorder::output(Code c, const char* data, size_t len) {
-  add_locked([&](std::string& out) { enc_.data(out, now_us(), c, std::string_view(data, len)); }, len);
+  add(c == Code::Stderr ? 'e' : 'o', std::string_view(data, len));
 }
 
 void Recorder::input(const char* data, size_t len, tcflag_t lflag) {
   if (opt_.tty && !tty_input_recorded(lflag)) return;
-  add_locked([&](std::string& out) { enc_.data(out, now_us(), Code::Input, std::string_view(data, len)); }, len);
+  add('i', std::string_view(data, len));
 }
 
-void Recorder::resize(uint16_t cols, uint16_t rows) {
-  add_locked([&](std::string& out) { enc_.resize(out, now_us(), cols, rows); }, 0);
-}
+void Recorder::resize(uint16_t cols, uint16_t rows) { add('r', {}, cols, rows); }
 
 void Recorder::run() {
-  std::string buf;
+  std::vector<Pending> batch;
+  std::string out;
   for (;;) {
     {
       std::unique_lock lk(mu_);
       cv_.wait(lk, [&] { return !pending_.empty() || closing_; });
       if (pending_.empty()) return;  // closing and drained
-      buf.swap(pending_);
+      batch.swap(pending_);
     }
-    size_t n = buf.size();
+    size_t raw = 0;
+    out.clear();
+    for (Pending& e : batch) {
+      raw += e.data.size() + kEventCost;
+      switch (e.code) {
+        case 'r':
+          enc_.resize(out, e.t_us, e.cols, e.rows);
+          break;
+        case 'm':
+          enc_.marker(out, e.t_us, e.data);
+          break;
+        case 'x':
+          enc_.finish(out, e.t_us, e.data);
+          break;
+        default:
+          enc_.data(out, e.t_us, static_cast<Code>(e.code), e.data);
+          break;
+      }
+    }
+    batch.clear();
     if (!failed_.load()) {
       try {
-        write_all(fd_.get(), buf.data(), buf.size());
+        write_all(fd_.get(), out.data(), out.size());
       } catch (const std::system_error& e) {
         {
           std::lock_guard lk(mu_);
@@ -132,9 +153,9 @@ void Recorder::run() {
         (void)!::write(failure_fd_.get(), &one, sizeof one);
       }
     }
-    buf.clear();
-    if (buf.capacity() > 2 * kHighWater) buf = std::string();  // give a burst's memory back
-    if (backlog_.fetch_sub(n) - n <= kHighWater && want_drained_.exchange(false)) {
+    if (out.capacity() > 2 * kHighWater) out = std::string();  // give a burst's memory back
+    if (batch.capacity() > 4096) batch = std::vector<Pending>();
+    if (backlog_.fetch_sub(raw) - raw <= kHighWater && want_drained_.exchange(false)) {
       uint64_t one = 1;
       (void)!::write(drained_fd_.get(), &one, sizeof one);
     }
@@ -181,10 +202,9 @@ Recorder::Result Recorder::finish(const std::string& terminal_marker) {
   {
     std::lock_guard lk(mu_);
     if (!failed_.load()) {
-      if (dropped_events_) enc_.marker(pending_, now_us(), gap_marker(dropped_events_, dropped_bytes_));
-      size_t before = pending_.size();
-      enc_.finish(pending_, now_us(), terminal_marker);
-      backlog_.fetch_add(pending_.size() - before);
+      int64_t t = now_us();
+      if (dropped_events_) pending_.push_back({t, 'm', 0, 0, gap_marker(dropped_events_, dropped_bytes_)});
+      pending_.push_back({t, 'x', 0, 0, terminal_marker});  // the writer flushes held bytes, then the marker
     }
   }
   stop_thread();

@@ -1,8 +1,9 @@
 // One session's recording as it runs (docs/recording.md "On the node"). The
 // exec engine hands it stdin, output and resizes; it encodes them
-// (recording/asciicast.h) into a bounded in-memory buffer that one writer
-// thread drains to the spool, so a slow or full disk never blocks the
-// session's event loop.
+// (recording/asciicast.h) on one writer thread, which also writes them to the
+// spool: the session's event loop only copies the bytes into a bounded
+// in-memory queue, so neither the encoding nor a slow or full disk ever
+// blocks it.
 //
 // Call order: construct (the file exists, locked, with its header), then
 // output()/input()/resize() as events happen, then finish() with the terminal
@@ -35,6 +36,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "common/fd.h"
 #include "recording/asciicast.h"
@@ -107,9 +109,19 @@ class Recorder {
   const std::string& id() const { return opt_.id; }
 
  private:
+  // One event for the writer thread. code: o e i (data), r (cols, rows),
+  // m (marker label in data), x (finish: the terminal marker in data).
+  struct Pending {
+    int64_t t_us;
+    char code;
+    uint16_t cols, rows;
+    std::string data;
+  };
+  static constexpr size_t kEventCost = 64;  // what an event counts in the backlog besides its bytes
+
   int64_t now_us() const;
+  void add(char code, std::string_view data, uint16_t cols = 0, uint16_t rows = 0);
   void run();
-  void add_locked(const std::function<void(std::string&)>& encode, size_t raw);
   void stop_thread();
 
   Options opt_;
@@ -117,11 +129,11 @@ class Recorder {
   std::atomic<bool> want_drained_{false};
   std::string rec_path_;
   int64_t t0_ns_ = 0;
-  Encoder enc_;
+  Encoder enc_;  // the writer thread's (the header before it starts; results after it ends)
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::string pending_;  // encoded, not yet handed to the writer (guarded by mu_)
+  std::vector<Pending> pending_;  // not yet taken by the writer (guarded by mu_)
   bool closing_ = false;
   std::string failure_;
   std::atomic<bool> failed_{false};
