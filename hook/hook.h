@@ -175,8 +175,6 @@ RecordingConfig parse_recording(const nlohmann::json& v);
 std::string recording_root(const Config& c);
 // shim.json's "recording" object for container id.
 nlohmann::json recording_shim_json(const Config& c, const std::string& id);
-// createRuntime: the root and the container's directory (0700).
-void prepare_recordings(const Config& c, const std::string& id);
 // Finishes the recordings of killed sessions (marked incomplete) and, with a
 // master, uploads what is ready (docs/master-api.md "Recording upload"):
 // oldest first, in chunks, resuming from the size the master has, each

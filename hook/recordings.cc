@@ -178,17 +178,6 @@ json recording_shim_json(const Config& c, const std::string& id) {
           {"max_bytes", c.recording.max_bytes},  {"spool_max_bytes", c.recording.spool_max_bytes}};
 }
 
-void prepare_recordings(const Config& c, const std::string& id) {
-  const std::string root = recording_root(c);
-  for (const std::string& d : {root, root + "/" + id}) {
-    if (::mkdir(d.c_str(), 0700) < 0 && errno != EEXIST) throw sys_error("mkdir " + d);
-    struct stat st {};
-    if (::lstat(d.c_str(), &st) < 0) throw sys_error("lstat " + d);
-    if (!S_ISDIR(st.st_mode) || st.st_uid != ::geteuid() || (st.st_mode & 077))
-      throw Error(d + ": must be a directory of ours, mode 0700 (recordings are private)");
-  }
-}
-
 RecordingFlush flush_recordings(const Config& c, const std::string& id, int budget_ms, bool sweep) {
   RecordingFlush res;
   if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);

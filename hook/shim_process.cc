@@ -241,7 +241,6 @@ Started start(const Config& c, const oci::State& st) {
   write_new_file(dir + "/tls.key", id.key_pem, 0600);
   write_new_file(dir + "/tls.crt", id.cert_pem, 0644);
   if (c.master && ::mkdir((dir + "/ends").c_str(), 0700) < 0) throw sys_error("mkdir " + dir + "/ends");
-  prepare_recordings(c, st.id);
   Started s;
   s.pin = proto::pin_of_cert_pem(id.cert_pem);
   s.pid_start_time = proc_start_time(st.pid);
@@ -340,7 +339,9 @@ void cleanup(const Config& c, const std::string& id) {
     if (f.kept)
       log::warn("recordings not delivered to the master yet (kept on the node for a later renewer)",
                 {{"kept", f.kept}, {"sent", f.sent}, {"error", f.error}});
-    ::rmdir((recording_root(c) + "/" + id).c_str());  // only when empty
+    // Only when empty: the root goes with the last container that recorded nothing left.
+    ::rmdir((recording_root(c) + "/" + id).c_str());
+    ::rmdir(recording_root(c).c_str());
   } catch (const std::exception& e) {
     log::warn("recordings not delivered to the master yet", {{"error", e.what()}});
   }

@@ -94,6 +94,16 @@ uint64_t usage(const std::string& root) {
   return total;
 }
 
+void prepare(const std::string& root, const std::string& container_dir) {
+  for (const std::string& d : {root, container_dir}) {
+    if (::mkdir(d.c_str(), 0700) < 0 && errno != EEXIST) throw sys_error("mkdir " + d);
+    struct stat st {};
+    if (::lstat(d.c_str(), &st) < 0) throw sys_error("lstat " + d);
+    if (!S_ISDIR(st.st_mode) || st.st_uid != ::geteuid() || (st.st_mode & 077))
+      throw Error(d + ": must be a directory of ours, mode 0700 (recordings are private)");
+  }
+}
+
 Finished finish_orphans(const std::string& dir, std::string_view why) {
   Finished res;
   for (const Entry& e : scan(dir, ".rec")) {

@@ -16,6 +16,11 @@ namespace shimlet::recording::spool {
 // the outbox bound is checked against it before a recording starts.
 uint64_t usage(const std::string& root);
 
+// Creates root and root/<container> (0700) when missing and checks both are
+// private directories of ours: the session calls it before its first
+// recording. Throws shimlet::Error / std::system_error.
+void prepare(const std::string& root, const std::string& container_dir);
+
 struct Finished {
   size_t finished = 0;  // now <id>.cast, marked incomplete when they had no terminal marker
   size_t dropped = 0;   // not even a whole header line: removed

@@ -96,6 +96,7 @@ std::unique_ptr<ExecRecording> ExecRecording::begin(Context& ctx, const ExecSpec
   std::string id = masterclient::spool::valid_sid(claims.sid) ? claims.sid : ctx.sid();
   try {
     if (s.dir.empty()) throw Error("this node has no recording directory (its shim predates recordings)");
+    recording::spool::prepare(s.root, s.dir);
     if (exists(s.dir + "/" + id + ".cast") || exists(s.dir + "/" + id + ".rec")) id += "-" + ctx.sid();
     if (uint64_t used = recording::spool::usage(s.root); used >= s.spool_max_bytes)
       throw Error("the node's recording outbox is full (" + std::to_string(used) + " bytes, limit " +

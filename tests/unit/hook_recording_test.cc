@@ -10,6 +10,7 @@
 #include "common/error.h"
 #include "hook/hook.h"
 #include "recording/recorder.h"
+#include "recording/spool.h"
 #include "shim/session_recording.h"
 
 using namespace shimlet;
@@ -59,21 +60,20 @@ TEST(HookRecording, ShimJsonCarriesItAndTheSessionReadsIt) {
 
 TEST(HookRecording, SpoolDirectoriesArePrivate) {
   TempDir d;
-  Config c = parse_config(R"({"recording":{"dir":")" + d.path + R"(/rec"}})", "/bin");
-  prepare_recordings(c, "c1");
+  recording::spool::prepare(d.path + "/rec", d.path + "/rec/c1");
   struct stat st {};
   ASSERT_EQ(stat((d.path + "/rec/c1").c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0700u);
-  prepare_recordings(c, "c1");  // again: fine
+  recording::spool::prepare(d.path + "/rec", d.path + "/rec/c1");  // again: fine
   chmod((d.path + "/rec").c_str(), 0755);
-  EXPECT_THROW(prepare_recordings(c, "c2"), Error);
+  EXPECT_THROW(recording::spool::prepare(d.path + "/rec", d.path + "/rec/c2"), Error);
 }
 
 TEST(HookRecording, WithoutAMasterKilledSessionsAreFinishedAndKept) {
   TempDir d;
-  Config c = parse_config(R"({"state_dir":")" + d.path + R"(/state","recording":{"dir":")" + d.path + R"(/rec"}})",
-                          "/bin");
-  prepare_recordings(c, "c1");
+  Config c =
+      parse_config(R"({"state_dir":")" + d.path + R"(/state","recording":{"dir":")" + d.path + R"(/rec"}})", "/bin");
+  recording::spool::prepare(d.path + "/rec", d.path + "/rec/c1");
   recording::Recorder::Options o;
   o.dir = d.path + "/rec/c1";
   o.id = "s1";
