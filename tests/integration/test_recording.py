@@ -474,3 +474,25 @@ def test_reading_recordings_needs_rbac_and_is_audited(env, pod):
     # The upload itself is the node's, and only the node's.
     st, _ = env.get(f"/apis/shimlet.io/v1/nodes/{NODE}/recordings/{sid}")
     assert st == 405
+
+
+def test_local_exec_follows_the_hook_configs_local_policy(env):
+    """`shimctl --local` tickets carry no claim: the hook config's
+    recording.local decides, and the recording still reaches the master."""
+    cfg = env.path("hook-local-all.json")
+    write_config(env, cfg, {"dir": env.rec_root, "local": "all"})
+    name = "local-" + uuid.uuid4().hex[:6]
+    c = env.container(name, config=cfg)
+    try:
+        cmd = ["sh", "-c", "echo recorded-locally-" + name]
+        p = subprocess.run([SHIMCTL, "--local", "--state-dir", env.state, "exec", c.id, "--", *cmd],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        mine = lambda: [i for i in json.loads(as_alice(env, "sessions", "list", "-o", "json").stdout)["items"]
+                        if i["command"] == cmd]
+        meta = wait_for(mine, 30, "the local session's recording at the master", interval=0.3)[0]
+        assert meta["complete"] and meta["pod"] == name and meta["user"] != "alice", meta
+        _, events = parse_cast(export(env, meta["id"]))
+        assert stream(events, "o") == p.stdout
+    finally:
+        c.stop()
