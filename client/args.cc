@@ -117,13 +117,13 @@ Invocation parse_args(const std::vector<std::string>& argv) {
       ->check(CLI::IsMember({"table", "json"}));
   CLI::App* ss_play = ss->add_subcommand("play", "Replay a recorded session on this terminal, with its timing");
   ss_play->fallthrough();
-  ss_play->add_option("ID", inv.sessions.id, "Session id")->required();
+  ss_play->add_option("ID", inv.sessions.id, "Session id (after -- when it starts with -)");
   ss_play->add_option("--speed", inv.sessions.speed, "Playback speed factor")->check(CLI::Range(0.01, 1000.0));
   ss_play->add_option("--idle-time-limit", inv.sessions.idle_limit_s, "Cut longer pauses to this many seconds")
       ->check(CLI::Range(0.0, 86400.0));
   CLI::App* ss_export = ss->add_subcommand("export", "Write a recorded session's asciicast v2 file to stdout");
   ss_export->fallthrough();
-  ss_export->add_option("ID", inv.sessions.id, "Session id")->required();
+  ss_export->add_option("ID", inv.sessions.id, "Session id (after -- when it starts with -)");
 
   std::vector<const char*> cargv;
   for (const auto& a : ours) cargv.push_back(a.c_str());
@@ -181,7 +181,14 @@ Invocation parse_args(const std::vector<std::string>& argv) {
     inv.verb = "sessions";
     if (inv.local) throw UsageError("sessions: recordings are kept by the master; --local does not apply");
     inv.sessions.action = ss_list->parsed() ? "list" : ss_play->parsed() ? "play" : "export";
+    // Local tickets' ids are base64url and may start with '-': `sessions play -- -AbC...`.
+    if (inv.sessions.id.empty() && inv.sessions.action != "list" && inv.exec.command.size() == 1) {
+      inv.sessions.id = inv.exec.command[0];
+      inv.exec.command.clear();
+    }
     if (!inv.exec.command.empty()) throw UsageError("sessions: unexpected arguments after --");
+    if (inv.sessions.action != "list" && inv.sessions.id.empty())
+      throw UsageError("sessions " + inv.sessions.action + ": missing ID (usage: " + kSessionsUsage + ")");
   }
   if (pf->parsed()) {
     inv.verb = "port-forward";

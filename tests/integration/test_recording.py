@@ -193,7 +193,7 @@ def stored(env, sid, timeout=30):
 
 
 def export(env, sid):
-    p = as_alice(env, "sessions", "export", sid)
+    p = as_alice(env, "sessions", "export", "--", sid)  # local tickets' ids may start with '-'
     assert p.returncode == 0, p.stderr
     return p.stdout
 
