@@ -362,7 +362,12 @@ def test_killed_session_recording_reaches_the_master_incomplete(env, victim):
         assert p.stdout.readline() == f"before-the-{victim}-dies\n".encode()
         # The session process: it holds its provisional end record (and its recording).
         pid, _ = wait_for(lambda: _session_holding(os.path.join(env.state, c.id, "ends")), 5, "the session")
-        assert [n for n in os.listdir(os.path.join(env.rec_root, c.id)) if n.endswith(".rec")]
+        # Killed once the writer thread has the line on disk (what is still in its
+        # queue when a process is killed outright is lost: milliseconds of output).
+        rec_dir = os.path.join(env.rec_root, c.id)
+        on_disk = lambda: any(b'"o", "before-the-' in open(os.path.join(rec_dir, n), "rb").read()
+                              for n in os.listdir(rec_dir) if n.endswith(".rec"))
+        wait_for(on_disk, 5, "the output on the recording's disk")
         if victim == "session":
             os.kill(pid, signal.SIGKILL)
         elif victim == "shim":
