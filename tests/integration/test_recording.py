@@ -229,7 +229,7 @@ def test_tty_session_plays_back_to_the_same_screen(env, pod):
     prompt = lambda o: o.rstrip().endswith(b"#") or o.endswith(b"# \x1b[6n")
     try:
         t.read_until(shown(prompt))
-        os.write(t.master, b"echo one-$((6*7))\r")
+        os.write(t.master, b"sleep 0.4; echo one-$((6*7))\r")  # a pause the players must keep
         t.read_until(shown(lambda o: b"one-42" in o and prompt(o)))
         os.write(t.master, b"stty -echo; printf pw:; read SECRET; stty echo; echo got-${#SECRET}\r")
         t.read_until(shown(lambda o: o.endswith(b"pw:")))  # echo is off now: a hidden prompt
@@ -285,7 +285,7 @@ def test_tty_session_plays_back_to_the_same_screen(env, pod):
     # Paused between events as recorded (each pause cut to 0.2 s), not dumped at once.
     times = [e[0] for e in events if e[1] == "o"]
     paced = sum(min(b - a, 0.2) for a, b in zip([0.0] + times, times))
-    assert paced > 0.05 and time.monotonic() - t0 >= paced, (paced, time.monotonic() - t0)
+    assert paced >= 0.2 and time.monotonic() - t0 >= paced, (paced, time.monotonic() - t0)
     cast = os.path.join(env.dir, sid + ".cast")
     with open(cast, "wb") as f:
         f.write(raw)
