@@ -6,10 +6,12 @@
 
 namespace shimlet {
 
-int64_t monotonic_ms() noexcept {
+int64_t monotonic_ms() noexcept { return monotonic_ns() / 1000000; }
+
+int64_t monotonic_ns() noexcept {
   timespec ts{};
   clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
 int Deadline::left_ms() const noexcept {

@@ -28,6 +28,9 @@ ProcStat parse_proc_stat(std::string_view stat) {
     if (field == 3) {
       if (tok.size() != 1) throw Error("/proc/PID/stat: bad state");
       ps.state = tok[0];
+    } else if (field == 9) {
+      auto [p, ec] = std::from_chars(tok.data(), tok.data() + tok.size(), ps.flags);
+      if (tok.empty() || ec != std::errc() || p != tok.data() + tok.size()) throw Error("/proc/PID/stat: bad flags");
     }
   }
   auto [p, ec] = std::from_chars(tok.data(), tok.data() + tok.size(), ps.start_time);

@@ -12,6 +12,7 @@ namespace shimlet {
 
 struct ProcStat {
   char state = '?';         // field 3: R S D Z T ...
+  uint64_t flags = 0;       // field 9: PF_* (PF_EXITING 0x4: the process is exiting)
   uint64_t start_time = 0;  // field 22
 };
 // Parses the text of /proc/PID/stat (comm may hold spaces and parentheses).

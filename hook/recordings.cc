@@ -7,14 +7,14 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <chrono>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/log.h"
 #include "hook/internal.h"
 #include "masterclient/masterclient.h"
-#include "masterclient/spool.h"
+#include "spool/spool.h"
 #include "recording/spool.h"
 
 namespace shimlet::hook {
@@ -28,11 +28,6 @@ constexpr size_t kChunk = 512 * 1024;
 constexpr const char* kOrphanWhy =
     "the session ended without closing its recording (its process, its shim or its container was killed)";
 
-int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 std::string upload_path(const Config& c, const std::string& id, uint64_t offset, bool final) {
   return "/apis/shimlet.io/v1/nodes/" + masterclient::path_segment(c.master->node) + "/recordings/" +
          masterclient::path_segment(id) + "?offset=" + std::to_string(offset) + (final ? "&final=true" : "");
@@ -44,7 +39,7 @@ enum class Sent { Done, Dropped, Kept, Busy };
 Sent send_one(const Config& c, masterclient::Target& t, const recording::spool::Ready& r, int64_t deadline,
               std::string& error) {
   // Gone, or another sender (the renewer and poststop, two renewers sweeping) has it.
-  std::optional<Fd> locked = masterclient::spool::lock_if_free(r.path, O_RDONLY);
+  std::optional<Fd> locked = spool::lock_if_free(r.path, O_RDONLY);
   if (!locked) return Sent::Busy;
   Fd fd = std::move(*locked);
   struct stat st {};
@@ -55,7 +50,7 @@ Sent send_one(const Config& c, masterclient::Target& t, const recording::spool::
   bool probe = true;  // first ask how much the master has (resume)
   std::string buf;
   for (;;) {
-    int64_t left = deadline - now_ms();
+    int64_t left = deadline - monotonic_ms();
     if (left < 100) {
       error = "deadline reached";
       return Sent::Kept;
@@ -181,7 +176,7 @@ json recording_shim_json(const Config& c, const std::string& id) {
 RecordingFlush flush_recordings(const Config& c, const std::string& id, int budget_ms, bool sweep) {
   RecordingFlush res;
   if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);
-  const int64_t deadline = now_ms() + budget_ms;
+  const int64_t deadline = monotonic_ms() + budget_ms;
   const std::string root = recording_root(c);
   std::optional<masterclient::Target> t;
   if (c.master) {
@@ -197,7 +192,7 @@ RecordingFlush flush_recordings(const Config& c, const std::string& id, int budg
   // Containers that are gone (no state directory) but left recordings.
   for (const std::string& other : recording::spool::container_dirs(root)) {
     if (other == id || !valid_container_id(other) || ::access((c.state_dir + "/" + other).c_str(), F_OK) == 0) continue;
-    if (!res.error.empty() || now_ms() > deadline - 100) break;
+    if (!res.error.empty() || monotonic_ms() > deadline - 100) break;
     const std::string dir = root + "/" + other;
     flush_dir(c, tp, dir, deadline, res);
     if (tp) ::rmdir(dir.c_str());  // only when empty

@@ -1,9 +1,9 @@
 #include "master/recording_policy.h"
 
 #include <algorithm>
-#include <fstream>
 
 #include "common/error.h"
+#include "common/file.h"
 #include "common/yaml.h"
 
 namespace shimlet::master {
@@ -119,15 +119,11 @@ RecordingPolicy RecordingPolicy::parse(std::string_view text, const std::string&
 }
 
 RecordingPolicy RecordingPolicy::load(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("cannot read recording policy " + path);
-  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  return parse(data, path);
+  return parse(read_regular_file(path, kMaxPolicyBytes), path);
 }
 
-std::optional<ticket::Recording> RecordingPolicy::decide(const std::string& user,
-                                                         const std::vector<std::string>& groups, const std::string& ns,
-                                                         bool tty, std::string* rule) const {
+RecordingPolicy::Decision RecordingPolicy::decide(const std::string& user, const std::vector<std::string>& groups,
+                                                  const std::string& ns, bool tty) const {
   RecordMode mode = default_mode_;
   bool fail_closed = fail_closed_;
   uint64_t max_bytes = max_bytes_;
@@ -144,9 +140,8 @@ std::optional<ticket::Recording> RecordingPolicy::decide(const std::string& user
     which = "rule " + std::to_string(i + 1);
     break;
   }
-  if (rule) *rule = which;
-  if (mode == RecordMode::None || (mode == RecordMode::Tty && !tty)) return std::nullopt;
-  return ticket::Recording{fail_closed, max_bytes};
+  if (mode == RecordMode::None || (mode == RecordMode::Tty && !tty)) return {std::nullopt, which};
+  return {ticket::Recording{fail_closed, max_bytes}, which};
 }
 
 uint64_t RecordingPolicy::largest_max_bytes() const {

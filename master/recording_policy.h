@@ -47,10 +47,14 @@ class RecordingPolicy {
   static RecordingPolicy parse(std::string_view yaml, const std::string& source = "<yaml>");
   static RecordingPolicy load(const std::string& path);
 
-  // The "rec" claim for an exec by `user` (with `groups`) in `ns`, or nullopt
-  // (not recorded). `rule` (when given) says which rule decided, for the audit.
-  std::optional<ticket::Recording> decide(const std::string& user, const std::vector<std::string>& groups,
-                                          const std::string& ns, bool tty, std::string* rule = nullptr) const;
+  // For an exec by `user` (with `groups`) in `ns`: the "rec" claim, or
+  // nullopt (not recorded), and which rule decided ("default", "rule N"), for the audit.
+  struct Decision {
+    std::optional<ticket::Recording> rec;
+    std::string rule;
+  };
+  Decision decide(const std::string& user, const std::vector<std::string>& groups, const std::string& ns,
+                  bool tty) const;
   // The largest maxBytes of any rule (the store must accept it).
   uint64_t largest_max_bytes() const;
   bool records_anything() const;

@@ -13,7 +13,7 @@
 #include "common/fd.h"
 #include "common/log.h"
 #include "master/registry.h"
-#include "masterclient/spool.h"
+#include "spool/spool.h"
 
 namespace shimlet::master {
 namespace {
@@ -69,7 +69,7 @@ RecordingStore::RecordingStore(std::string dir, uint64_t max_bytes) : dir_(std::
       std::string_view n = f->d_name;
       if (n.size() <= 5 || n.substr(n.size() - 5) != ".json") continue;
       std::string id(n.substr(0, n.size() - 5));
-      if (masterclient::spool::valid_sid(id) && ::access(path_of(ns, id).c_str(), F_OK) == 0) index(ns, id);
+      if (spool::valid_sid(id) && ::access(path_of(ns, id).c_str(), F_OK) == 0) index(ns, id);
     }
   }
 }
@@ -212,7 +212,7 @@ RecordingStore::Upload RecordingStore::upload(const std::string& node, const std
     return r;
   };
   if (!enabled()) return refuse(404, "this master keeps no recordings (no --recording-dir)");
-  if (!masterclient::spool::valid_sid(id)) return refuse(400, "invalid recording id");
+  if (!spool::valid_sid(id)) return refuse(400, "invalid recording id");
   sweep_stale(now_s);
   if (auto it = index_.find(id); it != index_.end()) {
     // Stored already: an upload repeated because its answer was lost.

@@ -7,7 +7,7 @@
 
 #include "common/error.h"
 #include "master/master.h"
-#include "masterclient/spool.h"
+#include "spool/spool.h"
 
 namespace shimlet::master {
 
@@ -96,7 +96,7 @@ Response Master::sessions(Ctx& ctx, const Request& req, const std::string& ns, c
     return status_error(405, "only get and list are served for sessions", "MethodNotAllowed");
   if (rest.size() > 2 || (rest.size() == 2 && rest[1] != "recording"))
     return status_error(404, "the server could not find the requested resource", "NotFound");
-  if ((!ns.empty() && !valid_name(ns)) || (!rest.empty() && !masterclient::spool::valid_sid(rest[0])))
+  if ((!ns.empty() && !valid_name(ns)) || (!rest.empty() && !spool::valid_sid(rest[0])))
     return status_error(400, "invalid namespace or session id");
   auto authorize = [&](const std::string& verb, const std::string& where, const std::string& name) {
     Attributes a{ctx.id.user, ctx.id.groups, verb, "shimlet.io", "sessions", "", where, name};
@@ -165,10 +165,10 @@ Response Master::sessions(Ctx& ctx, const Request& req, const std::string& ns, c
 
 // The recording policy's decision for an exec grant, in the ticket and the audit line.
 void Master::apply_recording(Ctx& ctx, GrantRequest& gr, const std::string& ns) const {
-  std::string rule;
-  gr.rec = recording_policy_.decide(ctx.id.user, ctx.id.groups, ns, gr.tty, &rule);
+  RecordingPolicy::Decision d = recording_policy_.decide(ctx.id.user, ctx.id.groups, ns, gr.tty);
+  gr.rec = d.rec;
   if (gr.rec)
-    ctx.ev["recording"] = {{"rule", rule},
+    ctx.ev["recording"] = {{"rule", d.rule},
                            {"disk_full", gr.rec->fail_closed ? "fail-closed" : "fail-open"},
                            {"max_bytes", gr.rec->max_bytes}};
 }
@@ -180,7 +180,7 @@ json Master::recording_ref(const json& record) const {
   if (it == record.end() || !it->is_object()) return json();
   json out = json::object();
   if (auto id = it->find("id");
-      id != it->end() && id->is_string() && masterclient::spool::valid_sid(id->get<std::string>())) {
+      id != it->end() && id->is_string() && spool::valid_sid(id->get<std::string>())) {
     out["id"] = *id;
     auto ns = record.find("namespace");
     if (recordings_.enabled() && ns != record.end() && ns->is_string() && valid_name(ns->get<std::string>()))

@@ -9,24 +9,16 @@
 
 #include <cstring>
 
+#include "common/clock.h"
 #include "common/error.h"
-#include "masterclient/spool.h"
+#include "spool/spool.h"
 
 namespace shimlet::recording {
-namespace {
-
-int64_t monotonic_ns() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
-
-}  // namespace
 
 bool tty_input_recorded(tcflag_t lflag) { return (lflag & ICANON) && !(lflag & ECHO); }
 
 Recorder::Recorder(Options o) : opt_(std::move(o)), enc_(opt_.max_bytes) {
-  if (!masterclient::spool::valid_sid(opt_.id)) throw Error("recording: invalid id \"" + opt_.id.substr(0, 80) + "\"");
+  if (!shimlet::spool::valid_sid(opt_.id)) throw Error("recording: invalid id \"" + opt_.id.substr(0, 80) + "\"");
   t0_ns_ = monotonic_ns();
   failure_fd_ = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   drained_fd_ = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));

@@ -13,7 +13,7 @@
 
 #include "common/error.h"
 #include "common/fd.h"
-#include "masterclient/spool.h"
+#include "spool/spool.h"
 #include "recording/asciicast.h"
 
 namespace shimlet::recording::spool {
@@ -42,7 +42,7 @@ std::vector<Entry> scan(const std::string& dir, std::string_view suffix) {
     std::string_view n = e->d_name;
     if (n.size() <= suffix.size() || n.substr(n.size() - suffix.size()) != suffix) continue;
     std::string_view id = n.substr(0, n.size() - suffix.size());
-    if (!masterclient::spool::valid_sid(id)) continue;
+    if (!shimlet::spool::valid_sid(id)) continue;
     struct stat st {};
     if (::fstatat(::dirfd(d.get()), e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISREG(st.st_mode)) continue;
     out.push_back({std::string(id), st.st_mtim, static_cast<uint64_t>(st.st_size)});
@@ -108,7 +108,7 @@ Finished finish_orphans(const std::string& dir, std::string_view why) {
   Finished res;
   for (const Entry& e : scan(dir, ".rec")) {
     const std::string rec = dir + "/" + e.id + ".rec", cast = dir + "/" + e.id + ".cast";
-    std::optional<Fd> locked = masterclient::spool::lock_if_free(rec, O_RDWR);
+    std::optional<Fd> locked = shimlet::spool::lock_if_free(rec, O_RDWR);
     if (!locked) continue;  // a live session's (or finished just now)
     Fd fd = std::move(*locked);
     struct stat st {};

@@ -2,7 +2,7 @@
 // directory per container under the recording root, holding the files of
 // recording/recorder.h. The hook's renewer and poststop send what is ready to
 // the master (hook/recordings.cc) and delete each one the master has whole.
-// Like the session end records (masterclient/spool.h), liveness is a flock,
+// Like the session end records (spool/spool.h), liveness is a flock,
 // not a pid: a .rec whose lock is free belongs to a session that is gone.
 #pragma once
 #include <cstdint>

@@ -19,7 +19,7 @@ add_library(
 target_include_directories(shimlet_session PUBLIC ${PROJECT_SOURCE_DIR})
 target_link_libraries(shimlet_session PUBLIC shimlet_common shimlet_proto shimlet_ticket shimlet_nsenter shimlet_cgroup
                       shimlet_landlock shimlet_selinux
-                      shimlet_oci shimlet_spool shimlet_recording PkgConfig::LIBEVENT ${WSLAY_LIB} ${HTTP_PARSER_LIB})
+                      shimlet_oci shimlet_spool shimlet_recording shimlet_event PkgConfig::LIBEVENT ${WSLAY_LIB} ${HTTP_PARSER_LIB})
 target_link_libraries(shimlet_libs INTERFACE shimlet_session)
 add_executable(shimlet-session ${CMAKE_CURRENT_LIST_DIR}/session_main.cc)
 target_link_libraries(shimlet-session PRIVATE shimlet_session)

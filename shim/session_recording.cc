@@ -8,12 +8,12 @@
 #include <unistd.h>
 
 #include <cstdlib>
-#include <fstream>
-#include <sstream>
 
 #include "common/error.h"
+#include "common/event.h"
 #include "common/log.h"
-#include "masterclient/spool.h"
+#include "common/proc.h"
+#include "spool/spool.h"
 #include "recording/spool.h"
 
 namespace shimlet::session {
@@ -40,16 +40,13 @@ std::optional<Plan> plan_for(const RecordingSettings& s, const ticket::Claims& c
 bool container_ending(const nsenter::Container& c) {
   pollfd p{c.pidfd, POLLIN, 0};
   if (p.fd >= 0 && ::poll(&p, 1, 0) == 1) return true;
-  std::ifstream f("/proc/" + std::to_string(c.init_pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  size_t rp = stat.rfind(')');
-  if (rp == std::string::npos) return true;  // gone
-  std::istringstream rest(stat.substr(rp + 1));
-  std::string field;
-  for (int i = 0; i < 7 && rest >> field; i++) {
+  constexpr uint64_t kPfExiting = 0x4;
+  try {
+    std::optional<ProcStat> st = proc_stat(c.init_pid);
+    return !st || (st->flags & kPfExiting);  // gone, or exiting
+  } catch (const Error&) {
+    return true;  // an unreadable stat: not a running init
   }
-  constexpr unsigned long kPfExiting = 0x4;
-  return !field.empty() && (std::strtoul(field.c_str(), nullptr, 10) & kPfExiting);
 }
 
 bool exists(const std::string& p) {
@@ -73,16 +70,14 @@ RecordingSettings parse_recording_settings(const nlohmann::json& j) {
 
 ExecRecording::ExecRecording(Context& ctx, std::unique_ptr<recording::Recorder> rec, bool fail_closed, OnFailClosed cb)
     : ctx_(ctx), rec_(std::move(rec)), fail_closed_(fail_closed), on_fail_closed_(std::move(cb)) {
-  ev_fail_ = event_new(ctx_.base(), rec_->failure_fd(), EV_READ, on_failure, this);
-  event_add(ev_fail_, nullptr);
-  ev_drained_ = event_new(ctx_.base(), rec_->drained_fd(), EV_READ, on_drained, this);
+  ev_fail_ = new_event(ctx_.base(), rec_->failure_fd(), EV_READ, on_failure, this);
+  if (event_add(ev_fail_.get(), nullptr) < 0) throw Error("recording: event_add failed");
+  ev_drained_ = new_event(ctx_.base(), rec_->drained_fd(), EV_READ, on_drained, this);
 }
 
 ExecRecording::~ExecRecording() {
   resume_ = nullptr;  // the engine is going away
   finish(recording::incomplete_marker("the session ended without closing its recording"));
-  if (ev_fail_) event_free(ev_fail_);
-  if (ev_drained_) event_free(ev_drained_);
 }
 
 std::unique_ptr<ExecRecording> ExecRecording::begin(Context& ctx, const ExecSpec& spec, const ticket::Claims& claims,
@@ -93,7 +88,7 @@ std::unique_ptr<ExecRecording> ExecRecording::begin(Context& ctx, const ExecSpec
   const Config& cfg = ctx.config();
   // The master's id when the ticket has one (it is in the grant and the
   // audit); the shim's own otherwise, or when that name is taken.
-  std::string id = masterclient::spool::valid_sid(claims.sid) ? claims.sid : ctx.sid();
+  std::string id = spool::valid_sid(claims.sid) ? claims.sid : ctx.sid();
   try {
     if (s.dir.empty()) throw Error("this node has no recording directory (its shim predates recordings)");
     recording::spool::prepare(s.root, s.dir);
@@ -118,7 +113,7 @@ std::unique_ptr<ExecRecording> ExecRecording::begin(Context& ctx, const ExecSpec
                  {"container", cfg.container},
                  {"container_id", cfg.id},
                  {"node", cfg.node},
-                 {"session_id", masterclient::spool::valid_sid(claims.sid) ? claims.sid : ctx.sid()},
+                 {"session_id", spool::valid_sid(claims.sid) ? claims.sid : ctx.sid()},
                  {"shim_session", ctx.sid()},
                  {"jti", claims.jti},
                  {"start", log::rfc3339(h.timestamp)},
@@ -161,7 +156,10 @@ void ExecRecording::on_failure(evutil_socket_t, short, void* arg) {
 void ExecRecording::when_drained(std::function<void()> resume) {
   if (!rec_ || !rec_->notify_when_drained()) return resume();
   resume_ = std::move(resume);
-  event_add(ev_drained_, nullptr);
+  if (event_add(ev_drained_.get(), nullptr) < 0) {  // cannot wait: go on at once (the queue stays bounded)
+    resume_ = nullptr;
+    return resume();
+  }
 }
 
 void ExecRecording::on_drained(evutil_socket_t fd, short, void* arg) {
@@ -208,10 +206,10 @@ void ExecRecording::abort(const std::string& why) { finish(recording::incomplete
 // the spool to finish as incomplete.
 void ExecRecording::finish(const std::string& marker) {
   if (!rec_) return;
-  if (ev_fail_) event_del(ev_fail_);
-  if (ev_drained_) event_del(ev_drained_);
+  if (ev_fail_) event_del(ev_fail_.get());
+  if (ev_drained_) event_del(ev_drained_.get());
   // Output waiting for the writer goes on (fail-open): nothing is recorded now.
-  if (resume_) event_active(ev_drained_, EV_READ, 0);
+  if (resume_) event_active(ev_drained_.get(), EV_READ, 0);
   recording::Recorder::Result res;
   if (marker.empty()) {
     res = rec_->abandon();

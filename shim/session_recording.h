@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/event.h"
 #include "recording/recorder.h"
 #include "shim/session_context.h"
 #include "shim/session_exec.h"
@@ -70,8 +71,8 @@ class ExecRecording {
   std::unique_ptr<recording::Recorder> rec_;
   bool fail_closed_;
   OnFailClosed on_fail_closed_;
-  event* ev_fail_ = nullptr;
-  event* ev_drained_ = nullptr;
+  EventPtr ev_fail_;
+  EventPtr ev_drained_;
   std::function<void()> resume_;
 };
 

@@ -68,27 +68,27 @@ RecordingStore::OwnerOf owner_is(std::optional<std::string> node) {
 
 TEST(RecordingPolicy, FirstMatchingRuleDecides) {
   RecordingPolicy p = RecordingPolicy::parse(kPolicy, "policy.yaml");
-  std::string rule;
   // default: tty sessions only
-  auto r = p.decide("alice", {"system:authenticated"}, "default", true, &rule);
-  ASSERT_TRUE(r);
-  EXPECT_TRUE(r->fail_closed);
-  EXPECT_EQ(r->max_bytes, 1048576u);
-  EXPECT_EQ(rule, "default");
-  EXPECT_FALSE(p.decide("alice", {}, "default", false));
-  EXPECT_FALSE(p.decide("alice", {}, "scratch", true, &rule));
-  EXPECT_EQ(rule, "rule 1");
-  EXPECT_FALSE(p.decide("auditor", {}, "prod", true));
-  r = p.decide("bob", {"contractors"}, "prod", false, &rule);
-  ASSERT_TRUE(r);
-  EXPECT_FALSE(r->fail_closed);
-  EXPECT_EQ(r->max_bytes, 2097152u);
-  EXPECT_EQ(rule, "rule 3");
-  EXPECT_FALSE(p.decide("bob", {"staff"}, "prod", false));  // group selector does not match: default tty
+  auto d = p.decide("alice", {"system:authenticated"}, "default", true);
+  ASSERT_TRUE(d.rec);
+  EXPECT_TRUE(d.rec->fail_closed);
+  EXPECT_EQ(d.rec->max_bytes, 1048576u);
+  EXPECT_EQ(d.rule, "default");
+  EXPECT_FALSE(p.decide("alice", {}, "default", false).rec);
+  d = p.decide("alice", {}, "scratch", true);
+  EXPECT_FALSE(d.rec);
+  EXPECT_EQ(d.rule, "rule 1");
+  EXPECT_FALSE(p.decide("auditor", {}, "prod", true).rec);
+  d = p.decide("bob", {"contractors"}, "prod", false);
+  ASSERT_TRUE(d.rec);
+  EXPECT_FALSE(d.rec->fail_closed);
+  EXPECT_EQ(d.rec->max_bytes, 2097152u);
+  EXPECT_EQ(d.rule, "rule 3");
+  EXPECT_FALSE(p.decide("bob", {"staff"}, "prod", false).rec);  // group selector does not match: default tty
   EXPECT_EQ(p.largest_max_bytes(), 2097152u);
   EXPECT_TRUE(p.records_anything());
   EXPECT_FALSE(RecordingPolicy().records_anything());
-  EXPECT_FALSE(RecordingPolicy().decide("alice", {}, "default", true));
+  EXPECT_FALSE(RecordingPolicy().decide("alice", {}, "default", true).rec);
 }
 
 TEST(RecordingPolicy, MalformedPoliciesAreRefused) {
