@@ -134,7 +134,8 @@ int main(int argc, char** argv) {
     // state"): what poststop does, for a runtime that never calls it.
     log::set_component("hook-cleanup");
     log::set_context({{"id", id_arg}});
-    alarm(kPoststopFlushMs / 1000 + 10 + master_s);
+    // As poststop: the end records' and the recordings' flushes, then the DELETE.
+    alarm((kPoststopFlushMs + kPoststopRecordingsMs) / 1000 + 10 + master_s);
     try {
       poststop(cfg, id_arg);
       log::info("container gone: state cleaned up");

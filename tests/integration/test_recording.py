@@ -372,14 +372,21 @@ def test_killed_session_recording_reaches_the_master_incomplete(env, victim):
             os.kill(pid, signal.SIGKILL)
         elif victim == "shim":
             os.kill(env.registration(c.id)["shim_pid"], signal.SIGKILL)
+            # A session the gate forked may outlive its shim (docs/design.md
+            # "Pre-authentication gate"): it ends with its container.
+            c.runc("kill", c.id, "KILL", check=False)
         else:
             c.runc("kill", c.id, "KILL")
         assert p.wait(timeout=15) != 0
+        if victim == "container":
+            # No poststop yet: the shim's own `shimlet-hook cleanup` (its
+            # container gone) finishes the recording and sends it.
+            stored(env, grant_sid(env, cmd))
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-        c.stop()  # poststop: finishes the .rec as incomplete and sends it
+        c.stop()  # poststop: finishes the .rec as incomplete and sends it (a second cleanup: idempotent)
     sid = grant_sid(env, cmd)
     meta = stored(env, sid)
     assert not meta["complete"] and meta["end"].startswith("incomplete: "), meta
@@ -481,23 +488,98 @@ def test_reading_recordings_needs_rbac_and_is_audited(env, pod):
     assert st == 405
 
 
-def test_local_exec_follows_the_hook_configs_local_policy(env):
+def _fds_under(pid, prefix):
+    out = []
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                t = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if t.startswith(prefix):
+                    out.append(t)
+    return out
+
+
+def _procs(comm_prefix):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if open(f"/proc/{pid}/comm").read().startswith(comm_prefix):
+                yield int(pid)
+
+
+def _tcp_sockets(pid):
+    """{inode: state} of the process's TCP sockets ("0A" listening, "01" established)."""
+    states = {}
+    for f in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{f}") as t:
+            for line in t.readlines()[1:]:
+                cols = line.split()
+                states[cols[9]] = cols[3]
+    mine = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            m = re.match(r"socket:\[(\d+)\]$", os.readlink(f"/proc/{pid}/fd/{fd}"))
+            if m and m.group(1) in states:
+                mine[m.group(1)] = states[m.group(1)]
+    return mine
+
+
+def test_local_tickets_record_on_every_door(env):
     """`shimctl --local` tickets carry no claim: the hook config's
-    recording.local decides, and the recording still reaches the master."""
+    recording.local decides, on the local socket and on the TCP doors behind
+    the pre-authentication gate (WebSocket, SPDY; the native h2 door is the
+    master tests' above). The recording is the session's own: made after the
+    gate admitted the connection, never in the gate, and the session holds
+    no descriptor of the gate's (its one TCP socket is its connection). Every
+    recording reaches the master."""
+    import test_k8s_spdy
+    import test_k8s_ws
     cfg = env.path("hook-local-all.json")
     write_config(env, cfg, {"dir": env.rec_root, "local": "all"})
     name = "local-" + uuid.uuid4().hex[:6]
     c = env.container(name, config=cfg)
+    rec_dir = os.path.join(env.rec_root, c.id)
+    outputs = {}
     try:
+        # The local socket.
         cmd = ["sh", "-c", "echo recorded-locally-" + name]
         p = subprocess.run([SHIMCTL, "--local", "--state-dir", env.state, "exec", c.id, "--", *cmd],
                            stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
         assert p.returncode == 0, p.stderr
-        mine = lambda: [i for i in json.loads(as_alice(env, "sessions", "list", "-o", "json").stdout)["items"]
-                        if i["command"] == cmd]
-        meta = wait_for(mine, 30, "the local session's recording at the master", interval=0.3)[0]
-        assert meta["complete"] and meta["pod"] == name and meta["user"] != "alice", meta
-        _, events = parse_cast(export(env, meta["id"]))
-        assert stream(events, "o") == p.stdout
+        outputs[tuple(cmd)] = p.stdout
+        # WebSocket, held open while the session's descriptors are looked at.
+        cmd = ["sh", "-c", "echo ws-ready; read x; echo ws-got-$x"]
+        t = test_k8s_ws.mint(env, c, cmd, stdin=True)
+        st, _, body, ws = test_k8s_ws.ws_open(env, c, f"/exec/{t}")
+        assert st == 101, body
+        out = b""
+        while b"ws-ready\n" not in out:
+            op, m = ws.recv_message()
+            assert m[0] == 1, m
+            out += m[1:]
+        # Its session holds its recording (and its connection, established, no listener) ...
+        sess = [pid for pid in _procs("shimlet-sess") if _fds_under(pid, rec_dir + "/")]
+        assert len(sess) == 1, sess
+        assert [n for n in _fds_under(sess[0], rec_dir + "/") if n.endswith(".rec")], "no .rec held"
+        assert list(_tcp_sockets(sess[0]).values()) == ["01"], _tcp_sockets(sess[0])
+        # ... and no gate holds any recording.
+        assert not [pid for pid in _procs("shimlet-gate") if _fds_under(pid, env.rec_root + "/")]
+        o, e, status = test_k8s_ws.run_exec(ws, [b"go\n"])
+        assert status["status"] == "Success" and e == b"", (status, e)
+        outputs[tuple(cmd)] = out + o
+        assert outputs[tuple(cmd)] == b"ws-ready\nws-got-go\n"
+        # SPDY (the CRI streaming shape: the ticket in the path).
+        cmd = ["sh", "-c", "echo over-spdy; echo spdy-err >&2"]
+        o, e, st, _ = test_k8s_spdy.spdy_exec(env, c, cmd, shape="cri")
+        assert o == b"over-spdy\n" and e == b"spdy-err\n" and json.loads(st)["status"] == "Success", (o, e, st)
+        outputs[tuple(cmd)] = o
+        # Every one at the master, complete, with the output the client saw.
+        for cmd, want in outputs.items():
+            mine = lambda: [i for i in json.loads(as_alice(env, "sessions", "list", "-o", "json").stdout)["items"]
+                            if i["command"] == list(cmd)]
+            meta = wait_for(mine, 30, f"the recording of {cmd} at the master", interval=0.3)[0]
+            assert meta["complete"] and meta["pod"] == name and meta["user"] != "alice", meta
+            _, events = parse_cast(export(env, meta["id"]))
+            assert stream(events, "o") == want, (cmd, events)
+        assert stream(events, "e") == b"spdy-err\n", events
     finally:
         c.stop()
