@@ -24,6 +24,7 @@ GROUP_ORDER = [
     "portforward-bulk",    # 4 GiB and 256 MiB transfers, iperf3
     "test_kubectl",
     "exec-bulk",           # 100 MB stdin, slow reader, seq in tty mode
+    "recording-bulk",      # 50 MB of random bytes through a recorded exec
     "test_master_multinode",
 ]
 

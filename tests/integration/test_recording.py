@@ -296,7 +296,10 @@ def test_tty_session_plays_back_to_the_same_screen(env, pod):
 
 # ---------------------------------------------------------------- non-tty
 
+# The longest test here (50 MB of random bytes, 2.4x that in the file): its
+# own xdist group with its own master, beside the rest of the file.
 @pytest.mark.slow
+@pytest.mark.xdist_group("recording-bulk")
 def test_non_tty_50mb_reassembles_to_the_same_checksum(env, pod):
     cmd = ["sh", "-c", "cat; head -c 50000000 /dev/urandom; echo to-stderr >&2"]
     stdin = b"typed \x00\xff\xfe bytes\n"
