@@ -28,8 +28,8 @@ inline constexpr size_t kMaxStateBytes = 1 << 20;  // the OCI state on stdin
 inline constexpr size_t kMaxPemBytes = 64 * 1024;
 inline constexpr size_t kMaxRegistrationBytes = 256 * 1024;
 inline constexpr int kStdinTimeoutMs = 5000;
-inline constexpr size_t kEndsPerRenewal = 200;  // session end records posted per renewal (the rest: next tick)
-inline constexpr int kPoststopFlushMs = 2000;   // poststop's final flush: the runtime is waiting
+inline constexpr size_t kEndsPerRenewal = 200;      // session end records posted per renewal (the rest: next tick)
+inline constexpr int kPoststopFlushMs = 2000;       // poststop's final flush: the runtime is waiting
 inline constexpr int kPoststopRecordingsMs = 5000;  // and its recordings' (what is left stays on the node)
 
 // For the SIGALRM deadline handler (cli.cc; async-signal-safe state only): a

@@ -14,8 +14,8 @@
 #include "common/log.h"
 #include "hook/internal.h"
 #include "masterclient/masterclient.h"
-#include "spool/spool.h"
 #include "recording/spool.h"
+#include "spool/spool.h"
 
 namespace shimlet::hook {
 namespace {

@@ -179,8 +179,7 @@ json Master::recording_ref(const json& record) const {
   auto it = record.find("recording");
   if (it == record.end() || !it->is_object()) return json();
   json out = json::object();
-  if (auto id = it->find("id");
-      id != it->end() && id->is_string() && spool::valid_sid(id->get<std::string>())) {
+  if (auto id = it->find("id"); id != it->end() && id->is_string() && spool::valid_sid(id->get<std::string>())) {
     out["id"] = *id;
     auto ns = record.find("namespace");
     if (recordings_.enabled() && ns != record.end() && ns->is_string() && valid_name(ns->get<std::string>()))

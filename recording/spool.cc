@@ -13,8 +13,8 @@
 
 #include "common/error.h"
 #include "common/fd.h"
-#include "spool/spool.h"
 #include "recording/asciicast.h"
+#include "spool/spool.h"
 
 namespace shimlet::recording::spool {
 namespace {

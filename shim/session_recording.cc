@@ -13,8 +13,8 @@
 #include "common/event.h"
 #include "common/log.h"
 #include "common/proc.h"
-#include "spool/spool.h"
 #include "recording/spool.h"
+#include "spool/spool.h"
 
 namespace shimlet::session {
 namespace {

@@ -7,8 +7,8 @@
 #pragma once
 #include <cstddef>
 #include <functional>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
