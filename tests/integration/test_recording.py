@@ -424,12 +424,15 @@ def small_disk(env):
 def test_disk_full_policies(env, small_disk):
     c = small_disk
     two_mb = ["sh", "-c", "head -c 2000000 /dev/zero | tr '\\0' x; echo; echo done"]
-    # fail-closed (alice): the session ends with a clear message.
-    p = as_alice(env, "exec", c.pod, "--", *two_mb)
+    # fail-closed (alice): the session ends with a clear message. 8 MB: more
+    # than the writer's backlog at which the engine stops reading output, so
+    # the command cannot end before the writer has met the full disk.
+    eight_mb = ["sh", "-c", "head -c 8000000 /dev/zero | tr '\\0' x; echo; echo done"]
+    p = as_alice(env, "exec", c.pod, "--", *eight_mb)
     assert p.returncode == 254, (p.returncode, p.stderr)
     assert b"recording" in p.stderr and b"No space left on device" in p.stderr, p.stderr
-    assert len(p.stdout) < 2000000
-    meta = stored(env, grant_sid(env, two_mb))  # what was written reaches the master, incomplete
+    assert len(p.stdout) < 8000000
+    meta = stored(env, grant_sid(env, eight_mb))  # what was written reaches the master, incomplete
     assert not meta["complete"], meta
     # fail-open (carol): the session goes on, unrecorded past the failure.
     wait_for(lambda: not os.listdir(os.path.join(c.mnt, c.id)), 15, "the small disk emptied")
