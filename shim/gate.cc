@@ -415,7 +415,10 @@ struct Gate::Impl {
         int e = SSL_get_error(c.ssl, r);
         if (e == SSL_ERROR_WANT_READ) return want(c, EPOLLIN), std::nullopt;
         if (e == SSL_ERROR_WANT_WRITE) return want(c, EPOLLIN | EPOLLOUT), std::nullopt;
-        bool eof = e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0;
+        // The peer hung up: a bare EOF, or OpenSSL 3's "unexpected eof while
+        // reading" (an SSL error unless SSL_OP_IGNORE_UNEXPECTED_EOF).
+        bool eof = (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) ||
+                   (e == SSL_ERROR_SSL && ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING);
         std::string why =
             eof ? std::string("TLS handshake failed: connection error: ") + (errno ? strerror(errno) : "unexpected EOF")
                 : "TLS handshake failed: TLS error: " + proto::ssl_error_string();
