@@ -33,6 +33,10 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (inv.verb == "sessions") return run_sessions(inv);
+    if (inv.verb == "completion") {
+      fputs(completion_script(inv.completion_shell).c_str(), stdout);
+      return 0;
+    }
     if (inv.verb == "exec" && inv.local) return run_local_exec(inv);
     // A fresh key per run: the ticket binds it (cnf.jkt), TLS proves it. The
     // local socket (--local without --tls) has no TLS: no key, no cnf.

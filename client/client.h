@@ -106,7 +106,8 @@ struct Invocation {
   bool ns_set = false;  // -n given (else the kubeconfig context's namespace applies in master mode)
   MasterFlags master;
   ProxyMode proxy = ProxyMode::Auto;
-  std::string verb;  // "exec" | "port-forward" | "sessions"
+  std::string verb;              // "exec" | "port-forward" | "sessions" | "completion"
+  std::string completion_shell;  // `completion SHELL`: "bash" | "zsh"
   ExecOptions exec;
   PortForwardOptions pf;
   SessionsOptions sessions;
@@ -114,6 +115,9 @@ struct Invocation {
 
 // Parses argv (argv[0] is the program name). Throws UsageError.
 Invocation parse_args(const std::vector<std::string>& argv);
+// `shimctl completion SHELL`: the bash or zsh completion script, generated
+// from the CLI11 definition (client/cli.h). Throws UsageError for another shell.
+std::string completion_script(const std::string& shell);
 // $SHIMLET_STATE_DIR or kDefaultStateDir.
 std::string default_state_dir();
 

@@ -17,6 +17,7 @@
 #include "common/fd.h"
 #include "common/log.h"
 #include "common/pidfd.h"
+#include "common/version.h"
 #include "hook/internal.h"
 
 namespace shimlet::hook {
@@ -85,13 +86,23 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   std::string config_path, stage_arg, id_arg;
-  CLI::App app{"shimlet-hook: the OCI runtime hook that starts and stops a container's shim", "shimlet-hook"};
+  CLI::App app{"shimlet-hook: the OCI runtime hook of shimlet. At createRuntime it starts the container's shim\n"
+               "(and registers the container with shimlet-master when the config names one), at poststop it\n"
+               "stops the shim and removes its state. The container's OCI state is read from stdin, as runc,\n"
+               "crun, podman and CRI-O pass it.",
+               "shimlet-hook"};
   app.footer(
       "usage: shimlet-hook --config PATH [createRuntime|createContainer|prestart|poststop]\n"
       "       shimlet-hook --config PATH renew CONTAINER_ID\n"
       "       shimlet-hook --config PATH cleanup CONTAINER_ID\n"
-      "Without a stage the OCI state's status tells it (creating/created: start, stopped: poststop).");
-  app.add_option("--config", config_path, "Hook config (JSON; docs/design.md)");
+      "Without a stage the OCI state's status tells it (creating/created: start, stopped: poststop).\n"
+      "renew: the container's lease with the master (the shim runs it every renew_interval_s).\n"
+      "cleanup: what poststop does, for a container gone without one (the shim runs it when its\n"
+      "container exits).");
+  app.set_version_flag("--version", "shimlet-hook " SHIMLET_VERSION, "Print the version and exit");
+  app.add_option("--config", config_path,
+                 "Hook config (JSON; docs/design.md; the packages install /etc/shimlet/hook.json)")
+      ->type_name("PATH");
   app.add_option("stage", stage_arg, "createRuntime, createContainer, prestart, poststop, renew or cleanup");
   app.add_option("id", id_arg, "renew, cleanup: the container id");
   try {
@@ -99,6 +110,9 @@ int main(int argc, char** argv) {
     if (!id_arg.empty() && stage_arg != "renew" && stage_arg != "cleanup") throw CLI::ExtrasError({id_arg});
   } catch (const CLI::CallForHelp&) {
     fputs(app.help().c_str(), stdout);
+    return 0;
+  } catch (const CLI::CallForVersion& e) {
+    puts(e.what());
     return 0;
   } catch (const CLI::ParseError& e) {
     log::error("shimlet-hook: bad arguments", {{"error", e.what()}});

@@ -1,11 +1,17 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <string_view>
 
+#include "common/version.h"
 #include "shim/session.h"
 #include "shim/session_isolation.h"
 
 int main(int argc, char** argv) {
+  if (argc == 2 && std::string_view(argv[1]) == "--version") {
+    fputs("shimlet-session " SHIMLET_VERSION "\n", stdout);
+    return 0;
+  }
   int code = shimlet::session::main(argc, argv);
 #if defined(__SANITIZE_ADDRESS__)
   return code;  // keep LeakSanitizer's exit-time check in sanitizer builds

@@ -4,10 +4,16 @@
 
 #include <exception>
 #include <string>
+#include <string_view>
 
+#include "common/version.h"
 #include "shim/shim.h"
 
 int main(int argc, char** argv) {
+  if (argc == 2 && std::string_view(argv[1]) == "--version") {
+    static constexpr char kLine[] = "shimlet " SHIMLET_VERSION "\n";
+    return ::write(1, kLine, sizeof kLine - 1) == sizeof kLine - 1 ? 0 : 1;
+  }
   shimlet::shim::Options opt;
   try {
     opt = shimlet::shim::parse_args(argc, argv);

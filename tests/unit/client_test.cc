@@ -393,3 +393,30 @@ TEST(ClientGrant, LargeRegistrationIsSkippedSmallOneRead) {
   ASSERT_EQ(regs.size(), 1u);
   EXPECT_EQ(regs[0].id, "ok");
 }
+
+// The word CLI11 did not know is named, skipping the values of value options
+// (found in the CLI definition) but not the word after a flag.
+TEST(ClientArgs, UnknownCommandNamed) {
+  for (auto args : {std::vector<std::string>{"bogus"},
+                    {"--local", "--state-dir", "/tmp/x", "bogus"},
+                    {"--local", "bogus"},
+                    {"-n", "ns", "--proxy", "bogus"},
+                    {"--kubeconfig", "kc", "bogus"}}) {
+    std::string e = usage_error(args);
+    EXPECT_NE(e.find("unknown command 'bogus' (commands: exec, port-forward, completion)"), std::string::npos)
+        << args.size() << ": " << e;
+  }
+}
+
+TEST(ClientArgs, VersionAndCompletion) {
+  auto v = parse({"--version"});
+  EXPECT_TRUE(v.help);
+  EXPECT_EQ(v.help_text.rfind("shimctl ", 0), 0u) << v.help_text;
+  auto c = parse({"completion", "zsh"});
+  EXPECT_EQ(c.verb, "completion");
+  EXPECT_EQ(c.completion_shell, "zsh");
+  EXPECT_NE(sc::completion_script("bash").find("complete -F _shimctl shimctl"), std::string::npos);
+  EXPECT_NE(sc::completion_script("zsh").find("#compdef shimctl"), std::string::npos);
+  EXPECT_THROW(sc::completion_script("fish"), sc::UsageError);
+  EXPECT_NE(usage_error({"completion", "fish"}), "");
+}
