@@ -6,7 +6,7 @@
 namespace shimlet {
 
 int64_t monotonic_ms() noexcept;
-int64_t monotonic_ns() noexcept;  // for timestamps finer than a millisecond (recordings)
+int64_t monotonic_ns() noexcept;  // finer than a millisecond: recordings, latency histograms
 
 // A point timeout_ms from now; left_ms() is what poll(2) and friends get.
 class Deadline {

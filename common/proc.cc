@@ -18,23 +18,32 @@ ProcStat parse_proc_stat(std::string_view stat) {
   if (rp == std::string_view::npos) throw Error("/proc/PID/stat: unexpected format");
   ProcStat ps;
   size_t pos = rp + 1;
-  std::string_view tok;
-  for (int field = 3; field <= 22; field++) {
+  auto number = [](std::string_view tok, uint64_t& out, const char* name) {
+    auto [p, ec] = std::from_chars(tok.data(), tok.data() + tok.size(), out);
+    if (tok.empty() || ec != std::errc() || p != tok.data() + tok.size())
+      throw Error(std::string("/proc/PID/stat: bad ") + name);
+  };
+  for (int field = 3; field <= 24; field++) {
     while (pos < stat.size() && stat[pos] == ' ') pos++;
-    size_t end = stat.find(' ', pos);
+    size_t end = stat.find_first_of(" \n", pos);
     if (end == std::string_view::npos) end = stat.size();
-    tok = stat.substr(pos, end - pos);
+    std::string_view tok = stat.substr(pos, end - pos);
     pos = end;
     if (field == 3) {
       if (tok.size() != 1) throw Error("/proc/PID/stat: bad state");
       ps.state = tok[0];
     } else if (field == 9) {
-      auto [p, ec] = std::from_chars(tok.data(), tok.data() + tok.size(), ps.flags);
-      if (tok.empty() || ec != std::errc() || p != tok.data() + tok.size()) throw Error("/proc/PID/stat: bad flags");
+      number(tok, ps.flags, "flags");
+    } else if (field == 14) {
+      number(tok, ps.utime, "utime");
+    } else if (field == 15) {
+      number(tok, ps.stime, "stime");
+    } else if (field == 22) {
+      number(tok, ps.start_time, "starttime");
+    } else if (field == 24) {
+      number(tok, ps.rss_pages, "rss");
     }
   }
-  auto [p, ec] = std::from_chars(tok.data(), tok.data() + tok.size(), ps.start_time);
-  if (tok.empty() || ec != std::errc() || p != tok.data() + tok.size()) throw Error("/proc/PID/stat: bad starttime");
   return ps;
 }
 

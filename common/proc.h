@@ -13,7 +13,10 @@ namespace shimlet {
 struct ProcStat {
   char state = '?';         // field 3: R S D Z T ...
   uint64_t flags = 0;       // field 9: PF_* (PF_EXITING 0x4: the process is exiting)
+  uint64_t utime = 0;       // field 14, clock ticks
+  uint64_t stime = 0;       // field 15, clock ticks
   uint64_t start_time = 0;  // field 22
+  uint64_t rss_pages = 0;   // field 24
 };
 // Parses the text of /proc/PID/stat (comm may hold spaces and parentheses).
 // Throws Error on a malformed text.

@@ -11,7 +11,9 @@
 #include "common/file.h"
 #include "common/log.h"
 #include "common/openssl.h"
+#include "common/version.h"
 #include "master/master.h"
+#include "master/systemd.h"
 #include "proto/tls.h"
 
 using namespace shimlet;
@@ -52,6 +54,11 @@ int main(int argc, char** argv) {
   bool print_pub = false;
   CLI::App app{
       "shimlet-master: authenticates, authorizes and audits exec/port-forward, then sends clients to the shim"};
+  app.set_version_flag("--version", "shimlet-master " SHIMLET_VERSION, "Print the version and exit");
+  // Every flag may come from a file instead (the packaged unit: /etc/shimlet/master.conf);
+  // unknown keys are refused so that a typo is not silently ignored.
+  app.set_config("--config", "", "Read flags from this file: one 'flag-name = value' per line (TOML)");
+  app.allow_config_extras(false);
   app.add_option("--bind-address", cfg.bind_address, "IP address to listen on")->capture_default_str();
   app.add_option("--secure-port", cfg.secure_port, "HTTPS port (0 = ephemeral)")->capture_default_str();
   app.add_option("--tls-cert-file", cfg.tls_cert_file, "serving certificate (PEM, may include intermediates)");
@@ -127,7 +134,10 @@ int main(int argc, char** argv) {
     evtimer_add(tick.get(), &every);
 
     log::info("listening", {{"address", cfg.bind_address}, {"port", port}});
+    master::SystemdNotifier systemd(base.get());
+    systemd.ready("listening on " + cfg.bind_address + ":" + std::to_string(port));
     event_base_dispatch(base.get());
+    systemd.stopping();
     log::info("shutting down");
     return 0;
   } catch (const std::exception& e) {

@@ -3,6 +3,7 @@
 #include <time.h>
 
 #include <fstream>
+#include <set>
 
 #include "common/error.h"
 #include "common/log.h"
@@ -103,7 +104,9 @@ Master::Master(const Config& cfg, Authenticator authn, Policy policy, ticket::Pr
 }
 
 void Master::expire_leases() {
-  for (const auto& r : registry_.expire(monotonic_ms()))
+  auto expired = registry_.expire(monotonic_ms());
+  if (!expired.empty()) metrics_.leases_expired(expired.size());
+  for (const auto& r : expired)
     audit_.write("lease_expired", {{"node", r.node},
                                    {"container_id", r.id},
                                    {"namespace", r.namespace_},
@@ -112,16 +115,22 @@ void Master::expire_leases() {
 }
 
 Response Master::handle(const Request& req) {
+  const int64_t start_ns = monotonic_ns();
+  Ctx ctx;
   if (req.method == "GET" && (req.path == "/healthz" || req.path == "/livez" || req.path == "/readyz")) {
     Response r;
     r.content_type = "text/plain; charset=utf-8";
     r.body = "ok";
+    ctx.handler = "health";
+    account(ctx, r.status, start_ns);
     return r;
   }
-  if (req.method == "GET" && req.path == "/version")  // public, as kube-apiserver's system:public-info-viewer
+  if (req.method == "GET" && req.path == "/version") {  // public, as kube-apiserver's system:public-info-viewer
+    ctx.handler = "discovery";
+    account(ctx, 200, start_ns);
     return json_response(200, kube::version_json(cfg_.kube_version));
+  }
   expire_leases();
-  Ctx ctx;
   ctx.ev = {{"source", req.peer_ip + ":" + std::to_string(req.peer_port)},
             {"protocol", req.protocol},
             {"method", req.method},
@@ -130,6 +139,8 @@ Response Master::handle(const Request& req) {
   Response resp;
   AuthResult ar = authn_.authenticate(req.header("authorization"), req.ssl);
   if (!ar.identity) {
+    ctx.handler = "unauthenticated";
+    metrics_.authentication_failure();
     ctx.ev["decision"] = "deny";
     ctx.ev["reason"] = ar.error;
     resp = status_error(401, "Unauthorized: " + ar.error, "Unauthorized");
@@ -148,8 +159,46 @@ Response Master::handle(const Request& req) {
   }
   ctx.ev["code"] = resp.status;
   if (!ctx.ev.contains("decision")) ctx.ev["decision"] = resp.status < 400 ? "allow" : "error";
+  account(ctx, resp.status, start_ns);
   audit_.write("request", std::move(ctx.ev));
   return resp;
+}
+
+void Master::account(const Ctx& ctx, int code, int64_t start_ns) {
+  metrics_.request(ctx.handler, code, static_cast<double>(monotonic_ns() - start_ns) / 1e9);
+  const std::string_view h = ctx.handler;
+  if (h != "grant" && h != "relay" && h != "tunnel") return;
+  std::string decision = ctx.ev.value("decision", "");
+  const char* result = decision == "deny" ? "denied" : decision == "allow" && code < 400 ? "allowed" : "error";
+  if (h == "tunnel")
+    metrics_.tunnel(result);
+  else if (!ctx.grant_verb.empty())
+    metrics_.grant(ctx.grant_verb, h, result);
+}
+
+Response Master::metrics(Ctx& ctx) {
+  ctx.handler = "metrics";
+  Attributes a{ctx.id.user, ctx.id.groups, "get", "", "", "", "", "", "/metrics"};
+  ctx.ev["verb"] = a.verb;
+  Decision d = policy_.authorize(a);
+  ctx.ev["reason"] = d.reason;
+  if (!d.allowed) {
+    ctx.ev["decision"] = "deny";
+    return status_error(403, "forbidden: User \"" + ctx.id.user + "\" cannot get path \"/metrics\"", "Forbidden");
+  }
+  ctx.ev["decision"] = "allow";
+  Metrics::State st;
+  std::set<std::string> nodes;
+  for (const auto& r : registry_.list("", monotonic_ms())) {
+    ++st.containers;
+    nodes.insert(r.node);
+  }
+  st.nodes = nodes.size();
+  st.relays = relays_.active();
+  Response r;
+  r.content_type = kMetricsContentType;
+  r.body = metrics_.render(st);
+  return r;
 }
 
 // Mints the ticket for an authorized request and records it in the audit line.
@@ -182,21 +231,31 @@ Response Master::route(Ctx& ctx, const Request& req) {
   // Discovery, for every authenticated user (kube-apiserver's system:discovery).
   if (req.method == "GET" && (seg == std::vector<std::string>{"api"} || seg == std::vector<std::string>{"apis"} ||
                               seg == std::vector<std::string>{"api", "v1"})) {
+    ctx.handler = "discovery";
     ctx.ev["decision"] = "allow";
     ctx.ev["reason"] = "discovery";
     if (seg.size() == 2) return json_response(200, kube::api_v1_resources());
     if (seg[0] == "apis") return json_response(200, kube::api_group_list());
     return json_response(200, kube::api_versions(req.header("host")));
   }
+  if (req.path == "/metrics") {
+    if (req.method != "GET") return status_error(405, "use GET for /metrics", "MethodNotAllowed");
+    return metrics(ctx);
+  }
   if (is({"api", "v1"}) && (seg.size() == 3 || seg.size() >= 5)) return pods(ctx, req, seg);
-  if (is({"apis", "shimlet.io", "v1", "namespaces"}) && seg.size() == 8 && seg[5] == "pods" && seg[7] == "tunnel")
+  if (is({"apis", "shimlet.io", "v1", "namespaces"}) && seg.size() == 8 && seg[5] == "pods" && seg[7] == "tunnel") {
+    ctx.handler = "tunnel";
     return tunnel(ctx, req, seg[4], seg[6]);  // shimctl --proxy (master/tunnel.cc)
+  }
   if (is({"apis", "shimlet.io", "v1", "namespaces"}) && seg.size() == 8 && seg[5] == "pods" &&
       (seg[7] == "exec" || seg[7] == "portforward")) {
+    ctx.handler = "grant";
+    ctx.grant_verb = seg[7];
     if (req.method != "POST") return status_error(405, "use POST for " + seg[7] + " grants", "MethodNotAllowed");
     return grant(ctx, req, seg[4], seg[6], seg[7]);
   }
   if (is({"apis", "shimlet.io", "v1", "nodes"}) && seg.size() == 7 && seg[5] == "containers") {
+    ctx.handler = "node";
     if (req.method == "PUT") return node_put(ctx, req, seg[4], seg[6]);
     if (req.method == "DELETE") return node_delete(ctx, req, seg[4], seg[6]);
     return status_error(405, "use PUT (register/renew) or DELETE", "MethodNotAllowed");
@@ -210,6 +269,7 @@ Response Master::route(Ctx& ctx, const Request& req) {
   if (is({"apis", "shimlet.io", "v1", "namespaces"}) && seg.size() >= 6 && seg[5] == "sessions")
     return sessions(ctx, req, seg[4], {seg.begin() + 6, seg.end()});
   if (is({"apis", "shimlet.io", "v1", "nodes"}) && seg.size() == 7 && seg[5] == "sessions") {
+    ctx.handler = "session_end";
     if (req.method != "POST") return status_error(405, "use POST to report a session end", "MethodNotAllowed");
     return session_end(ctx, req, seg[4], seg[6]);
   }
@@ -218,7 +278,8 @@ Response Master::route(Ctx& ctx, const Request& req) {
 
 Response Master::pods(Ctx& ctx, const Request& req, const std::vector<std::string>& seg) {
   // /api/v1/pods | /api/v1/namespaces/NS/pods[/POD[/exec|/portforward]]
-  Attributes a{ctx.id.user, ctx.id.groups, "", "", "pods", "", "", ""};
+  ctx.handler = "pods";
+  Attributes a{ctx.id.user, ctx.id.groups, "", "", "pods", "", "", "", ""};
   if (seg.size() == 3) {
     if (seg[2] != "pods") return status_error(404, "the server could not find the requested resource", "NotFound");
   } else {
@@ -237,6 +298,8 @@ Response Master::pods(Ctx& ctx, const Request& req, const std::vector<std::strin
   ctx.ev["namespace"] = a.namespace_;
   if (!a.name.empty()) ctx.ev["pod"] = a.name;
   if (!a.subresource.empty()) {
+    ctx.handler = "relay";
+    ctx.grant_verb = a.subresource;
     a.verb = "create";
     ctx.ev["verb"] = a.verb;
     ctx.ev["resource"] = "pods/" + a.subresource;
@@ -332,6 +395,9 @@ Response Master::stream(Ctx& ctx, const Request& req, const std::string& ns, con
 }
 
 Response Master::relay_upgrade(RelayOptions opt, json end) {
+  opt.on_bytes = [this, via = end.value("via", "relay")](bool to_shim, uint64_t n) {
+    metrics_.relay_bytes(via, to_shim, n);
+  };
   opt.on_end = [this, end = std::move(end)](const RelayStats& st) mutable {
     end["end"] = rfc3339_now();
     end["bytes_in"] = st.bytes_in;
@@ -355,7 +421,7 @@ Response Master::grant(Ctx& ctx, const Request& req, const std::string& ns, cons
   ctx.ev["verb"] = "create";
   ctx.ev["resource"] = "pods/" + verb;
   if (!valid_name(ns) || !valid_name(pod)) return status_error(400, "invalid namespace or pod name");
-  Attributes a{ctx.id.user, ctx.id.groups, "create", "", "pods", verb, ns, pod};
+  Attributes a{ctx.id.user, ctx.id.groups, "create", "", "pods", verb, ns, pod, ""};
   Decision d = policy_.authorize(a);
   ctx.ev["reason"] = d.reason;
   if (!d.allowed) {
@@ -491,6 +557,7 @@ Response Master::session_end(Ctx& ctx, const Request& req, const std::string& no
   }
   if (json rec = recording_ref(j); !rec.is_null()) ev["recording"] = std::move(rec);
   audit_.write("session_end", ev);
+  metrics_.session_end_record();
   ctx.ev["reason"] = "session end recorded";
   return json_response(200, {{"kind", "Status"}, {"apiVersion", "v1"}, {"status", "Success"}, {"code", 200}});
 }

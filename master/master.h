@@ -13,6 +13,7 @@
 #include "master/authn.h"
 #include "master/grant.h"
 #include "master/http.h"
+#include "master/metrics.h"
 #include "master/rbac.h"
 #include "master/recording_policy.h"
 #include "master/recordings.h"
@@ -65,10 +66,13 @@ class Master {
   const std::string& relay_jkt() const { return relay_jkt_; }
 
  private:
-  // One request: who, and its audit event (filled while routing).
+  // One request: who, and its audit event (filled while routing); its route
+  // class and, for exec/port-forward, the verb (metrics).
   struct Ctx {
     Identity id;
     nlohmann::json ev = nlohmann::json::object();
+    const char* handler = "other";
+    std::string grant_verb;
   };
   Response route(Ctx& ctx, const Request& req);
   Response pods(Ctx& ctx, const Request& req, const std::vector<std::string>& seg);
@@ -89,6 +93,11 @@ class Master {
   nlohmann::json recording_ref(const nlohmann::json& record) const;
   void apply_recording(Ctx& ctx, GrantRequest& gr, const std::string& ns) const;
   static std::string sessions_forbidden(const Attributes& a);
+  // GET /metrics: RBAC `get` on the nonResourceURL /metrics.
+  Response metrics(Ctx& ctx);
+  // Counts a finished request (Metrics): route class, code, time, and the
+  // grant or tunnel decision it made.
+  void account(const Ctx& ctx, int code, int64_t start_ns);
   Grant allow(Ctx& ctx, const GrantRequest& gr, const Registration& target);
   Response deny(Ctx& ctx, const std::string& reason);
   std::optional<Response> require_node(Ctx& ctx, const std::string& node);
@@ -102,6 +111,7 @@ class Master {
   RecordingPolicy recording_policy_;
   RecordingStore recordings_;
   GrantConfig grant_cfg_;
+  Metrics metrics_;
   proto::SslCtx relay_ctx_;  // TLS client context toward shims (fresh Ed25519 identity, ALPN http/1.1)
   std::string relay_jkt_;
   Relayer relays_;

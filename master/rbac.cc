@@ -54,8 +54,18 @@ bool resource_matches(const PolicyRule& r, const std::string& resource, const st
   return false;
 }
 
+// k8s.io/kubernetes/pkg/apis/rbac/v1 NonResourceURLMatches.
+bool non_resource_matches(const PolicyRule& r, const std::string& path) {
+  for (const auto& u : r.non_resource_urls) {
+    if (u == "*" || u == path) return true;
+    if (!u.empty() && u.back() == '*' && path.compare(0, u.size() - 1, u, 0, u.size() - 1) == 0) return true;
+  }
+  return false;
+}
+
 bool rule_allows(const PolicyRule& r, const Attributes& a) {
   if (!has_or_star(r.verbs, a.verb)) return false;
+  if (!a.path.empty()) return non_resource_matches(r, a.path);
   if (!has_or_star(r.api_groups, a.api_group)) return false;
   if (!resource_matches(r, a.resource, a.subresource)) return false;
   if (r.resource_names.empty()) return true;
@@ -103,8 +113,13 @@ void add_object(const Node& doc, const std::string& where, std::vector<Role>& ro
       for (const auto& rn : rules->items) {
         if (!rn.is_map()) bad(here, "each rule must be a mapping");
         PolicyRule pr{str_list(rn, "verbs", here), str_list(rn, "apiGroups", here), str_list(rn, "resources", here),
-                      str_list(rn, "resourceNames", here)};
+                      str_list(rn, "resourceNames", here), str_list(rn, "nonResourceURLs", here)};
         if (pr.verbs.empty()) bad(here, "rule without verbs");
+        if (!pr.non_resource_urls.empty()) {
+          if (kind == "Role") bad(here, "namespaced rules cannot apply to non-resource URLs");
+          if (!pr.resources.empty() || !pr.api_groups.empty())
+            bad(here, "rules cannot apply to both regular resources and non-resource URLs");
+        }
         r.rules.push_back(std::move(pr));
       }
     }
@@ -135,6 +150,7 @@ void add_object(const Node& doc, const std::string& where, std::vector<Role>& ro
 }
 
 std::string describe(const Attributes& a) {
+  if (!a.path.empty()) return "user \"" + a.user + "\" to " + a.verb + " path \"" + a.path + "\"";
   std::string res = a.subresource.empty() ? a.resource : a.resource + "/" + a.subresource;
   if (!a.api_group.empty()) res += "." + a.api_group;
   std::string s = "user \"" + a.user + "\" to " + a.verb + " " + res;

@@ -10,6 +10,9 @@ namespace shimlet::master {
 
 struct PolicyRule {
   std::vector<std::string> verbs, api_groups, resources, resource_names;
+  // ClusterRole only: paths such as "/metrics" or "/debug/*" (a trailing *
+  // matches any suffix), for requests that are not about a resource.
+  std::vector<std::string> non_resource_urls;
 };
 
 struct Role {
@@ -42,6 +45,10 @@ struct Attributes {
   std::string subresource;  // "exec", "portforward" or ""
   std::string namespace_;   // "" = cluster-scoped / all namespaces
   std::string name;         // "" = collection
+  // A non-resource request (e.g. GET /metrics): its path, matched against
+  // rules' nonResourceURLs; resource, namespace and name are then empty, and
+  // only ClusterRoleBindings grant it (kube-apiserver's RBAC).
+  std::string path;
 };
 
 struct Decision {

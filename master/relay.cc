@@ -132,6 +132,7 @@ struct Relayer::Relay {
       return;
     }
     count += n;
+    if (opt.on_bytes) opt.on_bytes(&count == &st.bytes_in, n);
     evbuffer_add_buffer(bufferevent_get_output(to), in);
     touch();
     if (evbuffer_get_length(bufferevent_get_output(to)) >= opt.max_buffer) {

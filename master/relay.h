@@ -38,10 +38,12 @@ struct RelayOptions {
   // response); the client is closed after them.
   std::function<std::string(const std::string& why)> connect_error_response;
   std::function<void(const RelayStats&)> on_end;  // once, when both sides are closed
-  int connect_timeout_ms = 10000;                 // TCP connect + TLS handshake
-  int idle_timeout_s = 4 * 3600;                  // no bytes either way (the kubelet's default)
-  size_t max_buffer = 1 << 20;                    // per direction; reading pauses above it
-  int linger_ms = 5000;                           // flushing what is queued after a close
+  // As bytes move (counters for metrics): n bytes client -> shim (to_shim) or back.
+  std::function<void(bool to_shim, uint64_t n)> on_bytes;
+  int connect_timeout_ms = 10000;  // TCP connect + TLS handshake
+  int idle_timeout_s = 4 * 3600;   // no bytes either way (the kubelet's default)
+  size_t max_buffer = 1 << 20;     // per direction; reading pauses above it
+  int linger_ms = 5000;            // flushing what is queued after a close
 };
 
 // Owns the live relays (freed when they end or with the Relayer).

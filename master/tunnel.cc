@@ -48,7 +48,7 @@ Response Master::tunnel(Ctx& ctx, const Request& req, const std::string& ns, con
   // ticket inside it): either permission on this pod will do.
   Decision allowed;
   for (const char* sub : {"exec", "portforward"}) {
-    Decision d = policy_.authorize(Attributes{ctx.id.user, ctx.id.groups, "create", "", "pods", sub, ns, pod});
+    Decision d = policy_.authorize(Attributes{ctx.id.user, ctx.id.groups, "create", "", "pods", sub, ns, pod, ""});
     if (d.allowed) {
       allowed = d;
       break;

@@ -15,7 +15,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   } catch (const shimlet::Error&) {
   }
   for (const char* sub : {"", "exec", "portforward"})
-    p.authorize({"alice", {"dev", "system:authenticated"}, "create", "", "pods", sub, "dev", "p"});
-  p.authorize({"system:serviceaccount:ci:runner", {}, "list", "", "pods", "", "", ""});
+    p.authorize({"alice", {"dev", "system:authenticated"}, "create", "", "pods", sub, "dev", "p", ""});
+  p.authorize({"system:serviceaccount:ci:runner", {}, "list", "", "pods", "", "", "", ""});
+  p.authorize({"prometheus", {"system:authenticated"}, "get", "", "", "", "", "", "/metrics"});  // nonResourceURLs
   return 0;
 }

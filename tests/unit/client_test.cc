@@ -224,9 +224,12 @@ TEST(ClientTarget, LivenessNeedsPidAndStartTime) {
 }
 
 TEST(CommonProc, ParsesStat) {
-  auto ps = shimlet::parse_proc_stat("42 (a b) c)) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 x y");
+  auto ps = shimlet::parse_proc_stat("42 (a b) c)) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 x 77 y\n");
   EXPECT_EQ(ps.state, 'S');
   EXPECT_EQ(ps.start_time, 987654u);
+  EXPECT_EQ(ps.utime, 11u);
+  EXPECT_EQ(ps.stime, 12u);
+  EXPECT_EQ(ps.rss_pages, 77u);
   EXPECT_THROW(shimlet::parse_proc_stat("42 (x) S 1 2"), shimlet::Error);
   EXPECT_THROW(shimlet::parse_proc_stat("no parens"), shimlet::Error);
 }

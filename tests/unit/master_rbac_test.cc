@@ -65,8 +65,8 @@ metadata: {name: ignored}
 
 Attributes at(std::string user, std::vector<std::string> groups, std::string verb, std::string sub, std::string ns,
               std::string name) {
-  return Attributes{std::move(user), std::move(groups), std::move(verb), "",
-                    "pods",          std::move(sub),    std::move(ns),   std::move(name)};
+  return Attributes{std::move(user), std::move(groups), std::move(verb), "", "pods",
+                    std::move(sub),  std::move(ns),     std::move(name), ""};
 }
 }  // namespace
 
@@ -162,4 +162,78 @@ TEST(MasterRbac, LoadsDirectory) {
   std::filesystem::remove_all(dir);
   EXPECT_TRUE(p.authorize(at("u", {"g"}, "get", "", "any", "p")).allowed);
   EXPECT_FALSE(p.authorize(at("u", {"h"}, "get", "", "any", "p")).allowed);
+}
+
+// kube-apiserver's non-resource requests (GET /metrics): nonResourceURLs rules
+// of ClusterRoles, granted only by ClusterRoleBindings; a trailing * matches a
+// prefix; resource rules never match a path and path rules never a resource.
+TEST(MasterRbac, NonResourceUrls) {
+  Policy p;
+  p.add_yaml(R"(
+kind: ClusterRole
+apiVersion: rbac.authorization.k8s.io/v1
+metadata: {name: metrics}
+rules:
+- nonResourceURLs: ["/metrics", "/debug/*"]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["*"]
+  verbs: ["get"]
+---
+kind: ClusterRoleBinding
+apiVersion: rbac.authorization.k8s.io/v1
+metadata: {name: prom}
+subjects: [{kind: User, name: prom}]
+roleRef: {kind: ClusterRole, name: metrics}
+---
+kind: RoleBinding
+apiVersion: rbac.authorization.k8s.io/v1
+metadata: {name: ns-only, namespace: default}
+subjects: [{kind: User, name: nsuser}]
+roleRef: {kind: ClusterRole, name: metrics}
+)",
+             "test");
+  auto path = [](std::string user, std::string verb, std::string p) {
+    Attributes a{std::move(user), {}, std::move(verb), "", "", "", "", "", std::move(p)};
+    return a;
+  };
+  EXPECT_TRUE(p.authorize(path("prom", "get", "/metrics")).allowed);
+  EXPECT_TRUE(p.authorize(path("prom", "get", "/debug/pprof/heap")).allowed);
+  EXPECT_FALSE(p.authorize(path("prom", "get", "/debug")).allowed);
+  EXPECT_FALSE(p.authorize(path("prom", "get", "/metricsx")).allowed);
+  EXPECT_FALSE(p.authorize(path("prom", "post", "/metrics")).allowed);
+  EXPECT_FALSE(p.authorize(path("other", "get", "/metrics")).allowed);
+  // a RoleBinding grants nothing outside its namespace, and a path has none
+  EXPECT_FALSE(p.authorize(path("nsuser", "get", "/metrics")).allowed);
+  EXPECT_TRUE(p.authorize(at("nsuser", {}, "get", "", "default", "x")).allowed);
+  Decision d = p.authorize(path("other", "get", "/metrics"));
+  EXPECT_NE(d.reason.find("path \"/metrics\""), std::string::npos) << d.reason;
+
+  // the path-only rule never matches a resource request
+  Policy q;
+  q.add_yaml(R"(
+kind: ClusterRole
+apiVersion: rbac.authorization.k8s.io/v1
+metadata: {name: star}
+rules: [{nonResourceURLs: ["*"], verbs: ["*"]}]
+---
+kind: ClusterRoleBinding
+apiVersion: rbac.authorization.k8s.io/v1
+metadata: {name: b}
+subjects: [{kind: User, name: u}]
+roleRef: {kind: ClusterRole, name: star}
+)",
+             "test");
+  EXPECT_TRUE(q.authorize(path("u", "get", "/anything")).allowed);
+  EXPECT_FALSE(q.authorize(at("u", {}, "create", "exec", "default", "pod")).allowed);
+}
+
+TEST(MasterRbac, NonResourceUrlsOnlyInClusterRoles) {
+  for (const char* bad : {"kind: Role\napiVersion: rbac.authorization.k8s.io/v1\nmetadata: {name: r}\n"
+                          "rules: [{nonResourceURLs: [/metrics], verbs: [get]}]\n",
+                          "kind: ClusterRole\napiVersion: rbac.authorization.k8s.io/v1\nmetadata: {name: r}\n"
+                          "rules: [{nonResourceURLs: [/metrics], resources: [pods], verbs: [get]}]\n"}) {
+    Policy p;
+    EXPECT_THROW(p.add_yaml(bad, "bad.yaml"), shimlet::Error) << bad;
+  }
 }

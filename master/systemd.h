@@ -1,0 +1,37 @@
+// shimlet-master under systemd (deploy/systemd/shimlet-master.service,
+// Type=notify): READY=1 once the port is bound (so `systemctl start` returns
+// when clients can connect, and units ordered after it start then), STATUS=
+// lines, WATCHDOG=1 pings from the event loop itself (a wedged loop stops
+// them and systemd restarts the master: WatchdogSec=), STOPPING=1 on the way
+// out. libsystemd's sd_notify speaks the protocol (libsystemd0 is on every
+// Debian system: apt itself depends on it); outside systemd (no
+// $NOTIFY_SOCKET) every call is a no-op.
+#pragma once
+#include <memory>
+#include <string>
+
+struct event;
+struct event_base;
+
+namespace shimlet::master {
+
+class SystemdNotifier {
+ public:
+  explicit SystemdNotifier(event_base* base);
+  ~SystemdNotifier();
+  SystemdNotifier(const SystemdNotifier&) = delete;
+  SystemdNotifier& operator=(const SystemdNotifier&) = delete;
+
+  // READY=1 with a STATUS= line; starts the watchdog pings when systemd asked for them.
+  void ready(const std::string& status);
+  void stopping();
+
+ private:
+  struct EventFree {
+    void operator()(event* e) const;
+  };
+  event_base* base_;
+  std::unique_ptr<event, EventFree> watchdog_;
+};
+
+}  // namespace shimlet::master
