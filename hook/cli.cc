@@ -86,11 +86,12 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   std::string config_path, stage_arg, id_arg;
-  CLI::App app{"shimlet-hook: the OCI runtime hook of shimlet. At createRuntime it starts the container's shim\n"
-               "(and registers the container with shimlet-master when the config names one), at poststop it\n"
-               "stops the shim and removes its state. The container's OCI state is read from stdin, as runc,\n"
-               "crun, podman and CRI-O pass it.",
-               "shimlet-hook"};
+  CLI::App app{
+      "shimlet-hook: the OCI runtime hook of shimlet. At createRuntime it starts the container's shim\n"
+      "(and registers the container with shimlet-master when the config names one), at poststop it\n"
+      "stops the shim and removes its state. The container's OCI state is read from stdin, as runc,\n"
+      "crun, podman and CRI-O pass it.",
+      "shimlet-hook"};
   app.footer(
       "usage: shimlet-hook --config PATH [createRuntime|createContainer|prestart|poststop]\n"
       "       shimlet-hook --config PATH renew CONTAINER_ID\n"
