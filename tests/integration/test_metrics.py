@@ -231,9 +231,9 @@ STATS_SERIES = {
 
 def test_node_metrics_are_the_shims_counters(tmp_path):
     """Known connections to a real shim, each ending one way (limits of 1 session per door, 2 unauthenticated
-    connections per source, a 1 s deadline); its stats.json counts them and shimlet-node-metrics exports each of
+    connections per source, a 3 s deadline); its stats.json counts them and shimlet-node-metrics exports each of
     its fields, once, with the shim's value."""
-    env = ShimEnv(max_sessions=1, max_local_sessions=1, preauth_max_per_source=2, preauth_timeout_ms=1000)
+    env = ShimEnv(max_sessions=1, max_local_sessions=1, preauth_max_per_source=2, preauth_timeout_ms=3000)
     held, socks = [], []
     try:
         c = env.container()
