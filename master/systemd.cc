@@ -1,18 +1,11 @@
 #include "master/systemd.h"
 
-#include <event2/event.h>
 #include <systemd/sd-daemon.h>
 
 #include "common/error.h"
 #include "common/log.h"
 
 namespace shimlet::master {
-
-void SystemdNotifier::EventFree::operator()(event* e) const { event_free(e); }
-
-SystemdNotifier::SystemdNotifier(event_base* base) : base_(base) {}
-
-SystemdNotifier::~SystemdNotifier() = default;
 
 void SystemdNotifier::ready(const std::string& status) {
   int r = sd_notify(0, ("READY=1\nSTATUS=" + status).c_str());
@@ -21,11 +14,10 @@ void SystemdNotifier::ready(const std::string& status) {
   if (sd_watchdog_enabled(0, &usec) <= 0 || usec == 0) return;
   // Ping at half the interval, from the loop: only a loop that runs pings.
   auto ping = [](evutil_socket_t, short, void*) { sd_notify(0, "WATCHDOG=1"); };
-  watchdog_.reset(event_new(base_, -1, EV_PERSIST, ping, nullptr));
-  if (!watchdog_) throw Error("event_new failed for the systemd watchdog");
+  watchdog_ = new_event(base_, -1, EV_PERSIST, ping, nullptr);
   uint64_t half = usec / 2;
   timeval every{static_cast<time_t>(half / 1000000), static_cast<suseconds_t>(half % 1000000)};
-  evtimer_add(watchdog_.get(), &every);
+  if (event_add(watchdog_.get(), &every) < 0) throw Error("event_add failed for the systemd watchdog");
   sd_notify(0, "WATCHDOG=1");
 }
 

@@ -7,18 +7,15 @@
 // Debian system: apt itself depends on it); outside systemd (no
 // $NOTIFY_SOCKET) every call is a no-op.
 #pragma once
-#include <memory>
 #include <string>
 
-struct event;
-struct event_base;
+#include "common/event.h"
 
 namespace shimlet::master {
 
 class SystemdNotifier {
  public:
-  explicit SystemdNotifier(event_base* base);
-  ~SystemdNotifier();
+  explicit SystemdNotifier(event_base* base) : base_(base) {}
   SystemdNotifier(const SystemdNotifier&) = delete;
   SystemdNotifier& operator=(const SystemdNotifier&) = delete;
 
@@ -27,11 +24,8 @@ class SystemdNotifier {
   void stopping();
 
  private:
-  struct EventFree {
-    void operator()(event* e) const;
-  };
   event_base* base_;
-  std::unique_ptr<event, EventFree> watchdog_;
+  EventPtr watchdog_;
 };
 
 }  // namespace shimlet::master

@@ -4,8 +4,8 @@
 
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 
+#include "common/proc.h"
 #include "hook/metrics.h"
 #include "shim/gate_proto.h"
 
@@ -24,14 +24,7 @@ struct StateDir {
   }
 };
 
-uint64_t own_start_time() {
-  std::ifstream f("/proc/self/stat");
-  std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  std::istringstream rest(stat.substr(stat.rfind(')') + 2));
-  std::string tok;
-  for (int field = 3; field <= 22; field++) rest >> tok;
-  return std::stoull(tok);
-}
+uint64_t own_start_time() { return shimlet::proc_stat(getpid()).value().start_time; }
 
 bool has_line(const std::string& text, const std::string& line) {
   return text.find("\n" + line + "\n") != std::string::npos;
