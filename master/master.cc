@@ -261,13 +261,18 @@ Response Master::route(Ctx& ctx, const Request& req) {
     return status_error(405, "use PUT (register/renew) or DELETE", "MethodNotAllowed");
   }
   if (is({"apis", "shimlet.io", "v1", "nodes"}) && seg.size() == 7 && seg[5] == "recordings") {
+    ctx.handler = "recording_upload";
     if (req.method != "POST") return status_error(405, "use POST to upload a recording", "MethodNotAllowed");
     return recording_upload(ctx, req, seg[4], seg[6]);
   }
-  if (is({"apis", "shimlet.io", "v1", "sessions"}))  // recorded sessions (master/sessions.cc)
+  if (is({"apis", "shimlet.io", "v1", "sessions"})) {  // recorded sessions (master/sessions.cc)
+    ctx.handler = "sessions";
     return sessions(ctx, req, "", {seg.begin() + 4, seg.end()});
-  if (is({"apis", "shimlet.io", "v1", "namespaces"}) && seg.size() >= 6 && seg[5] == "sessions")
+  }
+  if (is({"apis", "shimlet.io", "v1", "namespaces"}) && seg.size() >= 6 && seg[5] == "sessions") {
+    ctx.handler = "sessions";
     return sessions(ctx, req, seg[4], {seg.begin() + 6, seg.end()});
+  }
   if (is({"apis", "shimlet.io", "v1", "nodes"}) && seg.size() == 7 && seg[5] == "sessions") {
     ctx.handler = "session_end";
     if (req.method != "POST") return status_error(405, "use POST to report a session end", "MethodNotAllowed");

@@ -34,7 +34,7 @@ class Metrics {
   Metrics& operator=(const Metrics&) = delete;
 
   // One handled request: `handler` is its route class (grant, relay, tunnel,
-  // pods, node, session_end, discovery, metrics, health, other; unauthenticated:
+  // pods, node, session_end, recording_upload, sessions, discovery, metrics, health, other; unauthenticated:
   // refused with 401 before routing), `code` the
   // HTTP status answered (101 for an upgrade handed to a relay), `seconds`
   // the time from the complete request to the response.

@@ -99,7 +99,7 @@ Response Master::sessions(Ctx& ctx, const Request& req, const std::string& ns, c
   if ((!ns.empty() && !valid_name(ns)) || (!rest.empty() && !spool::valid_sid(rest[0])))
     return status_error(400, "invalid namespace or session id");
   auto authorize = [&](const std::string& verb, const std::string& where, const std::string& name) {
-    Attributes a{ctx.id.user, ctx.id.groups, verb, "shimlet.io", "sessions", "", where, name};
+    Attributes a{ctx.id.user, ctx.id.groups, verb, "shimlet.io", "sessions", "", where, name, ""};
     ctx.ev["verb"] = verb;
     Decision d = policy_.authorize(a);
     ctx.ev["decision"] = d.allowed ? "allow" : "deny";

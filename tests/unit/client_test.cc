@@ -406,7 +406,7 @@ TEST(ClientArgs, UnknownCommandNamed) {
                     {"-n", "ns", "--proxy", "bogus"},
                     {"--kubeconfig", "kc", "bogus"}}) {
     std::string e = usage_error(args);
-    EXPECT_NE(e.find("unknown command 'bogus' (commands: exec, port-forward, completion)"), std::string::npos)
+    EXPECT_NE(e.find("unknown command 'bogus' (commands: exec, port-forward, sessions, completion)"), std::string::npos)
         << args.size() << ": " << e;
   }
 }
