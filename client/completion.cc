@@ -3,7 +3,8 @@
 // flag or command completes without a second list to keep. What completes:
 // commands, each command's flags plus the global ones (commands fall through
 // to the top level, as kubectl's do), FILE/DIR values as paths, a positional
-// whose check lists its values ({bash,zsh}). Nothing after `--` (the command
+// whose check lists its values ({bash,zsh}), a command's own commands
+// (`sessions list`). Nothing after `--` (the command
 // runs in the container) and no live TARGET lookup: that would need the
 // master or root on the node at every <TAB>.
 #include <algorithm>
@@ -92,6 +93,14 @@ Model model() {
     c.description = sub->get_description();
     c.flags = flags_of(*sub);
     positional_of(*sub, c);
+    // A command with commands of its own (`sessions list|play|export`): they
+    // complete as its first word, and their flags as its flags.
+    for (const CLI::App* nested : sub->get_subcommands({})) {
+      c.choices.push_back(nested->get_name());
+      for (auto& f : flags_of(*nested))
+        if (std::none_of(c.flags.begin(), c.flags.end(), [&](const Flag& g) { return g.names == f.names; }))
+          c.flags.push_back(std::move(f));
+    }
     c.fallthrough = sub->get_fallthrough();
     m.commands.push_back(std::move(c));
   }

@@ -68,7 +68,8 @@ def bash_complete(scripts, line):
 
 def test_bash_completion(scripts):
     c = lambda line: bash_complete(scripts, line)
-    assert c("shimctl ") == ["completion", "exec", "port-forward"]
+    assert c("shimctl ") == ["completion", "exec", "port-forward", "sessions"]
+    assert c("shimctl sessions ") == ["export", "list", "play"]  # nested commands
     assert c("shimctl e") == ["exec"]
     assert c("shimctl --kubeconfig kc.yaml -n ns e") == ["exec"]  # flag values are not commands
     assert c("shimctl exec --li") == ["--limit-cpu-weight", "--limit-memory", "--limit-pids"]
