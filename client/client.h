@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -121,12 +122,17 @@ std::string completion_script(const std::string& shell);
 // $SHIMLET_STATE_DIR or kDefaultStateDir.
 std::string default_state_dir();
 
-// One STATE_DIR/<id>/registration.json (only the fields the client needs).
+// One STATE_DIR/<id>/registration.json (only the fields shimctl and
+// shimlet-cri need).
 struct Registration {
   std::string id, ns, pod, container, endpoint, pin;
   std::string local_socket;  // the shim's root-only unix socket ("" from older hooks)
-  bool sandbox = false;      // CRI/docker pod sandbox ("pause"): never a pod-name match
-  std::string path;          // where it was read from (for messages)
+  // The shim's plain-HTTP loopback listener for the CRI streaming shapes
+  // (docs/design.md "CRI proxy"); "" when the hook config does not enable it.
+  std::string cri_endpoint;
+  bool sandbox = false;    // CRI/docker pod sandbox ("pause"): never a pod-name match
+  std::string sandbox_id;  // the CRI pod sandbox this container belongs to (annotations; "" = unknown)
+  std::string path;        // where it was read from (for messages)
   // The shim and the container's init, each named by pid and start time
   // (/proc/PID/stat field 22; 0: not recorded, by an older hook).
   int64_t pid = 0, shim_pid = 0;
@@ -137,6 +143,10 @@ struct Registration {
 };
 // Parses one registration.json text; throws Error naming `path` on bad input.
 Registration parse_registration(const std::string& text, const std::string& path);
+// Reads and parses one registration file (bounded) and checks its liveness;
+// nullopt when it is missing, too large or unparsable (a container being
+// created or torn down).
+std::optional<Registration> read_registration(const std::string& path);
 // Every readable STATE_DIR/*/registration.json, sorted by id, each with its
 // liveness checked (shim and container init: pid + start time, never a bare
 // pid). Unparsable ones are skipped (a container being torn down); an
@@ -193,10 +203,23 @@ struct LocalExec {
   ~LocalExec();  // wipes key_pem
   Grant grant;   // ticket empty until minted
   std::string key_path, key_pem;
+  std::string sub;  // the ticket's audit user; "" = invoking_user()
 };
 LocalExec local_exec_target(const std::string& state_dir, const std::string& ns, const ExecOptions& ex);
+// The same for an already chosen registration (shimlet-cri knows the id).
+LocalExec local_exec_for(const Registration& reg, const std::string& state_dir);
 void mint_local_exec_ticket(LocalExec& le, const ExecOptions& ex, const proto::Identity& client, int64_t now,
                             int64_t lifetime_s = kDefaultLocalTicketLifetimeS);
+// An exec ticket's verb claims: cmd, stdin, tty, limits.
+ticket::Claims exec_claims(const ExecOptions& ex);
+// The node-key minter behind all of the above: signs `c` (the verb and its
+// claims; iss "local", sub, aud, iat, exp, jti and sid are set here) for
+// container_id with key_pem (STATE_DIR/local.key, read with read_node_key),
+// bound to client's key when it has one. Throws Error naming key_path.
+std::string sign_local_ticket(const std::string& container_id, const std::string& key_path, const std::string& key_pem,
+                              ticket::Claims c, const proto::Identity& client, int64_t now, const std::string& sub,
+                              int64_t lifetime_s = kDefaultLocalTicketLifetimeS);
+std::string read_node_key(const std::string& state_dir);
 // Same for `port-forward`: the ticket's verb is "portforward" and its ports
 // claim lists every REMOTE (the shim refuses any other port). An empty
 // `client` identity (--local without --tls) means the shim's local socket.
@@ -256,6 +279,28 @@ int run_exec(const Grant& grant, const ExecOptions& ex, const proto::Identity& c
 // The same for --local: connects first, and makes this run's identity and
 // ticket while the shim starts and answers the ClientHello.
 int run_local_exec(const Invocation& inv);
+
+// An exec without a terminal whose output is collected (shimlet-cri's
+// ExecSync): no stdin, stdout/stderr kept up to max_output bytes each (the
+// rest is read and dropped), over the shim's local socket (le.grant.
+// local_socket must be set), le's ticket minted while the connection starts.
+// timeout_ms > 0: when it passes the connection is closed, which makes the
+// session kill every process of the exec; the same when cancel_fd (>= 0)
+// becomes readable.
+struct CapturedExec {
+  std::string out, err;
+  bool out_truncated = false, err_truncated = false;
+  int exit_code = -1;  // the command's status (128+N: signal N); valid when status_received
+  bool status_received = false;
+  std::string status_error;  // the shim's STATUS "error" (the command could not start, or was killed for a limit)
+  bool timed_out = false;
+  bool cancelled = false;     // cancel_fd became readable: the connection was closed (the exec killed)
+  bool request_sent = false;  // false: nothing reached the shim (connect/ticket/HTTP refusal): no command ran
+  int http_status = 0;        // the shim's answer to the request (200 = the exec started)
+  std::string error;          // our own failure ("" when the STATUS arrived)
+};
+CapturedExec run_captured_exec(LocalExec& le, const ExecOptions& ex, size_t max_output, int timeout_ms,
+                               int cancel_fd = -1);
 
 // Runs `port-forward` until interrupted (exit 0) or, with --stdio, until both
 // directions are done (0). Every failure is shimctl's own (it runs no

@@ -16,6 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <ctime>
 #include <functional>
 #include <memory>
@@ -88,6 +89,33 @@ class ExecClient : public proto::H2Conn::Handler {
   // Runs to completion; returns the exit code, message() is the line to print.
   int run() {
     start_connect();
+    if (timeout_ms_ > 0) {
+      timeout_ev_ = new_timer(
+          base_.get(),
+          [](evutil_socket_t, short, void* self) {
+            auto* c = static_cast<ExecClient*>(self);
+            if (c->got_status_) return;
+            // Closing the connection (our destructor) makes the session kill
+            // every process of the exec.
+            c->cap_->timed_out = true;
+            c->end_now(kOwnErrorExit, "error: timed out");
+          },
+          this);
+      timeval tv{timeout_ms_ / 1000, (timeout_ms_ % 1000) * 1000};
+      event_add(timeout_ev_.get(), &tv);
+    }
+    if (cancel_fd_ >= 0) {
+      cancel_ev_ = new_event(
+          base_.get(), cancel_fd_, EV_READ,
+          [](evutil_socket_t, short, void* self) {
+            auto* c = static_cast<ExecClient*>(self);
+            if (c->got_status_) return;
+            c->cap_->cancelled = true;
+            c->end_now(kOwnErrorExit, "error: cancelled");
+          },
+          this);
+      event_add(cancel_ev_.get(), nullptr);
+    }
     if (!ctx_ && grant_.local_socket.empty()) {
       // OpenSSL's first fetches and DRBG seeding happen here, while the
       // kernel completes the connect and the shim starts its session.
@@ -98,6 +126,19 @@ class ExecClient : public proto::H2Conn::Handler {
     return exit_code_;
   }
   const std::string& message() const { return message_; }
+
+  // Capture mode (run_captured_exec): no local stdio, output into cap.
+  void capture(CapturedExec* cap, size_t max_output, int timeout_ms, int cancel_fd) {
+    cap_ = cap;
+    cap_max_ = max_output;
+    timeout_ms_ = timeout_ms;
+    cancel_fd_ = cancel_fd;
+  }
+  bool request_sent() const { return stream_ > 0; }
+  int http_status() const { return http_status_; }
+  bool got_status() const { return got_status_; }
+  int status_code() const { return status_code_; }
+  const std::string& status_error() const { return status_error_; }
 
  private:
   // ---- connection setup ----
@@ -205,6 +246,7 @@ class ExecClient : public proto::H2Conn::Handler {
 
   // ---- local stdio ----
   void start_stdio() {
+    if (cap_) return;  // no terminal, no stdin: the ticket says stdin false
     stdio_.emplace(ex_.tty, ex_.stdin_);
     for (int i = 0; i < 2; ++i)
       out_ev_[i] = new_event(base_.get(), i + 1, EV_WRITE, &ExecClient::on_out_writable_cb, this);
@@ -347,7 +389,12 @@ class ExecClient : public proto::H2Conn::Handler {
         case proto::FrameType::Stdout:
         case proto::FrameType::Stderr: {
           int i = fr->type == proto::FrameType::Stdout ? 0 : 1;
-          if (!fr->payload.empty() && !out_dead_[i]) {
+          if (cap_) {
+            std::string& dst = i == 0 ? cap_->out : cap_->err;
+            size_t room = cap_max_ - std::min(cap_max_, dst.size());
+            if (fr->payload.size() > room) (i == 0 ? cap_->out_truncated : cap_->err_truncated) = true;
+            dst.append(fr->payload, 0, std::min(room, fr->payload.size()));
+          } else if (!fr->payload.empty() && !out_dead_[i]) {
             evbuffer_add(out_[i].get(), fr->payload.data(), fr->payload.size());
             buffered_payload += fr->payload.size();
           }
@@ -375,9 +422,12 @@ class ExecClient : public proto::H2Conn::Handler {
         code->get<int64_t>() > 255)
       return finish(kOwnErrorExit, "error: shim sent a malformed exit status: " + one_line(payload, 4096));
     got_status_ = true;
+    status_code_ = static_cast<int>(code->get<int64_t>());
     std::string msg;
-    if (auto e = j.find("error"); e != j.end() && e->is_string() && !e->get<std::string>().empty())
-      msg = "error: " + one_line(e->get<std::string>(), 4096);
+    if (auto e = j.find("error"); e != j.end() && e->is_string() && !e->get<std::string>().empty()) {
+      status_error_ = one_line(e->get<std::string>(), 4096);
+      msg = "error: " + status_error_;
+    }
     // Killed by the shim for a session limit: a distinct exit code, so
     // scripts can tell it from the command's own status.
     if (auto k = j.find("killed"); k != j.end() && k->is_string()) {
@@ -483,13 +533,18 @@ class ExecClient : public proto::H2Conn::Handler {
   EventBasePtr base_;
   TunnelBridgePtr bridge_;  // proxy mode: the pump into the master's tunnel (before base_ goes)
   Fd sock_;
-  EventPtr connect_ev_, mint_ev_, start_ev_, stdin_ev_, winch_ev_, grace_ev_, pump_ev_, out_ev_[2];
+  EventPtr connect_ev_, mint_ev_, start_ev_, stdin_ev_, winch_ev_, grace_ev_, pump_ev_, timeout_ev_, cancel_ev_,
+      out_ev_[2];
   std::unique_ptr<proto::H2Conn> conn_;
   EvBufferPtr out_[2];
   std::optional<LocalStdio> stdio_;
   proto::FrameDecoder decoder_;
   WinSize size_;
-  std::string error_body_, message_, pin_error_, pending_;
+  std::string error_body_, message_, pin_error_, pending_, status_error_;
+  CapturedExec* cap_ = nullptr;
+  size_t cap_max_ = 0;
+  int status_code_ = 0;  // STATUS exit_code (the command's, also when the shim killed it)
+  int timeout_ms_ = 0, cancel_fd_ = -1;
   int32_t stream_ = -1;
   int http_status_ = 0;
   int exit_code_ = kOwnErrorExit;
@@ -546,6 +601,33 @@ int run_local_exec(const Invocation& inv) {
     msg = c.message();
   }
   return print_and_return(code, std::move(msg));
+}
+
+CapturedExec run_captured_exec(LocalExec& le, const ExecOptions& ex, size_t max_output, int timeout_ms, int cancel_fd) {
+  CapturedExec r;
+  if (le.grant.local_socket.empty()) {
+    r.error = "the shim has no local socket (a shim started by an older hook)";
+    return r;
+  }
+  try {
+    ExecClient c(le.grant, ex, [&](Grant& g, proto::Identity& id) {
+      mint_local_exec_ticket(le, ex, id, static_cast<int64_t>(std::time(nullptr)));
+      g.ticket = le.grant.ticket;
+    });
+    c.capture(&r, max_output, timeout_ms, cancel_fd);
+    c.run();
+    r.request_sent = c.request_sent();
+    r.http_status = c.http_status();
+    r.status_received = c.got_status();
+    r.status_error = c.status_error();
+    if (r.status_received)
+      r.exit_code = c.status_code();
+    else if (!r.timed_out && !r.cancelled)
+      r.error = c.message().empty() ? "the exec ended without a status" : c.message();
+  } catch (const std::exception& e) {
+    r.error = e.what();
+  }
+  return r;
 }
 
 }  // namespace shimlet::client

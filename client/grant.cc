@@ -35,10 +35,11 @@ Grant grant_for(const Registration& reg) {
   return g;
 }
 
-// Signs claims (everything but the common fields) for g's container with the
-// node key in key_pem.
-void sign_local(Grant& g, const std::string& key_path, const std::string& key_pem, ticket::Claims c,
-                const proto::Identity& client, int64_t now, int64_t lifetime_s) {
+}  // namespace
+
+std::string sign_local_ticket(const std::string& container_id, const std::string& key_path, const std::string& key_pem,
+                              ticket::Claims c, const proto::Identity& client, int64_t now, const std::string& sub,
+                              int64_t lifetime_s) {
   ticket::PrivateKey key;
   try {
     key = ticket::PrivateKey::from_pem(key_pem);
@@ -46,8 +47,8 @@ void sign_local(Grant& g, const std::string& key_path, const std::string& key_pe
     throw Error(std::string(kNodeKeyError) + key_path + ": " + e.what());
   }
   c.iss = "local";
-  c.sub = invoking_user();
-  c.aud = g.container_id;
+  c.sub = sub.empty() ? invoking_user() : sub;
+  c.aud = container_id;
   c.iat = now;
   c.exp = now + lifetime_s;
   c.jti = base64url_encode(random_bytes(16));
@@ -56,7 +57,7 @@ void sign_local(Grant& g, const std::string& key_path, const std::string& key_pe
   // it. Over the local socket there is no TLS key to bind (an empty identity):
   // that socket admits root only, who holds the node key anyway.
   if (!client.cert_pem.empty()) c.cnf_jkt = proto::jkt_of_identity(client);
-  g.ticket = key.sign(c, "local");
+  return key.sign(c, "local");
 }
 
 std::string read_node_key(const std::string& state_dir) {
@@ -77,14 +78,10 @@ ticket::Claims exec_claims(const ExecOptions& ex) {
   return c;
 }
 
-}  // namespace
-
 LocalExec::~LocalExec() { OPENSSL_cleanse(key_pem.data(), key_pem.size()); }
 
-LocalExec local_exec_target(const std::string& state_dir, const std::string& ns, const ExecOptions& ex) {
-  std::vector<Registration> regs = load_registrations(state_dir);
+LocalExec local_exec_for(const Registration& reg, const std::string& state_dir) {
   LocalExec le;
-  const Registration& reg = resolve_target(regs, ex.target, ns, ex.container);
   le.grant = grant_for(reg);
   le.grant.local_socket = reg.local_socket;
   le.key_path = state_dir + "/local.key";
@@ -92,9 +89,15 @@ LocalExec local_exec_target(const std::string& state_dir, const std::string& ns,
   return le;
 }
 
+LocalExec local_exec_target(const std::string& state_dir, const std::string& ns, const ExecOptions& ex) {
+  std::vector<Registration> regs = load_registrations(state_dir);
+  return local_exec_for(resolve_target(regs, ex.target, ns, ex.container), state_dir);
+}
+
 void mint_local_exec_ticket(LocalExec& le, const ExecOptions& ex, const proto::Identity& client, int64_t now,
                             int64_t lifetime_s) {
-  sign_local(le.grant, le.key_path, le.key_pem, exec_claims(ex), client, now, lifetime_s);
+  le.grant.ticket = sign_local_ticket(le.grant.container_id, le.key_path, le.key_pem, exec_claims(ex), client, now,
+                                      le.sub, lifetime_s);
 }
 
 Grant local_exec_grant(const std::string& state_dir, const std::string& ns, const ExecOptions& ex,
@@ -121,7 +124,8 @@ Grant local_portforward_grant(const std::string& state_dir, const std::string& n
     if (std::find(c.ports.begin(), c.ports.end(), tp) == c.ports.end()) c.ports.push_back(tp);
   }
   std::string key_pem = read_node_key(state_dir);
-  sign_local(g, state_dir + "/local.key", key_pem, std::move(c), client, now, lifetime_s);
+  g.ticket =
+      sign_local_ticket(g.container_id, state_dir + "/local.key", key_pem, std::move(c), client, now, "", lifetime_s);
   OPENSSL_cleanse(key_pem.data(), key_pem.size());
   return g;
 }

@@ -77,6 +77,7 @@ Registration parse_registration(const std::string& text, const std::string& path
   r.endpoint = str_field(j, "endpoint", path, true);
   r.pin = str_field(j, "pin", path, true);
   r.local_socket = str_field(j, "local_socket", path, false);
+  r.cri_endpoint = str_field(j, "cri_endpoint", path, false);
   r.ns = str_field(j, "namespace", path, false);
   r.pod = str_field(j, "pod", path, false);
   r.container = str_field(j, "container", path, false);
@@ -90,14 +91,33 @@ Registration parse_registration(const std::string& text, const std::string& path
   if (r.pod.empty()) r.pod = r.id;
   if (r.container.empty()) r.container = r.id;
   if (auto a = j.find("annotations"); a != j.end() && a->is_object()) {
-    auto is = [&](const char* k, const char* v) {
+    auto get = [&](const char* k) {
       auto it = a->find(k);
-      return it != a->end() && it->is_string() && it->get<std::string>() == v;
+      return it != a->end() && it->is_string() ? it->get<std::string>() : std::string();
     };
-    r.sandbox = is("io.kubernetes.cri.container-type", "sandbox") || is("io.kubernetes.docker.type", "podsandbox") ||
-                is("io.kubernetes.cri-o.ContainerType", "sandbox");
+    r.sandbox = get("io.kubernetes.cri.container-type") == "sandbox" ||
+                get("io.kubernetes.docker.type") == "podsandbox" ||
+                get("io.kubernetes.cri-o.ContainerType") == "sandbox";
+    // containerd / CRI-O name the pod sandbox on every container of the pod
+    // (the sandbox's own id on the sandbox itself).
+    r.sandbox_id = get("io.kubernetes.cri.sandbox-id");
+    if (r.sandbox_id.empty()) r.sandbox_id = get("io.kubernetes.cri-o.SandboxID");
   }
   return r;
+}
+
+std::optional<Registration> read_registration(const std::string& path) {
+  // Absent, unreadable or too large: not a container dir, or one being
+  // created/removed.
+  std::optional<std::string> text = read_file_if_readable(path, kMaxRegistrationSize);
+  if (!text) return std::nullopt;
+  try {
+    Registration r = parse_registration(*text, path);
+    r.alive = registration_alive(r);
+    return r;
+  } catch (const Error&) {
+    return std::nullopt;  // torn down or foreign: never a reason to fail another target
+  }
 }
 
 std::vector<Registration> load_registrations(const std::string& state_dir) {
@@ -113,17 +133,7 @@ std::vector<Registration> load_registrations(const std::string& state_dir) {
   while (dirent* ent = readdir(d.get())) {
     std::string name = ent->d_name;
     if (name == "." || name == "..") continue;
-    std::string path = state_dir + "/" + name + "/registration.json";
-    // Absent, unreadable or too large: not a container dir, or one being
-    // created/removed.
-    std::optional<std::string> text = read_file_if_readable(path, kMaxRegistrationSize);
-    if (!text) continue;
-    try {
-      out.push_back(parse_registration(*text, path));
-    } catch (const Error&) {
-      continue;  // torn down or foreign: never a reason to fail another target
-    }
-    out.back().alive = registration_alive(out.back());
+    if (auto r = read_registration(state_dir + "/" + name + "/registration.json")) out.push_back(std::move(*r));
   }
   std::sort(out.begin(), out.end(), [](const Registration& a, const Registration& b) { return a.id < b.id; });
   return out;
