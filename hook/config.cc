@@ -1,5 +1,6 @@
 // The hook config: parsed strictly (bounded, typed, ranges, unknown keys
 // refused so that typos are not silently ignored).
+#include <arpa/inet.h>
 #include <stdio.h>
 #include <unistd.h>
 
@@ -21,6 +22,19 @@ bool valid_node(std::string_view n) {
   for (char ch : n)
     if (!isalnum(static_cast<unsigned char>(ch)) && ch != '_' && ch != '.' && ch != '-') return false;
   return true;
+}
+
+// "127.x.y.z:PORT" or "[::1]:PORT" (PORT 0..65535).
+bool loopback_hostport(const std::string& hp) {
+  auto colon = hp.rfind(':');
+  if (colon == std::string::npos || colon + 1 == hp.size() || hp.size() - colon - 1 > 5) return false;
+  for (size_t i = colon + 1; i < hp.size(); i++)
+    if (hp[i] < '0' || hp[i] > '9') return false;
+  if (std::stoul(hp.substr(colon + 1)) > 65535) return false;
+  std::string host = hp.substr(0, colon);
+  if (host == "[::1]") return true;
+  in_addr a{};
+  return inet_pton(AF_INET, host.c_str(), &a) == 1 && (ntohl(a.s_addr) >> 24) == 127;
 }
 
 template <typename Str, typename Path, typename Num>
@@ -188,6 +202,10 @@ Config parse_config(std::string_view text, const std::string& dir) {
       c.listen = str(v, k);
       if (c.listen.size() > 64 || c.listen.find(':') == std::string::npos)
         throw Error("hook config: listen must be HOST:PORT (e.g. 127.0.0.1:0)");
+    } else if (k == "cri_listen") {
+      c.cri_listen = str(v, k);
+      if (!c.cri_listen.empty() && !loopback_hostport(c.cri_listen))
+        throw Error("hook config: cri_listen must be a loopback IP:PORT (127.0.0.1:0 or [::1]:0): plain HTTP");
     } else if (k == "trusted_keys") {
       if (!v.is_array() || v.size() > 64) throw Error("hook config: trusted_keys must be an array (at most 64)");
       for (const auto& e : v) {

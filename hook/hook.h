@@ -60,6 +60,10 @@ struct Config {
   std::string shim_binary;     // default: <dir of the hook executable>/shimlet
   std::string session_binary;  // default: <dir of the hook executable>/shimlet-session
   std::string listen = "127.0.0.1:0";
+  // The shim's plain-HTTP listener for the CRI streaming URL shapes only
+  // (/exec/<ticket>, /portforward/<ticket>) that shimlet-cri hands the
+  // kubelet (docs/design.md "CRI proxy"). Loopback only; "" = none.
+  std::string cri_listen;
   std::vector<KeyRef> trusted_keys;  // STATE_DIR/local.pub (kid "local") is always trusted too
   bool fail_container_on_error = false;
   int ready_timeout_ms = 2000;
@@ -126,6 +130,7 @@ struct Started {
   std::string created;           // RFC 3339 UTC
   uint64_t pid_start_time = 0;   // of the container's init: `shimctl --local` never offers a dead container
   Names names;                   // names_from() of the state and the bundle's hostname
+  std::string cri_endpoint;      // "127.0.0.1:40124": the CRI listener (cri_listen), "" without one
 };
 nlohmann::json registration_json(const oci::State& st, const Started& s);
 // names: as in the registration (default: names_from(st.id, st.annotations)).

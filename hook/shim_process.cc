@@ -156,8 +156,11 @@ pid_t spawn_shim(const std::string& binary, const std::vector<std::string>& args
   return b;
 }
 
-// Reads "ready PORT\n" (bounded bytes and time).
-unsigned wait_ready(int fd, int timeout_ms, const std::string& log_path) {
+// Reads "ready PORT[ CRI_PORT]\n" (bounded bytes and time).
+struct Ready {
+  unsigned port = 0, cri_port = 0;
+};
+Ready wait_ready(int fd, int timeout_ms, const std::string& log_path) {
   std::string line;
   Deadline deadline(timeout_ms);
   while (line.find('\n') == std::string::npos) {
@@ -188,12 +191,14 @@ unsigned wait_ready(int fd, int timeout_ms, const std::string& log_path) {
     if (line.size() > 32) throw Error("shim wrote an overlong ready line");
   }
   line.resize(line.find('\n'));
-  unsigned port = 0;
   if (line.rfind("ready ", 0) != 0) throw Error("shim wrote an unexpected ready line: " + line);
-  auto [p, ec] = std::from_chars(line.data() + 6, line.data() + line.size(), port);
-  if (ec != std::errc() || p != line.data() + line.size() || port == 0 || port > 65535)
+  Ready r;
+  const char* end = line.data() + line.size();
+  auto res = std::from_chars(line.data() + 6, end, r.port);
+  if (res.ec == std::errc() && res.ptr != end && *res.ptr == ' ') res = std::from_chars(res.ptr + 1, end, r.cri_port);
+  if (res.ec != std::errc() || res.ptr != end || r.port == 0 || r.port > 65535 || r.cri_port > 65535)
     throw Error("shim wrote a bad port: " + line);
-  return port;
+  return r;
 }
 
 std::string canonical_binary(const std::string& path, const char* what) {
@@ -261,6 +266,7 @@ Started start(const Config& c, const oci::State& st) {
       // (docs/design.md "Stale state"), `renew ID` with a master.
       "--hook", canonical_binary("/proc/self/exe", "hook binary")};
   if (!c.config_path.empty()) args.insert(args.end(), {"--hook-config", c.config_path});
+  if (!c.cri_listen.empty()) args.insert(args.end(), {"--cri-listen", c.cri_listen});
   if (c.master) {
     // Lease renewal (docs/design.md "Master registration"): the TLS-free shim
     // runs `shimlet-hook --config CFG renew ID` every renew_interval_s.
@@ -271,12 +277,16 @@ Started start(const Config& c, const oci::State& st) {
   ready.write.reset();
   guard.shim_pidfd = open_pidfd(s.shim_pid);
   if (guard.shim_pidfd) g_shim_pidfd = guard.shim_pidfd.get();
-  unsigned port = wait_ready(ready.read.get(), c.ready_timeout_ms, log_path);
+  Ready ready_ports = wait_ready(ready.read.get(), c.ready_timeout_ms, log_path);
   if (!guard.shim_pidfd) throw sys_error("pidfd_open shim pid " + std::to_string(s.shim_pid));
   s.shim_start_time = proc_start_time(s.shim_pid);
 
   std::string host = c.listen.substr(0, c.listen.rfind(':'));
-  s.endpoint = host + ":" + std::to_string(port);
+  s.endpoint = host + ":" + std::to_string(ready_ports.port);
+  if (!c.cri_listen.empty()) {
+    if (!ready_ports.cri_port) throw Error("shim reported no CRI listener port");
+    s.cri_endpoint = c.cri_listen.substr(0, c.cri_listen.rfind(':')) + ":" + std::to_string(ready_ports.cri_port);
+  }
   s.local_socket = dir + "/shim.sock";
   s.created = now_rfc3339();
   write_file_atomic(dir + "/registration.json", registration_json(st, s).dump(1) + "\n", 0600);

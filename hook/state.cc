@@ -95,6 +95,7 @@ json registration_json(const oci::State& st, const Started& s) {
               {"endpoint", s.endpoint},
               {"pin", s.pin},
               {"local_socket", s.local_socket},
+              {"cri_endpoint", s.cri_endpoint},
               {"shim_pid", s.shim_pid},
               {"shim_start_time", s.shim_start_time},
               {"created", s.created},

@@ -55,7 +55,8 @@ constexpr int64_t kSummaryEveryMs = 10000;     // the refusal summary line, at m
 // Individual refusal audit lines: a token bucket per kind (requests, then
 // connection-level refusals: TLS, protocol, deadline, drops).
 constexpr double kAuditPerSecond = 10, kAuditBurst = 50;
-constexpr uint64_t kSignalKey = 1, kListenKey = 2, kCtlKey = 3, kContainerKey = 4, kFirstConnKey = 16;
+constexpr uint64_t kSignalKey = 1, kListenKey = 2, kCtlKey = 3, kContainerKey = 4, kCriListenKey = 5,
+                   kFirstConnKey = 16;
 
 int64_t mono_ms() {
   timespec ts{};
@@ -98,6 +99,7 @@ struct Gate::Impl {
     SSL* ssl = nullptr;
     St st = St::Fresh;
     bool h2 = false;
+    bool plain = false;  // from the CRI listener: HTTP/1.1 without TLS, CRI shapes only
     std::string peer, jkt;
     int64_t accepted_unix = 0, linger_until = 0;
     uint32_t events = 0;
@@ -112,6 +114,9 @@ struct Gate::Impl {
   };
 
   const Config& cfg;
+  // The CRI listener's view of cfg: the node key ("local") is its only
+  // trusted key (shimlet-cri mints with it; nobody else hands out its URLs).
+  Config cri_cfg;
   const nsenter::Container& ctr;
   SSL_CTX* tls;
   GateOptions opt;
@@ -128,10 +133,13 @@ struct Gate::Impl {
 
   Impl(const Config& c, const nsenter::Container& t, SSL_CTX* ctx, GateOptions o)
       : cfg(c),
+        cri_cfg(c),
         ctr(t),
         tls(ctx),
         opt(o),
-        table({c.preauth_max_connections, c.preauth_max_per_source, c.preauth_max_memory, c.preauth_timeout_ms}) {}
+        table({c.preauth_max_connections, c.preauth_max_per_source, c.preauth_max_memory, c.preauth_timeout_ms}) {
+    std::erase_if(cri_cfg.keys, [](const ticket::TrustedKey& k) { return k.kid != "local"; });
+  }
 
   ~Impl() {
     for (auto& [id, c] : conns) {
@@ -155,6 +163,7 @@ struct Gate::Impl {
     add(kCtlFd, kCtlKey, EPOLLIN);
     add(kPidFd, kContainerKey, EPOLLIN);
     set_nonblocking(kListenFd);
+    if (opt.cri_fd >= 0) set_nonblocking(opt.cri_fd);
     listen_on(true);
     // Every held connection is an fd: the table's bound must fit the limit.
     rlimit rl{};
@@ -180,10 +189,13 @@ struct Gate::Impl {
 
   void listen_on(bool on) {
     if (on == listening) return;
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.u64 = kListenKey;
-    epoll_ctl(ep.get(), on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, kListenFd, &ev);
+    for (auto [fd, key] : {std::pair{kListenFd, kListenKey}, std::pair{opt.cri_fd, kCriListenKey}}) {
+      if (fd < 0) continue;
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.u64 = key;
+      epoll_ctl(ep.get(), on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, fd, &ev);
+    }
     listening = on;
   }
 
@@ -227,7 +239,8 @@ struct Gate::Impl {
     nlohmann::json refused = nlohmann::json::object();
     for (size_t i = 0; i < gate::kNumCounters; i++) {
       std::string name = gate::kCounterNames[i];
-      if (name == "open" || name == "open_peak" || name == "accepted" || name == "admitted") continue;
+      if (name == "open" || name == "open_peak" || name == "accepted" || name == "admitted" || name == "cri_accepted")
+        continue;
       if (a[i] != b[i]) refused[name] = a[i] - b[i];
     }
     if (refused.empty()) return;
@@ -261,11 +274,13 @@ struct Gate::Impl {
 
   // ---------------------------------------------------------------- connections
 
-  void accept_some(int64_t now) {
+  // From the TLS port, or (plain) the CRI listener.
+  void accept_some(int64_t now, bool plain) {
     for (int i = 0; i < 64; i++) {
       sockaddr_storage ss{};
       socklen_t len = sizeof ss;
-      int fd = ::accept4(kListenFd, reinterpret_cast<sockaddr*>(&ss), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      int fd = ::accept4(plain ? opt.cri_fd : kListenFd, reinterpret_cast<sockaddr*>(&ss), &len,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) {
         if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED) return;
         if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
@@ -284,12 +299,14 @@ struct Gate::Impl {
         return;
       }
       counters.accepted++;
+      if (plain) counters.cri_accepted++;
       last_activity = now;
       int one = 1;
       setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
       auto c = std::make_unique<Conn>();
       c->id = next_id++;
       c->fd = fd;
+      c->plain = plain;
       c->peer = peer_of(fd);
       c->accepted_unix = time(nullptr);
       std::string source;
@@ -395,6 +412,13 @@ struct Gate::Impl {
       table.progress(c.id, now);
       last_activity = now;
     }
+    if (c.st == Conn::St::Fresh && c.plain) {
+      // The CRI listener: no TLS, straight to the request head.
+      c.st = Conn::St::Request;
+      c.h1r = std::make_unique<proto::http1::RequestReader>(http1::kDoorLimits);
+      set_cost(c);
+      return read_request(c);
+    }
     if (c.st == Conn::St::Fresh) {
       c.ssl = SSL_new(tls);
       if (!c.ssl) {
@@ -455,7 +479,21 @@ struct Gate::Impl {
     for (;;) {
       ERR_clear_error();
       errno = 0;
-      int r = SSL_read(c.ssl, buf, sizeof buf);
+      int r;
+      if (c.plain) {
+        ssize_t got = ::read(c.fd, buf, sizeof buf);
+        if (got < 0 && (errno == EAGAIN || errno == EINTR)) return want(c, EPOLLIN), std::nullopt;
+        if (got <= 0) {
+          if (got == 0 || errno == ECONNRESET)
+            drop(c.id, "connection closed by the client", &counters.peer_closed);
+          else
+            drop(c.id, std::string("connection error: ") + strerror(errno), &counters.refused_protocol);
+          return std::nullopt;
+        }
+        r = static_cast<int>(got);
+      } else {
+        r = SSL_read(c.ssl, buf, sizeof buf);
+      }
       if (r <= 0) {
         int e = SSL_get_error(c.ssl, r);
         if (e == SSL_ERROR_WANT_READ) return want(c, EPOLLIN), std::nullopt;
@@ -535,7 +573,8 @@ struct Gate::Impl {
   }
 
   std::optional<std::pair<uint64_t, AuthResult>> check_k8s(Conn& c) {
-    K8sAdmission a = admit_k8s(c.h1r->request(), cfg, c.jkt);
+    K8sAdmission a = c.plain ? admit_k8s(c.h1r->request(), cri_cfg, "", /*cri_listener=*/true)
+                             : admit_k8s(c.h1r->request(), cfg, c.jkt);
     if (a.status) return refuse_k8s(c, a.status, a.why, a.path), std::nullopt;
     pending_k8s = std::move(a);
     AuthResult r;
@@ -710,6 +749,7 @@ struct Gate::Impl {
     ep.reset();
     sigfd.reset();
     ::close(kListenFd);
+    if (opt.cri_fd >= 0) ::close(opt.cri_fd);
     ::close(kCtlFd);
     sigset_t none;
     sigemptyset(&none);
@@ -757,8 +797,8 @@ struct Gate::Impl {
           log::info("gate stopping: the container exited");
           return stop();
         }
-        if (key == kListenKey) {
-          accept_some(now);
+        if (key == kListenKey || key == kCriListenKey) {
+          accept_some(now, key == kCriListenKey);
           continue;
         }
         auto it = conns.find(key);
@@ -788,7 +828,8 @@ struct Gate::Impl {
                      &counters.timed_out);
           continue;  // closed at the next turn: its deadline is past
         }
-        if (c.st == Conn::St::Handshake || c.st == Conn::St::Fresh) why = "TLS handshake timed out: " + why;
+        if (!c.plain && (c.st == Conn::St::Handshake || c.st == Conn::St::Fresh))
+          why = "TLS handshake timed out: " + why;
         drop(id, why, &counters.timed_out);
       }
       std::vector<uint64_t> done;

@@ -8,7 +8,7 @@
 // fds 5.. as for a session. Per connection, in order:
 //   accept (limits: shim/preauth.h, the idlest connection dropped first) ->
 //   the first byte: an SSL object (buffers released while idle) ->
-//   TLS 1.3 handshake -> ALPN h2: the client preface and the first request's
+//   TLS 1.3 handshake (none on the CRI listener) -> ALPN h2: the client preface and the first request's
 //   HEADERS (proto/h2_first.h); http/1.1 or none: the request head
 //   (proto/http1.h) and the Kubernetes door's checks (admit_k8s) ->
 //   the ticket verified (signature, aud, verb, lifetime, node, cnf.jkt) ->
@@ -39,13 +39,18 @@ namespace shimlet::session {
 struct GateOptions {
   int idle_s = 60;   // exit after this long without a connection
   bool warm = true;  // keep a zygote placed for the next exec (warm_idle_s > 0)
+  // The shim's CRI listener (docs/design.md "CRI proxy"), -1: none. Its
+  // connections are plain HTTP/1.1 (no TLS step): the request head, then
+  // admit_k8s for the CRI shapes only with node-key tickets; the same table,
+  // limits, deadline and counters as the TLS port's (cri_accepted besides).
+  int cri_fd = -1;
 };
 
 // A connection the gate admitted: the process that gets it from run() is
 // now its session. Owns conn and ssl.
 struct Admitted {
   Fd conn;
-  SSL* ssl = nullptr;  // TLS established
+  SSL* ssl = nullptr;  // TLS established; null from the CRI listener (plain HTTP/1.1)
   bool h2 = true;      // ALPN h2: the native door; else the Kubernetes HTTP/1.1 door
   // h2: every plaintext byte read (replayed into the session's HTTP/2
   // connection); HTTP/1.1: the bytes that came after the request head.

@@ -44,10 +44,12 @@ struct GateCounters {
   uint64_t peer_closed = 0;         // the peer hung up before presenting a ticket
   uint64_t open = 0;                // gauge: unauthenticated connections held now
   uint64_t open_peak = 0;           // gauge: the most held at once
+  uint64_t cri_accepted = 0;        // of accepted: from the CRI listener (plain HTTP/1.1)
 };
 inline constexpr const char* kCounterNames[] = {
-    "accepted",           "admitted",       "refused_request",  "refused_protocol", "timed_out", "dropped_total",
-    "dropped_per_source", "dropped_memory", "refused_sessions", "peer_closed",      "open",      "open_peak"};
+    "accepted",      "admitted",           "refused_request", "refused_protocol", "timed_out",
+    "dropped_total", "dropped_per_source", "dropped_memory",  "refused_sessions", "peer_closed",
+    "open",          "open_peak",          "cri_accepted"};
 inline constexpr size_t kNumCounters = sizeof(GateCounters) / sizeof(uint64_t);
 static_assert(sizeof kCounterNames / sizeof kCounterNames[0] == kNumCounters);
 

@@ -500,6 +500,7 @@ struct Args {
   int warm_idle_s = 0;      // > 0: set up now, serve the connection the shim passes within this time
   int gate_idle_s = 0;      // > 0: the pre-authentication gate (shim/gate.h), exits after this long unused
   bool gate_zygote = true;  // the gate keeps a zygote placed (off: warm_idle_s 0)
+  int gate_cri_fd = -1;     // the gate: the shim's CRI listener (plain HTTP/1.1, CRI shapes only), if any
 };
 
 int parse_int(const std::string& k, const std::string& v, int lo, int hi) {
@@ -526,6 +527,8 @@ Args parse_args(int argc, char** argv) {
       a.warm_idle_s = parse_int(k, v, 1, 3600);
     } else if (k == "--gate") {
       a.gate_idle_s = parse_int(k, v, 1, 3600);
+    } else if (k == "--cri-listener") {
+      a.gate_cri_fd = parse_int(k, v, 6, 1 << 20);
     } else if (k == "--ns") {
       std::stringstream ss(v);
       std::string item;
@@ -540,7 +543,8 @@ Args parse_args(int argc, char** argv) {
   }
   if (a.config.empty())
     throw Error(
-        "usage: shimlet-session --config PATH [--ns TYPE=FD,...] [--warm IDLE_S | --gate IDLE_S [--no-zygote]]");
+        "usage: shimlet-session --config PATH [--ns TYPE=FD,...] [--warm IDLE_S | --gate IDLE_S [--no-zygote] "
+        "[--cri-listener FD]]");
   return a;
 }
 
@@ -661,7 +665,7 @@ int run_gate(const Args& args, Config cfg, nsenter::Container ctr) {
   log::set_component("gate");
   proto::SslCtx ctx = proto::make_server_ctx(read_file(cfg.tls_cert, 1 << 16), read_file(cfg.tls_key, 1 << 16),
                                              /*allow_http1=*/true);
-  Gate gate(cfg, ctr, ctx.get(), GateOptions{args.gate_idle_s, args.gate_zygote});
+  Gate gate(cfg, ctr, ctx.get(), GateOptions{args.gate_idle_s, args.gate_zygote, args.gate_cri_fd});
   std::optional<Admitted> a = gate.run();
   if (!a) return 0;
   prctl(PR_SET_NAME, "shimlet-session", 0, 0, 0);

@@ -37,12 +37,18 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
  public:
   Http1Door(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, SSL* ssl)
       : Context(base, std::move(cfg), std::move(ctr), conn_fd, -1) {
-    set_peer_cert(ssl);
-    // The gate kept its idle connections' buffers small; this one is busy now.
-    SSL_clear_mode(ssl, SSL_MODE_RELEASE_BUFFERS);
-    bev_ = bufferevent_openssl_socket_new(base, conn_fd, ssl, BUFFEREVENT_SSL_OPEN, BEV_OPT_CLOSE_ON_FREE);
-    if (!bev_) throw Error("bufferevent_openssl_socket_new failed");
-    bufferevent_openssl_set_allow_dirty_shutdown(bev_, 1);
+    if (ssl) {
+      set_peer_cert(ssl);
+      // The gate kept its idle connections' buffers small; this one is busy now.
+      SSL_clear_mode(ssl, SSL_MODE_RELEASE_BUFFERS);
+      bev_ = bufferevent_openssl_socket_new(base, conn_fd, ssl, BUFFEREVENT_SSL_OPEN, BEV_OPT_CLOSE_ON_FREE);
+      if (!bev_) throw Error("bufferevent_openssl_socket_new failed");
+      bufferevent_openssl_set_allow_dirty_shutdown(bev_, 1);
+    } else {
+      // The CRI listener (docs/design.md "CRI proxy"): plain HTTP on loopback.
+      bev_ = bufferevent_socket_new(base, conn_fd, BEV_OPT_CLOSE_ON_FREE);
+      if (!bev_) throw Error("bufferevent_socket_new failed");
+    }
     bufferevent_setcb(bev_, on_read_cb, on_write_cb, on_event_cb, this);
     bufferevent_setwatermark(bev_, EV_READ, 0, kInBufferHigh);
     bufferevent_setwatermark(bev_, EV_WRITE, kOutLowWater, 0);
@@ -520,7 +526,7 @@ std::string k8s_refusal(int status, const std::string& why) {
          "Cache-Control: no-cache, private\r\nConnection: close\r\n\r\n" + body;
 }
 
-K8sAdmission admit_k8s(const Request& r, const Config& cfg, const std::string& peer_jkt) {
+K8sAdmission admit_k8s(const Request& r, const Config& cfg, const std::string& peer_jkt, bool cri_listener) {
   K8sAdmission a;
   a.method = r.method;
   a.path = loggable_path(r.path);
@@ -532,6 +538,8 @@ K8sAdmission admit_k8s(const Request& r, const Config& cfg, const std::string& p
   };
   Route rt = route(r.path);
   if (rt.status) return refuse(rt.status, rt.why);
+  // The CRI listener (plain HTTP) serves what shimlet-cri hands out, nothing else.
+  if (cri_listener && rt.kube_api) return refuse(404, "only /exec/<ticket> and /portforward/<ticket> are served here");
   a.verb = rt.verb;
   a.negotiation = negotiate(r, rt.verb);
   if (a.negotiation.status) return refuse(a.negotiation.status, a.negotiation.why);
@@ -562,7 +570,23 @@ K8sAdmission admit_k8s(const Request& r, const Config& cfg, const std::string& p
   spec.stdin_ = c.stdin_;
   spec.tty = c.tty;
   spec.stderr_ = !c.tty;
-  if (!rt.kube_api) return a;
+  if (!rt.kube_api) {
+    // CRI shape: the ticket holds command/stdin/tty; shimlet-cri adds
+    // stdout=false / stderr=false for streams the CRI Exec did not ask for
+    // (not a claim: they only choose which output is shown).
+    if (r.query.empty()) return a;
+    auto q = parse_query(r.query);
+    if (!q) return refuse(400, "malformed query string");
+    for (auto& [k, v] : *q) {
+      if (k != "stdout" && k != "stderr") continue;
+      std::optional<bool> b = parse_bool(v);
+      if (!b) return refuse(400, "query parameter " + k + " is not a boolean");
+      (k == "stdout" ? spec.stdout_ : spec.stderr_) = *b && (k == "stdout" || !c.tty);
+    }
+    if (!spec.stdin_ && !spec.stdout_ && !spec.stderr_)
+      return refuse(400, "you must specify at least 1 of stdin, stdout, stderr");
+    return a;
+  }
   // The query must ask for exactly what the ticket allows (command, stdin,
   // tty); stdout/stderr only choose which output is shown.
   auto q = parse_query(r.query);

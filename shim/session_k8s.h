@@ -34,13 +34,18 @@ struct K8sAdmission {
   std::optional<ticket::Claims> claims;  // set when admitted
   ExecSpec spec;                         // exec: argv, stdin, tty, which output streams
 };
-K8sAdmission admit_k8s(const proto::http1::Request& r, const Config& cfg, const std::string& peer_jkt);
+// cri_listener: the request came to the shim's CRI listener (plain HTTP on
+// loopback, docs/design.md "CRI proxy"): only the CRI shapes /exec/<ticket>
+// and /portforward/<ticket> (404 otherwise); cfg then trusts the node key only.
+K8sAdmission admit_k8s(const proto::http1::Request& r, const Config& cfg, const std::string& peer_jkt,
+                       bool cri_listener = false);
 // The HTTP/1.1 answer to a refused request: status line, a one-line text
 // body, Connection: close.
 std::string k8s_refusal(int status, const std::string& why);
 
 // The door for an admitted request whose jti is consumed (the gate's): takes
-// ownership of conn_fd and ssl (TLS handshake done, the request head read);
+// ownership of conn_fd and ssl (TLS handshake done, the request head read; a
+// null ssl: the CRI listener's plain HTTP);
 // early: bytes that came after the head (the upgraded protocol's);
 // accepted_unix: when the connection was accepted.
 std::unique_ptr<FrontDoor> make_http1_front_door(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd,

@@ -156,7 +156,8 @@ std::optional<long long> to_num(std::string_view s, long long lo, long long hi) 
 constexpr std::array<const char*, 8> kNsTypes = {"user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time"};
 
 // Fixed fds of the session and gate contracts (design.md): fd 3 is the
-// local connection for a session, the TCP listening socket for the gate.
+// local connection for a session, the TCP listening socket for the gate
+// (the CRI listener, if any, follows the namespace fds: --cri-listener FD).
 constexpr int kConnFd = 3, kCtlFd = 4, kPidFd = 5, kFirstNsFd = 6;
 
 // A warm session is started this long after the connection that used the
@@ -215,7 +216,7 @@ class Shim {
  private:
   void setup();
   void accept_local();
-  pid_t spawn(int fd3, int fd4, char* const* argv, bool warm);
+  pid_t spawn(int fd3, int fd4, char* const* argv, bool warm, int extra = -1);
   void spawn_session(Fd conn, bool warm);
   void spawn_gate();
   bool hand_to_warm(const Fd& conn);
@@ -230,7 +231,7 @@ class Shim {
   int shutdown(const char* why);
 
   const Options& opt_;
-  Fd sigfd_, devnull_, listen_, local_;
+  Fd sigfd_, devnull_, listen_, local_, cri_;
   Held held_;
   std::vector<LocalSession> local_sessions_;
   std::vector<TcpSession> tcp_sessions_;
@@ -284,6 +285,7 @@ void Shim::setup() {
   held_ = open_container(opt_.pid);
   listen_ = listen_on(opt_.listen);
   if (!opt_.local_socket.empty()) local_ = listen_local(opt_.local_socket);
+  if (!opt_.cri_listen.empty()) cri_ = listen_on(opt_.cri_listen);
   protect_binary(opt_.session_binary);
   size_t slash = opt_.config.rfind('/');
   stats_path_ = (slash == std::string::npos ? std::string(".") : opt_.config.substr(0, slash)) + "/stats.json";
@@ -311,6 +313,8 @@ void Shim::setup() {
                  "--gate",
                  std::to_string(opt_.warm_idle_s ? opt_.warm_idle_s : kColdGateIdleS)};
   if (!opt_.warm_idle_s) gate_store_.push_back("--no-zygote");
+  // The CRI listener goes to the gate after the namespace fds (spawn's extra).
+  if (cri_) gate_store_.insert(gate_store_.end(), {"--cri-listener", std::to_string(kFirstNsFd + ns_src_.size())});
   for (auto& a : gate_store_) gate_argv_.push_back(a.data());
   gate_argv_.push_back(nullptr);
   if (opt_.renew_every_s) {
@@ -332,7 +336,9 @@ int Shim::run(bool* cleanup) {
       {F("port", static_cast<long long>(port)), F("container_pid", static_cast<long long>(opt_.pid)),
        F("namespaces", names), F("session_binary", opt_.session_binary), F("local_socket", opt_.local_socket)});
   if (opt_.ready_fd >= 0) {
-    std::string line = "ready " + std::to_string(port) + "\n";
+    std::string line = "ready " + std::to_string(port);
+    if (cri_) line += " " + std::to_string(bound_port(cri_.get()));
+    line += "\n";
     // The hook may already have given up (timeout): that is not our error.
     ssize_t r = ::write(opt_.ready_fd, line.data(), line.size());
     (void)r;
@@ -359,8 +365,12 @@ int Shim::run(bool* cleanup) {
     watch(sigfd_.get(), Kind::Signals);
     watch(held_.pidfd.get(), Kind::Container);
     // Unauthenticated TCP connections are the gate's; the shim accepts
-    // nothing on the port, it only notices the first one to start a gate.
-    if (!gate_ctl_ && now >= gate_retry_) watch(listen_.get(), Kind::Listen);
+    // nothing on the port (nor on the CRI listener), it only notices the
+    // first one to start a gate.
+    if (!gate_ctl_ && now >= gate_retry_) {
+      watch(listen_.get(), Kind::Listen);
+      if (cri_) watch(cri_.get(), Kind::Listen);
+    }
     if (local_ && !accept_paused_) watch(local_.get(), Kind::Local);
     if (gate_ctl_) watch(gate_ctl_.get(), Kind::GateCtl);
     for (auto& s : local_sessions_)
@@ -406,7 +416,7 @@ int Shim::run(bool* cleanup) {
           *cleanup = !opt_.hook_exec.empty();
           return shutdown("container init exited");
         case Kind::Listen:
-          spawn_gate();
+          if (!gate_ctl_) spawn_gate();  // both listeners may be ready in one turn
           break;
         case Kind::Local:
           accept_local();
@@ -540,8 +550,9 @@ bool Shim::hand_to_warm(const Fd& conn) {
 }
 
 // fork + exec of the session binary with the contract's fds: fd3 and the
-// control socket (fd 4) given, 0-2, 5 and the namespace fds ours. Returns the pid.
-pid_t Shim::spawn(int fd3, int fd4, char* const* argv, bool warm) {
+// control socket (fd 4) given, 0-2, 5 and the namespace fds ours; extra
+// (>= 0) right after the namespace fds. Returns the pid.
+pid_t Shim::spawn(int fd3, int fd4, char* const* argv, bool warm, int extra) {
   // src[i] becomes fd i in the child (design.md's fd contracts).
   std::vector<int> src(kFirstNsFd);
   src[0] = src[1] = devnull_.get();
@@ -550,6 +561,7 @@ pid_t Shim::spawn(int fd3, int fd4, char* const* argv, bool warm) {
   src[kCtlFd] = fd4;
   src[kPidFd] = held_.pidfd.get();
   src.insert(src.end(), ns_src_.begin(), ns_src_.end());
+  if (extra >= 0) src.push_back(extra);
   const int nfds = static_cast<int>(src.size());
   char* envp[] = {const_cast<char*>("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), nullptr};
   pid_t shim_pid = getpid();
@@ -602,8 +614,9 @@ void Shim::spawn_session(Fd conn, bool warm) {
     log("info", "session started", {F("session_pid", static_cast<long long>(pid))});
 }
 
-// The first TCP connection since no gate runs: start one. It takes the
-// listening socket (fd 3) and accepts that connection and every later one.
+// The first TCP connection since no gate runs (on the port or the CRI
+// listener): start one. It takes the listening sockets and accepts that
+// connection and every later one.
 void Shim::spawn_gate() {
   int sp[2];
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) {
@@ -613,7 +626,7 @@ void Shim::spawn_gate() {
   }
   Fd ours(sp[0]), theirs(sp[1]);
   try {
-    pid_t pid = spawn(listen_.get(), theirs.get(), gate_argv_.data(), false);
+    pid_t pid = spawn(listen_.get(), theirs.get(), gate_argv_.data(), false, cri_ ? cri_.get() : -1);
     gate_pidfd_ = Fd(sys_pidfd_open(pid));  // our unreaped child: it is this process
     gate_pid_ = pid;
     gate_ctl_ = std::move(ours);
@@ -870,6 +883,7 @@ void Shim::write_stats(bool force) {
 
 int Shim::shutdown(const char* why) {
   listen_.reset();
+  cri_.reset();
   if (local_) {
     local_.reset();
     ::unlink(opt_.local_socket.c_str());
@@ -968,6 +982,8 @@ Options parse_args(int argc, const char* const* argv) {
     } else if (a == "--local-socket") {
       if (v.empty() || v.front() != '/') throw Error("shimlet: --local-socket needs an absolute path");
       o.local_socket = v;
+    } else if (a == "--cri-listen") {
+      o.cri_listen = v;
     } else if (a == "--pid") {
       auto n = to_num(v, 1, 0x3fffffff);
       if (!n) throw Error("shimlet: bad --pid " + std::string(v));
@@ -1003,7 +1019,8 @@ Options parse_args(int argc, const char* const* argv) {
   if (o.config.empty() || o.session_binary.empty() || o.pid <= 0)
     throw Error(
         "usage: shimlet --config PATH --pid PID --session-binary PATH [--id ID] [--listen ADDR:PORT] "
-        "[--local-socket PATH] [--ready-fd N] [--max-sessions N] [--max-local-sessions N] [--warm-idle-s N] "
+        "[--local-socket PATH] [--cri-listen ADDR:PORT] [--ready-fd N] [--max-sessions N] [--max-local-sessions N] "
+        "[--warm-idle-s N] "
         "[--hook PATH [--hook-config PATH] [--renew-every S]]");
   if (o.session_binary[0] != '/') throw Error("shimlet: --session-binary must be absolute: " + o.session_binary);
   if (!o.hook_exec.empty() && (o.hook_exec[0] != '/' || o.id.empty()))

@@ -7,8 +7,8 @@
 // It takes everything it needs from argv (the hook writes shim.json and passes
 // the same values on the command line) so the shim needs no JSON parser:
 //   shimlet --config STATE/<id>/shim.json --pid PID --session-binary PATH
-//           [--id ID] [--listen ADDR:PORT] [--local-socket PATH] [--ready-fd N]
-//           [--max-sessions N] [--max-local-sessions N] [--warm-idle-s N]
+//           [--id ID] [--listen ADDR:PORT] [--local-socket PATH] [--cri-listen ADDR:PORT]
+//           [--ready-fd N] [--max-sessions N] [--max-local-sessions N] [--warm-idle-s N]
 //           [--hook HOOK [--hook-config HOOK_CONFIG] [--renew-every SECONDS]]
 // --config is only handed through to the sessions and the gate (and names
 // the directory of STATE/<id>/stats.json).
@@ -17,7 +17,9 @@
 // the pre-authentication gate (shim/gate.h), which takes the listening
 // socket and owns every unauthenticated connection; the gate asks the shim
 // (shim/gate_proto.h) to consume a ticket's jti and reserve one of
-// max_sessions authenticated sessions before it forks one. The local socket
+// max_sessions authenticated sessions before it forks one. The CRI listener
+// (plain HTTP/1.1, loopback) is the gate's too: it wakes the gate the same
+// way and the gate owns its unauthenticated connections. The local socket
 // keeps its own path and limit: one session process per connection.
 // When the container's init exits, the shim stops its sessions and, given
 // --hook, replaces itself with `HOOK [--config HOOK_CONFIG] cleanup ID`,
@@ -75,7 +77,13 @@ struct Options {
   // Also listen on this unix socket (root's, 0600): `shimctl --local` on the
   // node speaks HTTP/2 there without TLS (docs/design.md "Local socket").
   std::string local_socket;
-  int ready_fd = -1;                  // "ready PORT\n" is written here, then closed
+  // Also listen here for plain HTTP/1.1 with the CRI streaming URL shapes
+  // only (/exec/<ticket>, /portforward/<ticket>, node-key tickets): the URLs
+  // shimlet-cri gives the kubelet (docs/design.md "CRI proxy"). Its
+  // connections go through the gate like the TLS port's. The hook allows
+  // loopback only.
+  std::string cri_listen;
+  int ready_fd = -1;                  // "ready PORT[ CRI_PORT]\n" is written here, then closed
   unsigned max_sessions = 256;        // authenticated TCP sessions; a valid ticket beyond: 503 from the gate
   unsigned max_local_sessions = 256;  // local socket connections beyond this are closed at once
   // Keep one warm session ready after the first connection (docs/design.md

@@ -208,7 +208,8 @@ TEST(Registration, HasTheContractFields) {
   st.pid = 42;
   st.bundle = "/b";
   st.annotations = {{"io.kubernetes.pod.name", "p"}};
-  Started s{"127.0.0.1:4000", "sha256/abc", "/run/shimlet/c1/shim.sock", 77, 1234, "2026-01-01T00:00:00Z", 999, {}};
+  Started s{"127.0.0.1:4000", "sha256/abc", "/run/shimlet/c1/shim.sock", 77, 1234, "2026-01-01T00:00:00Z", 999, {},
+            "127.0.0.1:4001"};
   auto j = registration_json(st, s);
   EXPECT_EQ(j["pid_start_time"], 999);
   EXPECT_EQ(j["id"], "c1");
@@ -221,6 +222,7 @@ TEST(Registration, HasTheContractFields) {
   EXPECT_EQ(j["endpoint"], "127.0.0.1:4000");
   EXPECT_EQ(j["pin"], "sha256/abc");
   EXPECT_EQ(j["local_socket"], "/run/shimlet/c1/shim.sock");
+  EXPECT_EQ(j["cri_endpoint"], "127.0.0.1:4001");
   EXPECT_EQ(j["shim_pid"], 77);
   EXPECT_EQ(j["shim_start_time"], 1234);
   EXPECT_EQ(j["created"], "2026-01-01T00:00:00Z");
