@@ -45,12 +45,13 @@ Call::Call(grpc::GenericCallbackServerContext* ctx, Upstream* upstream, Intercep
   std::unique_lock lock(mu_);
   if (interceptor_ && interceptor_->wants(ctx_->method())) {
     cancelled_ = Fd(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    int e = errno;
     if (cancelled_) {  // else (fd limit): the runtime serves it
       intercepting_ = true;
       StartRead(&down_msg_);
       return;
     }
-    log::warn("eventfd failed: the call goes to the runtime", {{"method", ctx_->method()}, {"error", strerror(errno)}});
+    log::warn("eventfd failed: the call goes to the runtime", {{"method", ctx_->method()}, {"error", strerror(e)}});
   }
   start_upstream(false);
 }
