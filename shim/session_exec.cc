@@ -100,8 +100,8 @@ struct ExecEngine::Impl {
     io.tty = tty_;
     Pipe in_p = make_pipe(), out_p = make_pipe(), err_p = make_pipe();
     if (tty_) {
-      io.cols = std::max<uint16_t>(spec.cols, 1);
-      io.rows = std::max<uint16_t>(spec.rows, 1);
+      io.cols = spec.cols;  // 0x0: left unset (nsenter sets a size only when both are given)
+      io.rows = spec.rows;
       req.extra_env.push_back("TERM=" + sanitize_term(spec.term));
     } else {
       io.in = in_p.read.get();

@@ -30,6 +30,8 @@ struct ExecSpec {
   bool tty = false;     // a pty (stdout and stderr merged, as a terminal does)
   bool stdout_ = true;  // Kubernetes stdout=false: stdout output (with a tty: all output) is discarded
   bool stderr_ = true;  // Kubernetes stderr=false: stderr output is discarded
+  // The pty's first size; 0x0: none until the first resize (the Kubernetes
+  // doors: runc exec without a console size, which the kubelet's runtime does).
   uint16_t cols = 80, rows = 24;
   std::string term = "xterm";  // sanitized by the engine
 };

@@ -570,6 +570,9 @@ K8sAdmission admit_k8s(const Request& r, const Config& cfg, const std::string& p
   spec.stdin_ = c.stdin_;
   spec.tty = c.tty;
   spec.stderr_ = !c.tty;
+  // No size until the client's first resize, as containerd/CRI-O (runc exec
+  // without a console size): a command that reads it early sees 0 0, not ours.
+  spec.cols = spec.rows = 0;
   if (!rt.kube_api) {
     // CRI shape: the ticket holds command/stdin/tty; shimlet-cri adds
     // stdout=false / stderr=false for streams the CRI Exec did not ask for
