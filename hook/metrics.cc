@@ -65,6 +65,9 @@ struct Families {
                            "refused with 503), max_local_sessions (a local connection closed).")),
         accepted(counter(r, "shimlet_node_unauthenticated_accepted_total",
                          "TCP connections accepted by the pre-authentication gate.")),
+        cri_accepted(counter(r, "shimlet_node_unauthenticated_accepted_cri_total",
+                             "Of shimlet_node_unauthenticated_accepted_total: connections to the shim's CRI "
+                             "listener (cri_listen, plain HTTP on loopback).")),
         unauth(counter(r, "shimlet_node_unauthenticated_connections_total",
                        "Unauthenticated TCP connections ended, by outcome: admitted (a valid ticket, the session "
                        "started), refused_request (answered with an error: no, bad or replayed ticket, bad "
@@ -89,6 +92,7 @@ struct Families {
   prometheus::Family<prometheus::Counter>& started;
   prometheus::Family<prometheus::Counter>& limit_hits;
   prometheus::Family<prometheus::Counter>& accepted;
+  prometheus::Family<prometheus::Counter>& cri_accepted;
   prometheus::Family<prometheus::Counter>& unauth;
   prometheus::Family<prometheus::Gauge>& unauth_open;
   prometheus::Family<prometheus::Gauge>& unauth_peak;
@@ -109,7 +113,7 @@ void add_gauge(prometheus::Family<prometheus::Gauge>& f, const Labels& l, std::o
 
 // Where each gate counter (shim/gate_proto.h, the "preauth" object of
 // stats.json) goes, in GateCounters' order: every one exported, once.
-enum class To { Accepted, Outcome, Limit, Open, OpenPeak };
+enum class To { Accepted, Outcome, Limit, Open, OpenPeak, CriAccepted };
 struct PreauthField {
   const char* name;  // in stats.json
   To to;
@@ -128,6 +132,7 @@ constexpr PreauthField kPreauth[] = {
     {"peer_closed", To::Outcome, "peer_closed"},
     {"open", To::Open, ""},
     {"open_peak", To::OpenPeak, ""},
+    {"cri_accepted", To::CriAccepted, ""},
 };
 constexpr bool same_as_the_gate() {
   if (std::size(kPreauth) != gate::kNumCounters) return false;
@@ -190,6 +195,9 @@ void add_stats(Families& f, const Labels& l, const json& st) {
         break;
       case To::OpenPeak:
         add_gauge(f.unauth_peak, l, v);
+        break;
+      case To::CriAccepted:
+        add_counter(f.cri_accepted, l, v);
         break;
     }
   }

@@ -218,6 +218,7 @@ STATS_SERIES = {
     ("sessions", "max_sessions"): ("shimlet_node_sessions_max", {"door": "tcp"}),
     ("sessions", "max_local_sessions"): ("shimlet_node_sessions_max", {"door": "local"}),
     ("preauth", "accepted"): ("shimlet_node_unauthenticated_accepted_total", {}),
+    ("preauth", "cri_accepted"): ("shimlet_node_unauthenticated_accepted_cri_total", {}),
     ("preauth", "dropped_total"): ("shimlet_node_limit_hits_total", {"limit": "preauth_max_connections"}),
     ("preauth", "dropped_per_source"): ("shimlet_node_limit_hits_total", {"limit": "preauth_max_per_source"}),
     ("preauth", "dropped_memory"): ("shimlet_node_limit_hits_total", {"limit": "preauth_max_memory"}),

@@ -88,6 +88,7 @@ TEST(NodeMetrics, ContainersShimsAndTheirCounters) {
            "shimlet_node_unauthenticated_connections_total" + with(R"(outcome="peer_closed")") + " 109",
            "shimlet_node_unauthenticated_open{" + labels + "} 110",
            "shimlet_node_unauthenticated_open_peak{" + labels + "} 111",
+           "shimlet_node_unauthenticated_accepted_cri_total{" + labels + "} 112",
        })
     EXPECT_TRUE(has_line(m, line)) << line << "\n" << m;
   // Every sample of the live container is one of those (+ shim_up): each field exported once.
@@ -95,7 +96,7 @@ TEST(NodeMetrics, ContainersShimsAndTheirCounters) {
   for (size_t at = m.find("container_id=\"live\""); at != std::string::npos;
        at = m.find("container_id=\"live\"", at + 1))
     samples++;
-  EXPECT_EQ(samples, 23u) << m;
+  EXPECT_EQ(samples, 24u) << m;
   EXPECT_EQ(m.find("container_id=\"gone\",door"), std::string::npos) << "no counters without a stats file";
 }
 
