@@ -2,7 +2,9 @@
 #include <gtest/gtest.h>
 
 #include "common/base64.h"
+#include "common/error.h"
 #include "common/fd.h"
+#include "common/hostport.h"
 
 using namespace shimlet;
 
@@ -325,4 +327,18 @@ TEST(Event, CheckedCreation) {
   event_base_loop(base.get(), EVLOOP_ONCE);
   EXPECT_TRUE(fired);
   EXPECT_TRUE(new_evbuffer());
+}
+
+TEST(HostPort, NamesAddressesAndPorts) {
+  auto hp = shimlet::parse_host_port("master.example:6443");
+  EXPECT_EQ(hp.host, "master.example");
+  EXPECT_EQ(hp.port, 6443);
+  hp = shimlet::parse_host_port("10.0.0.1");
+  EXPECT_EQ(hp.host, "10.0.0.1");
+  EXPECT_FALSE(hp.port);
+  hp = shimlet::parse_host_port("[fd00::1]:2379");
+  EXPECT_EQ(hp.host, "fd00::1");
+  EXPECT_EQ(hp.port, 2379);
+  for (const char* bad : {"", ":1", "h:", "h:0", "h:65536", "h:1x", "[::1", "[::1]x", "[nope]:1", "::1:80"})
+    EXPECT_THROW(shimlet::parse_host_port(bad), shimlet::Error) << bad;
 }
