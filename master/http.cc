@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
@@ -165,8 +166,14 @@ struct Server::Conn {
   std::map<int32_t, H2Stream> streams;
   EventPtr deadline, linger;
   bool closing = false;
-  std::vector<std::pair<Request, bool>> pending;  // completed HTTP/1.1 requests
-  UpgradeHandler takeover;                        // set: hand the connection over after this read
+  std::deque<std::pair<Request, bool>> pending;  // completed HTTP/1.1 requests, not answered yet
+  UpgradeHandler takeover;                       // set: hand the connection over after this read
+  // HTTP/1.1 deferred answer (Response::deferred): nothing more is read or
+  // answered until it comes.
+  bool waiting = false;
+  bool waiting_keep = false, waiting_head = false;
+  bool error_after_wait = false;  // the reader failed meanwhile: answer its error after the reply
+  std::shared_ptr<bool> alive = std::make_shared<bool>(true);  // Replies hold a weak_ptr
 
   ~Conn() {
     if (h2) nghttp2_session_del(h2);
@@ -187,12 +194,26 @@ struct Server::Conn {
   }
 
   // --- HTTP/1.1
-  // Returns the bytes used; fewer than len only when the connection is being
-  // taken over (the rest belongs to the upgraded protocol).
-  size_t h1_input(const char* data, size_t len) {
-    bool ok = h1->feed(data, len) != proto::http1::RequestReader::State::Error;
-    size_t used = h1->consumed();
-    for (auto& [req, keep] : pending) {
+  void h1_write(const Response& resp, bool keep, bool head) {
+    std::string s = serialize_http1(resp, keep, head);
+    evbuffer_add(output(), s.data(), s.size());
+    if (!keep) closing = true;
+  }
+
+  void h1_write_reader_error() {
+    if (h1->error_status()) {
+      std::string s = serialize_http1(status_error(h1->error_status(), h1->error()), false, false);
+      evbuffer_add(output(), s.data(), s.size());
+    }
+    closing = true;
+  }
+
+  // Answers the completed requests in order; stops at an upgrade taken over
+  // or at an answer that comes later (then nothing is read until it does).
+  void h1_serve() {
+    while (!pending.empty() && !waiting && !closing && !takeover) {
+      auto [req, keep] = std::move(pending.front());
+      pending.pop_front();
       req.peer_ip = peer_ip;
       req.peer_port = peer_port;
       req.ssl = ssl;
@@ -201,22 +222,56 @@ struct Server::Conn {
       if (req.upgrade && resp.upgrade) {
         takeover = std::move(resp.upgrade);
         pending.clear();
-        return used;
+        return;
       }
-      std::string s = serialize_http1(resp, keep, req.method == "HEAD");
-      evbuffer_add(output(), s.data(), s.size());
-      if (!keep) closing = true;
+      if (resp.deferred) {
+        waiting = true;
+        waiting_keep = keep;
+        waiting_head = req.method == "HEAD";
+        evtimer_del(deadline.get());
+        bufferevent_disable(bev, EV_READ);
+        auto start = std::move(resp.deferred);
+        start(h1_reply());
+        return;
+      }
+      h1_write(resp, keep, req.method == "HEAD");
     }
-    pending.clear();
+  }
+
+  Reply h1_reply() {
+    return [this, weak = std::weak_ptr<bool>(alive)](Response resp) {
+      if (weak.expired() || !waiting) return;
+      waiting = false;
+      h1_write(resp, waiting_keep, waiting_head);
+      h1_serve();
+      if (waiting || takeover) return;  // takeover: only after a read (an upgrade is never deferred)
+      if (error_after_wait && !closing) h1_write_reader_error();
+      if (!closing) {
+        bufferevent_enable(bev, EV_READ);
+        // Bytes that arrived meanwhile wait in the input buffer.
+        if (evbuffer_get_length(bufferevent_get_input(bev))) {
+          on_read(bev, this);  // may close (and free) the connection
+          return;
+        }
+      }
+      after_io();  // may close (and free) the connection
+    };
+  }
+
+  // Returns the bytes used; fewer than len only when the connection is being
+  // taken over (the rest belongs to the upgraded protocol).
+  size_t h1_input(const char* data, size_t len) {
+    bool ok = h1->feed(data, len) != proto::http1::RequestReader::State::Error;
+    size_t used = h1->consumed();
+    h1_serve();
+    if (takeover) return used;
+    if (waiting) {
+      if (!ok) error_after_wait = true;
+      return len;
+    }
     if (h1->state() == proto::http1::RequestReader::State::Done)
       closing = true;  // an upgrade that was answered, not taken over
-    if (!ok && !closing) {
-      if (h1->error_status()) {
-        std::string s = serialize_http1(status_error(h1->error_status(), h1->error()), false, false);
-        evbuffer_add(output(), s.data(), s.size());
-      }
-      closing = true;
-    }
+    if (!ok && !closing) h1_write_reader_error();
     if (closing) return len;  // input is drained while the answer goes out (see linger)
     if (h1->in_request()) {
       if (!evtimer_pending(deadline.get(), nullptr)) {
@@ -322,9 +377,25 @@ struct Server::Conn {
       else if (s.req.method == "CONNECT")
         c->h2_respond(f->hd.stream_id, s, status_error(400, "CONNECT is not supported"));
       else
-        c->h2_respond(f->hd.stream_id, s, c->run(s.req));
+        c->h2_answer(f->hd.stream_id, s);
     }
     return 0;
+  }
+
+  void h2_answer(int32_t id, H2Stream& s) {
+    Response r = run(s.req);
+    if (!r.deferred) {
+      h2_respond(id, s, r);
+      return;
+    }
+    auto start = std::move(r.deferred);
+    start([this, id, weak = std::weak_ptr<bool>(alive)](Response resp) {
+      if (weak.expired()) return;
+      auto it = streams.find(id);
+      if (it == streams.end() || it->second.responded) return;  // the client reset the stream
+      h2_respond(id, it->second, resp);
+      after_io();  // may close (and free) the connection
+    });
   }
   static int on_stream_close(nghttp2_session*, int32_t id, uint32_t, void* ud) {
     self(ud)->streams.erase(id);
@@ -414,6 +485,10 @@ struct Server::Conn {
   static void on_read(bufferevent* bev, void* arg) {
     auto* c = static_cast<Conn*>(arg);
     evbuffer* in = bufferevent_get_input(bev);
+    if (c->waiting) {  // an HTTP/1.1 answer is deferred: read on after it
+      bufferevent_disable(bev, EV_READ);
+      return;
+    }
     if (evbuffer_get_length(c->output()) > kMaxPendingOutput) {
       bufferevent_disable(bev, EV_READ);  // resumed by on_write once the client reads
       return;
@@ -441,6 +516,7 @@ struct Server::Conn {
           c->hand_over();  // `c` is gone
           return;
         }
+        if (c->waiting) break;
       }
     }
     c->after_io();
@@ -480,7 +556,7 @@ struct Server::Conn {
       c->finish();
       return;
     }
-    if (!c->closing) bufferevent_enable(bev, EV_READ);
+    if (!c->closing && !c->waiting) bufferevent_enable(bev, EV_READ);
   }
 
   static void on_event(bufferevent* bev, short what, void* arg) {

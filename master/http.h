@@ -1,8 +1,8 @@
 // The master's HTTPS front end: TLS 1.3 (OpenSSL) on a libevent loop, HTTP/2
 // (nghttp2) or HTTP/1.1 (the shared bounded reader, proto/http1.h) chosen by
-// ALPN, both feeding one synchronous handler with a Request and getting a
-// Response. Headers, bodies, connection count and time are all bounded; a bad
-// request gets a Kubernetes Status error and the server keeps serving.
+// ALPN, both feeding one handler with a Request and getting a Response (at
+// once, or later through a Reply: Response::deferred). Headers, bodies, connection count and time are all bounded; a
+// bad request gets a Kubernetes Status error and the server keeps serving.
 #pragma once
 #include <openssl/ssl.h>
 
@@ -54,6 +54,12 @@ struct Upgraded {
 };
 using UpgradeHandler = std::function<void(Upgraded)>;
 
+struct Response;
+// How a handler that cannot answer at once (it waits on etcd) answers later:
+// it calls the Reply it was given exactly once, on the loop thread. A Reply
+// whose connection or stream is gone does nothing.
+using Reply = std::function<void(Response)>;
+
 struct Response {
   int status = 200;
   std::string content_type = "application/json";
@@ -63,6 +69,11 @@ struct Response {
   // and hands the connection to it (status is only what gets audited).
   // Otherwise an upgrade request gets the response and the connection closes.
   UpgradeHandler upgrade;
+  // Set by a handler that answers later: the server writes nothing now and
+  // calls it with the Reply. HTTP/1.1 answers keep their order (the
+  // connection reads no further request until the reply); HTTP/2 streams
+  // are independent.
+  std::function<void(Reply)> deferred;
 };
 
 using Handler = std::function<Response(const Request&)>;

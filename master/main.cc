@@ -13,6 +13,7 @@
 #include "common/openssl.h"
 #include "common/version.h"
 #include "master/master.h"
+#include "master/registry_etcd.h"
 #include "master/systemd.h"
 #include "proto/tls.h"
 
@@ -51,6 +52,8 @@ int main(int argc, char** argv) {
   log::set_component("master");
   master::Config cfg;
   std::string lease = "60s", ticket_life = "60s";
+  std::string etcd_servers, etcd_compaction = "5m", etcd_staleness = "10s", etcd_timeout = "5s";
+  master::EtcdOptions etcd_opt;
   bool print_pub = false;
   CLI::App app{
       "shimlet-master: authenticates, authorizes and audits exec/port-forward, then sends clients to the shim"};
@@ -89,6 +92,23 @@ int main(int argc, char** argv) {
   app.add_option("--recording-dir", cfg.recording_dir, "where the master keeps the recordings nodes upload");
   app.add_option("--recording-max-bytes", cfg.recording_max_bytes, "largest recording accepted")->capture_default_str();
   app.add_flag("--print-ticket-public-key", print_pub, "print the ticket public key (PEM) for shims, then exit");
+  // The registry in etcd (kube-apiserver's flag names where it has one;
+  // docs/design.md "Registry in etcd"). Without --etcd-servers: in memory.
+  app.add_option("--etcd-servers", etcd_servers,
+                 "etcd members (comma-separated https://HOST:PORT): keep the registry there, shared by every master "
+                 "(default: in this process's memory)");
+  app.add_option("--etcd-cafile", etcd_opt.client.ca_file, "CA bundle that verifies the etcd members (PEM)");
+  app.add_option("--etcd-certfile", etcd_opt.client.cert_file, "client certificate for etcd (PEM)");
+  app.add_option("--etcd-keyfile", etcd_opt.client.key_file, "key of --etcd-certfile (PEM)");
+  app.add_option("--etcd-prefix", etcd_opt.prefix, "key prefix in etcd")->capture_default_str();
+  app.add_option("--etcd-compaction-interval", etcd_compaction,
+                 "compact etcd's history this often (one master per round); 0 = never")
+      ->capture_default_str();
+  app.add_option("--etcd-max-cache-staleness", etcd_staleness,
+                 "refuse grants (503) when the registry copy has not been confirmed current for this long")
+      ->capture_default_str();
+  app.add_option("--etcd-request-timeout", etcd_timeout, "deadline of each etcd call, all members tried")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -106,7 +126,19 @@ int main(int argc, char** argv) {
     signal(SIGPIPE, SIG_IGN);
     // The loop outlives the master: its relays free bufferevents of this base.
     EventBasePtr base = new_event_base();
-    master::Master m(cfg);
+    std::unique_ptr<master::Registry> registry;
+    if (!etcd_servers.empty()) {
+      etcd_opt.client.endpoints = etcd::parse_endpoints(etcd_servers);
+      etcd_opt.compaction_interval_s = etcd_compaction == "0" ? 0 : parse_duration_s(etcd_compaction);
+      etcd_opt.max_staleness_ms = parse_duration_s(etcd_staleness) * 1000;
+      etcd_opt.client.request_timeout_ms = static_cast<int>(parse_duration_s(etcd_timeout) * 1000);
+      etcd_opt.host = cfg.bind_address + ":" + std::to_string(cfg.secure_port);
+      registry = std::make_unique<master::EtcdRegistry>(base.get(), etcd_opt, cfg.lease_duration_s * 1000);
+    } else if (!etcd_opt.client.ca_file.empty() || !etcd_opt.client.cert_file.empty() ||
+               !etcd_opt.client.key_file.empty()) {
+      throw Error("--etcd-cafile/--etcd-certfile/--etcd-keyfile need --etcd-servers");
+    }
+    master::Master m(cfg, std::move(registry));
     auto ctx = proto::make_server_ctx(read_regular_file(cfg.tls_cert_file, kMaxPemFileBytes),
                                       read_regular_file(cfg.tls_private_key_file, kMaxPemFileBytes), true);
     // The full chain for clients that need intermediates.

@@ -8,6 +8,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "master/kube.h"
+#include "master/registry_memory.h"
 #include "proto/tls.h"
 
 namespace shimlet::master {
@@ -73,17 +74,18 @@ std::string forbidden_message(const Attributes& a) {
 
 }  // namespace
 
-Master::Master(const Config& cfg)
+Master::Master(const Config& cfg, std::unique_ptr<Registry> registry)
     : Master(cfg, load_authn(cfg), load_policy(cfg), load_key(cfg),
-             cfg.audit_log_path.empty() ? AuditLog() : AuditLog(cfg.audit_log_path)) {}
+             cfg.audit_log_path.empty() ? AuditLog() : AuditLog(cfg.audit_log_path), std::move(registry)) {}
 
-Master::Master(const Config& cfg, Authenticator authn, Policy policy, ticket::PrivateKey key, AuditLog audit)
+Master::Master(const Config& cfg, Authenticator authn, Policy policy, ticket::PrivateKey key, AuditLog audit,
+               std::unique_ptr<Registry> registry)
     : cfg_(cfg),
       authn_(std::move(authn)),
       policy_(std::move(policy)),
       key_(std::move(key)),
       audit_(std::move(audit)),
-      registry_(cfg.lease_duration_s * 1000) {
+      registry_(registry ? std::move(registry) : std::make_unique<MemoryRegistry>(cfg.lease_duration_s * 1000)) {
   if (!cfg.recording_policy_file.empty()) recording_policy_ = RecordingPolicy::load(cfg.recording_policy_file);
   if (!cfg.recording_dir.empty()) recordings_ = RecordingStore(cfg.recording_dir, cfg.recording_max_bytes);
   if (recording_policy_.records_anything() && !recordings_.enabled())
@@ -104,7 +106,7 @@ Master::Master(const Config& cfg, Authenticator authn, Policy policy, ticket::Pr
 }
 
 void Master::expire_leases() {
-  auto expired = registry_.expire(monotonic_ms());
+  auto expired = registry_->expire(monotonic_ms());
   if (!expired.empty()) metrics_.leases_expired(expired.size());
   for (const auto& r : expired)
     audit_.write("lease_expired", {{"node", r.node},
@@ -115,19 +117,25 @@ void Master::expire_leases() {
 }
 
 Response Master::handle(const Request& req) {
-  const int64_t start_ns = monotonic_ns();
   Ctx ctx;
+  ctx.start_ns = monotonic_ns();
   if (req.method == "GET" && (req.path == "/healthz" || req.path == "/livez" || req.path == "/readyz")) {
     Response r;
     r.content_type = "text/plain; charset=utf-8";
     r.body = "ok";
+    // Ready = able to serve grants: the registry can be read.
+    if (req.path == "/readyz")
+      if (std::optional<std::string> why = registry_->unavailable(monotonic_ms())) {
+        r.status = 503;
+        r.body = "registry: " + *why;
+      }
     ctx.handler = "health";
-    account(ctx, r.status, start_ns);
+    account(ctx, r.status);
     return r;
   }
   if (req.method == "GET" && req.path == "/version") {  // public, as kube-apiserver's system:public-info-viewer
     ctx.handler = "discovery";
-    account(ctx, 200, start_ns);
+    account(ctx, 200);
     return json_response(200, kube::version_json(cfg_.kube_version));
   }
   expire_leases();
@@ -157,15 +165,58 @@ Response Master::handle(const Request& req) {
       resp = status_error(500, "internal error");
     }
   }
-  ctx.ev["code"] = resp.status;
-  if (!ctx.ev.contains("decision")) ctx.ev["decision"] = resp.status < 400 ? "allow" : "error";
-  account(ctx, resp.status, start_ns);
-  audit_.write("request", std::move(ctx.ev));
+  if (!resp.deferred && !ctx.audited) audit_request(ctx, resp);
   return resp;
 }
 
-void Master::account(const Ctx& ctx, int code, int64_t start_ns) {
-  metrics_.request(ctx.handler, code, static_cast<double>(monotonic_ns() - start_ns) / 1e9);
+void Master::audit_request(Ctx& ctx, const Response& resp) {
+  ctx.ev["code"] = resp.status;
+  if (!ctx.ev.contains("decision")) ctx.ev["decision"] = resp.status < 400 ? "allow" : "error";
+  account(ctx, resp.status);
+  audit_.write("request", std::move(ctx.ev));
+  ctx.audited = true;
+}
+
+Response Master::answer_later(Ctx& ctx, std::function<void(Answer)> start) {
+  struct Pending {
+    std::optional<Response> early;  // answered before start returned, or before the server asked
+    Reply reply;
+    bool audited = false;
+  };
+  auto p = std::make_shared<Pending>();
+  start([this, p](Ctx& c, Response r) {
+    audit_request(c, r);
+    p->audited = true;
+    if (p->reply)
+      p->reply(std::move(r));
+    else
+      p->early = std::move(r);
+  });
+  if (p->early) {
+    ctx.audited = p->audited;
+    return std::move(*p->early);
+  }
+  ctx.audited = true;  // the answer's audit line comes with it
+  Response r;
+  r.deferred = [p](Reply reply) {
+    if (p->early)
+      reply(std::move(*p->early));
+    else
+      p->reply = std::move(reply);
+  };
+  return r;
+}
+
+std::optional<Response> Master::unreadable(Ctx& ctx) {
+  std::optional<std::string> why = registry_->unavailable(monotonic_ms());
+  if (!why) return std::nullopt;
+  ctx.ev["decision"] = "error";
+  ctx.ev["reason"] = "registry unavailable: " + *why;
+  return status_error(503, "registry unavailable: " + *why, "ServiceUnavailable");
+}
+
+void Master::account(const Ctx& ctx, int code) {
+  metrics_.request(ctx.handler, code, static_cast<double>(monotonic_ns() - ctx.start_ns) / 1e9);
   const std::string_view h = ctx.handler;
   if (h != "grant" && h != "relay" && h != "tunnel") return;
   std::string decision = ctx.ev.value("decision", "");
@@ -189,7 +240,8 @@ Response Master::metrics(Ctx& ctx) {
   ctx.ev["decision"] = "allow";
   Metrics::State st;
   std::set<std::string> nodes;
-  for (const auto& r : registry_.list("", monotonic_ms())) {
+  // This master's copy (the etcd registry's watch-fed one): what it grants from.
+  for (const auto& r : registry_->entries().list("", monotonic_ms())) {
     ++st.containers;
     nodes.insert(r.node);
   }
@@ -323,9 +375,11 @@ Response Master::pods(Ctx& ctx, const Request& req, const std::vector<std::strin
   ctx.ev["decision"] = d.allowed ? "allow" : "deny";
   ctx.ev["reason"] = d.reason;
   if (!d.allowed) return status_error(403, forbidden_message(a), "Forbidden");
+  if (std::optional<Response> refused = unreadable(ctx)) return *refused;
+  const Entries* reg = &registry_->entries();
   int64_t now = monotonic_ms();
-  if (a.name.empty()) return json_response(200, registry_.pod_list_json(a.namespace_, now));
-  auto pod = registry_.pod_json(a.namespace_, a.name, now);
+  if (a.name.empty()) return json_response(200, reg->pod_list_json(a.namespace_, now));
+  auto pod = reg->pod_json(a.namespace_, a.name, now);
   if (!pod) return status_error(404, "pods \"" + a.name + "\" not found", "NotFound");
   return json_response(200, *pod);
 }
@@ -370,7 +424,9 @@ Response Master::stream(Ctx& ctx, const Request& req, const std::string& ns, con
     gr.ports = {ticket::Port{0, "tcp"}};
     ctx.ev["ports"] = json::array({{{"port", 0}, {"proto", "tcp"}}});
   }
-  Registry::Found found = registry_.find(ns, pod, gr.container, monotonic_ms());
+  if (std::optional<Response> refused = unreadable(ctx)) return *refused;
+  const Entries* reg = &registry_->entries();
+  Entries::Found found = reg->find(ns, pod, gr.container, monotonic_ms());
   if (!found.registration) return fail(found.status, found.error);
   const Registration* target = &*found.registration;
   Grant g = allow(ctx, gr, *target);
@@ -462,7 +518,9 @@ Response Master::grant(Ctx& ctx, const Request& req, const std::string& ns, cons
     return status_error(400, "\"jkt\" is required: tickets are bound to the key of the client's TLS certificate",
                         "BadRequest");
   }
-  Registry::Found found = registry_.find(ns, pod, gr.container, monotonic_ms());
+  if (std::optional<Response> refused = unreadable(ctx)) return *refused;
+  const Entries* reg = &registry_->entries();
+  Entries::Found found = reg->find(ns, pod, gr.container, monotonic_ms());
   if (!found.registration) {  // a grant names what is missing with 404 either way
     ctx.ev["decision"] = "error";
     ctx.ev["reason"] = found.error;
@@ -496,35 +554,41 @@ Response Master::node_put(Ctx& ctx, const Request& req, const std::string& node,
   ctx.ev["namespace"] = reg.namespace_;
   ctx.ev["pod"] = reg.pod;
   ctx.ev["container"] = reg.container;
-  PutResult pr = registry_.put(node, id, reg, monotonic_ms(), req.peer_ip);
-  if (pr.code >= 400) {
-    if (pr.code == 403) return deny(ctx, pr.error);
-    ctx.ev["reason"] = pr.error;
-    return status_error(pr.code, pr.error);
-  }
-  ctx.ev["decision"] = "allow";
-  ctx.ev["reason"] = pr.code == 201 ? "registered" : "lease renewed";
-  int64_t lease = registry_.lease_ms() / 1000;
-  return json_response(pr.code, {{"kind", "Lease"},
-                                 {"apiVersion", "shimlet.io/v1"},
-                                 {"node", node},
-                                 {"container_id", id},
-                                 {"leaseDurationSeconds", lease},
-                                 {"renewIntervalSeconds", std::max<int64_t>(1, lease / 3)}});
+  return answer_later(ctx, [this, ctx, node, id, reg = std::move(reg), peer = req.peer_ip](Answer answer) mutable {
+    registry_->put(node, id, std::move(reg), peer, [this, ctx, node, id, answer](PutResult pr) mutable {
+      if (pr.code >= 400) {
+        if (pr.code == 403) return answer(ctx, deny(ctx, pr.error));
+        ctx.ev["reason"] = pr.error;
+        return answer(ctx, status_error(pr.code, pr.error));
+      }
+      ctx.ev["decision"] = "allow";
+      ctx.ev["reason"] = pr.code == 201 ? "registered" : "lease renewed";
+      int64_t lease = registry_->lease_ms() / 1000;
+      answer(ctx, json_response(pr.code, {{"kind", "Lease"},
+                                          {"apiVersion", "shimlet.io/v1"},
+                                          {"node", node},
+                                          {"container_id", id},
+                                          {"leaseDurationSeconds", lease},
+                                          {"renewIntervalSeconds", std::max<int64_t>(1, lease / 3)}}));
+    });
+  });
 }
 
 Response Master::node_delete(Ctx& ctx, const Request&, const std::string& node, const std::string& id) {
   ctx.ev["verb"] = "unregister";
   ctx.ev["container_id"] = id.substr(0, 128);
   if (auto r = require_node(ctx, node)) return *r;
-  PutResult pr = registry_.remove(node, id, monotonic_ms());
-  if (pr.code == 403) return deny(ctx, pr.error);
-  if (pr.code >= 400) {
-    ctx.ev["reason"] = pr.error;
-    return status_error(pr.code, pr.error);
-  }
-  ctx.ev["reason"] = "unregistered";
-  return json_response(200, {{"kind", "Status"}, {"apiVersion", "v1"}, {"status", "Success"}, {"code", 200}});
+  return answer_later(ctx, [this, ctx, node, id](Answer answer) mutable {
+    registry_->remove(node, id, [this, ctx, answer](PutResult pr) mutable {
+      if (pr.code == 403) return answer(ctx, deny(ctx, pr.error));
+      if (pr.code >= 400) {
+        ctx.ev["reason"] = pr.error;
+        return answer(ctx, status_error(pr.code, pr.error));
+      }
+      ctx.ev["reason"] = "unregistered";
+      answer(ctx, json_response(200, {{"kind", "Status"}, {"apiVersion", "v1"}, {"status", "Success"}, {"code", 200}}));
+    });
+  });
 }
 
 Response Master::session_end(Ctx& ctx, const Request& req, const std::string& node, const std::string& sid) {
@@ -555,7 +619,10 @@ Response Master::session_end(Ctx& ctx, const Request& req, const std::string& no
   // came after poststop's unregister, or after a master restart) is kept,
   // marked, since the end of a real session must not be lost.
   if (auto cid = ev.find("container_id"); cid != ev.end()) {
-    const auto owner = registry_.owner(cid->get<std::string>());
+    // (unreadable: the node keeps the record and posts it again)
+    if (std::optional<Response> refused = unreadable(ctx)) return *refused;
+    const Entries* reg = &registry_->entries();
+    const auto owner = reg->owner(cid->get<std::string>());
     if (owner && *owner != node)
       return deny(ctx, "container " + cid->get<std::string>() + " is registered by node \"" + *owner + "\"");
     ev["container_registered"] = owner.has_value();

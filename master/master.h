@@ -3,6 +3,7 @@
 // Transport-independent (http.h feeds it); API in docs/master-api.md.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -49,16 +50,20 @@ int64_t wall_s();
 class Master {
  public:
   // Loads tokens, client CA, policy, signing key, opens the audit log.
-  // Throws shimlet::Error naming the file on any problem.
-  explicit Master(const Config& cfg);
+  // Throws shimlet::Error naming the file on any problem. `registry` null =
+  // the in-memory one with cfg's lease (registry_memory.h).
+  explicit Master(const Config& cfg, std::unique_ptr<Registry> registry = nullptr);
   // For tests: pieces supplied directly.
-  Master(const Config& cfg, Authenticator authn, Policy policy, ticket::PrivateKey key, AuditLog audit);
+  Master(const Config& cfg, Authenticator authn, Policy policy, ticket::PrivateKey key, AuditLog audit,
+         std::unique_ptr<Registry> registry = nullptr);
 
+  // One request. Node registrations with an etcd registry answer later
+  // (Response::deferred); everything else at once.
   Response handle(const Request& req);
   // Expires lapsed leases (audited); the server calls it periodically.
   void expire_leases();
 
-  Registry& registry() { return registry_; }
+  Registry& registry() { return *registry_; }
   const Config& config() const { return cfg_; }
   // Live kubectl exec/port-forward relays.
   size_t relays() const { return relays_.active(); }
@@ -73,7 +78,20 @@ class Master {
     nlohmann::json ev = nlohmann::json::object();
     const char* handler = "other";
     std::string grant_verb;
+    int64_t start_ns = 0;  // monotonic, when the request arrived (its latency, also for a deferred answer)
+    bool audited = false;  // its request line is written (answer_later did it)
   };
+  // Completes the request's audit event with the answer and writes it.
+  void audit_request(Ctx& ctx, const Response& resp);
+  // Runs `start`, which answers through its callback exactly once: at once
+  // (in-memory registry) or later on the loop (etcd). Either way the audit
+  // line is written with the answer; a later answer becomes a deferred response.
+  using Answer = std::function<void(Ctx&, Response)>;
+  Response answer_later(Ctx& ctx, std::function<void(Answer)> start);
+  // Before a read of registry_->entries(): the 503 to answer (audited) when
+  // they cannot be trusted now (an etcd registry whose copy is stale), else
+  // nullopt.
+  std::optional<Response> unreadable(Ctx& ctx);
   Response route(Ctx& ctx, const Request& req);
   Response pods(Ctx& ctx, const Request& req, const std::vector<std::string>& seg);
   Response stream(Ctx& ctx, const Request& req, const std::string& ns, const std::string& pod, const std::string& sub);
@@ -97,7 +115,7 @@ class Master {
   Response metrics(Ctx& ctx);
   // Counts a finished request (Metrics): route class, code, time, and the
   // grant or tunnel decision it made.
-  void account(const Ctx& ctx, int code, int64_t start_ns);
+  void account(const Ctx& ctx, int code);
   Grant allow(Ctx& ctx, const GrantRequest& gr, const Registration& target);
   Response deny(Ctx& ctx, const std::string& reason);
   std::optional<Response> require_node(Ctx& ctx, const std::string& node);
@@ -107,7 +125,7 @@ class Master {
   Policy policy_;
   ticket::PrivateKey key_;
   AuditLog audit_;
-  Registry registry_;
+  std::unique_ptr<Registry> registry_;
   RecordingPolicy recording_policy_;
   RecordingStore recordings_;
   GrantConfig grant_cfg_;

@@ -117,97 +117,58 @@ Registration parse_registration(std::string_view text) {
   return r;
 }
 
-PutResult Registry::put(const std::string& node, const std::string& id, Registration r, int64_t now_ms,
-                        const std::string& peer_ip) {
-  if (r.id != id) return {400, "registration id \"" + r.id + "\" does not match the URL's \"" + id + "\"", 0};
+std::optional<PutResult> prepare_put(const std::string& node, const std::string& id, Registration& r,
+                                     const std::string& peer_ip) {
+  if (r.id != id) return PutResult{400, "registration id \"" + r.id + "\" does not match the URL's \"" + id + "\"", 0};
   if (!r.node.empty() && r.node != node)
-    return {403, "node \"" + node + "\" may not register a container of node \"" + r.node + "\"", 0};
+    return PutResult{403, "node \"" + node + "\" may not register a container of node \"" + r.node + "\"", 0};
   r.node = node;
   std::string host;
   if (valid_endpoint(r.endpoint, &host) && (host == "0.0.0.0" || host == "::" || host.empty()) && !peer_ip.empty()) {
     std::string port = r.endpoint.substr(r.endpoint.rfind(':') + 1);
     r.endpoint = (peer_ip.find(':') != std::string::npos ? "[" + peer_ip + "]" : peer_ip) + ":" + port;
   }
-  std::lock_guard lk(mu_);
-  auto it = by_id_.find(id);
-  if (it != by_id_.end() && it->second.expires_ms <= now_ms) {
-    by_id_.erase(it);
-    it = by_id_.end();
-  }
-  if (it != by_id_.end() && it->second.node != node)
-    return {403, "container " + id + " is registered by node \"" + it->second.node + "\"", 0};
-  if (it == by_id_.end() && by_id_.size() >= max_) return {429, "registry full", 0};
-  r.expires_ms = now_ms + lease_ms_;
-  int code = 201;
-  if (it != by_id_.end()) {
-    r.registered_ms = it->second.registered_ms;
-    code = 200;
-  } else {
-    r.registered_ms = now_ms;
-  }
-  int64_t exp = r.expires_ms;
+  return std::nullopt;
+}
+
+void Entries::upsert(Registration r) {
+  std::string id = r.id;
   by_id_[id] = std::move(r);
-  return {code, "", exp};
 }
 
-PutResult Registry::remove(const std::string& node, const std::string& id, int64_t now_ms) {
-  std::lock_guard lk(mu_);
+bool Entries::erase(const std::string& id) { return by_id_.erase(id) > 0; }
+
+const Registration* Entries::get(const std::string& id) const {
   auto it = by_id_.find(id);
-  if (it == by_id_.end() || it->second.expires_ms <= now_ms) return {404, "container " + id + " is not registered", 0};
-  if (it->second.node != node)
-    return {403, "container " + id + " is registered by node \"" + it->second.node + "\"", 0};
-  by_id_.erase(it);
-  return {200, "", 0};
+  return it == by_id_.end() ? nullptr : &it->second;
 }
 
-std::optional<std::string> Registry::owner(const std::string& id) const {
-  std::lock_guard lk(mu_);
+std::optional<std::string> Entries::owner(const std::string& id) const {
   auto it = by_id_.find(id);
   if (it == by_id_.end()) return std::nullopt;
   return it->second.node;
 }
 
-std::vector<Registration> Registry::expire(int64_t now_ms) {
-  std::lock_guard lk(mu_);
-  std::vector<Registration> gone;
-  for (auto it = by_id_.begin(); it != by_id_.end();) {
-    if (it->second.expires_ms <= now_ms) {
-      gone.push_back(std::move(it->second));
-      it = by_id_.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  return gone;
-}
-
-size_t Registry::size() const {
-  std::lock_guard lk(mu_);
-  return by_id_.size();
-}
-
-std::vector<Registration> Registry::list(const std::string& ns, int64_t now_ms) const {
-  std::lock_guard lk(mu_);
+std::vector<Registration> Entries::list(const std::string& ns, int64_t now_ms) const {
   std::vector<Registration> out;
   for (const auto& [id, r] : by_id_)
     if (r.expires_ms > now_ms && (ns.empty() || r.namespace_ == ns)) out.push_back(r);
   std::sort(out.begin(), out.end(), [](const Registration& a, const Registration& b) {
-    return std::tie(a.namespace_, a.pod, a.registered_ms, a.container, a.id) <
-           std::tie(b.namespace_, b.pod, b.registered_ms, b.container, b.id);
+    return std::tie(a.namespace_, a.pod, a.registered, a.container, a.id) <
+           std::tie(b.namespace_, b.pod, b.registered, b.container, b.id);
   });
   return out;
 }
 
-std::vector<Registration> Registry::pod_containers(const std::string& ns, const std::string& pod,
-                                                   int64_t now_ms) const {
+std::vector<Registration> Entries::pod_containers(const std::string& ns, const std::string& pod, int64_t now_ms) const {
   std::vector<Registration> out;
   for (auto& r : list(ns, now_ms))
     if (r.pod == pod) out.push_back(std::move(r));
   return out;
 }
 
-Registry::Found Registry::find(const std::string& ns, const std::string& pod, const std::string& container,
-                               int64_t now_ms) const {
+Entries::Found Entries::find(const std::string& ns, const std::string& pod, const std::string& container,
+                             int64_t now_ms) const {
   auto cs = pod_containers(ns, pod, now_ms);
   if (cs.empty()) return {std::nullopt, 404, "pods \"" + pod + "\" not found"};
   std::string want = container;
@@ -223,12 +184,12 @@ Registry::Found Registry::find(const std::string& ns, const std::string& pod, co
   // still holds its lease.
   const Registration* best = nullptr;
   for (const auto& c : cs)
-    if (c.container == want && (!best || c.registered_ms >= best->registered_ms)) best = &c;
+    if (c.container == want && (!best || c.registered >= best->registered)) best = &c;
   if (!best) return {std::nullopt, 400, "container " + want + " is not valid for pod " + pod};
   return {*best, 200, ""};
 }
 
-nlohmann::json Registry::to_pod(const std::vector<Registration>& cs) {
+nlohmann::json Entries::to_pod(const std::vector<Registration>& cs) {
   const Registration& f = cs.front();
   json containers = json::array(), statuses = json::array(), annotations = json::object();
   std::vector<std::string> seen;
@@ -259,7 +220,7 @@ nlohmann::json Registry::to_pod(const std::vector<Registration>& cs) {
           {"status", {{"phase", "Running"}, {"containerStatuses", statuses}}}};
 }
 
-nlohmann::json Registry::pod_list_json(const std::string& ns, int64_t now_ms) const {
+nlohmann::json Entries::pod_list_json(const std::string& ns, int64_t now_ms) const {
   json items = json::array();
   auto all = list(ns, now_ms);
   for (size_t i = 0; i < all.size();) {
@@ -272,7 +233,7 @@ nlohmann::json Registry::pod_list_json(const std::string& ns, int64_t now_ms) co
   return {{"kind", "PodList"}, {"apiVersion", "v1"}, {"metadata", {{"resourceVersion", ""}}}, {"items", items}};
 }
 
-std::optional<nlohmann::json> Registry::pod_json(const std::string& ns, const std::string& pod, int64_t now_ms) const {
+std::optional<nlohmann::json> Entries::pod_json(const std::string& ns, const std::string& pod, int64_t now_ms) const {
   auto cs = pod_containers(ns, pod, now_ms);
   if (cs.empty()) return std::nullopt;
   return to_pod(cs);

@@ -57,8 +57,11 @@ Response Master::recording_upload(Ctx& ctx, const Request& req, const std::strin
   }
   ctx.ev["offset"] = offset;
   ctx.ev["bytes"] = req.body.size();
+  // The owner check reads the registry (unreadable: the node keeps the chunk and sends it again).
+  if (std::optional<Response> refused = unreadable(ctx)) return *refused;
+  const Entries& reg = registry_->entries();
   RecordingStore::Upload u = recordings_.upload(
-      node, id, offset, final, req.body, [this](const std::string& cid) { return registry_.owner(cid); }, wall_s());
+      node, id, offset, final, req.body, [&reg](const std::string& cid) { return reg.owner(cid); }, wall_s());
   if (u.code >= 400) {
     if (u.code == 403) return deny(ctx, u.error);
     ctx.ev["reason"] = u.error;

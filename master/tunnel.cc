@@ -59,7 +59,9 @@ Response Master::tunnel(Ctx& ctx, const Request& req, const std::string& ns, con
                          "\" cannot create resource \"pods/exec\" nor \"pods/portforward\" in API group \"\" in the "
                          "namespace \"" +
                          ns + "\"");
-  Registry::Found found = registry_.find(ns, pod, container, monotonic_ms());
+  if (std::optional<Response> refused = unreadable(ctx)) return *refused;
+  const Entries* reg = &registry_->entries();
+  Entries::Found found = reg->find(ns, pod, container, monotonic_ms());
   if (!found.registration) return fail(404, found.error);
   const Registration* target = &*found.registration;
   ctx.ev["decision"] = "allow";
