@@ -12,7 +12,8 @@ namespace shimlet::client {
 namespace {
 
 constexpr const char* kExecUsage =
-    "shimctl [--local [--tls] [--state-dir DIR] | [--proxy] --server URL --token T | --kubeconfig F] exec [-i] [-t] "
+    "shimctl [--local [--tls] [--state-dir DIR] | [--proxy] --server URL[,URL] --token T | --kubeconfig F] exec [-i] "
+    "[-t] "
     "[-n NS] "
     "TARGET [-c "
     "CONTAINER] -- CMD [ARGS...]";
@@ -48,7 +49,13 @@ std::unique_ptr<Cli> define_cli(Invocation& inv) {
       ->check(CLI::Range(int64_t{1}, int64_t{3600}));
   cli->ns_opt = app.add_option("-n,--namespace", inv.ns, "Namespace of the pod named by TARGET")->capture_default_str();
   // Master mode (the default without --local), kubectl's flag names.
-  app.add_option("--server", inv.master.server, "shimlet-master URL (https://HOST:PORT)")->type_name("URL");
+  // Several masters: comma-separated or repeated; tried in order on a connection failure.
+  app.add_option("--server", inv.master.servers,
+                 "shimlet-master URL (https://HOST:PORT); several (comma-separated or repeated) are tried in order "
+                 "when one cannot be reached")
+      ->type_name("URL")
+      ->delimiter(',')
+      ->allow_extra_args(false);
   app.add_option("--token", inv.master.token, "Bearer token for the master");
   app.add_option("--certificate-authority", inv.master.ca, "CA bundle that verifies the master's certificate")
       ->type_name("FILE");
@@ -57,7 +64,11 @@ std::unique_ptr<Cli> define_cli(Invocation& inv) {
   app.add_option("--client-key", inv.master.client_key, "Key of --client-certificate (PEM)")->type_name("FILE");
   app.add_option("--kubeconfig", inv.master.kubeconfig, "kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
       ->type_name("FILE");
-  app.add_option("--context", inv.master.context, "kubeconfig context (default its current-context)");
+  app.add_option("--context", inv.master.contexts,
+                 "kubeconfig context (default its current-context); several (comma-separated or repeated): one master "
+                 "each, tried in order when one cannot be reached")
+      ->delimiter(',')
+      ->allow_extra_args(false);
   app.add_flag("--proxy", cli->proxy,
                "Reach the shim through the master's tunnel (default: directly, through the master only when the "
                "node does not answer within 2 s)");

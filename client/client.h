@@ -13,7 +13,7 @@
 #include "ticket/ticket.h"
 
 namespace shimlet::masterclient {
-struct Target;
+class Masters;
 }
 
 namespace shimlet::client {
@@ -79,14 +79,17 @@ struct SessionsOptions {
 };
 
 // kubectl's connection flags (master mode); empty = from the kubeconfig.
+// Several masters (any may be down): --server A,B (or repeated) or --context
+// X,Y (or repeated); a request goes to the first that can be reached
+// (masterclient::Masters).
 struct MasterFlags {
-  std::string server;       // --server https://HOST:PORT
-  std::string token;        // --token
-  std::string ca;           // --certificate-authority PATH
-  std::string client_cert;  // --client-certificate PATH
-  std::string client_key;   // --client-key PATH
-  std::string kubeconfig;   // --kubeconfig PATH (else $KUBECONFIG, else ~/.kube/config)
-  std::string context;      // --context (else current-context)
+  std::vector<std::string> servers;   // --server https://HOST:PORT[,...]
+  std::string token;                  // --token
+  std::string ca;                     // --certificate-authority PATH
+  std::string client_cert;            // --client-certificate PATH
+  std::string client_key;             // --client-key PATH
+  std::string kubeconfig;             // --kubeconfig PATH (else $KUBECONFIG, else ~/.kube/config)
+  std::vector<std::string> contexts;  // --context NAME[,...] (else current-context)
 };
 
 // How shimctl reaches the shim in master mode (docs/design.md "Proxy mode").
@@ -179,6 +182,7 @@ struct Grant {
   // cannot (or, with --proxy, must not) be reached directly. Empty
   // tunnel_path = local mode: direct only.
   std::string tunnel_path;  // /apis/shimlet.io/v1/namespaces/NS/pods/POD/tunnel?container=C
+  std::string master;       // the master that granted (asked first for the tunnel)
   ProxyMode proxy = ProxyMode::Auto;
   const Invocation* inv = nullptr;  // for the master's address and credentials
 };
@@ -254,17 +258,25 @@ void merge_kubeconfig(KubeConfig& kc, std::string_view text, const std::string& 
 // --kubeconfig, else the $KUBECONFIG list, else ~/.kube/config.
 std::vector<std::string> kubeconfig_paths(const std::string& flag);
 
-// Everything needed to talk to the master, after flags + kubeconfig.
+// Everything needed to talk to the masters, after flags + kubeconfig.
 struct MasterSettings {
-  std::string server, ca_pem, token, cert_pem, key_pem;
-  std::string ns;      // the context's namespace ("" = none)
+  struct Master {
+    std::string server, ca_pem, token, cert_pem, key_pem;
+  };
+  // In the order they are tried: the --server list (each with
+  // --certificate-authority, else the CA of the context whose cluster has
+  // that server), else each --context's (or the current context's) cluster
+  // with its own CA and user. Flags beat the kubeconfig, field by field.
+  std::vector<Master> masters;
+  std::string ns;      // the (first) context's namespace ("" = none)
   std::string source;  // the kubeconfig files read (messages)
 };
-// Flags beat the kubeconfig, field by field. Throws UsageError when no master
-// or no credential is configured, Error on unreadable/invalid files.
+// Throws UsageError when no master or no credential is configured, Error on
+// unreadable/invalid files.
 MasterSettings master_settings(const Invocation& inv);
-// The masterclient connection settings for s (shimctl's user agent).
-masterclient::Target master_target(const MasterSettings& s, int timeout_ms);
+// The masterclient connection settings for s (shimctl's user agent), first
+// `prefer` when it is one of them.
+masterclient::Masters master_targets(const MasterSettings& s, int timeout_ms, const std::string& prefer = "");
 // POST .../namespaces/NS/pods/POD/{exec,portforward} with this run's jkt; the
 // master's refusal becomes Error(its Status message).
 Grant master_exec_grant(const Invocation& inv, const proto::Identity& client);

@@ -156,57 +156,36 @@ std::vector<std::string> kubeconfig_paths(const std::string& flag) {
   return out;
 }
 
-masterclient::Target master_target(const MasterSettings& s, int timeout_ms) {
-  masterclient::Target t;
-  t.server = s.server;
-  t.ca_pem = s.ca_pem;
-  t.token = s.token;
-  t.cert_pem = s.cert_pem;
-  t.key_pem = s.key_pem;
-  t.timeout_ms = timeout_ms;
-  t.user_agent = "shimctl";
-  return t;
+masterclient::Masters master_targets(const MasterSettings& s, int timeout_ms, const std::string& prefer) {
+  std::vector<masterclient::Target> ts;
+  for (const auto& m : s.masters) {
+    masterclient::Target t;
+    t.server = m.server;
+    t.ca_pem = m.ca_pem;
+    t.token = m.token;
+    t.cert_pem = m.cert_pem;
+    t.key_pem = m.key_pem;
+    t.timeout_ms = timeout_ms;
+    t.user_agent = "shimctl";
+    ts.push_back(std::move(t));
+  }
+  // The preferred one first, the others in their order.
+  std::stable_partition(ts.begin(), ts.end(), [&](const masterclient::Target& t) { return t.server == prefer; });
+  return masterclient::Masters(std::move(ts));
 }
 
-MasterSettings master_settings(const Invocation& inv) {
-  const MasterFlags& f = inv.master;
-  KubeConfig kc;
-  std::string sources;
-  for (const std::string& p : kubeconfig_paths(f.kubeconfig)) {
-    // --kubeconfig must exist; $KUBECONFIG entries and ~/.kube/config may not (kubectl's rule).
-    if (f.kubeconfig.empty() && ::access(p.c_str(), F_OK) != 0) continue;
-    merge_kubeconfig(kc, read_small_file(p, kMaxKubeconfigBytes, "kubeconfig"), p);
-    sources += (sources.empty() ? "" : ":") + p;
-  }
-  MasterSettings s;
-  s.source = sources;
-  const std::string ctx_name = f.context.empty() ? kc.current_context : f.context;
-  const KubeConfig::Cluster* cluster = nullptr;
-  const KubeConfig::User* user = nullptr;
-  if (!ctx_name.empty()) {
-    auto c = kc.contexts.find(ctx_name);
-    if (c == kc.contexts.end()) {
-      if (!f.context.empty() || f.server.empty())
-        throw Error("context \"" + ctx_name + "\" not found in " + (sources.empty() ? "any kubeconfig" : sources));
-    } else {
-      s.ns = c->second.ns;
-      if (auto cl = kc.clusters.find(c->second.cluster); cl != kc.clusters.end())
-        cluster = &cl->second;
-      else if (f.server.empty())
-        throw Error("cluster \"" + c->second.cluster + "\" of context \"" + ctx_name + "\" not found in " + sources);
-      if (auto u = kc.users.find(c->second.user); u != kc.users.end()) user = &u->second;
-    }
-  }
-  // Flags beat the kubeconfig, field by field (kubectl's precedence).
-  s.server = !f.server.empty() ? f.server : cluster ? cluster->server : "";
-  if (s.server.empty())
-    throw UsageError(
-        "no master configured: use --server (with --token or --client-certificate/--client-key), a kubeconfig "
-        "(--kubeconfig, $KUBECONFIG, ~/.kube/config), or --local as root on the node");
+namespace {
+
+// One master's connection settings: flags beat the kubeconfig's cluster and
+// user, field by field (kubectl's precedence). `cluster` is only given when
+// its server is `server` (another server's CA does not apply).
+MasterSettings::Master resolve_master(const MasterFlags& f, const std::string& server,
+                                      const KubeConfig::Cluster* cluster, const KubeConfig::User* user) {
+  MasterSettings::Master s;
+  s.server = server;
   if (!f.ca.empty()) {
     s.ca_pem = read_small_file(f.ca, kMaxCredentialFileBytes, "certificate authority");
-  } else if (cluster && (f.server.empty() || f.server == cluster->server)) {
-    // (With another --server than the kubeconfig's, its CA does not apply.)
+  } else if (cluster) {
     if (cluster->insecure)
       throw Error("insecure-skip-tls-verify is not supported: give the master's CA (certificate-authority)");
     if (!cluster->ca_pem.empty())
@@ -247,6 +226,68 @@ MasterSettings master_settings(const Invocation& inv) {
   return s;
 }
 
+}  // namespace
+
+MasterSettings master_settings(const Invocation& inv) {
+  const MasterFlags& f = inv.master;
+  KubeConfig kc;
+  std::string sources;
+  for (const std::string& p : kubeconfig_paths(f.kubeconfig)) {
+    // --kubeconfig must exist; $KUBECONFIG entries and ~/.kube/config may not (kubectl's rule).
+    if (f.kubeconfig.empty() && ::access(p.c_str(), F_OK) != 0) continue;
+    merge_kubeconfig(kc, read_small_file(p, kMaxKubeconfigBytes, "kubeconfig"), p);
+    sources += (sources.empty() ? "" : ":") + p;
+  }
+  MasterSettings s;
+  s.source = sources;
+  std::vector<std::string> names = f.contexts;
+  if (names.empty() && !kc.current_context.empty()) names.push_back(kc.current_context);
+  struct Ctx {
+    const KubeConfig::Cluster* cluster = nullptr;
+    const KubeConfig::User* user = nullptr;
+  };
+  std::vector<Ctx> ctxs;
+  for (const std::string& name : names) {
+    auto c = kc.contexts.find(name);
+    if (c == kc.contexts.end()) {
+      if (!f.contexts.empty() || f.servers.empty())
+        throw Error("context \"" + name + "\" not found in " + (sources.empty() ? "any kubeconfig" : sources));
+      continue;
+    }
+    if (ctxs.empty()) s.ns = c->second.ns;
+    Ctx x;
+    if (auto cl = kc.clusters.find(c->second.cluster); cl != kc.clusters.end())
+      x.cluster = &cl->second;
+    else if (f.servers.empty())
+      throw Error("cluster \"" + c->second.cluster + "\" of context \"" + name + "\" not found in " + sources);
+    if (auto u = kc.users.find(c->second.user); u != kc.users.end()) x.user = &u->second;
+    ctxs.push_back(x);
+  }
+  if (!f.servers.empty()) {
+    for (const std::string& server : f.servers) {
+      // The context whose cluster is this server lends its CA and user; the
+      // first context its user otherwise.
+      Ctx x;
+      if (!ctxs.empty()) x.user = ctxs.front().user;
+      for (const Ctx& c : ctxs)
+        if (c.cluster && c.cluster->server == server) {
+          x = c;
+          break;
+        }
+      s.masters.push_back(resolve_master(f, server, x.cluster, x.user));
+    }
+  } else {
+    for (const Ctx& c : ctxs)
+      if (c.cluster && !c.cluster->server.empty())
+        s.masters.push_back(resolve_master(f, c.cluster->server, c.cluster, c.user));
+  }
+  if (s.masters.empty())
+    throw UsageError(
+        "no master configured: use --server (with --token or --client-certificate/--client-key), a kubeconfig "
+        "(--kubeconfig, $KUBECONFIG, ~/.kube/config), or --local as root on the node");
+  return s;
+}
+
 namespace {
 
 // POST the grant request and turn the answer into a Grant; a refusal becomes
@@ -255,12 +296,12 @@ Grant request_grant(const Invocation& inv, const std::string& pod, const std::st
                     const proto::Identity& client) {
   MasterSettings s = master_settings(inv);
   const std::string ns = inv.ns_set || s.ns.empty() ? inv.ns : s.ns;
-  masterclient::Target t = master_target(s, kMasterTimeoutMs);
+  masterclient::Masters masters = master_targets(s, kMasterTimeoutMs);
   // Bind the ticket to this run's TLS key (cnf.jkt): the shim checks it.
   body["jkt"] = proto::jkt_of_identity(client);
   const std::string path = "/apis/shimlet.io/v1/namespaces/" + masterclient::path_segment(ns) + "/pods/" +
                            masterclient::path_segment(pod) + "/" + verb;
-  masterclient::Response r = masterclient::request(t, "POST", path, body.dump());
+  masterclient::Response r = masters.request("POST", path, body.dump());
   if (r.status != 201 && r.status != 200) throw Error(masterclient::error_message(r));
   json g = json::parse(r.body, nullptr, false);
   auto field = [&](const char* k) {
@@ -280,6 +321,7 @@ Grant request_grant(const Invocation& inv, const std::string& pod, const std::st
   out.tunnel_path = "/apis/shimlet.io/v1/namespaces/" + masterclient::path_segment(ns) + "/pods/" +
                     masterclient::path_segment(pod) +
                     "/tunnel?container=" + masterclient::path_segment(field("container"));
+  out.master = masters.current().server;
   out.proxy = inv.proxy;
   out.inv = &inv;
   return out;

@@ -200,8 +200,8 @@ void TunnelBridgeFree::operator()(TunnelBridge* b) const { std::default_delete<T
 namespace {
 
 ShimLink open_tunnel(event_base* base, const Grant& g) {
-  masterclient::Target t = master_target(master_settings(*g.inv), kTunnelTimeoutMs);
-  masterclient::Upgraded up = masterclient::upgrade(t, "POST", g.tunnel_path, "shimlet-tunnel");
+  masterclient::Upgraded up = master_targets(master_settings(*g.inv), kTunnelTimeoutMs, g.master)
+                                  .upgrade("POST", g.tunnel_path, "shimlet-tunnel");
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0) throw sys_error("socketpair");
   ShimLink link;

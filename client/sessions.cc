@@ -24,8 +24,8 @@ using nlohmann::json;
 constexpr int kTimeoutMs = 30000;
 constexpr uint64_t kPiece = masterclient::kMaxResponseBody;
 
-json get_json(const masterclient::Target& t, const std::string& path) {
-  masterclient::Response r = masterclient::request(t, "GET", path, "");
+json get_json(masterclient::Masters& t, const std::string& path) {
+  masterclient::Response r = t.request("GET", path, "");
   if (r.status != 200) throw Error(masterclient::error_message(r));
   json j = json::parse(r.body, nullptr, false);
   if (!j.is_object()) throw Error("the master answered " + path + " with something that is not a JSON object");
@@ -37,13 +37,13 @@ std::string session_path(const std::string& id) {
 }
 
 // Calls `each` with the recording's bytes, piece by piece, in order.
-void fetch(const masterclient::Target& t, const std::string& id, const std::function<void(std::string_view)>& each) {
+void fetch(masterclient::Masters& t, const std::string& id, const std::function<void(std::string_view)>& each) {
   json meta = get_json(t, session_path(id));
   uint64_t size = meta.value("bytes", uint64_t{0});
   for (uint64_t off = 0; off < size;) {
     std::string path = session_path(id) + "/recording?offset=" + std::to_string(off) +
                        "&length=" + std::to_string(std::min(kPiece, size - off));
-    masterclient::Response r = masterclient::request(t, "GET", path, "");
+    masterclient::Response r = t.request("GET", path, "");
     if (r.status != 200) throw Error(masterclient::error_message(r));
     if (r.body.empty())
       throw Error("recording " + id + " ended at byte " + std::to_string(off) + " of " + std::to_string(size));
@@ -72,7 +72,7 @@ std::string status_of(const json& m) {
   return m.value("complete", false) ? "complete" : "incomplete";
 }
 
-int list(const masterclient::Target& t, const Invocation& inv) {
+int list(masterclient::Masters& t, const Invocation& inv) {
   std::string path = inv.ns_set ? "/apis/shimlet.io/v1/namespaces/" + masterclient::path_segment(inv.ns) + "/sessions"
                                 : "/apis/shimlet.io/v1/sessions";
   if (!inv.sessions.user.empty()) path += "?user=" + masterclient::path_segment(inv.sessions.user);
@@ -118,7 +118,7 @@ void sleep_until(const timespec& start, int64_t offset_us) {
   }
 }
 
-int play(const masterclient::Target& t, const Invocation& inv) {
+int play(masterclient::Masters& t, const Invocation& inv) {
   recording::Reader reader;
   recording::Summary sum;
   recording::Pacer pacer(inv.sessions.speed, static_cast<int64_t>(inv.sessions.idle_limit_s * 1e6));
@@ -156,7 +156,7 @@ int play(const masterclient::Target& t, const Invocation& inv) {
 }  // namespace
 
 int run_sessions(const Invocation& inv) {
-  masterclient::Target t = master_target(master_settings(inv), kTimeoutMs);
+  masterclient::Masters t = master_targets(master_settings(inv), kTimeoutMs);
   if (inv.sessions.action == "list") return list(t, inv);
   if (inv.sessions.action == "export") {
     fetch(t, inv.sessions.id, [](std::string_view piece) { write_out(1, piece); });

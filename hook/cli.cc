@@ -133,7 +133,9 @@ int main(int argc, char** argv) {
     char buf[PATH_MAX];
     cfg.config_path = ::realpath(config_path.c_str(), buf) ? buf : config_path;
   }
-  const unsigned master_s = cfg.master ? static_cast<unsigned>(cfg.master->timeout_ms / 1000 + 1) : 0;
+  // timeout_ms is per master tried: with several, each may take its turn.
+  const unsigned master_s =
+      cfg.master ? static_cast<unsigned>((cfg.master->timeout_ms / 1000 + 1) * cfg.master->urls.size()) : 0;
   if (stage_arg == "renew") {
     log::set_component("hook-renew");
     log::set_context({{"id", id_arg}});

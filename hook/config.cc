@@ -44,12 +44,18 @@ MasterConfig parse_master(const json& v, Str str, Path abs_path, Num num) {
   for (auto& [k, e] : v.items()) {
     const std::string key = "master." + k;
     if (k == "url") {
-      m.url = str(e, key);
-      try {
-        masterclient::parse_url(m.url);
-      } catch (const Error& err) {
-        throw Error("hook config: " + key + ": " + err.what());
+      // One URL, or a list of masters tried in order.
+      if (e.is_array()) {
+        if (e.empty() || e.size() > 16) throw Error("hook config: master.url: a list of 1..16 URLs");
+        for (const auto& u : e) m.urls.push_back(str(u, key));
+      } else {
+        m.urls.push_back(str(e, key));
       }
+      for (const auto& u : m.urls) try {
+          masterclient::parse_url(u);
+        } catch (const Error& err) {
+          throw Error("hook config: " + key + ": " + err.what());
+        }
     } else if (k == "node") {
       m.node = str(e, key);
       if (!valid_node(m.node)) throw Error("hook config: master.node must match [A-Za-z0-9][A-Za-z0-9_.-]{0,127}");
@@ -74,7 +80,7 @@ MasterConfig parse_master(const json& v, Str str, Path abs_path, Num num) {
       throw Error("hook config: master: unknown key " + k);
     }
   }
-  if (m.url.empty()) throw Error("hook config: master.url is required");
+  if (m.urls.empty()) throw Error("hook config: master.url is required");
   int creds = !m.token.empty() + !m.token_file.empty() + (!m.client_cert.empty() || !m.client_key.empty());
   if (creds != 1)
     throw Error("hook config: master needs exactly one credential: token, token_file, or client_cert + client_key");

@@ -34,7 +34,10 @@ struct KeyRef {
 // containers (docs/master-api.md "Node API"). Exactly one credential:
 // token, token_file, or client_cert + client_key.
 struct MasterConfig {
-  std::string url;   // https://HOST[:PORT]
+  // https://HOST[:PORT]: "url" is one string or a list of them (several
+  // masters: each request goes to the first that can be reached,
+  // masterclient::Masters; timeout_ms is per master tried).
+  std::vector<std::string> urls;
   std::string node;  // default: the host name
   std::string ca;    // PEM bundle path; "" = the system trust store
   std::string token, token_file, client_cert, client_key;

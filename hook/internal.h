@@ -19,7 +19,7 @@
 #include "hook/hook.h"
 
 namespace shimlet::masterclient {
-struct Target;
+class Masters;
 }
 
 namespace shimlet::hook {
@@ -48,8 +48,9 @@ void write_new_file(const std::string& path, std::string_view content, mode_t mo
 void ensure_state_dir(const std::string& dir);
 
 // master_sync.cc
-// The master's address and this node's credential (files read now).
-masterclient::Target master_target(const MasterConfig& m);
+// The masters (tried in order on a connection failure) and this node's
+// credential (files read now).
+masterclient::Masters masters(const MasterConfig& m);
 
 // keys.cc
 // STATE_DIR/local.key (created once) and local.pub; returns the public key PEM.

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cctype>
+#include <optional>
+#include <vector>
 
 #include "common/clock.h"
 #include "common/error.h"
@@ -26,10 +28,9 @@ std::string node_path(const MasterConfig& m, const std::string& id) {
 
 }  // namespace
 
-// The master's address and our node credential, files read now (small, bounded).
-masterclient::Target master_target(const MasterConfig& m) {
+// The masters and our node credential, files read now (small, bounded).
+masterclient::Masters masters(const MasterConfig& m) {
   masterclient::Target t;
-  t.server = m.url;
   t.timeout_ms = m.timeout_ms;
   t.user_agent = "shimlet-hook";
   if (!m.ca.empty()) t.ca_pem = read_regular_file(m.ca, kMaxPemBytes * 16);
@@ -43,7 +44,12 @@ masterclient::Target master_target(const MasterConfig& m) {
     t.cert_pem = read_regular_file(m.client_cert, kMaxPemBytes);
     t.key_pem = read_regular_file(m.client_key, kMaxPemBytes);
   }
-  return t;
+  std::vector<masterclient::Target> ts;
+  for (const auto& u : m.urls) {
+    ts.push_back(t);
+    ts.back().server = u;
+  }
+  return masterclient::Masters(std::move(ts));
 }
 
 json register_container(const Config& c, const std::string& id) {
@@ -51,8 +57,7 @@ json register_container(const Config& c, const std::string& id) {
   if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);
   json reg = json::parse(read_regular_file(c.state_dir + "/" + id + "/registration.json", kMaxRegistrationBytes));
   reg["node"] = c.master->node;
-  masterclient::Response r =
-      masterclient::request(master_target(*c.master), "PUT", node_path(*c.master, id), reg.dump());
+  masterclient::Response r = masters(*c.master).request("PUT", node_path(*c.master, id), reg.dump());
   if (r.status != 200 && r.status != 201)
     throw Error("master registration of " + id + " refused (HTTP " + std::to_string(r.status) +
                 "): " + masterclient::error_message(r));
@@ -63,7 +68,7 @@ json register_container(const Config& c, const std::string& id) {
 void unregister_container(const Config& c, const std::string& id) {
   if (!c.master) throw Error("no master in the hook config");
   if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);
-  masterclient::Response r = masterclient::request(master_target(*c.master), "DELETE", node_path(*c.master, id), "");
+  masterclient::Response r = masters(*c.master).request("DELETE", node_path(*c.master, id), "");
   if (r.status != 200 && r.status != 404)
     throw Error("master unregistration of " + id + " refused (HTTP " + std::to_string(r.status) +
                 "): " + masterclient::error_message(r));
@@ -101,10 +106,11 @@ int renew(const Config& c, const std::string& id) {
     log::error("lease renewal failed", {{"error", e.what()}});
     return 1;
   }
-  // Within the renewer's deadline (alarm: timeout_ms + 5 s from its start),
+  // Within the renewer's deadline (alarm: timeout_ms per master + 5 s from its start),
   // keeping a second for the exit.
   int64_t started = g_start_ms ? g_start_ms : monotonic_ms();
-  int budget = c.master->timeout_ms + 4000 - static_cast<int>(monotonic_ms() - started);
+  int budget = c.master->timeout_ms * static_cast<int>(c.master->urls.size()) + 4000 -
+               static_cast<int>(monotonic_ms() - started);
   FlushResult f;
   try {
     f = flush_session_ends(c, id, kEndsPerRenewal, budget);
@@ -161,9 +167,9 @@ FlushResult flush_session_ends(const Config& c, const std::string& id, size_t ma
   } catch (const std::exception&) {
     // Posted without names; the container id is in the record.
   }
-  masterclient::Target t;
+  std::optional<masterclient::Masters> ms;
   try {
-    t = master_target(*c.master);
+    ms.emplace(masters(*c.master));
   } catch (const std::exception& e) {
     res.error = e.what();
     res.kept = pending.size();
@@ -184,7 +190,7 @@ FlushResult flush_session_ends(const Config& c, const std::string& id, size_t ma
       if (res.error.empty()) res.error = "deadline reached";
       break;
     }
-    t.timeout_ms = static_cast<int>(std::min<int64_t>(c.master->timeout_ms, left));
+    ms->set_timeout_ms(static_cast<int>(std::min<int64_t>(c.master->timeout_ms, left)));
     std::string sid = p.record.value("session_id", std::string());
     if (!spool::valid_sid(sid)) sid = p.sid;
     json body = p.record;
@@ -193,7 +199,7 @@ FlushResult flush_session_ends(const Config& c, const std::string& id, size_t ma
     std::string path = "/apis/shimlet.io/v1/nodes/" + masterclient::path_segment(c.master->node) + "/sessions/" +
                        masterclient::path_segment(sid);
     try {
-      masterclient::Response r = masterclient::request(t, "POST", path, body.dump());
+      masterclient::Response r = ms->request("POST", path, body.dump());
       if (r.status >= 200 && r.status < 300) {
         ::unlink(p.path.c_str());
         res.posted++;

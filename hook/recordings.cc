@@ -36,7 +36,7 @@ std::string upload_path(const Config& c, const std::string& id, uint64_t offset,
 enum class Sent { Done, Dropped, Kept, Busy };
 
 // Uploads one finished recording; `error` says why it was kept.
-Sent send_one(const Config& c, masterclient::Target& t, const recording::spool::Ready& r, int64_t deadline,
+Sent send_one(const Config& c, masterclient::Masters& t, const recording::spool::Ready& r, int64_t deadline,
               std::string& error) {
   // Gone, or another sender (the renewer and poststop, two renewers sweeping) has it.
   std::optional<Fd> locked = spool::lock_if_free(r.path, O_RDONLY);
@@ -55,7 +55,7 @@ Sent send_one(const Config& c, masterclient::Target& t, const recording::spool::
       error = "deadline reached";
       return Sent::Kept;
     }
-    t.timeout_ms = static_cast<int>(std::min<int64_t>(c.master->timeout_ms, left));
+    t.set_timeout_ms(static_cast<int>(std::min<int64_t>(c.master->timeout_ms, left)));
     size_t n = probe ? 0 : static_cast<size_t>(std::min<uint64_t>(kChunk, size - offset));
     buf.resize(n);
     if (n && ::pread(fd.get(), buf.data(), n, static_cast<off_t>(offset)) != static_cast<ssize_t>(n))
@@ -64,7 +64,7 @@ Sent send_one(const Config& c, masterclient::Target& t, const recording::spool::
     std::string path = upload_path(c, r.id, offset, final);
     masterclient::Response resp;
     try {
-      resp = masterclient::request(t, "POST", path, buf);
+      resp = t.request("POST", path, buf);
     } catch (const std::exception& e) {
       error = e.what();
       return Sent::Kept;
@@ -98,7 +98,7 @@ Sent send_one(const Config& c, masterclient::Target& t, const recording::spool::
   }
 }
 
-void flush_dir(const Config& c, masterclient::Target* t, const std::string& dir, int64_t deadline,
+void flush_dir(const Config& c, masterclient::Masters* t, const std::string& dir, int64_t deadline,
                RecordingFlush& res) {
   recording::spool::Finished f = recording::spool::finish_orphans(dir, kOrphanWhy);
   if (f.finished)
@@ -178,15 +178,15 @@ RecordingFlush flush_recordings(const Config& c, const std::string& id, int budg
   if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);
   const int64_t deadline = monotonic_ms() + budget_ms;
   const std::string root = recording_root(c);
-  std::optional<masterclient::Target> t;
+  std::optional<masterclient::Masters> t;
   if (c.master) {
     try {
-      t = master_target(*c.master);
+      t.emplace(masters(*c.master));
     } catch (const std::exception& e) {
       res.error = e.what();
     }
   }
-  masterclient::Target* tp = t ? &*t : nullptr;
+  masterclient::Masters* tp = t ? &*t : nullptr;
   flush_dir(c, res.error.empty() ? tp : nullptr, root + "/" + id, deadline, res);
   if (!sweep) return res;
   // Containers that are gone (no state directory) but left recordings.

@@ -23,6 +23,7 @@
 #include "common/clock.h"
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/hostport.h"
 #include "common/openssl.h"
 #include "common/text.h"
 
@@ -170,35 +171,12 @@ Url parse_url(std::string_view s) {
     u.prefix = rest.substr(slash);
     while (!u.prefix.empty() && u.prefix.back() == '/') u.prefix.pop_back();
   }
-  std::string_view port;
-  bool has_port = false;
-  if (!hostport.empty() && hostport[0] == '[') {
-    size_t close = hostport.find(']');
-    if (close == std::string_view::npos) throw bad("unterminated [IPv6]");
-    u.host = hostport.substr(1, close - 1);
-    if (close + 1 < hostport.size()) {
-      if (hostport[close + 1] != ':') throw bad("junk after ]");
-      port = hostport.substr(close + 2);
-      has_port = true;
-    }
-    in6_addr a;
-    if (inet_pton(AF_INET6, u.host.c_str(), &a) != 1) throw bad("not an IPv6 address in []");
-  } else {
-    size_t colon = hostport.rfind(':');
-    u.host = hostport.substr(0, colon);
-    if (colon != std::string_view::npos) {
-      port = hostport.substr(colon + 1);
-      has_port = true;
-    }
-    if (u.host.find(':') != std::string::npos) throw bad("IPv6 addresses go in []");
-  }
-  if (u.host.empty() || u.host.size() > 253) throw bad("missing host");
-  if (has_port) {
-    unsigned v = 0;
-    auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), v);
-    if (port.empty() || ec != std::errc() || p != port.data() + port.size() || v < 1 || v > 65535)
-      throw bad("port must be 1-65535");
-    u.port = static_cast<uint16_t>(v);
+  try {
+    HostPort hp = parse_host_port(hostport);
+    u.host = std::move(hp.host);
+    if (hp.port) u.port = *hp.port;
+  } catch (const Error& e) {
+    throw bad(e.what());
   }
   return u;
 }
@@ -296,8 +274,10 @@ struct Conn {
   Url url;
 };
 
-// Connects, handshakes and verifies the master's certificate before the deadline.
+// Connects, handshakes and verifies the master's certificate before the
+// deadline (and t.connect_timeout_ms, when set).
 Conn open_conn(const Target& t, int64_t deadline, const std::string& where) {
+  if (t.connect_timeout_ms > 0) deadline = std::min(deadline, monotonic_ms() + t.connect_timeout_ms);
   Url u = parse_url(t.server);
   SslCtxPtr ctx = make_ctx(t);  // the SSL keeps its own reference
   Fd sock = connect_to(u, deadline, where);
@@ -426,7 +406,59 @@ Upgraded upgrade(const Target& t, const std::string& method, const std::string& 
   }
   Response r = parser.response();
   if (r.status == 0) r.status = status;
-  throw Error(error_message(r));
+  throw UpgradeRefused(error_message(r));
+}
+
+Masters::Masters(std::vector<Target> targets) : targets_(std::move(targets)) {
+  if (targets_.empty()) throw Error("no master configured");
+}
+
+void Masters::set_timeout_ms(int ms) {
+  for (auto& t : targets_) t.timeout_ms = ms;
+}
+
+template <typename F>
+auto Masters::first_reachable(F&& attempt) -> decltype(attempt(std::declval<const Target&>())) {
+  std::string failures;
+  const size_t n = targets_.size();
+  for (size_t i = 0; i < n; i++) {
+    const size_t idx = (current_ + i) % n;
+    Target t = targets_[idx];
+    if (i + 1 < n && (t.connect_timeout_ms <= 0 || t.connect_timeout_ms > kFailoverConnectMs))
+      t.connect_timeout_ms = std::min(t.timeout_ms, kFailoverConnectMs);
+    try {
+      auto out = attempt(t);
+      current_ = idx;
+      return out;
+    } catch (const Error& e) {
+      if (n == 1) throw;
+      if (!failures.empty()) failures += "; ";
+      failures += e.what();
+    }
+  }
+  throw Error("no master could be reached: " + failures);
+}
+
+Response Masters::request(const std::string& method, const std::string& path, const std::string& body) {
+  return first_reachable([&](const Target& t) { return masterclient::request(t, method, path, body); });
+}
+
+Upgraded Masters::upgrade(const std::string& method, const std::string& path, const std::string& protocol) {
+  // A refusal is an answer: out of first_reachable without trying the next.
+  struct Refused {
+    std::string message;
+  };
+  try {
+    return first_reachable([&](const Target& t) -> Upgraded {
+      try {
+        return masterclient::upgrade(t, method, path, protocol);
+      } catch (const UpgradeRefused& e) {
+        throw Refused{e.what()};
+      }
+    });
+  } catch (const Refused& r) {
+    throw UpgradeRefused(r.message);
+  }
 }
 
 std::string error_message(const Response& r) {

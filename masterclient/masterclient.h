@@ -3,13 +3,17 @@
 // renewal, a short-lived process) and shimctl (exec/port-forward grants).
 // The master's certificate is verified against the configured CA bundle (or
 // the system trust store) including the host name / IP address check.
+// Several masters (Masters, below): the first one that can be reached answers.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
+#include "common/error.h"
 #include "common/fd.h"
 #include "common/openssl.h"
 
@@ -27,6 +31,10 @@ struct Target {
   std::string cert_pem;    // client certificate (+ chain), PEM ("" = none)
   std::string key_pem;     // its private key, PEM
   int timeout_ms = 10000;  // whole request: resolve, connect, TLS, send, receive
+  // Resolve + connect + TLS handshake alone, when shorter than timeout_ms
+  // (0 = no separate bound): Masters sets it so that a master host that
+  // drops packets does not hold the request until its whole deadline.
+  int connect_timeout_ms = 0;
   std::string user_agent = "shimlet";
 };
 
@@ -62,10 +70,47 @@ struct Upgraded {
   SslPtr ssl;
   std::string leftover;  // bytes read past the 101 response (the tunnel's first bytes)
 };
+// The master answered an upgrade with something else than 101.
+struct UpgradeRefused : Error {
+  using Error::Error;
+};
 // Sends METHOD PREFIX+path with `Connection: Upgrade`, `Upgrade: protocol`
 // (no body) and waits, under t.timeout_ms, for the answer. 101 -> the
-// connection; any other status -> Error(error_message of that response).
+// connection; any other status -> UpgradeRefused(error_message of that
+// response); transport failures -> Error.
 Upgraded upgrade(const Target& t, const std::string& method, const std::string& path, const std::string& protocol);
+
+// Several masters behind one name (shimctl --server A,B or several
+// --context; the hook's master.url list), any of which may be down: a
+// request goes to the first one that can be reached. A master that cannot
+// be reached (resolve, connect, TLS handshake, or the connection failing
+// before a whole answer came back: the master died mid-request) is skipped
+// for the next one; an HTTP answer, whatever its status, is the answer (a 403
+// or a 503 from one master is not asked again elsewhere). Grants, renewals
+// and tunnels may be sent twice that way (the first master may have acted
+// before it died): a grant's unused ticket expires, a renewal is idempotent,
+// a session end record is delivered at least once anyway. The master that
+// answered is tried first by the next request of this process. Every master
+// but the last gets at most kFailoverConnectMs to connect.
+class Masters {
+ public:
+  static constexpr int kFailoverConnectMs = 3000;
+  explicit Masters(std::vector<Target> targets);  // at least one; throws Error otherwise
+  // As masterclient::request / upgrade; throws Error naming every master
+  // tried when none could be reached.
+  Response request(const std::string& method, const std::string& path, const std::string& body);
+  Upgraded upgrade(const std::string& method, const std::string& path, const std::string& protocol);
+  // The master that answered last (the first before any request).
+  const Target& current() const { return targets_[current_]; }
+  size_t size() const { return targets_.size(); }
+  void set_timeout_ms(int ms);
+
+ private:
+  template <typename F>
+  auto first_reachable(F&& attempt) -> decltype(attempt(std::declval<const Target&>()));
+  std::vector<Target> targets_;
+  size_t current_ = 0;
+};
 
 // One line for a non-2xx response: the Kubernetes Status "message", else
 // "the master answered HTTP N"; control characters removed, bounded.

@@ -9,6 +9,7 @@
 
 #include "client/client.h"
 #include "common/error.h"
+#include "masterclient/masterclient.h"
 
 using namespace shimlet;
 using namespace shimlet::client;
@@ -101,25 +102,69 @@ TEST(MasterSettings, FlagsBeatKubeconfig) {
   Invocation inv;
   inv.master.kubeconfig = kc;
   MasterSettings s = master_settings(inv);
-  EXPECT_EQ(s.server, "https://10.0.0.1:6443");
-  EXPECT_EQ(s.ca_pem, "CA-PEM");
-  EXPECT_EQ(s.token, "tok-a");
+  ASSERT_EQ(s.masters.size(), 1u);
+  EXPECT_EQ(s.masters[0].server, "https://10.0.0.1:6443");
+  EXPECT_EQ(s.masters[0].ca_pem, "CA-PEM");
+  EXPECT_EQ(s.masters[0].token, "tok-a");
   EXPECT_EQ(s.ns, "team");
   inv.master.token = "flag-token";
-  inv.master.server = "https://10.9.9.9:1";
+  inv.master.servers = {"https://10.9.9.9:1"};
   s = master_settings(inv);
-  EXPECT_EQ(s.token, "flag-token");
-  EXPECT_EQ(s.server, "https://10.9.9.9:1");
-  EXPECT_EQ(s.ca_pem, "");  // the kubeconfig's CA belongs to its own server
+  ASSERT_EQ(s.masters.size(), 1u);
+  EXPECT_EQ(s.masters[0].token, "flag-token");
+  EXPECT_EQ(s.masters[0].server, "https://10.9.9.9:1");
+  EXPECT_EQ(s.masters[0].ca_pem, "");  // the kubeconfig's CA belongs to its own server
   inv.master = {};
   inv.master.kubeconfig = kc;
-  inv.master.context = "nope";
+  inv.master.contexts = {"nope"};
   EXPECT_THROW(master_settings(inv), std::exception);
-  inv.master.context = "other";  // carol's key file does not exist
+  inv.master.contexts = {"other"};  // carol's key file does not exist
   EXPECT_THROW(master_settings(inv), std::exception);
   inv.master = {};
   inv.master.kubeconfig = d.path + "/missing";
   EXPECT_THROW(master_settings(inv), std::exception);
+}
+
+// Several masters: a --server list shares the flags' credential and takes
+// each server's CA from the context whose cluster it is; a --context list
+// gives one master per context, each with its own CA and user.
+TEST(MasterSettings, SeveralMasters) {
+  TempDir d;
+  d.write("ca.crt", "CA-PEM");
+  std::string kc = d.write("config", kConfig);
+  Invocation inv;
+  inv.master.kubeconfig = kc;
+  inv.master.servers = {"https://10.0.0.9:6443", "https://10.0.0.1:6443"};
+  MasterSettings s = master_settings(inv);
+  ASSERT_EQ(s.masters.size(), 2u);
+  EXPECT_EQ(s.masters[0].server, "https://10.0.0.9:6443");
+  EXPECT_EQ(s.masters[0].ca_pem, "");
+  EXPECT_EQ(s.masters[0].token, "tok-a");  // the current context's user
+  EXPECT_EQ(s.masters[1].server, "https://10.0.0.1:6443");
+  EXPECT_EQ(s.masters[1].ca_pem, "CA-PEM");
+  d.write("k2", std::string(kConfig) + R"(
+- name: dev-b
+  context: {cluster: c2, user: alice, namespace: team-b}
+)");
+  inv.master = {};
+  inv.master.kubeconfig = d.path + "/k2";
+  inv.master.contexts = {"dev", "dev-b"};
+  s = master_settings(inv);
+  ASSERT_EQ(s.masters.size(), 2u);
+  EXPECT_EQ(s.masters[0].server, "https://10.0.0.1:6443");
+  EXPECT_EQ(s.masters[0].ca_pem, "CA-PEM");
+  EXPECT_EQ(s.masters[1].server, "https://10.0.0.2:6443");
+  EXPECT_EQ(s.masters[1].ca_pem, "-----BEGIN");
+  EXPECT_EQ(s.masters[1].token, "tok-a");
+  EXPECT_EQ(s.ns, "team");  // the first context's
+  auto ms = master_targets(s, 1000, "https://10.0.0.2:6443");
+  EXPECT_EQ(ms.current().server, "https://10.0.0.2:6443");  // the one that granted goes first
+  EXPECT_EQ(ms.size(), 2u);
+  auto inv2 = parse_args({"shimctl", "--server", "https://a:1,https://b:2", "--server", "https://c:3", "--context",
+                          "x,y", "exec", "pod", "--", "true"});
+  EXPECT_EQ(inv2.master.servers, (std::vector<std::string>{"https://a:1", "https://b:2", "https://c:3"}));
+  EXPECT_EQ(inv2.master.contexts, (std::vector<std::string>{"x", "y"}));
+  EXPECT_EQ(inv2.exec.target, "pod");
 }
 
 TEST(MasterSettings, NothingConfigured) {
@@ -128,10 +173,10 @@ TEST(MasterSettings, NothingConfigured) {
   unsetenv("KUBECONFIG");
   Invocation inv;
   EXPECT_THROW(master_settings(inv), UsageError);
-  inv.master.server = "https://127.0.0.1:6443";
+  inv.master.servers = {"https://127.0.0.1:6443"};
   EXPECT_THROW(master_settings(inv), UsageError);  // no credential
   inv.master.token = "t";
-  EXPECT_EQ(master_settings(inv).token, "t");
+  EXPECT_EQ(master_settings(inv).masters.at(0).token, "t");
   setenv("KUBECONFIG", (d.path + "/a:" + d.path + "/b").c_str(), 1);
   EXPECT_EQ(kubeconfig_paths(""), (std::vector<std::string>{d.path + "/a", d.path + "/b"}));
   EXPECT_EQ(kubeconfig_paths("/x"), std::vector<std::string>{"/x"});
@@ -143,7 +188,7 @@ TEST(MasterArgs, FlagsParse) {
   Invocation inv = parse_args({"shimctl", "--server", "https://m:6443", "--token", "t", "--certificate-authority",
                                "/ca", "exec", "-n", "dev", "pod", "--kubeconfig", "/k", "--", "id"});
   EXPECT_FALSE(inv.local);
-  EXPECT_EQ(inv.master.server, "https://m:6443");
+  EXPECT_EQ(inv.master.servers, std::vector<std::string>{"https://m:6443"});
   EXPECT_EQ(inv.master.token, "t");
   EXPECT_EQ(inv.master.ca, "/ca");
   EXPECT_EQ(inv.master.kubeconfig, "/k");

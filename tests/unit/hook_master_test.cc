@@ -14,7 +14,7 @@ TEST(HookMasterConfig, Parses) {
                           "/bin");
   ASSERT_TRUE(c.master);
   EXPECT_EQ(c.trusted_keys.at(0).kid, "master");
-  EXPECT_EQ(c.master->url, "https://127.0.0.1:6443");
+  EXPECT_EQ(c.master->urls, std::vector<std::string>{"https://127.0.0.1:6443"});
   EXPECT_EQ(c.master->node, "n1");
   EXPECT_EQ(c.master->token_file, "/tok");
   EXPECT_EQ(c.master->renew_interval_s, 5);

@@ -176,7 +176,7 @@ TEST(HookFlush, UnreachableMasterKeepsRecordsAndDropsJunk) {
   shimlet::hook::Config c;
   c.state_dir = d.path;
   shimlet::hook::MasterConfig m;
-  m.url = "https://127.0.0.1:1";
+  m.urls = {"https://127.0.0.1:1"};
   m.node = "n1";
   m.token = "t";
   m.timeout_ms = 1000;
