@@ -26,6 +26,7 @@ GROUP_ORDER = [
     "exec-bulk",           # 100 MB stdin, slow reader, seq in tty mode
     "recording-bulk",      # 50 MB of random bytes through a recorded exec
     "test_master_multinode",
+    "test_master_ha",      # a 3-member etcd cluster, three masters, 500 grants, leases running out
 ]
 
 

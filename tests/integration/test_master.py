@@ -1,7 +1,9 @@
 """shimlet-master end to end: the real binary with generated PKI, tokens and
 RBAC manifests. Checks authentication, the authorization matrix, the registry
 (leases, node isolation), grants (tickets verified with the master's public
-key), the audit log, and that bad input never takes the master down."""
+key), the audit log, and that bad input never takes the master down. Every
+test that uses `env` runs twice: against the in-memory registry and against
+the etcd one (a TLS etcd member started here, etcd_env.py)."""
 import base64
 import hashlib
 import http.client
@@ -203,6 +205,13 @@ def _write_cert(path, cert):
         f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
+def _issue(crt, key, subject, issuer_name, issuer_key, **kw):
+    """A fresh P-256 key and a certificate for it signed by the issuer, written to crt and key."""
+    k = ec.generate_private_key(ec.SECP256R1())
+    _write_cert(crt, _cert(subject, k, issuer_name, issuer_key, **kw))
+    _write_key(key, k)
+
+
 def jkt_of_cert_file(path):
     cert = x509.load_pem_x509_certificate(open(path, "rb").read())
     spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -245,7 +254,8 @@ class Pki:
 # ---------------------------------------------------------------- the master
 
 class Master:
-    def __init__(self, d, pki, extra_args=()):
+    def __init__(self, d, pki, extra_args=(), etcd=None):
+        self.etcd = etcd  # etcd_env.EtcdCluster: the registry is there (under a prefix of its own)
         self.dir, self.pki = d, pki
         self.tokens = os.path.join(d, "tokens.csv")
         with open(self.tokens, "w") as f:
@@ -267,7 +277,8 @@ class Master:
              "--client-ca-file", pki.ca, "--token-auth-file", self.tokens,
              "--authorization-policy-file", self.rbac, "--audit-log-path", self.audit,
              "--ticket-signing-key-file", pki.ticket_key_file, "--lease-duration", f"{LEASE_S}s",
-             "--ticket-lifetime", f"{TICKET_LIFETIME_S}s", "--request-timeout", "3", *extra_args],
+             "--ticket-lifetime", f"{TICKET_LIFETIME_S}s", "--request-timeout", "3",
+             *(etcd.master_flags(etcd.prefix) if etcd else []), *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT)
         self.port = None
         deadline = time.time() + 10
@@ -283,6 +294,14 @@ class Master:
             self.stop()
             self.log.seek(0)
             raise AssertionError("shimlet-master did not start: " + self.log.read())
+        # Ready = the registry can be read (with etcd: loaded and confirmed current).
+        deadline = time.time() + 20
+        while self.request("GET", "/readyz")[0] != 200:
+            if time.time() > deadline or not self.alive():
+                self.log.seek(0)
+                raise AssertionError("shimlet-master not ready: " + str(self.request("GET", "/readyz")) +
+                                     self.log.read())
+            time.sleep(0.05)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -329,14 +348,28 @@ class Master:
 
 
 @pytest.fixture(scope="module")
-def env():
+def etcd():
+    """One TLS etcd member for the etcd-backed runs (started on first use)."""
+    from etcd_env import EtcdCluster  # (etcd_env imports this module's PKI helpers)
+    c = EtcdCluster(members=1)
+    c.prefix = "/shimlet-test-" + c.token
+    yield c
+    c.cleanup()
+
+
+@pytest.fixture(scope="module", params=["memory", "etcd"])
+def env(request):
     assert os.access(MASTER, os.X_OK), f"{MASTER} not built"
     d = tempfile.mkdtemp(prefix="mst-master-test-")
     pki = Pki(d)
-    m = Master(d, pki)
-    yield m
-    m.stop()
-    shutil.rmtree(d, ignore_errors=True)
+    m = None
+    try:
+        m = Master(d, pki, etcd=request.getfixturevalue("etcd") if request.param == "etcd" else None)
+        yield m
+    finally:
+        if m:
+            m.stop()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def registration(cid, ns, pod, container, port=40000, node=None, annotations=None):
@@ -827,13 +860,18 @@ def test_bad_config_refused():
 
 
 def test_restarted_master_is_whole_after_one_lease(env):
-    """Registrations live in memory: a fresh master learns them again as shims renew."""
+    """In memory, registrations die with the master: a fresh one learns them
+    again as shims renew. In etcd, a fresh master (another one, or this one
+    restarted) knows them at once, and a renewal through it is a renewal."""
+    register_n1(env, "c-dev-app", "dev", "p1", "app", port=41001)
     d = tempfile.mkdtemp(prefix="mst-master-restart-")
-    m = Master(d, env.pki)
+    m = Master(d, env.pki, etcd=env.etcd)
     try:
         st, _ = m.request("GET", "/api/v1/namespaces/dev/pods/p1", cert="erin")
-        assert st == 404
-        register_n1(m, "c-dev-app", "dev", "p1", "app", port=41001)  # the next renewal
+        assert st == (200 if env.etcd else 404)
+        st, body = m.request("PUT", "/apis/shimlet.io/v1/nodes/n1/containers/c-dev-app", token=TOKENS["node1"],
+                             body=registration("c-dev-app", "dev", "p1", "app", port=41001))  # the next renewal
+        assert st == (200 if env.etcd else 201), body
         st, pod = m.request("GET", "/api/v1/namespaces/dev/pods/p1", cert="erin")
         assert st == 200 and pod["spec"]["containers"][0]["name"] == "app"
     finally:

@@ -109,6 +109,9 @@ class NodeContainer(Container):
 
 
 class Cluster:
+    # The master's serving certificate names these (test_master_ha.py adds its second and third master).
+    MASTER_SANS = (IP["m"], MASTER_P_IP)
+
     def __init__(self):
         for b in (HOOK, SHIMCTL, MASTER, os.path.join(BIN, "shimlet"), os.path.join(BIN, "shimlet-session")):
             if not os.access(b, os.X_OK):
@@ -180,7 +183,7 @@ class Cluster:
         _write_cert(self.ca, cert(ca_name, ca_key, ca=True))
         k = ec.generate_private_key(ec.SECP256R1())
         self.server_crt, self.server_key = self.path("server.crt"), self.path("server.key")
-        _write_cert(self.server_crt, cert(_name("shimlet-master"), k, ips=(IP["m"], MASTER_P_IP)))
+        _write_cert(self.server_crt, cert(_name("shimlet-master"), k, ips=self.MASTER_SANS))
         _write_key(self.server_key, k)
         # The shims trust the master's ticket key: kid "master" from the file name.
         self.ticket_key, self.master_pub = self.path("ticket.key"), self.path("master.pub")
@@ -197,12 +200,17 @@ class Cluster:
             f.write(RBAC)
         self.audit = self.path("audit.log")
 
+    def master_urls(self):
+        """Every master, in the order nodes and clients try them."""
+        return [f"https://{IP['m']}:{PORT}"]
+
     def _node_config(self, n):
         state = self.path("state-" + n)
+        urls = self.master_urls()
         with open(self.path(f"hook-{n}.json"), "w") as f:
             json.dump({"state_dir": state, "listen": IP[n] + ":0", "fail_container_on_error": True,
                        "trusted_keys": [self.master_pub],
-                       "master": {"url": f"https://{IP['m']}:{PORT}", "node": NODES[n], "ca": self.ca,
+                       "master": {"url": urls[0] if len(urls) == 1 else urls, "node": NODES[n], "ca": self.ca,
                                   "token": TOKENS[n], "renew_interval_s": 2, "timeout_ms": 3000}}, f)
 
     # ------------------------------------------------------------ master
@@ -253,24 +261,27 @@ class Cluster:
         return c
 
     # ------------------------------------------------------------ clients
-    def curl(self, method, path, token, body=None, ns="c"):
+    def curl(self, method, path, token, body=None, ns="c", host=None):
+        """One request to the master (host: another master's address)."""
+        host = host or (IP['m'] if ns != 'p' else MASTER_P_IP)
         cmd = in_ns(ns, "curl", "-sS", "--max-time", "10", "--cacert", self.ca, "-X", method, "-H",
-                    f"Authorization: Bearer {token}", "-w", "\n%{http_code}",
-                    f"https://{IP['m'] if ns != 'p' else MASTER_P_IP}:{PORT}{path}")
+                    f"Authorization: Bearer {token}", "-w", "\n%{http_code}", f"https://{host}:{PORT}{path}")
         if body is not None:
             cmd[-1:-1] = ["-H", "Content-Type: application/json", "--data-binary", json.dumps(body)]
         p = run(cmd, check=False)
         out, _, code = p.stdout.decode().rpartition("\n")
         return int(code or 0), (json.loads(out) if out.strip() else None)
 
-    def pods(self):
-        st, lst = self.curl("GET", "/api/v1/namespaces/default/pods", TOKENS["alice"])
+    def pods(self, host=None):
+        st, lst = self.curl("GET", "/api/v1/namespaces/default/pods", TOKENS["alice"], host=host)
         assert st == 200, lst
         return {p["metadata"]["name"]: p for p in lst["items"]}
 
+    def shimctl_servers(self, ns):
+        return f"https://{IP['m'] if ns != 'p' else MASTER_P_IP}:{PORT}"
+
     def shimctl_cmd(self, *args, ns="c"):
-        server = f"https://{IP['m'] if ns != 'p' else MASTER_P_IP}:{PORT}"
-        return in_ns(ns, SHIMCTL, "--server", server, "--certificate-authority", self.ca, "--token",
+        return in_ns(ns, SHIMCTL, "--server", self.shimctl_servers(ns), "--certificate-authority", self.ca, "--token",
                      TOKENS["alice"], *args)
 
     def shimctl(self, *args, ns="c", timeout=120, **kw):
