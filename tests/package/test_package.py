@@ -137,7 +137,7 @@ def root():
 def installed(root):
     debs = [deb(n) for n in PACKAGES]
     assert len({os.path.dirname(d) for d in debs}) == 1
-    # The README's line, as an operator types it.
+    # docs/operations.md's line, as an operator types it.
     p = root.run(["bash", "-c", "cd /mnt/debs && apt-get update -qq && "
                                 "DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
                                 "./shimlet_*.deb ./shimlet-master_*.deb ./shimctl_*.deb"],
