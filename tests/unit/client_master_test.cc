@@ -10,6 +10,7 @@
 #include "client/client.h"
 #include "common/error.h"
 #include "masterclient/masterclient.h"
+#include "tests/unit/temp_dir.h"
 
 using namespace shimlet;
 using namespace shimlet::client;
@@ -40,13 +41,9 @@ contexts:
   context: {cluster: c2, user: carol}
 )";
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char t[] = "/tmp/client-master-test.XXXXXX";
-    path = mkdtemp(t);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
+// A TempDir that writes files into itself.
+struct TempDir : shimlet::test::TempDir {
+  TempDir() : shimlet::test::TempDir("client-master-test") {}
   std::string write(const std::string& name, const std::string& text) {
     std::string p = path + "/" + name;
     std::filesystem::create_directories(std::filesystem::path(p).parent_path());

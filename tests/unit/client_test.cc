@@ -13,6 +13,7 @@
 
 #include "common/proc.h"
 #include "proto/tls.h"
+#include "tests/unit/temp_dir.h"
 #include "ticket/ticket.h"
 
 namespace sc = shimlet::client;
@@ -56,13 +57,8 @@ std::string resolve_error(const std::vector<sc::Registration>& regs, const std::
   return "";
 }
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    char tmpl[] = "/tmp/shimctl-test-XXXXXX";
-    path = mkdtemp(tmpl);
-  }
-  ~TempDir() { fs::remove_all(path); }
+struct TempDir : shimlet::test::TempDir {
+  TempDir() : shimlet::test::TempDir("shimctl-test") {}
 };
 
 void write_file(const fs::path& p, const std::string& s) {
@@ -271,19 +267,20 @@ TEST(ClientRegistration, ParseAndFallbacks) {
 
 TEST(ClientRegistration, LoadSkipsBrokenOnes) {
   TempDir d;
-  write_file(d.path / "bbb" / "registration.json",
+  write_file(fs::path(d.path) / "bbb" / "registration.json",
              R"({"id":"bbb","endpoint":"127.0.0.1:2","pin":"sha256/B","namespace":"n","pod":"p","container":"c"})");
-  write_file(d.path / "aaa" / "registration.json", R"({"id":"aaa","endpoint":"127.0.0.1:1","pin":"sha256/A"})");
-  write_file(d.path / "broken" / "registration.json", "{");
-  fs::create_directories(d.path / "starting");  // no registration yet
-  write_file(d.path / "local.key", "x");
+  write_file(fs::path(d.path) / "aaa" / "registration.json",
+             R"({"id":"aaa","endpoint":"127.0.0.1:1","pin":"sha256/A"})");
+  write_file(fs::path(d.path) / "broken" / "registration.json", "{");
+  fs::create_directories(fs::path(d.path) / "starting");  // no registration yet
+  write_file(fs::path(d.path) / "local.key", "x");
   auto regs = sc::load_registrations(d.path);
   ASSERT_EQ(regs.size(), 2u);
   EXPECT_EQ(regs[0].id, "aaa");
   EXPECT_EQ(regs[1].id, "bbb");
   EXPECT_EQ(regs[1].pod, "p");
   try {
-    sc::load_registrations((d.path / "missing").string());
+    sc::load_registrations((fs::path(d.path) / "missing").string());
     FAIL() << "no throw";
   } catch (const shimlet::Error& e) {
     EXPECT_NE(std::string(e.what()).find("missing"), std::string::npos);
@@ -293,9 +290,9 @@ TEST(ClientRegistration, LoadSkipsBrokenOnes) {
 TEST(ClientGrant, LocalTicketClaims) {
   TempDir d;
   auto node = shimlet::ticket::PrivateKey::generate();
-  node.save(d.path / "local.key");
+  node.save(fs::path(d.path) / "local.key");
   write_file(
-      d.path / "cid42" / "registration.json",
+      fs::path(d.path) / "cid42" / "registration.json",
       R"({"id":"cid42","endpoint":"127.0.0.1:7","pin":"sha256/P","namespace":"ns","pod":"pod","container":"c"})");
   auto id = shimlet::proto::generate_identity("test");
   sc::ExecOptions ex;
@@ -336,7 +333,8 @@ TEST(ClientGrant, LocalTicketClaims) {
 
 TEST(ClientGrant, MissingKeyIsClear) {
   TempDir d;
-  write_file(d.path / "cid" / "registration.json", R"({"id":"cid","endpoint":"127.0.0.1:7","pin":"sha256/P"})");
+  write_file(fs::path(d.path) / "cid" / "registration.json",
+             R"({"id":"cid","endpoint":"127.0.0.1:7","pin":"sha256/P"})");
   sc::ExecOptions ex;
   ex.target = "cid";
   ex.command = {"true"};
@@ -350,7 +348,8 @@ TEST(ClientGrant, MissingKeyIsClear) {
 
 TEST(ClientGrant, LocalExecTargetFailsBeforeMintingAndMintBindsTheIdentity) {
   TempDir d;
-  write_file(d.path / "cid" / "registration.json", R"({"id":"cid","endpoint":"127.0.0.1:7","pin":"sha256/P"})");
+  write_file(fs::path(d.path) / "cid" / "registration.json",
+             R"({"id":"cid","endpoint":"127.0.0.1:7","pin":"sha256/P"})");
   sc::ExecOptions ex;
   ex.target = "cid";
   ex.command = {"true"};
@@ -363,7 +362,7 @@ TEST(ClientGrant, LocalExecTargetFailsBeforeMintingAndMintBindsTheIdentity) {
     EXPECT_NE(std::string(e.what()).find("local.key"), std::string::npos) << e.what();
   }
   // A key that does not parse fails at minting, with the same prefix and the path.
-  write_file(d.path / "local.key", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
+  write_file(fs::path(d.path) / "local.key", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
   sc::LocalExec bad = sc::local_exec_target(d.path, "default", ex);
   EXPECT_EQ(bad.grant.endpoint, "127.0.0.1:7");
   EXPECT_TRUE(bad.grant.ticket.empty());
@@ -375,7 +374,7 @@ TEST(ClientGrant, LocalExecTargetFailsBeforeMintingAndMintBindsTheIdentity) {
     EXPECT_NE(std::string(e.what()).find("local.key"), std::string::npos) << e.what();
   }
   auto node = shimlet::ticket::PrivateKey::generate();
-  node.save(d.path / "local.key");
+  node.save(fs::path(d.path) / "local.key");
   sc::LocalExec le = sc::local_exec_target(d.path, "default", ex);
   auto id = shimlet::proto::generate_identity("t");
   int64_t now = time(nullptr);
@@ -387,10 +386,10 @@ TEST(ClientGrant, LocalExecTargetFailsBeforeMintingAndMintBindsTheIdentity) {
 
 TEST(ClientGrant, LargeRegistrationIsSkippedSmallOneRead) {
   TempDir d;
-  write_file(d.path / "big" / "registration.json",
+  write_file(fs::path(d.path) / "big" / "registration.json",
              R"({"id":"big","endpoint":"127.0.0.1:7","pin":"sha256/P","x":")" + std::string(1 << 20, 'a') + "\"}");
   std::string pad(5000, ' ');  // more than one read chunk
-  write_file(d.path / "ok" / "registration.json",
+  write_file(fs::path(d.path) / "ok" / "registration.json",
              "{" + pad + R"("id":"ok","endpoint":"127.0.0.1:7","pin":"sha256/P"})");
   auto regs = sc::load_registrations(d.path);
   ASSERT_EQ(regs.size(), 1u);

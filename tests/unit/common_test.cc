@@ -5,6 +5,7 @@
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/hostport.h"
+#include "tests/unit/temp_dir.h"
 
 using namespace shimlet;
 
@@ -187,13 +188,8 @@ TEST(Ed25519Pem, RejectsWrongPrefixLengthLabelAndGarbage) {
 
 namespace {
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char t[] = "/tmp/common-test-XXXXXX";
-    path = mkdtemp(t);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
+struct TempDir : shimlet::test::TempDir {
+  TempDir() : shimlet::test::TempDir("common-test") {}
 };
 
 int code_of(const std::function<void()>& f) {

@@ -12,20 +12,17 @@
 #include "recording/recorder.h"
 #include "recording/spool.h"
 #include "shim/session_recording.h"
+#include "tests/unit/temp_dir.h"
 
 using namespace shimlet;
 using namespace shimlet::hook;
 namespace fs = std::filesystem;
 
 namespace {
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char t[] = "/tmp/hook_rec_test.XXXXXX";
-    path = mkdtemp(t);
-  }
-  ~TempDir() { fs::remove_all(path); }
+struct TempDir : shimlet::test::TempDir {
+  TempDir() : shimlet::test::TempDir("hook_rec_test") {}
 };
+
 }  // namespace
 
 TEST(HookRecording, ConfigDefaultsAndValidation) {

@@ -13,20 +13,17 @@
 
 #include "common/error.h"
 #include "shim/shim.h"
+#include "tests/unit/temp_dir.h"
 
 using namespace shimlet;
 using namespace shimlet::hook;
 namespace fs = std::filesystem;
 
 namespace {
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char t[] = "/tmp/hook_test.XXXXXX";
-    path = mkdtemp(t);
-  }
-  ~TempDir() { fs::remove_all(path); }
+struct TempDir : shimlet::test::TempDir {
+  TempDir() : shimlet::test::TempDir("hook_test") {}
 };
+
 }  // namespace
 
 TEST(ContainerId, AcceptsRuntimeIdsRefusesPathTricks) {

@@ -10,6 +10,7 @@
 #include "master/recording_policy.h"
 #include "master/recordings.h"
 #include "recording/asciicast.h"
+#include "tests/unit/temp_dir.h"
 #include "ticket/ticket.h"
 
 using namespace shimlet;
@@ -36,13 +37,8 @@ rules:
   maxBytes: 2097152
 )";
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char t[] = "/tmp/shimlet-store-XXXXXX";
-    path = mkdtemp(t);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
+struct TempDir : shimlet::test::TempDir {
+  TempDir() : shimlet::test::TempDir("shimlet-store") {}
 };
 
 std::string a_recording(const std::string& cid, const std::string& ns = "default", bool complete = true,

@@ -18,6 +18,7 @@
 #include "recording/asciicast.h"
 #include "recording/recorder.h"
 #include "recording/spool.h"
+#include "tests/unit/temp_dir.h"
 
 using namespace shimlet::recording;
 using nlohmann::json;
@@ -62,13 +63,8 @@ std::string concat(const std::vector<Event>& ev, const std::string& code) {
   return s;
 }
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char t[] = "/tmp/shimlet-rec-XXXXXX";
-    path = mkdtemp(t);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
+struct TempDir : shimlet::test::TempDir {
+  TempDir() : shimlet::test::TempDir("shimlet-rec") {}
 };
 
 Header test_header(bool tty = true) {

@@ -12,19 +12,15 @@
 
 #include "common/error.h"
 #include "hook/hook.h"
+#include "tests/unit/temp_dir.h"
 
 namespace spool = shimlet::spool;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-  TempDir() {
-    char t[] = "/tmp/spool-test-XXXXXX";
-    path = mkdtemp(t);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string path;
+struct TempDir : shimlet::test::TempDir {
+  TempDir() : shimlet::test::TempDir("spool-test") {}
 };
 
 void set_mtime(const std::string& p, time_t t) {
