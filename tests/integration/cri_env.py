@@ -225,7 +225,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             assert p.poll() is None, f"shimlet-cri exited {p.returncode}: {self.log('cri')[-3000:]}"
             return os.path.exists(self.cri_sock)
         wait_for(up, 30, "shimlet-cri's socket")
-        self.rt(self.cri_sock).Version(self.api.VersionRequest(), timeout=30)
+        # wait_for_ready: the socket file may be the stopped proxy's until the new one binds.
+        self.rt(self.cri_sock).Version(self.api.VersionRequest(), timeout=30, wait_for_ready=True)
 
     def stop_cri(self):
         p = self.procs.pop("cri", None)
@@ -242,7 +243,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def channel(self, sock):
         import grpc
-        ch = grpc.insecure_channel("unix://" + sock, options=[("grpc.max_receive_message_length", 64 << 20)])
+        # A channel of its own subchannels: gRPC's global pool would hand a new
+        # channel the broken connection to a server the test just restarted.
+        ch = grpc.insecure_channel("unix://" + sock, options=[("grpc.max_receive_message_length", 64 << 20),
+                                                              ("grpc.use_local_subchannel_pool", 1)])
         self._channels.append(ch)
         return ch
 
