@@ -49,7 +49,7 @@ constexpr size_t kCostH2Reader = 22u << 10;    // an nghttp2 server session (its
 constexpr size_t kCostH1Reader = 1u << 10;     // the HTTP/1.1 head reader
 constexpr size_t kReadChunk = 16u << 10;       // one TLS record of plaintext: nothing stays pending in OpenSSL
 constexpr int64_t kLingerMs = 1000;            // after a refusal: time for the answer to leave, the peer's FIN
-constexpr int64_t kWarmDelayMs = 250;          // the next zygote after a handoff (off the request's CPU time)
+constexpr int64_t kWarmDelayMs = 250;          // the first zygote after the gate starts (off its first handshake)
 constexpr int64_t kCountersEveryMs = 1000;     // 'T' reports to the shim, at most this often
 constexpr int64_t kSummaryEveryMs = 10000;     // the refusal summary line, at most this often
 // Individual refusal audit lines: a token bucket per kind (requests, then
@@ -715,8 +715,11 @@ struct Gate::Impl {
     }
     pending_k8s.reset();
     // The zygote placed for that connection is the session's (its child).
+    // The next one is placed at once: a back-to-back client's next
+    // connection (its start-up, its handshake) overlaps the placement, which
+    // mostly waits for the RCU grace period, instead of paying it cold.
     Confinement::release_warm();
-    if (opt.warm) warm_due = mono_ms() + kWarmDelayMs;
+    if (opt.warm) warm_due = mono_ms();
     report_counters(mono_ms(), true);
   }
 

@@ -588,6 +588,11 @@ bool await_connection(const Config& cfg, const nsenter::Container& ctr, int idle
   } catch (const std::exception& e) {
     log::warn("warm session without a placed zygote", {{"error", e.what()}});
   }
+  // Tells the shim it may hand us a connection now (shim.cc kWarmReady); it
+  // may have done so already (the message then only waits in the socket).
+  static const char ready = 'W';
+  if (::send(kShimFd, &ready, 1, MSG_DONTWAIT | MSG_NOSIGNAL) != 1)
+    log::warn("warm session: cannot tell the shim it is ready", {{"error", strerror(errno)}});
   pollfd pfd[2] = {{kShimFd, POLLIN, 0}, {kPidFd, POLLIN, 0}};
   timespec idle{idle_s, 0};
   int n = 0;

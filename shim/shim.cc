@@ -160,9 +160,15 @@ constexpr std::array<const char*, 8> kNsTypes = {"user", "mnt", "pid", "net", "i
 // (the CRI listener, if any, follows the namespace fds: --cri-listener FD).
 constexpr int kConnFd = 3, kCtlFd = 4, kPidFd = 5, kFirstNsFd = 6;
 
-// A warm session is started this long after the connection that used the
-// last one, or when that connection's session ends if sooner (Shim::warm_due_).
-constexpr int64_t kWarmDelayMs = 250;
+// Warm sessions (docs/design.md "Warm sessions"): one kept ready; two once a
+// connection found none ready while connections come less than kWarmBurstMs
+// apart (back to back, or concurrent clients), one again after a pause.
+// Bounded: each is a ~1 MB process with a placed zygote.
+constexpr size_t kWarmPool = 2;
+constexpr int64_t kWarmBurstMs = 1000;
+// A warm session's one message on its control socket before its connection:
+// it is placed and waits (its replay requests come only after a connection).
+constexpr char kWarmReady = 'W';
 // A gate that could not be started, or ended, is started again at a
 // connection no sooner than this after the last start (the pending ones wait
 // in the listen backlog meanwhile).
@@ -182,6 +188,8 @@ struct LocalSession {
   // Started ahead of a connection (docs/design.md "Warm sessions"): it waits
   // on ctl for the next accepted socket. False once it has been given one.
   bool warm = false;
+  bool ready = false;      // it sent kWarmReady: placed, waiting for its connection
+  int64_t started_ms = 0;  // CLOCK_MONOTONIC; the oldest starting one is the nearest to ready
 };
 
 // An authenticated TCP session: a gate process that admitted a connection
@@ -258,10 +266,10 @@ class Shim {
   std::vector<char*> renew_argv_;
   pid_t renewer_ = -1;      // the running renewal, if any
   int64_t next_renew_ = 0;  // CLOCK_MONOTONIC ms
-  // When to start the next warm session (0: none due). It is started when the
-  // session that took the last one ends or kWarmDelayMs after, whichever is
-  // first: never while that session's own request is on the CPUs.
-  int64_t warm_due_ = 0;
+  // The last local accept (CLOCK_MONOTONIC ms; 0: none yet) and the number of
+  // warm sessions to keep (1 or kWarmPool, see kWarmBurstMs).
+  int64_t last_local_accept_ = 0;
+  size_t warm_want_ = 1;
 };
 
 void Shim::setup() {
@@ -381,7 +389,6 @@ int Shim::run(bool* cleanup) {
       if (t > 0) next = next < 0 ? t : std::min(next, t);
     };
     if (opt_.renew_every_s) soon(next_renew_);
-    soon(warm_due_);
     if (!gate_ctl_ && gate_retry_ > now) soon(gate_retry_);
     if (stats_dirty_) soon(std::max(stats_due_, now));
     int timeout = next < 0 ? -1 : static_cast<int>(std::max<int64_t>(0, next - now));
@@ -394,7 +401,6 @@ int Shim::run(bool* cleanup) {
       next_renew_ = mono_ms() + opt_.renew_every_s * 1000LL;
       spawn_renewer();
     }
-    if (warm_due_ && mono_ms() >= warm_due_) start_warm();
     for (size_t i = 0; i < pfds.size(); i++) {
       if (!pfds[i].revents) continue;
       switch (slots[i].kind) {
@@ -470,6 +476,13 @@ void Shim::accept_local() {
           {F("max_local_sessions", static_cast<long long>(opt_.max_local_sessions))});
       continue;  // conn closes here
     }
+    int64_t now = mono_ms();
+    if (!last_local_accept_ || now - last_local_accept_ >= kWarmBurstMs)
+      warm_want_ = 1;
+    else if (std::none_of(local_sessions_.begin(), local_sessions_.end(),
+                          [](const LocalSession& s) { return s.warm && s.ready; }))
+      warm_want_ = kWarmPool;
+    last_local_accept_ = now;
     try {
       if (!(opt_.warm_idle_s && hand_to_warm(conn))) spawn_session(std::move(conn), false);
       local_started_++;
@@ -477,25 +490,28 @@ void Shim::accept_local() {
     } catch (const std::exception& e) {
       log("error", "cannot start session", {F("error", e.what())});
     }
-    // The next connection finds one ready. Only after a first connection,
-    // so a shim that is never used stays one small process; the warm
-    // session exits by itself after warm_idle_s without a connection.
-    if (opt_.warm_idle_s && !warm_due_) warm_due_ = mono_ms() + kWarmDelayMs;
+    // The next connection finds one ready: the pool is refilled at once (at
+    // nice 19, so warming yields the CPUs to the request just handed over).
+    // Only after a first connection, so a shim that is never used stays one
+    // small process; a warm session exits by itself after warm_idle_s
+    // without a connection.
+    if (opt_.warm_idle_s) start_warm();
   }
 }
 
 void Shim::start_warm() {
-  warm_due_ = 0;
-  size_t live = 0;
+  size_t live = 0, warm = 0;
   for (auto& s : local_sessions_) {
-    if (s.warm) return;  // one is enough
     live += s.pid > 0;
+    warm += s.warm;
   }
-  if (live >= opt_.max_local_sessions) return;
-  try {
-    spawn_session(Fd(), true);
-  } catch (const std::exception& e) {
-    log("warn", "cannot start a warm session", {F("error", e.what())});
+  for (; warm < warm_want_ && live < opt_.max_local_sessions; warm++, live++) {
+    try {
+      spawn_session(Fd(), true);
+    } catch (const std::exception& e) {
+      log("warn", "cannot start a warm session", {F("error", e.what())});
+      return;
+    }
   }
 }
 
@@ -530,23 +546,33 @@ struct FdMsg {
   }
 };
 
-// Passes conn to the warm session, if there is one: true when it took it.
+// Passes conn to a warm session, if there is one: true when it took it. A
+// ready one first; else the oldest still starting (the nearest to ready), at
+// normal priority from now on: it serves a request. Either beats a cold
+// session, which would do the same start-up after the accept.
 bool Shim::hand_to_warm(const Fd& conn) {
-  for (auto& s : local_sessions_) {
-    if (!s.warm) continue;
+  for (;;) {
+    LocalSession* pick = nullptr;
+    for (auto& s : local_sessions_) {
+      if (!s.warm) continue;
+      if (!pick || (s.ready && !pick->ready) || (s.ready == pick->ready && s.started_ms < pick->started_ms))
+        pick = &s;
+    }
+    if (!pick) return false;
+    LocalSession& s = *pick;
     s.warm = false;  // given this connection, or broken: never offered again
+    if (!s.ready) setpriority(PRIO_PROCESS, static_cast<id_t>(s.pid), 0);
     char tag = 'C';
     FdMsg m(&tag, 1);
     m.put(conn.get());
     if (s.ctl && ::sendmsg(s.ctl.get(), &m.msg, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
-      log("info", "session started", {F("session_pid", static_cast<long long>(s.pid)), F("warm", true)});
+      log("info", "session started",
+          {F("session_pid", static_cast<long long>(s.pid)), F("warm", true), F("ready", s.ready)});
       return true;
     }
-    log("warn", "warm session unreachable, starting a fresh one",
-        {F("session_pid", static_cast<long long>(s.pid)), F("error", errdesc(errno))});
+    log("warn", "warm session unreachable", {F("session_pid", static_cast<long long>(s.pid)), F("error", errdesc(errno))});
     ::kill(s.pid, SIGKILL);  // reaped in reap()
   }
-  return false;
 }
 
 // fork + exec of the session binary with the contract's fds: fd3 and the
@@ -590,13 +616,19 @@ pid_t Shim::spawn(int fd3, int fd4, char* const* argv, bool warm, int extra) {
     signal(SIGPIPE, SIG_DFL);
     sigprocmask(SIG_SETMASK, &none, nullptr);
     if (chdir("/") < 0) _exit(1);
-    // Warming runs at the lowest priority (the session raises it once placed).
-    if (warm && setpriority(PRIO_PROCESS, 0, 19) < 0) _exit(1);
     execve(argv[0], argv, envp);
     static const char msg[] = "{\"level\":\"error\",\"component\":\"shim\",\"msg\":\"execve session binary failed\"}\n";
     ssize_t r = ::write(2, msg, sizeof msg - 1);
     (void)r;
     _exit(127);
+  }
+  // Warming runs at the lowest priority (the session raises it once placed,
+  // hand_to_warm when it gives it a connection before). Set here, not in the
+  // child: a later raise by hand_to_warm can never be undone by the child.
+  if (warm && setpriority(PRIO_PROCESS, static_cast<id_t>(pid), 19) < 0) {
+    Error e = sys_error("setpriority(warm session)");
+    ::kill(pid, SIGKILL);  // reaped in reap()
+    throw e;
   }
   return pid;
 }
@@ -607,7 +639,7 @@ void Shim::spawn_session(Fd conn, bool warm) {
   Fd ours(sp[0]), theirs(sp[1]);
   // A warm session gets its connection later.
   pid_t pid = spawn(warm ? devnull_.get() : conn.get(), theirs.get(), warm ? warm_argv_.data() : argv_.data(), warm);
-  local_sessions_.push_back(LocalSession{pid, std::move(ours), warm});
+  local_sessions_.push_back(LocalSession{pid, std::move(ours), warm, false, mono_ms()});
   if (warm)
     log("info", "warm session started", {F("session_pid", static_cast<long long>(pid))});
   else
@@ -799,6 +831,10 @@ void Shim::handle_replay(LocalSession& s) {
     s.ctl.reset();
     return;
   }
+  if (n == 1 && buf[0] == kWarmReady) {  // no reply: the session does not wait for one
+    s.ready = true;
+    return;
+  }
   char reply = consume(buf, static_cast<size_t>(n), s.pid);
   if (::send(s.ctl.get(), &reply, 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) s.ctl.reset();
 }
@@ -836,10 +872,8 @@ void Shim::reap() {
     for (auto it = local_sessions_.begin(); it != local_sessions_.end(); ++it) {
       if (it->pid != p) continue;
       ended("local");
-      bool was_warm = it->warm;
       local_sessions_.erase(it);
       accept_paused_ = false;
-      if (warm_due_ && !was_warm) start_warm();  // its request is done: warm up now
       stats_dirty_ = true;
       break;
     }

@@ -4,6 +4,7 @@ already placed in its cgroups; the next connection is passed to it. These
 tests check that such a session behaves exactly like a cold one, that its
 placement is invisible to the container and honours the ticket's limits,
 and that nothing of it outlives its idle time, a forward, or the container."""
+import concurrent.futures
 import json
 import os
 import socket
@@ -217,3 +218,54 @@ def test_disabled_by_config():
         assert not any(r.get("msg") == "warm session started" for r in e.shim_log(c))
     finally:
         e.cleanup()
+
+
+def served(env, c):
+    return [r for r in env.shim_log(c) if r.get("msg") == "session started"]
+
+
+def settled_pool(env, c):
+    """The warm sessions once no local session is serving: at most two (the bounded pool), at least one."""
+    def settled():
+        ks = kids(env.shim_pid(c))
+        names = []
+        for p in ks:
+            try:
+                names.append(comm(p))
+            except OSError:
+                pass
+        return names if "shimlet-session" not in names else None
+
+    names = wait_for(settled, 15, "the served sessions to end")
+    assert 1 <= names.count("shimlet-warm") <= 2, names
+
+
+def test_back_to_back_execs_are_exact_and_served_warm(env):
+    c, _, _ = warmed(env)
+    before = len(served(env, c))
+    for i in range(30):
+        p = shimctl(env, "exec", c.id, "--", "sh", "-c", f"echo out{i}; echo err{i} >&2; exit {i % 7}")
+        assert (p.returncode, p.stdout, p.stderr) == (i % 7, f"out{i}\n".encode(), f"err{i}\n".encode()), (i, p)
+    # Each connection found a warm session (ready, or still starting and then
+    # raised to normal priority): the pool is refilled at every handoff.
+    took = served(env, c)[before:]
+    assert len(took) == 30 and all(r.get("warm") is True for r in took), took
+    settled_pool(env, c)
+
+
+def test_concurrent_clients_all_succeed_exactly(env):
+    c, _, _ = warmed(env)
+    clients, each = 20, 5
+
+    def client(k):
+        out = []
+        for i in range(each):
+            p = shimctl(env, "exec", c.id, "--", "sh", "-c", f"echo c{k}-{i}; exit {(k + i) % 5}")
+            out.append((p.returncode, p.stdout, p.stderr))
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as ex:
+        results = list(ex.map(client, range(clients)))
+    for k, got in enumerate(results):
+        assert got == [((k + i) % 5, f"c{k}-{i}\n".encode(), b"") for i in range(each)], (k, got)
+    settled_pool(env, c)
