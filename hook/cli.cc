@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 
 #include "common/clock.h"
 #include "common/error.h"
+#include "common/exit.h"
 #include "common/fd.h"
 #include "common/log.h"
 #include "common/pidfd.h"
@@ -73,6 +75,59 @@ std::string read_stdin_bounded(int timeout_ms) {
     if (out.size() > kMaxStateBytes)
       throw Error("OCI state on stdin exceeds " + std::to_string(kMaxStateBytes) + " bytes");
   }
+}
+
+// Registers the container with the master and warns when the lease would
+// lapse between renewals; throws what register_container throws.
+void register_and_check(const Config& cfg, const std::string& id) {
+  json lease = register_container(cfg, id);
+  int64_t every = lease.value("renewIntervalSeconds", int64_t{0});
+  if (every > 0 && cfg.master->renew_interval_s > every) {
+    log::warn("master.renew_interval_s is longer than the master's renewIntervalSeconds: the lease may lapse",
+              {{"renew_interval_s", cfg.master->renew_interval_s}, {"master_renew_interval_s", every}});
+    append_hook_log(cfg.state_dir, json{{"ts", now_rfc3339()},
+                                        {"component", "hook"},
+                                        {"level", "warn"},
+                                        {"stage", "createRuntime"},
+                                        {"id", id},
+                                        {"msg", "master.renew_interval_s is longer than the master's "
+                                                "renewIntervalSeconds: the lease may lapse"}});
+  }
+}
+
+// createRuntime without fail_container_on_error (docs/design.md "Master
+// registration"): the container's process does not wait for the master. A
+// detached grandchild (its own session, stdio /dev/null: runc waits for EOF
+// on the hook's pipes) registers after the hook returns, under the same
+// deadline; a failure goes to hook.log, and the shim's renewer registers the
+// container at its next tick anyway. Returns false when it could not fork
+// (then the caller registers in line).
+bool register_detached(const Config& cfg, const std::string& id, unsigned deadline_s) {
+  pid_t a = ::fork();
+  if (a < 0) return false;
+  if (a == 0) {
+    ::setsid();
+    pid_t b = ::fork();
+    if (b != 0) _exit(b < 0 ? 1 : 0);
+    int dn = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (dn < 0 || ::dup2(dn, 0) < 0 || ::dup2(dn, 1) < 0 || ::dup2(dn, 2) < 0) _exit(1);
+    alarm(deadline_s);  // not inherited across fork
+    try {
+      register_and_check(cfg, id);
+    } catch (const std::exception& e) {
+      append_hook_log(cfg.state_dir, json{{"ts", now_rfc3339()},
+                                          {"component", "hook"},
+                                          {"level", "error"},
+                                          {"stage", "createRuntime"},
+                                          {"id", id},
+                                          {"error", e.what()}});
+    }
+    exit_without_teardown(0);
+  }
+  int status = 0;
+  while (::waitpid(a, &status, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
 }  // namespace
@@ -187,13 +242,9 @@ int main(int argc, char** argv) {
     if (*stage == Stage::Start) {
       Started s = start(cfg, st);
       log::info("shim started", {{"endpoint", s.endpoint}, {"shim_pid", s.shim_pid}});
-      if (cfg.master) {
+      if (cfg.master && !(!cfg.fail_container_on_error && register_detached(cfg, st.id, master_s + 5))) {
         try {
-          json lease = register_container(cfg, st.id);
-          int64_t every = lease.value("renewIntervalSeconds", int64_t{0});
-          if (every > 0 && cfg.master->renew_interval_s > every)
-            log::warn("master.renew_interval_s is longer than the master's renewIntervalSeconds: the lease may lapse",
-                      {{"renew_interval_s", cfg.master->renew_interval_s}, {"master_renew_interval_s", every}});
+          register_and_check(cfg, st.id);
         } catch (const std::exception& e) {
           // The shim's renewer registers it at its next tick; only a config
           // that insists fails the container (and then we undo the start).
