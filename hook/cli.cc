@@ -90,8 +90,9 @@ void register_and_check(const Config& cfg, const std::string& id) {
                                         {"level", "warn"},
                                         {"stage", "createRuntime"},
                                         {"id", id},
-                                        {"msg", "master.renew_interval_s is longer than the master's "
-                                                "renewIntervalSeconds: the lease may lapse"}});
+                                        {"msg",
+                                         "master.renew_interval_s is longer than the master's "
+                                         "renewIntervalSeconds: the lease may lapse"}});
   }
 }
 

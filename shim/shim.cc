@@ -555,8 +555,7 @@ bool Shim::hand_to_warm(const Fd& conn) {
     LocalSession* pick = nullptr;
     for (auto& s : local_sessions_) {
       if (!s.warm) continue;
-      if (!pick || (s.ready && !pick->ready) || (s.ready == pick->ready && s.started_ms < pick->started_ms))
-        pick = &s;
+      if (!pick || (s.ready && !pick->ready) || (s.ready == pick->ready && s.started_ms < pick->started_ms)) pick = &s;
     }
     if (!pick) return false;
     LocalSession& s = *pick;
@@ -570,7 +569,8 @@ bool Shim::hand_to_warm(const Fd& conn) {
           {F("session_pid", static_cast<long long>(s.pid)), F("warm", true), F("ready", s.ready)});
       return true;
     }
-    log("warn", "warm session unreachable", {F("session_pid", static_cast<long long>(s.pid)), F("error", errdesc(errno))});
+    log("warn", "warm session unreachable",
+        {F("session_pid", static_cast<long long>(s.pid)), F("error", errdesc(errno))});
     ::kill(s.pid, SIGKILL);  // reaped in reap()
   }
 }
