@@ -48,6 +48,11 @@ std::string self_dir() {
   return dirname_of(std::string(buf, static_cast<size_t>(n)));
 }
 
+// One hook.log line's common fields; the caller adds "error" or "msg".
+json hook_line(const char* level, const std::string& stage, const std::string& id) {
+  return json{{"ts", now_rfc3339()}, {"component", "hook"}, {"level", level}, {"stage", stage}, {"id", id}};
+}
+
 void append_hook_log(const std::string& state_dir, const json& line) {
   Fd fd(::open((state_dir + "/hook.log").c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600));
   if (!fd) return;
@@ -85,14 +90,9 @@ void register_and_check(const Config& cfg, const std::string& id) {
   if (every > 0 && cfg.master->renew_interval_s > every) {
     log::warn("master.renew_interval_s is longer than the master's renewIntervalSeconds: the lease may lapse",
               {{"renew_interval_s", cfg.master->renew_interval_s}, {"master_renew_interval_s", every}});
-    append_hook_log(cfg.state_dir, json{{"ts", now_rfc3339()},
-                                        {"component", "hook"},
-                                        {"level", "warn"},
-                                        {"stage", "createRuntime"},
-                                        {"id", id},
-                                        {"msg",
-                                         "master.renew_interval_s is longer than the master's "
-                                         "renewIntervalSeconds: the lease may lapse"}});
+    json line = hook_line("warn", "createRuntime", id);
+    line["msg"] = "master.renew_interval_s is longer than the master's renewIntervalSeconds: the lease may lapse";
+    append_hook_log(cfg.state_dir, line);
   }
 }
 
@@ -116,12 +116,9 @@ bool register_detached(const Config& cfg, const std::string& id, unsigned deadli
     try {
       register_and_check(cfg, id);
     } catch (const std::exception& e) {
-      append_hook_log(cfg.state_dir, json{{"ts", now_rfc3339()},
-                                          {"component", "hook"},
-                                          {"level", "error"},
-                                          {"stage", "createRuntime"},
-                                          {"id", id},
-                                          {"error", e.what()}});
+      json line = hook_line("error", "createRuntime", id);
+      line["error"] = e.what();
+      append_hook_log(cfg.state_dir, line);
     }
     exit_without_teardown(0);
   }
@@ -215,13 +212,11 @@ int main(int argc, char** argv) {
       return 0;
     } catch (const std::exception& e) {
       log::error("cleanup after the container failed", {{"error", e.what()}});
-      if (::access(cfg.state_dir.c_str(), F_OK) == 0)
-        append_hook_log(cfg.state_dir, json{{"ts", now_rfc3339()},
-                                            {"component", "hook"},
-                                            {"level", "error"},
-                                            {"stage", "cleanup"},
-                                            {"id", id_arg},
-                                            {"error", e.what()}});
+      if (::access(cfg.state_dir.c_str(), F_OK) == 0) {
+        json line = hook_line("error", "cleanup", id_arg);
+        line["error"] = e.what();
+        append_hook_log(cfg.state_dir, line);
+      }
       return 1;
     }
   }
@@ -263,8 +258,8 @@ int main(int argc, char** argv) {
     }
     return 0;
   } catch (const std::exception& e) {
-    json line = {{"ts", now_rfc3339()}, {"component", "hook"}, {"level", "error"}, {"stage", stage_name}, {"id", id},
-                 {"error", e.what()}};
+    json line = hook_line("error", stage_name, id);
+    line["error"] = e.what();
     log::error("shimlet-hook failed", {{"stage", stage_name}, {"error", e.what()}});
     if (::access(cfg.state_dir.c_str(), F_OK) == 0) append_hook_log(cfg.state_dir, line);
     return fail_code;
