@@ -280,8 +280,11 @@ def test_slow_reader_bounded_memory(env, ctr):
     # A reader that stops: flow control must stop the command, not grow our
     # buffers. 96 MiB, more than the bound: a shimctl that buffered what it
     # cannot write would read it all and grow past the limit.
+    # Over TLS: on the local socket the command writes to our pipe itself
+    # (passed stdio) and shimctl holds nothing to bound.
     total = 96 << 20
-    p = subprocess.Popen(env.shimctl("exec", ctr.id, "--", "dd", "if=/dev/zero", "bs=1048576", f"count={total >> 20}"),
+    p = subprocess.Popen(env.shimctl("exec", ctr.id, "--", "dd", "if=/dev/zero", "bs=1048576", f"count={total >> 20}",
+                                     tls=True),
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         # Under ASan freed buffers stay resident in the allocator's quarantine
