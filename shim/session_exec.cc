@@ -100,11 +100,7 @@ struct ExecEngine::Impl {
     io.tty = tty_;
     std::vector<Fd> passed = std::move(passed_fds_);
     passed_ = passed.size() == (stdin_ ? 3u : 2u) && !tty_ && !rec_ && keep_stdout_ && keep_stderr_;
-    Pipe in_p = make_pipe(), out_p, err_p;
-    if (!passed_) {
-      out_p = make_pipe();
-      err_p = make_pipe();
-    }
+    Pipe in_p = make_pipe(), out_p = passed_ ? Pipe{} : make_pipe(), err_p = passed_ ? Pipe{} : make_pipe();
     if (passed_) {
       io.in = stdin_ ? passed[0].get() : in_p.read.get();  // without stdin: EOF, as below
       io.out = passed[stdin_ ? 1 : 0].get();
