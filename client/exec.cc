@@ -393,7 +393,11 @@ class ExecClient : public proto::H2Conn::Handler {
         // The command has our stdio: only STATUS follows. Else the usual frames.
         if (!how || *how != proto::kStdioClient) {
           pass_stdio_ = false;
-          start_stdio();
+          try {  // inside H2Conn's callback: nothing may throw out of it
+            start_stdio();
+          } catch (const std::exception& e) {
+            finish(kOwnErrorExit, std::string("error: ") + e.what());
+          }
         }
       }
     }
