@@ -165,14 +165,32 @@ class ExecClient : public proto::H2Conn::Handler {
     st.stream_window = kStreamWindow;
     st.connection_window = kConnectionWindow;
     st.handshake_timeout_s = kConnectTimeoutS;
-    c->conn_ =
-        std::make_unique<proto::H2Conn>(c->base_.get(), c->sock_.release(), ssl, proto::H2Conn::Role::Client, c, st);
+    proto::H2Conn::Handover hand;
+    if ((c->pass_stdio_ = !ssl && c->can_pass_stdio()))
+      hand.pass_fds = c->ex_.stdin_ ? std::vector<int>{0, 1, 2} : std::vector<int>{1, 2};
+    c->conn_ = std::make_unique<proto::H2Conn>(c->base_.get(), c->sock_.release(), ssl, proto::H2Conn::Role::Client, c,
+                                               st, std::move(hand));
     if (c->mint_) {
       // Runs after the ClientHello is written: libevent runs the socket's
       // write event before timers that expire in the same loop turn.
       timeval zero{0, 0};
       event_add(c->mint_ev_.get(), &zero);
     }
+  }
+
+  // Root's local socket (docs/design.md "Local socket"): the command may get
+  // our own stdio, as runc exec gives it, so nothing is copied through the
+  // session. Not with a tty (the pty is the shim's), not in capture mode, not
+  // through the master's tunnel, and never a terminal: a container process
+  // holding a host terminal could push input into it (TIOCSTI); those are
+  // copied as before.
+  bool can_pass_stdio() const {
+    if (cap_ || ex_.tty || bridge_ || grant_.local_socket.empty()) return false;
+    for (int fd : {0, 1, 2}) {
+      if (fd == 0 && !ex_.stdin_) continue;
+      if (fcntl(fd, F_GETFD) < 0 || isatty(fd)) return false;
+    }
+    return true;
   }
 
   // Makes identity and ticket once; false (mint_error_ set) when that failed.
@@ -217,8 +235,10 @@ class ExecClient : public proto::H2Conn::Handler {
   void start_exec() {
     if (finishing_) return;
     try {
-      start_stdio();
+      // With passed stdio, ours starts only if the shim does not use it (on_headers).
+      if (!pass_stdio_) start_stdio();
       nlohmann::json spec = {{"command", ex_.command}, {"stdin", ex_.stdin_}, {"tty", ex_.tty}};
+      if (pass_stdio_) spec["stdio"] = proto::kStdioClient;
       if (ex_.tty) {
         size_ = local_winsize();
         spec["cols"] = size_.cols;
@@ -366,7 +386,21 @@ class ExecClient : public proto::H2Conn::Handler {
     const std::string* st = proto::find_header(h, ":status");
     if (!st) return;
     int code = atoi(st->c_str());
-    if (code >= 200 && http_status_ == 0) http_status_ = code;
+    if (code >= 200 && http_status_ == 0) {
+      http_status_ = code;
+      if (code == 200 && pass_stdio_) {
+        const std::string* how = proto::find_header(h, proto::kStdioHeader);
+        // The command has our stdio: only STATUS follows. Else the usual frames.
+        if (!how || *how != proto::kStdioClient) {
+          pass_stdio_ = false;
+          try {  // inside H2Conn's callback: nothing may throw out of it
+            start_stdio();
+          } catch (const std::exception& e) {
+            finish(kOwnErrorExit, std::string("error: ") + e.what());
+          }
+        }
+      }
+    }
   }
 
   void on_data(int32_t stream, const uint8_t* data, size_t len) override {
@@ -381,38 +415,49 @@ class ExecClient : public proto::H2Conn::Handler {
       return;
     }
     size_t before = decoder_.buffered();
-    decoder_.feed(data);
     size_t buffered_payload = 0;
-    while (auto fr = decoder_.next()) {
-      if (got_status_) continue;  // nothing follows STATUS
-      switch (fr->type) {
+    decoder_.decode(data, [&](proto::FrameType type, std::string_view payload) {
+      if (got_status_) return false;  // nothing follows STATUS
+      switch (type) {
         case proto::FrameType::Stdout:
         case proto::FrameType::Stderr: {
-          int i = fr->type == proto::FrameType::Stdout ? 0 : 1;
+          int i = type == proto::FrameType::Stdout ? 0 : 1;
           if (cap_) {
             std::string& dst = i == 0 ? cap_->out : cap_->err;
             size_t room = cap_max_ - std::min(cap_max_, dst.size());
-            if (fr->payload.size() > room) (i == 0 ? cap_->out_truncated : cap_->err_truncated) = true;
-            dst.append(fr->payload, 0, std::min(room, fr->payload.size()));
-          } else if (!fr->payload.empty() && !out_dead_[i]) {
-            evbuffer_add(out_[i].get(), fr->payload.data(), fr->payload.size());
-            buffered_payload += fr->payload.size();
+            if (payload.size() > room) (i == 0 ? cap_->out_truncated : cap_->err_truncated) = true;
+            dst.append(payload.substr(0, std::min(room, payload.size())));
+          } else if (!payload.empty() && !out_dead_[i]) {
+            buffered_payload += write_output(i, payload);
           }
           break;
         }
         case proto::FrameType::Status:
-          on_status(fr->payload);
+          on_status(std::string(payload));
           break;
         default:
-          finish(kOwnErrorExit,
-                 "error: shim sent an unexpected frame type " + std::to_string(static_cast<int>(fr->type)));
+          finish(kOwnErrorExit, "error: shim sent an unexpected frame type " + std::to_string(static_cast<int>(type)));
       }
-    }
+      return true;
+    });
     if (!decoder_.error().empty()) finish(kOwnErrorExit, "error: bad frame from shim: " + decoder_.error());
     // Bytes fully parsed now, minus the payload that waits in our buffers.
     size_t parsed = data.size() + before - decoder_.buffered();
     consume(parsed - buffered_payload);
     if (buffered_payload) flush_outputs();  // plain writes: safe inside H2Conn's callback
+  }
+
+  // Output straight to our stdout/stderr while nothing waits before it (no
+  // copy); what the fd does not take now is buffered. Returns the bytes
+  // buffered. Errors are left to flush_outputs(), which retries and reports.
+  size_t write_output(int i, std::string_view payload) {
+    evbuffer* b = out_[i].get();
+    if (evbuffer_get_length(b) == 0) {
+      ssize_t n = ::write(i + 1, payload.data(), payload.size());
+      if (n > 0) payload.remove_prefix(static_cast<size_t>(n));
+    }
+    evbuffer_add(b, payload.data(), payload.size());
+    return payload.size();
   }
 
   void on_status(const std::string& payload) {
@@ -551,6 +596,7 @@ class ExecClient : public proto::H2Conn::Handler {
   bool conn_ready_ = false, stdin_pollable_ = true, stdin_reading_ = false, stdin_done_ = false;
   bool got_status_ = false, stream_closed_ = false, finishing_ = false, grace_over_ = false, net_closed_ = false;
   bool end_pending_ = false, shutdown_pending_ = false;
+  bool pass_stdio_ = false;  // our stdio fds went to the shim with the first bytes
   bool out_dead_[2] = {false, false};
 };
 

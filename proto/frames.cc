@@ -1,12 +1,17 @@
 #include "proto/frames.h"
 
+#include <algorithm>
+
 namespace shimlet::proto {
 
+std::array<char, kFrameHeader> frame_header(FrameType t, size_t n) {
+  return {static_cast<char>(t), static_cast<char>((n >> 16) & 0xff), static_cast<char>((n >> 8) & 0xff),
+          static_cast<char>(n & 0xff)};
+}
+
 void append_frame(std::string& out, FrameType t, std::string_view payload) {
-  size_t n = payload.size();
-  char h[kFrameHeader] = {static_cast<char>(t), static_cast<char>((n >> 16) & 0xff), static_cast<char>((n >> 8) & 0xff),
-                          static_cast<char>(n & 0xff)};
-  out.append(h, kFrameHeader);
+  auto h = frame_header(t, payload.size());
+  out.append(h.data(), h.size());
   out.append(payload);
 }
 
@@ -32,29 +37,72 @@ void FrameDecoder::feed(std::string_view bytes) {
   buf_.append(bytes);
 }
 
-std::optional<FrameDecoder::Frame> FrameDecoder::next() {
-  if (!error_.empty()) return std::nullopt;
-  if (buf_.size() - pos_ < kFrameHeader) return std::nullopt;
-  auto b = [&](size_t i) { return static_cast<size_t>(static_cast<uint8_t>(buf_[pos_ + i])); };
+size_t FrameDecoder::frame_size(std::string_view s) {
+  if (s.size() < kFrameHeader) return kFrameHeader;
+  auto b = [&](size_t i) { return static_cast<size_t>(static_cast<uint8_t>(s[i])); };
   uint8_t type = static_cast<uint8_t>(b(0));
   size_t len = b(1) << 16 | b(2) << 8 | b(3);
   if (type > static_cast<uint8_t>(FrameType::StdinEof)) {
     error_ = "unknown frame type " + std::to_string(type);
-    return std::nullopt;
+    return 0;
   }
   if (len > kMaxFramePayload) {
     error_ = "frame of " + std::to_string(len) + " bytes exceeds the limit of " + std::to_string(kMaxFramePayload);
-    return std::nullopt;
+    return 0;
   }
-  if (buf_.size() - pos_ < kFrameHeader + len) return std::nullopt;
-  Frame f{static_cast<FrameType>(type), buf_.substr(pos_ + kFrameHeader, len)};
-  pos_ += kFrameHeader + len;
+  return kFrameHeader + len;
+}
+
+std::optional<FrameDecoder::Frame> FrameDecoder::next() {
+  if (!error_.empty()) return std::nullopt;
+  std::string_view held(buf_.data() + pos_, buf_.size() - pos_);
+  size_t need = frame_size(held);
+  if (need == 0 || held.size() < need) return std::nullopt;
+  Frame f{static_cast<FrameType>(held[0]), std::string(held.substr(kFrameHeader, need - kFrameHeader))};
+  pos_ += need;
   // Compact lazily so the buffer stays bounded by one frame plus a read.
   if (pos_ > 65536 && pos_ * 2 > buf_.size()) {
     buf_.erase(0, pos_);
     pos_ = 0;
   }
   return f;
+}
+
+bool FrameDecoder::decode(std::string_view bytes, const FrameFn& on_frame) {
+  if (!error_.empty()) return false;
+  // What is held (a partial frame), completed from the front of bytes.
+  while (pos_ < buf_.size()) {
+    size_t held = buf_.size() - pos_;
+    size_t need = frame_size(std::string_view(buf_).substr(pos_));
+    if (need == 0) return false;
+    if (held < need) {
+      size_t take = std::min(need - held, bytes.size());
+      buf_.append(bytes.substr(0, take));
+      bytes.remove_prefix(take);
+      if (take == 0) return true;
+      continue;  // the header may be whole now: its size again
+    }
+    std::string_view f = std::string_view(buf_).substr(pos_, need);
+    pos_ += need;
+    if (!on_frame(static_cast<FrameType>(f[0]), f.substr(kFrameHeader))) {
+      buf_.clear();
+      pos_ = 0;
+      return true;
+    }
+  }
+  buf_.clear();
+  pos_ = 0;
+  // Whole frames straight from bytes.
+  while (!bytes.empty()) {
+    size_t need = frame_size(bytes);
+    if (need == 0) return false;
+    if (bytes.size() < need) break;
+    std::string_view f = bytes.substr(0, need);
+    bytes.remove_prefix(need);
+    if (!on_frame(static_cast<FrameType>(f[0]), f.substr(kFrameHeader))) return true;
+  }
+  buf_.assign(bytes);
+  return true;
 }
 
 }  // namespace shimlet::proto

@@ -1,7 +1,9 @@
 // The native exec stream framing carried in HTTP/2 DATA (docs/design.md,
 // "Native protocol"): type:u8 | length:u24 BE | payload.
 #pragma once
+#include <array>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -19,6 +21,8 @@ enum class FrameType : uint8_t {
 inline constexpr size_t kFrameHeader = 4;
 inline constexpr size_t kMaxFramePayload = 65536;
 
+// The header of a frame with len payload bytes (len <= kMaxFramePayload).
+std::array<char, kFrameHeader> frame_header(FrameType t, size_t len);
 // Appends one frame to out.
 void append_frame(std::string& out, FrameType t, std::string_view payload);
 std::string resize_payload(uint16_t cols, uint16_t rows);
@@ -34,10 +38,22 @@ class FrameDecoder {
   };
   void feed(std::string_view bytes);
   std::optional<Frame> next();
+  // The bulk path (exec output, stdin): hands every whole frame in what is
+  // held plus bytes to on_frame in order, without copying the frames that
+  // lie whole in bytes; only a partial frame at the end is kept (copied).
+  // The payload is valid during the call only. on_frame returns false to
+  // stop: the rest is dropped (the stream is ending). Returns false once
+  // error() is set. Not to be mixed with feed()/next() on one decoder.
+  using FrameFn = std::function<bool(FrameType, std::string_view)>;
+  bool decode(std::string_view bytes, const FrameFn& on_frame);
   const std::string& error() const { return error_; }
   size_t buffered() const { return buf_.size() - pos_; }
 
  private:
+  // Bytes the frame at the front of s takes (kFrameHeader while its header
+  // is incomplete); 0 with error_ set when the header is invalid.
+  size_t frame_size(std::string_view s);
+
   std::string buf_;
   size_t pos_ = 0;
   std::string error_;
@@ -49,6 +65,12 @@ inline constexpr const char* kPortForwardPrefix = "/v1/portforward/";
 // Port-forward session open: authenticates the connection (no port, no body).
 inline constexpr const char* kPortForwardOpenPath = "/v1/portforward";
 inline constexpr const char* kExecHeader = "shimlet-exec";
+// Local socket only: the exec request's "stdio":"client" says the client
+// passed its stdio fds (SCM_RIGHTS) with its first bytes; the 200 response
+// carries kStdioHeader: client when the command got them (then only STATUS
+// follows), else the stream carries stdio frames as usual.
+inline constexpr const char* kStdioHeader = "shimlet-stdio";
+inline constexpr const char* kStdioClient = "client";
 inline constexpr const char* kAlpn = "h2";
 
 }  // namespace shimlet::proto

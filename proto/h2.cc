@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <utility>
 
 #include "proto/tls.h"
 
@@ -265,7 +266,23 @@ void H2Conn::read_tls() {
     std::string why;
     while (got < kReadBatch) {
       if (!ssl_) {
-        ssize_t r = ::read(fd_, rbuf_.get() + got, kReadBatch - got);
+        ssize_t r;
+        if (std::exchange(first_read_, false) && settings_.accept_fds > 0) {
+          // The peer's fds ride on its first byte (Handover::pass_fds).
+          // One slot more than accepted: a peer sending more is told apart.
+          std::vector<int> fds(settings_.accept_fds + 1, -1);
+          size_t nfds = 0;
+          r = recv_fds_nothrow(fd_, rbuf_.get() + got, kReadBatch - got, fds, &nfds);
+          for (size_t i = 0; i < nfds; i++) passed_fds_.emplace_back(fds[i]);
+          if ((r < 0 && errno == EMSGSIZE) || nfds > settings_.accept_fds) {
+            passed_fds_.clear();
+            why = "connection error: more than " + std::to_string(settings_.accept_fds) + " file descriptors passed";
+            break;
+          }
+          if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) first_read_ = true;  // nothing came yet
+        } else {
+          r = ::read(fd_, rbuf_.get() + got, kReadBatch - got);
+        }
         if (r > 0) {
           got += static_cast<size_t>(r);
           continue;
@@ -317,7 +334,16 @@ void H2Conn::feed(const uint8_t* data, size_t len) {
 void H2Conn::write_tls() {
   while (!ssl_ && woff_ < wbuf_.size()) {
     // Plaintext: wbuf_ is the write buffer, written as it is.
-    ssize_t r = ::send(fd_, wbuf_.data() + woff_, wbuf_.size() - woff_, MSG_NOSIGNAL);
+    ssize_t r;
+    if (!handover_.pass_fds.empty()) {
+      // One byte carries the fds: a one-byte send is never partial.
+      int e = send_fds_nothrow(fd_, handover_.pass_fds, wbuf_.data() + woff_, 1);
+      errno = e;
+      r = e ? -1 : 1;
+      if (!e) handover_.pass_fds.clear();
+    } else {
+      r = ::send(fd_, wbuf_.data() + woff_, wbuf_.size() - woff_, MSG_NOSIGNAL);
+    }
     if (r > 0) {
       woff_ += static_cast<size_t>(r);
       continue;

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "common/fd.h"
+
 namespace shimlet::proto {
 
 using Headers = std::vector<std::pair<std::string, std::string>>;
@@ -41,6 +43,11 @@ struct H2Settings {
   size_t total_high_water = 32u << 20;
   int handshake_timeout_s = 10;
   int ping_interval_s = 0;  // keepalive PINGs when > 0; no ACK by the next tick closes the connection
+  // Plaintext (the root-only unix socket) server: keep up to this many file
+  // descriptors the peer passes (SCM_RIGHTS) with the connection's first
+  // bytes, for take_passed_fds(). 0: none are taken (the kernel closes any
+  // sent). More than this many closes the connection.
+  size_t accept_fds = 0;
 };
 
 // The SETTINGS a server sends first (H2Conn's and H2FirstRequest's: byte
@@ -81,8 +88,12 @@ class H2Conn {
   // (proto/h2_first.h): preread, the plaintext it read off the connection,
   // is handled before anything read from the socket; sent, what it wrote
   // (the server connection preface), is not written again.
+  // pass_fds (plaintext client only): sent with SCM_RIGHTS attached to the
+  // first byte written (a one-byte sendmsg, so it is never split); they stay
+  // the caller's.
   struct Handover {
     std::string preread, sent;
+    std::vector<int> pass_fds;
   };
   H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, H2Settings settings = {},
          Handover handover = {});
@@ -117,6 +128,9 @@ class H2Conn {
   const H2Settings& settings() const { return settings_; }
   uint64_t bytes_in() const { return bytes_in_; }
   uint64_t bytes_out() const { return bytes_out_; }
+  // Server: the fds the peer passed with its first bytes (settings'
+  // accept_fds), in the order sent; empty after the first call.
+  std::vector<Fd> take_passed_fds() { return std::move(passed_fds_); }
 
  private:
   struct Out {
@@ -185,6 +199,8 @@ class H2Conn {
   size_t open_in_ = 0;       // server: request streams counted against max_concurrent_streams
   std::string proto_error_;  // why nghttp2 ended the session (the GOAWAY it sent), for close()
   Handover handover_;        // preread fed once the session exists (connected()); sent skipped in pump()
+  bool first_read_ = true;   // plaintext: only the first read looks for passed fds
+  std::vector<Fd> passed_fds_;
 };
 
 }  // namespace shimlet::proto

@@ -24,13 +24,13 @@
 #include "common/base64.h"
 #include "common/error.h"
 #include "common/log.h"
-#include "spool/spool.h"
 #include "proto/frames.h"
 #include "proto/tls.h"
 #include "shim/gate.h"
 #include "shim/session_internal.h"
 #include "shim/session_k8s.h"
 #include "shim/session_recording.h"
+#include "spool/spool.h"
 
 namespace shimlet::session {
 namespace {
@@ -288,8 +288,11 @@ proto::H2Settings session_h2_settings() {
 
 Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd)
     : Context(base, std::move(cfg), std::move(ctr), conn_fd, shim_fd) {
-  conn_ =
-      std::make_unique<proto::H2Conn>(base, conn_fd, nullptr, proto::H2Conn::Role::Server, this, session_h2_settings());
+  proto::H2Settings st = session_h2_settings();
+  // Root's local exec may pass its own stdin/stdout/stderr (docs/design.md
+  // "Local socket": the command's stdio, as runc exec gives it).
+  st.accept_fds = 3;
+  conn_ = std::make_unique<proto::H2Conn>(base, conn_fd, nullptr, proto::H2Conn::Role::Server, this, st);
 }
 
 Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, SSL* ssl, std::string early,
@@ -300,7 +303,7 @@ Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_
   accepted_claims_ = claims;
   adopt(claims, accepted_unix);
   conn_ = std::make_unique<proto::H2Conn>(base, conn_fd, ssl, proto::H2Conn::Role::Server, this, session_h2_settings(),
-                                          proto::H2Conn::Handover{std::move(early), std::move(sent)});
+                                          proto::H2Conn::Handover{std::move(early), std::move(sent), {}});
 }
 
 Session::~Session() {

@@ -98,8 +98,14 @@ struct ExecEngine::Impl {
     req.argv = spec.argv;
     nsenter::Stdio io;
     io.tty = tty_;
-    Pipe in_p = make_pipe(), out_p = make_pipe(), err_p = make_pipe();
-    if (tty_) {
+    std::vector<Fd> passed = std::move(passed_fds_);
+    passed_ = passed.size() == (stdin_ ? 3u : 2u) && !tty_ && !rec_ && keep_stdout_ && keep_stderr_;
+    Pipe in_p = make_pipe(), out_p = passed_ ? Pipe{} : make_pipe(), err_p = passed_ ? Pipe{} : make_pipe();
+    if (passed_) {
+      io.in = stdin_ ? passed[0].get() : in_p.read.get();  // without stdin: EOF, as below
+      io.out = passed[stdin_ ? 1 : 0].get();
+      io.err = passed[stdin_ ? 2 : 1].get();
+    } else if (tty_) {
       io.cols = spec.cols;  // 0x0: left unset (nsenter sets a size only when both are given)
       io.rows = spec.rows;
       req.extra_env.push_back("TERM=" + sanitize_term(spec.term));
@@ -126,8 +132,14 @@ struct ExecEngine::Impl {
                               {"tty", tty_},
                               {"stdin", stdin_},
                               {"pid", proc_.pid},
+                              {"stdio", passed_ ? "client"
+                                        : tty_  ? "pty"
+                                                : "pipes"},
                               {"isolation", conf_->describe()}});
-    if (tty_) {
+    passed.clear();  // the command holds them now; the session keeps no copy
+    if (passed_) {
+      out_eof_ = err_eof_ = true;  // nothing to read or drain: the exit ends the exec
+    } else if (tty_) {
       out_fd_ = std::move(proc_.pty_master);
       set_nonblocking(out_fd_.get());
       in_fd_ = Fd(::fcntl(out_fd_.get(), F_DUPFD_CLOEXEC, 3));
@@ -144,8 +156,10 @@ struct ExecEngine::Impl {
       // Without stdin the command sees EOF at once: in_p.write closes with this scope.
     }
     event_base* b = ctx_.base();
-    ev_out_ = event_new(b, out_fd_.get(), EV_READ | EV_PERSIST, on_readable, this);
-    event_add(ev_out_, nullptr);
+    if (out_fd_) {
+      ev_out_ = event_new(b, out_fd_.get(), EV_READ | EV_PERSIST, on_readable, this);
+      event_add(ev_out_, nullptr);
+    }
     if (err_fd_) {
       ev_err_ = event_new(b, err_fd_.get(), EV_READ | EV_PERSIST, on_readable, this);
       event_add(ev_err_, nullptr);
@@ -381,6 +395,8 @@ struct ExecEngine::Impl {
   std::optional<Confinement> conf_;     // the session's cgroup, label, Landlock (outlives proc_'s kill)
   std::unique_ptr<ExecRecording> rec_;  // the exec's recording, when it is recorded (docs/recording.md)
   Fd in_fd_, out_fd_, err_fd_;
+  std::vector<Fd> passed_fds_;  // pass_stdio()'s, until start()
+  bool passed_ = false;         // the command has the client's stdio (no pipes)
   event *ev_out_ = nullptr, *ev_err_ = nullptr, *ev_in_ = nullptr, *ev_exit_ = nullptr, *ev_drain_ = nullptr,
         *ev_watch_ = nullptr;
   std::string stdin_buf_;
@@ -394,6 +410,8 @@ struct ExecEngine::Impl {
 ExecEngine::ExecEngine(Context& ctx, ExecSink& sink) : impl_(std::make_unique<Impl>(ctx, sink)) {}
 ExecEngine::~ExecEngine() = default;
 void ExecEngine::start(const ExecSpec& spec, const ticket::Claims& claims) { impl_->start(spec, claims); }
+void ExecEngine::pass_stdio(std::vector<Fd> fds) { impl_->passed_fds_ = std::move(fds); }
+bool ExecEngine::stdio_passed() const { return impl_->passed_; }
 void ExecEngine::write_stdin(const uint8_t* data, size_t len) { impl_->write_stdin(data, len); }
 void ExecEngine::close_stdin() { impl_->close_stdin(); }
 size_t ExecEngine::stdin_queued() const { return impl_->stdin_buf_.size(); }
@@ -437,6 +455,10 @@ class Exec : public StreamHandler, public ExecSink {
     if (es.stdin_ != claims.stdin_ || es.tty != claims.tty)
       return refuse(403, "ticket does not allow these stdin/tty flags");
     tty_ = es.tty;
+    // The client passed its stdio with its first bytes (local socket only:
+    // no other connection can carry fds).
+    if (auto st = spec.find("stdio"); st != spec.end() && st->is_string() && *st == proto::kStdioClient)
+      engine_.pass_stdio(s_.conn().take_passed_fds());
     engine_.start(es, claims);
   }
 
@@ -449,13 +471,15 @@ class Exec : public StreamHandler, public ExecSink {
 
   // ExecSink
   void on_started(pid_t) override {
-    s_.conn().respond(stream_, {{":status", "200"}, {"content-type", "application/x-shimlet-exec"}});
+    proto::Headers h = {{":status", "200"}, {"content-type", "application/x-shimlet-exec"}};
+    if (engine_.stdio_passed()) h.emplace_back(proto::kStdioHeader, proto::kStdioClient);
+    s_.conn().respond(stream_, h);
   }
   void on_output(int fd, const char* data, size_t len) override {
-    std::string frame;
-    proto::append_frame(frame, fd == 2 ? proto::FrameType::Stderr : proto::FrameType::Stdout,
-                        std::string_view(data, len));
-    s_.conn().send(stream_, frame.data(), frame.size());
+    // The header, then the payload from the engine's buffer: no frame copy.
+    auto header = proto::frame_header(fd == 2 ? proto::FrameType::Stderr : proto::FrameType::Stdout, len);
+    s_.conn().send(stream_, header.data(), header.size());
+    s_.conn().send(stream_, data, len);
   }
   size_t out_queued() const override {
     // Same per-stream limit the H2 connection drains against (on_drain resumes).
@@ -489,26 +513,27 @@ class Exec : public StreamHandler, public ExecSink {
 
   // StreamHandler
   void on_data(const uint8_t* data, size_t len) override {
-    dec_.feed(std::string_view(reinterpret_cast<const char*>(data), len));
     owed_ += len;
-    while (auto f = dec_.next()) {
-      switch (f->type) {
-        case proto::FrameType::Stdin:
-          engine_.write_stdin(reinterpret_cast<const uint8_t*>(f->payload.data()), f->payload.size());
-          break;
-        case proto::FrameType::StdinEof:
-          engine_.close_stdin();
-          break;
-        case proto::FrameType::Resize: {
-          uint16_t c, r;
-          if (tty_ && proto::parse_resize(f->payload, c, r)) engine_.resize(c, r);
-          break;
-        }
-        default:
-          break;
-      }
-      if (finished_) return;
-    }
+    dec_.decode(std::string_view(reinterpret_cast<const char*>(data), len),
+                [this](proto::FrameType type, std::string_view payload) {
+                  switch (type) {
+                    case proto::FrameType::Stdin:
+                      engine_.write_stdin(reinterpret_cast<const uint8_t*>(payload.data()), payload.size());
+                      break;
+                    case proto::FrameType::StdinEof:
+                      engine_.close_stdin();
+                      break;
+                    case proto::FrameType::Resize: {
+                      uint16_t c, r;
+                      if (tty_ && proto::parse_resize(payload, c, r)) engine_.resize(c, r);
+                      break;
+                    }
+                    default:
+                      break;
+                  }
+                  return !finished_;
+                });
+    if (finished_) return;
     if (!dec_.error().empty()) {
       log::warn("bad exec frame from client", {{"error", dec_.error()}});
       s_.conn().reset(stream_, NGHTTP2_PROTOCOL_ERROR);

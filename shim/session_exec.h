@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "common/fd.h"
 #include "shim/session_context.h"
 #include "ticket/ticket.h"
 
@@ -75,6 +76,15 @@ class ExecEngine {
   // for internal errors (the caller answers 500); a command that cannot run
   // is on_started(0) + on_exit(126/127).
   void start(const ExecSpec& spec, const ticket::Claims& claims);
+  // Root's local exec (docs/design.md "Local socket"): the client's own
+  // stdin (only when spec.stdin_), stdout and stderr, in that order, become
+  // the command's, as runc exec hands its stdio on; the engine then copies
+  // and reads nothing and reports only the exit. Call before start(). Not
+  // used (the fds are closed, pipes as usual) with a tty, a recording (it
+  // must see the bytes), a discarded stream, or the wrong number of fds:
+  // stdio_passed() says which, from on_started() on.
+  void pass_stdio(std::vector<Fd> fds);
+  bool stdio_passed() const;
   void write_stdin(const uint8_t* data, size_t len);
   // End of stdin (pipes: the command reads EOF; tty: ignored, like a terminal).
   void close_stdin();

@@ -3,7 +3,8 @@
 // The first input byte sets how the rest is cut into feed() calls (as TLS
 // records and HTTP/2 DATA chunks cut it). Checks: no frame beyond the payload
 // limit, a sticky error stops output, and every input that decodes cleanly
-// re-encodes to the bytes it consumed (round trip), whatever the cuts.
+// re-encodes to the bytes it consumed (round trip), whatever the cuts; and
+// the zero-copy decode() yields exactly what feed()/next() do.
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -32,6 +33,22 @@ std::vector<FrameDecoder::Frame> decode(std::string_view in, size_t step, std::s
   return out;
 }
 
+std::vector<FrameDecoder::Frame> decode_views(std::string_view in, size_t step, std::string& error, size_t& left) {
+  FrameDecoder d;
+  std::vector<FrameDecoder::Frame> out;
+  for (size_t i = 0; i < in.size(); i += step) {
+    bool ok = d.decode(in.substr(i, step), [&](FrameType t, std::string_view p) {
+      if (p.size() > kMaxFramePayload) abort();
+      out.push_back({t, std::string(p)});
+      return true;
+    });
+    if (ok != d.error().empty()) abort();
+  }
+  error = d.error();
+  left = d.buffered();
+  return out;
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -46,6 +63,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // The cuts must not change what is decoded (after an error the decoder
   // stops taking bytes, so what it holds then depends on the cuts).
   if (a.size() != b.size() || err_a != err_b || (err_a.empty() && left_a != left_b)) abort();
+  std::string err_c;
+  size_t left_c = 0;
+  auto c = decode_views(in, step, err_c, left_c);
+  if (c.size() != a.size() || err_c != err_a || (err_a.empty() && left_c != left_a)) abort();
+  for (size_t i = 0; i < c.size(); i++)
+    if (c[i].type != a[i].type || c[i].payload != a[i].payload) abort();
   std::string re;
   for (size_t i = 0; i < a.size(); i++) {
     if (a[i].type != b[i].type || a[i].payload != b[i].payload) abort();

@@ -280,8 +280,11 @@ def test_slow_reader_bounded_memory(env, ctr):
     # A reader that stops: flow control must stop the command, not grow our
     # buffers. 96 MiB, more than the bound: a shimctl that buffered what it
     # cannot write would read it all and grow past the limit.
+    # Over TLS: on the local socket the command writes to our pipe itself
+    # (passed stdio) and shimctl holds nothing to bound.
     total = 96 << 20
-    p = subprocess.Popen(env.shimctl("exec", ctr.id, "--", "dd", "if=/dev/zero", "bs=1048576", f"count={total >> 20}"),
+    p = subprocess.Popen(env.shimctl("exec", ctr.id, "--", "dd", "if=/dev/zero", "bs=1048576", f"count={total >> 20}",
+                                     tls=True),
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         # Under ASan freed buffers stay resident in the allocator's quarantine
@@ -513,6 +516,61 @@ def test_local_exec_uses_the_root_only_local_socket(env, ctr):
     assert peers[True].startswith("127.0.0.1:"), peers
 
 
+def test_local_exec_gives_the_command_shimctls_own_stdio(env, ctr):
+    # Over the local socket the command writes to shimctl's own stdout and
+    # stderr (passed fds, as runc exec does); over TLS, to the session's pipes.
+    log = os.path.join(env.state, ctr.id, "shim.log")
+    start = os.path.getsize(log)
+    for tls in (False, True):
+        marker = f"fds-{uuid.uuid4().hex[:8]}"
+        p = subprocess.Popen(env.shimctl("exec", ctr.id, "--", "sh", "-c",
+                                         f"for f in 1 2; do readlink /proc/self/fd/$f; done; exit 7 # {marker}", tls=tls),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ours = [f"pipe:[{os.fstat(f.fileno()).st_ino}]" for f in (p.stdout, p.stderr)]
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 7, err
+        theirs = out.decode().split()
+        if tls:
+            assert len(theirs) == 2 and theirs[0].startswith("pipe:[") and not set(theirs) & set(ours), (theirs, ours)
+        else:
+            assert theirs == ours
+        line = wait_for(lambda: next((l for l in exec_start_lines(log, start) if marker in " ".join(l.get("command", []))),
+                                     None), 10, f"exec.start audit line for {marker}")
+        assert line["stdio"] == ("pipes" if tls else "client"), line
+
+
+def test_local_exec_never_passes_a_terminal(env, ctr):
+    # stdout a terminal without -t: copied through the session's pipes (a
+    # container process holding a host terminal could inject input, TIOCSTI).
+    t = Pty(env.shimctl("exec", ctr.id, "--", "sh", "-c", "readlink /proc/self/fd/1; echo END"), 24, 80)
+    try:
+        out = t.read_until(lambda o: b"END" in o, timeout=30)
+        assert t.wait() == 0
+    finally:
+        t.close()
+    assert out.startswith(b"pipe:["), out
+
+
+def test_local_exec_passed_stdio_killed_client_ends_the_command(env, ctr):
+    # The command writes straight into our pipe; killing shimctl mid-stream
+    # still ends it (the session sees the connection close).
+    marker = str(800000 + uuid.uuid4().int % 99999)
+    p = subprocess.Popen(env.shimctl("exec", ctr.id, "--", "yes", marker), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.read(1 << 20).startswith(marker.encode())
+        procs = wait_for(lambda: [x for x in pids_with_cmdline(marker.encode()) if x != p.pid], 5, "the command")
+        p.kill()
+        p.wait()
+        wait_for(lambda: not any(alive(x) for x in procs), 5, "the command to die")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+        p.stderr.close()
+
+
 def test_local_socket_path_longer_than_sun_path(tmp_path):
     # sun_path holds 107 bytes; the shim binds and shimctl connects through the
     # directory's fd, so a deep state dir works.
@@ -573,6 +631,11 @@ def test_connection_lost_before_status(env, ctr):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(s, signal.SIGKILL)
         assert p.wait(timeout=10) == 255
+        # The orphaned command holds shimctl's own stdout and stderr (passed
+        # fds, as with runc exec): end it before reading them to EOF.
+        for x in pids_with_cmdline(marker.encode()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(x, signal.SIGKILL)
         err = p.stderr.read().decode()
         assert err.startswith("error: connection to shim lost") and len(err.splitlines()) == 1, err
     finally:
