@@ -1,10 +1,10 @@
-// The Kubernetes HTTP/1.1 front door (shim/session_k8s.h): admit_k8s() checks
+// The Kubernetes HTTP/1.1 front door (session/session_k8s.h): admit_k8s() checks
 // one request head (routes the Kubernetes API and CRI streaming URL shapes,
 // negotiates the streaming protocol, verifies the ticket against the query),
 // run by the pre-authentication gate; the door then serves the admitted
 // request: exec over WebSocket channels (v5/v4.channel.k8s.io) with the exec
 // engine, or the byte stream handed to the SPDY side (session_spdy.h).
-#include "shim/session_k8s.h"
+#include "session/session_k8s.h"
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -17,9 +17,9 @@
 
 #include "common/error.h"
 #include "common/log.h"
-#include "shim/session_exec.h"
-#include "shim/session_http1.h"
-#include "shim/session_spdy.h"
+#include "session/session_exec.h"
+#include "session/session_http1.h"
+#include "session/session_spdy.h"
 
 namespace shimlet::session {
 namespace {

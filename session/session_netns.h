@@ -12,7 +12,7 @@
 #include <string>
 
 #include "common/fd.h"
-#include "shim/session_context.h"
+#include "session/session_context.h"
 
 namespace shimlet::session {
 

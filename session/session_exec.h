@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "shim/session_context.h"
+#include "session/session_context.h"
 #include "ticket/ticket.h"
 
 namespace shimlet::session {

@@ -15,8 +15,8 @@
 
 #include "common/error.h"
 #include "common/log.h"
-#include "shim/session_internal.h"
-#include "shim/session_netns.h"
+#include "session/session_internal.h"
+#include "session/session_netns.h"
 
 namespace shimlet::session {
 namespace {

@@ -11,7 +11,7 @@
 #include "common/fd.h"
 #include "nsenter/nsenter.h"
 #include "proto/h2.h"
-#include "shim/session_context.h"
+#include "session/session_context.h"
 #include "ticket/ticket.h"
 
 namespace shimlet::session {

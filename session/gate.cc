@@ -1,4 +1,4 @@
-#include "shim/gate.h"
+#include "session/gate.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -27,10 +27,10 @@
 #include "proto/h2_first.h"
 #include "proto/http1.h"
 #include "proto/tls.h"
+#include "session/preauth.h"
+#include "session/session_http1.h"
+#include "session/session_isolation.h"
 #include "shim/gate_proto.h"
-#include "shim/preauth.h"
-#include "shim/session_http1.h"
-#include "shim/session_isolation.h"
 
 namespace shimlet::session {
 namespace {

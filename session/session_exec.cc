@@ -1,8 +1,8 @@
-// The exec engine (shim/session_exec.h): starts the command in the container
+// The exec engine (session/session_exec.h): starts the command in the container
 // (nsenter/), feeds stdin, reads stdout/stderr with backpressure until the
 // process exits and its output is drained, and reports the exact status.
 // Below it, the native HTTP/2 sink: frames (proto/frames.h) on one stream.
-#include "shim/session_exec.h"
+#include "session/session_exec.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -18,8 +18,8 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "proto/frames.h"
-#include "shim/session_internal.h"
-#include "shim/session_recording.h"
+#include "session/session_internal.h"
+#include "session/session_recording.h"
 
 namespace shimlet::session {
 namespace {

@@ -13,7 +13,7 @@
 //  * port-forward: per "requestid" an error and a data stream; the data
 //    stream carries the bytes, a failure is text on the error stream (then
 //    FIN on both) and never ends the session.
-#include "shim/session_spdy.h"
+#include "session/session_spdy.h"
 
 #include <errno.h>
 #include <sys/socket.h>
@@ -27,7 +27,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "proto/spdy.h"
-#include "shim/session_netns.h"
+#include "session/session_netns.h"
 
 namespace shimlet::session {
 namespace {

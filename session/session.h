@@ -1,6 +1,6 @@
 // shimlet-session: serves one connection for the shim (docs/design.md "shim →
 // session and gate fd contract"): a local socket's (HTTP/2 without TLS), or,
-// started as `--gate`, the pre-authentication gate (shim/gate.h) that holds
+// started as `--gate`, the pre-authentication gate (session/gate.h) that holds
 // every unauthenticated TCP connection and becomes the session of each one
 // it admits (a fork). Then a ticket on every request, exec in the container
 // (session_exec.cc) or port-forward (session_forward.cc). One process per

@@ -1,4 +1,4 @@
-#include "shim/session.h"
+#include "session/session.h"
 
 #include <arpa/inet.h>
 #include <event2/event.h>
@@ -24,13 +24,13 @@
 #include "common/base64.h"
 #include "common/error.h"
 #include "common/log.h"
-#include "spool/spool.h"
 #include "proto/frames.h"
 #include "proto/tls.h"
-#include "shim/gate.h"
-#include "shim/session_internal.h"
-#include "shim/session_k8s.h"
-#include "shim/session_recording.h"
+#include "session/gate.h"
+#include "session/session_internal.h"
+#include "session/session_k8s.h"
+#include "session/session_recording.h"
+#include "spool/spool.h"
 
 namespace shimlet::session {
 namespace {
@@ -498,7 +498,7 @@ struct Args {
   std::string config;
   std::vector<std::pair<std::string, int>> ns;
   int warm_idle_s = 0;      // > 0: set up now, serve the connection the shim passes within this time
-  int gate_idle_s = 0;      // > 0: the pre-authentication gate (shim/gate.h), exits after this long unused
+  int gate_idle_s = 0;      // > 0: the pre-authentication gate (session/gate.h), exits after this long unused
   bool gate_zygote = true;  // the gate keeps a zygote placed (off: warm_idle_s 0)
   int gate_cri_fd = -1;     // the gate: the shim's CRI listener (plain HTTP/1.1, CRI shapes only), if any
 };
@@ -658,7 +658,7 @@ int serve(event_base* base, std::unique_ptr<FrontDoor> door) {
   return code;
 }
 
-// The pre-authentication gate (shim/gate.h) until it admits a connection;
+// The pre-authentication gate (session/gate.h) until it admits a connection;
 // then this process serves that connection as its session.
 int run_gate(const Args& args, Config cfg, nsenter::Container ctr) {
   prctl(PR_SET_NAME, "shimlet-gate", 0, 0, 0);

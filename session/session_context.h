@@ -14,7 +14,7 @@
 
 #include "common/fd.h"
 #include "nsenter/nsenter.h"
-#include "shim/session_isolation.h"
+#include "session/session_isolation.h"
 #include "ticket/ticket.h"
 
 namespace shimlet::session {
@@ -45,7 +45,7 @@ struct Config {
   // Outbox for the session's end record (shim.json "ends_dir", set by the hook
   // only when a master is configured); empty: no record is written.
   std::string ends_dir;
-  Isolation isolation;  // per-session cgroup, SELinux label, Landlock (shim/session_isolation.h)
+  Isolation isolation;  // per-session cgroup, SELinux label, Landlock (session/session_isolation.h)
   // The pre-authentication gate's bounds (docs/design.md "Pre-authentication gate").
   int preauth_timeout_ms = 5000;
   size_t preauth_max_connections = 4096;

@@ -1,4 +1,4 @@
-#include "shim/session_netns.h"
+#include "session/session_netns.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
