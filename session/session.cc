@@ -17,12 +17,13 @@
 #include <unistd.h>
 
 #include <charconv>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "common/base64.h"
 #include "common/error.h"
+#include "common/event.h"
+#include "common/file.h"
 #include "common/log.h"
 #include "proto/frames.h"
 #include "proto/tls.h"
@@ -36,14 +37,6 @@ namespace shimlet::session {
 namespace {
 
 constexpr int kConnFd = 3, kShimFd = 4, kPidFd = 5;
-
-std::string read_file(const std::string& path, size_t limit) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw sys_error("open " + path);
-  std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (s.size() > limit) throw Error(path + ": larger than " + std::to_string(limit) + " bytes");
-  return s;
-}
 
 nlohmann::json error_body(const std::string& why) { return {{"error", why}}; }
 
@@ -74,7 +67,7 @@ std::string peer_of(int fd) {
 }
 
 Config load_config(const std::string& path) {
-  auto j = nlohmann::json::parse(read_file(path, 1 << 20));
+  auto j = nlohmann::json::parse(read_regular_file(path, 1 << 20));
   Config c;
   c.id = j.at("id").get<std::string>();
   c.pid = j.at("pid").get<pid_t>();
@@ -175,7 +168,8 @@ void Context::set_peer_cert(SSL* ssl) {
   if (X509* peer = ssl ? SSL_get0_peer_certificate(ssl) : nullptr) peer_jkt_ = proto::jkt_of_cert(peer);
 }
 
-bool Context::consume_jti(const ticket::Claims& c, std::string& why) {
+std::optional<AuthResult> Context::consume_jti(const ticket::Claims& c) {
+  auto refused = [](int status, std::string why) { return AuthResult{std::nullopt, status, std::move(why)}; };
   // The replay cache lives in the shim so it outlives this process and is
   // shared by every session of the container (docs/design.md).
   std::string d = sha256(c.jti);
@@ -184,25 +178,21 @@ bool Context::consume_jti(const ticket::Claims& c, std::string& why) {
   // Kept until the last moment the ticket could still verify (exp + leeway).
   int64_t exp = c.exp + cfg_.clock_leeway_s;
   memcpy(msg + 32, &exp, 8);
-  if (::send(shim_fd_, msg, sizeof msg, MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof msg)) {
-    why = "replay check unavailable: " + std::string(strerror(errno));
-    return false;
-  }
+  if (ssize_t n = ::send(shim_fd_, msg, sizeof msg, MSG_NOSIGNAL); n != static_cast<ssize_t>(sizeof msg))
+    return refused(503, "replay check unavailable: " + (n < 0 ? std::string(strerror(errno)) : "short write"));
   pollfd p{shim_fd_, POLLIN, 0};
   int r;
   do r = ::poll(&p, 1, 2000);
   while (r < 0 && errno == EINTR);
   char reply = 0;
-  if (r <= 0 || ::recv(shim_fd_, &reply, 1, 0) != 1) {
-    why = "replay check unavailable: the shim did not answer";
-    return false;
-  }
+  if (r <= 0 || ::recv(shim_fd_, &reply, 1, 0) != 1)
+    return refused(503, "replay check unavailable: the shim did not answer");
   if (reply == 'A') {
     accepted(c);
-    return true;
+    return std::nullopt;
   }
-  why = reply == 'R' ? "ticket already used (replay refused)" : "replay cache full: try again shortly";
-  return false;
+  if (reply == 'R') return refused(403, "ticket already used (replay refused)");
+  return refused(503, "replay cache full: try again shortly");
 }
 
 void Context::accepted(const ticket::Claims& c) {
@@ -261,13 +251,7 @@ AuthResult verify_ticket(const Config& cfg, const std::string& token, const std:
 AuthResult Context::authenticate_once(const std::string& token, const std::string& verb) {
   AuthResult r = verify_ticket(token, verb);
   if (!r.claims) return r;
-  std::string why;
-  if (!consume_jti(*r.claims, why)) {
-    AuthResult f;
-    f.status = why.rfind("ticket already", 0) == 0 ? 403 : 503;
-    f.why = why;
-    return f;
-  }
+  if (std::optional<AuthResult> refused = consume_jti(*r.claims)) return std::move(*refused);
   log::set_context(
       {{"container", cfg_.id}, {"session", sid_}, {"peer", peer_}, {"user", r.claims->sub}, {"jti", r.claims->jti}});
   // A warm session's placed zygote serves execs only: a forward gives its
@@ -308,9 +292,9 @@ Session::~Session() {
   conn_.reset();
 }
 
-std::string Session::on_connected(SSL* ssl) {
+std::optional<std::string> Session::on_connected(SSL* ssl) {
   set_peer_cert(ssl);
-  return "";
+  return std::nullopt;
 }
 
 void Session::refuse(int32_t stream, int status, const std::string& why, const std::string& event) {
@@ -623,15 +607,15 @@ bool is_unix_socket(int fd) {
   return getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0 && ss.ss_family == AF_UNIX;
 }
 
-// "" when the local socket's peer may use it: the shim's own user (root).
-std::string local_peer_refusal(int fd) {
+// Why the local socket's peer may not use it; nullopt for the shim's own user (root).
+std::optional<std::string> local_peer_refusal(int fd) {
   ucred cr{};
   socklen_t len = sizeof cr;
   if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) < 0)
     return std::string("local socket: SO_PEERCRED: ") + strerror(errno);
   if (cr.uid != geteuid())
     return "local socket: peer uid " + std::to_string(cr.uid) + " is not " + std::to_string(geteuid());
-  return "";
+  return std::nullopt;
 }
 
 // A connection refused before any front door exists (local socket peer):
@@ -645,14 +629,14 @@ int refuse_connection(const std::string& container, const std::string& why) {
 
 // Runs the connection's front door until it is done; its exit code.
 int serve(event_base* base, std::unique_ptr<FrontDoor> door) {
-  event* term = evsignal_new(base, SIGTERM, on_signal, door.get());
-  event_add(term, nullptr);
+  EventPtr term = new_event(base, SIGTERM, EV_SIGNAL | EV_PERSIST, on_signal, door.get());
+  event_add(term.get(), nullptr);
   if (g_warm_term) on_signal(SIGTERM, 0, door.get());  // arrived after a warm session's wait
-  event* cexit = event_new(base, kPidFd, EV_READ, on_container_exit, door.get());
-  event_add(cexit, nullptr);
+  EventPtr cexit = new_event(base, kPidFd, EV_READ, on_container_exit, door.get());
+  event_add(cexit.get(), nullptr);
   event_base_dispatch(base);
-  event_free(term);
-  event_free(cexit);
+  term.reset();
+  cexit.reset();
   int code = door->exit_code();
   door.reset();
   return code;
@@ -663,15 +647,15 @@ int serve(event_base* base, std::unique_ptr<FrontDoor> door) {
 int run_gate(const Args& args, Config cfg, nsenter::Container ctr) {
   prctl(PR_SET_NAME, "shimlet-gate", 0, 0, 0);
   log::set_component("gate");
-  proto::SslCtx ctx = proto::make_server_ctx(read_file(cfg.tls_cert, 1 << 16), read_file(cfg.tls_key, 1 << 16),
-                                             /*allow_http1=*/true);
+  proto::SslCtx ctx =
+      proto::make_server_ctx(read_regular_file(cfg.tls_cert, 1 << 16), read_regular_file(cfg.tls_key, 1 << 16),
+                             /*allow_http1=*/true);
   Gate gate(cfg, ctr, ctx.get(), GateOptions{args.gate_idle_s, args.gate_zygote, args.gate_cri_fd});
   std::optional<Admitted> a = gate.run();
   if (!a) return 0;
   prctl(PR_SET_NAME, "shimlet-session", 0, 0, 0);
   log::set_component("session");
-  std::unique_ptr<event_base, decltype(&event_base_free)> base(event_base_new(), event_base_free);
-  if (!base) throw Error("event_base_new failed");
+  EventBasePtr base = new_event_base();
   int fd = a->conn.release();
   SSL* ssl = std::exchange(a->ssl, nullptr);
   std::unique_ptr<FrontDoor> door;
@@ -695,13 +679,16 @@ int main(int argc, char** argv) {
   OPENSSL_init_ssl(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);
   log::set_component("session");
   // Secrets (TLS key, tickets) live here; nobody may ptrace or read /proc/PID/mem.
-  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) {
+    log::error("session failed", {{"error", sys_error("prctl(PR_SET_DUMPABLE, 0)").what()}});
+    return 1;
+  }
   signal(SIGPIPE, SIG_IGN);
   // One fd per forwarded connection (the gate: per unauthenticated
   // connection): allow up to the hard limit.
   if (rlimit rl{}; getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
     rl.rlim_cur = rl.rlim_max;
-    setrlimit(RLIMIT_NOFILE, &rl);
+    setrlimit(RLIMIT_NOFILE, &rl);  // best effort: the soft limit still serves most sessions
   }
   try {
     Args args = parse_args(argc, argv);
@@ -713,8 +700,7 @@ int main(int argc, char** argv) {
     ctr.config = oci::load_config(cfg.bundle);
     if (args.gate_idle_s) return run_gate(args, std::move(cfg), std::move(ctr));
     // Made before a warm session's wait: one step less after its connection arrives.
-    std::unique_ptr<event_base, decltype(&event_base_free)> base(event_base_new(), event_base_free);
-    if (!base) throw Error("event_base_new failed");
+    EventBasePtr base = new_event_base();
     if (args.warm_idle_s && !await_connection(cfg, ctr, args.warm_idle_s)) return 0;
     // The shim's local socket (docs/design.md "Local socket"): root on the
     // node, HTTP/2 with prior knowledge, no TLS. TCP connections never come
@@ -722,8 +708,8 @@ int main(int argc, char** argv) {
     if (!is_unix_socket(kConnFd)) throw Error("fd 3 is not the local socket's connection (TCP goes to the gate)");
     // The socket file is root's 0600 in a 0700 directory; its peer's uid is
     // checked all the same.
-    evutil_make_socket_nonblocking(kConnFd);
-    if (std::string why = local_peer_refusal(kConnFd); !why.empty()) return refuse_connection(cfg.id, why);
+    set_nonblocking(kConnFd);
+    if (auto why = local_peer_refusal(kConnFd)) return refuse_connection(cfg.id, *why);
     return serve(base.get(), std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd));
   } catch (const std::exception& e) {
     log::error("session failed", {{"error", e.what()}});

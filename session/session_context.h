@@ -93,8 +93,10 @@ class Context {
   // Signature, aud, verb, lifetime and cnf.jkt against the client
   // certificate. Does not consume the jti.
   AuthResult verify_ticket(const std::string& token, const std::string& verb) const;
-  // Asks the shim's replay cache to consume the ticket's jti (fail closed).
-  bool consume_jti(const ticket::Claims& c, std::string& why);
+  // Asks the shim's replay cache to consume the ticket's jti (fail closed):
+  // nullopt once consumed, else the refusal (403 replayed; 503 cache full or
+  // the shim unreachable).
+  std::optional<AuthResult> consume_jti(const ticket::Claims& c);
   // verify_ticket + consume_jti + audit context (user, jti): a ticket's one use.
   AuthResult authenticate_once(const std::string& token, const std::string& verb);
   // The ticket's jti was consumed before this session existed (the gate's

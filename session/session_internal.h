@@ -69,7 +69,7 @@ class Session : public Context, public FrontDoor, public proto::H2Conn::Handler 
   static constexpr size_t kSessionOutBudget = 32u << 20;
 
   // H2Conn::Handler
-  std::string on_connected(SSL* ssl) override;
+  std::optional<std::string> on_connected(SSL* ssl) override;
   void on_headers(int32_t stream, const proto::Headers& h, bool end_stream) override;
   void on_data(int32_t stream, const uint8_t* data, size_t len) override;
   void on_remote_end(int32_t stream) override;
