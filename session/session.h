@@ -9,6 +9,11 @@
 
 namespace shimlet::session {
 
+// The fds shimlet-session starts with (docs/design.md "shim → session and
+// gate fd contract"): the connection, the shim's control socket, the
+// container init's pidfd. The gate names them for its own use (gate.cc).
+inline constexpr int kConnFd = 3, kShimFd = 4, kPidFd = 5;
+
 // Entry point of the shimlet-session binary; returns the process exit code.
 int main(int argc, char** argv);
 
