@@ -219,7 +219,7 @@ class ExecClient : public proto::H2Conn::Handler {
     return 1;
   }
 
-  std::string on_connected(SSL* ssl) override {
+  std::optional<std::string> on_connected(SSL* ssl) override {
     if (!ensure_minted()) return mint_error_;
     if (auto e = ssl ? proto::pin_mismatch(ssl, grant_.pin) : std::nullopt) {
       pin_error_ = *e;
@@ -229,7 +229,7 @@ class ExecClient : public proto::H2Conn::Handler {
     // The HTTP/2 session exists only once this returns: submit from the loop.
     timeval zero{0, 0};
     event_add(start_ev_.get(), &zero);
-    return "";
+    return std::nullopt;
   }
 
   void start_exec() {

@@ -189,7 +189,7 @@ void Forwarder::on_connect_cb(evutil_socket_t fd, short what, void* self) {
       std::make_unique<proto::H2Conn>(f->base_.get(), f->sock_.release(), ssl, proto::H2Conn::Role::Client, f, st);
 }
 
-std::string Forwarder::on_connected(SSL* ssl) {
+std::optional<std::string> Forwarder::on_connected(SSL* ssl) {
   if (auto e = ssl ? proto::pin_mismatch(ssl, grant_.pin) : std::nullopt) {
     pin_error_ = *e;
     return *e;
@@ -197,7 +197,7 @@ std::string Forwarder::on_connected(SSL* ssl) {
   conn_ready_ = true;
   open_pending_ = true;  // the HTTP/2 session exists only once this returns
   defer();
-  return "";
+  return std::nullopt;
 }
 
 void Forwarder::send_open() {

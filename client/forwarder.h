@@ -124,7 +124,7 @@ class Forwarder : public proto::H2Conn::Handler {
 
   static void on_connect_cb(evutil_socket_t fd, short what, void* self);
 
-  std::string on_connected(SSL* ssl) override;
+  std::optional<std::string> on_connected(SSL* ssl) override;
 
   // Authenticates the connection before we listen: a bad ticket or a gone
   // container is reported at once, and the ticket's short lifetime only has

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <utility>
 
+#include "common/openssl.h"
 #include "proto/tls.h"
 
 namespace shimlet::proto {
@@ -79,19 +80,28 @@ H2Conn::H2Conn(event_base* base, int fd, SSL* ssl, Role role, Handler* handler, 
       handler_(handler),
       settings_(settings),
       handover_(std::move(handover)) {
-  if (ssl_) setup_tls();
-  rev_ = event_new(base_, fd_, EV_READ | EV_PERSIST, on_io, this);
-  wev_ = event_new(base_, fd_, EV_WRITE, on_io, this);
-  kick_ = event_new(base_, -1, 0, on_kick, this);
-  if (ssl_ && !SSL_is_init_finished(ssl_)) {
-    hs_timer_ = evtimer_new(base_, on_handshake_timeout, this);
-    timeval tv{settings_.handshake_timeout_s, 0};
-    evtimer_add(hs_timer_, &tv);
+  try {
+    if (ssl_) setup_tls();
+    rev_ = new_event(base_, fd_, EV_READ | EV_PERSIST, on_io, this);
+    wev_ = new_event(base_, fd_, EV_WRITE, on_io, this);
+    kick_ = new_event(base_, -1, 0, on_kick, this);
+    pump_ev_ = new_event(base_, -1, 0, on_pump, this);
+    if (settings_.ping_interval_s > 0) ping_ = new_event(base_, -1, EV_PERSIST, on_ping_timer, this);
+    if (ssl_ && !SSL_is_init_finished(ssl_)) hs_timer_ = new_timer(base_, on_handshake_timeout, this);
+  } catch (...) {
+    // The connection was ours from the first line on; no destructor runs.
+    SSL_free(ssl_);
+    if (fd_ >= 0) ::close(fd_);
+    throw;
   }
-  event_add(rev_, nullptr);
+  if (hs_timer_) {
+    timeval tv{settings_.handshake_timeout_s, 0};
+    evtimer_add(hs_timer_.get(), &tv);
+  }
+  event_add(rev_.get(), nullptr);
   // The handshake (or, after one done by the caller, the HTTP/2 start) runs
   // from the loop: handlers are never called from inside this constructor.
-  event_active(kick_, 0, 0);
+  event_active(kick_.get(), 0, 0);
 }
 
 void H2Conn::setup_tls() {
@@ -127,8 +137,7 @@ void H2Conn::setup_tls() {
 }
 
 H2Conn::~H2Conn() {
-  for (event* e : {ping_, rev_, wev_, kick_, hs_timer_, pump_ev_})
-    if (e) event_free(e);
+  for (EventPtr* e : {&ping_, &rev_, &wev_, &kick_, &hs_timer_, &pump_ev_}) e->reset();
   if (h2_) nghttp2_session_del(h2_);
   SSL_free(ssl_);
   if (fd_ >= 0) ::close(fd_);
@@ -163,9 +172,9 @@ void H2Conn::on_io(evutil_socket_t, short what, void* arg) {
 // Why an SSL call that did not just have to wait failed, as one line.
 std::string H2Conn::tls_failure(int err) {
   if (err == SSL_ERROR_ZERO_RETURN) return kPeerClosed;
-  if (err == SSL_ERROR_SSL) return "TLS error: " + ssl_error_string();
+  if (err == SSL_ERROR_SSL) return "TLS error: " + openssl_error();
   if (err == SSL_ERROR_SYSCALL) {
-    if (ERR_peek_error()) return "TLS error: " + ssl_error_string();
+    if (ERR_peek_error()) return "TLS error: " + openssl_error();
     if (errno == 0) return kPeerClosed;  // EOF without close_notify (we allow a dirty shutdown)
     return std::string("connection error: ") + strerror(errno);
   }
@@ -181,7 +190,7 @@ void H2Conn::handshake() {
   int err = SSL_get_error(ssl_, r);
   if (err == SSL_ERROR_WANT_READ) return;  // rev_ is always armed
   if (err == SSL_ERROR_WANT_WRITE) {
-    event_add(wev_, nullptr);
+    event_add(wev_.get(), nullptr);
     return;
   }
   // A peer that closes during the handshake just closed (kept as before).
@@ -190,20 +199,16 @@ void H2Conn::handshake() {
 }
 
 void H2Conn::connected() {
-  if (hs_timer_) {
-    event_free(hs_timer_);
-    hs_timer_ = nullptr;
-  }
+  hs_timer_.reset();
   if (ssl_) {
     const unsigned char* alpn = nullptr;
     unsigned alpn_len = 0;
     SSL_get0_alpn_selected(ssl_, &alpn, &alpn_len);
     if (alpn_len != 2 || memcmp(alpn, "h2", 2) != 0) return close("peer did not negotiate ALPN h2");
   }
-  std::string err = handler_->on_connected(ssl_);
-  if (!err.empty()) return close(err);
+  if (std::optional<std::string> err = handler_->on_connected(ssl_)) return close(*err);
   nghttp2_session_callbacks* cbs;
-  nghttp2_session_callbacks_new(&cbs);
+  if (nghttp2_session_callbacks_new(&cbs) != 0) return close("out of memory (nghttp2 callbacks)");
   nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, frame_recv_cb);
   nghttp2_session_callbacks_set_on_header_callback(cbs, header_cb);
   nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, begin_headers_cb);
@@ -213,7 +218,10 @@ void H2Conn::connected() {
   nghttp2_session_callbacks_set_on_frame_send_callback(cbs, frame_send_cb);
   nghttp2_session_callbacks_set_send_data_callback(cbs, send_data_cb);
   nghttp2_option* opt;
-  nghttp2_option_new(&opt);
+  if (nghttp2_option_new(&opt) != 0) {
+    nghttp2_session_callbacks_del(cbs);
+    return close("out of memory (nghttp2 options)");
+  }
   // We return window only for bytes actually delivered (consume()): a slow
   // reader stops the peer instead of growing our buffers.
   nghttp2_option_set_no_auto_window_update(opt, 1);
@@ -238,10 +246,9 @@ void H2Conn::connected() {
   nghttp2_submit_settings(h2_, NGHTTP2_FLAG_NONE, iv.data(), iv.size());
   nghttp2_session_set_local_window_size(h2_, NGHTTP2_FLAG_NONE, 0, static_cast<int32_t>(settings_.connection_window));
   connected_ = true;
-  if (settings_.ping_interval_s > 0) {
-    ping_ = event_new(base_, -1, EV_PERSIST, on_ping_timer, this);
+  if (ping_) {
     timeval pt{settings_.ping_interval_s, 0};
-    event_add(ping_, &pt);
+    event_add(ping_.get(), &pt);
   }
   pump();
   if (!closed_ && !handover_.preread.empty()) {
@@ -303,7 +310,7 @@ void H2Conn::read_tls() {
       if (err == SSL_ERROR_WANT_READ) break;
       if (err == SSL_ERROR_WANT_WRITE) {  // a post-handshake message must go out first
         read_wants_write_ = true;
-        event_add(wev_, nullptr);
+        event_add(wev_.get(), nullptr);
         break;
       }
       why = tls_failure(err);
@@ -315,7 +322,7 @@ void H2Conn::read_tls() {
     if (got < kReadBatch) return;  // the socket is drained (or waits for a write)
     if ((turn += got) >= kMaxReadTurn) {
       // Let other events run; what OpenSSL holds is not seen by epoll.
-      event_active(kick_, 0, 0);
+      event_active(kick_.get(), 0, 0);
       return;
     }
   }
@@ -350,7 +357,7 @@ void H2Conn::write_tls() {
     }
     if (r < 0 && errno == EINTR) continue;
     if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      event_add(wev_, nullptr);
+      event_add(wev_.get(), nullptr);
       break;
     }
     return close(std::string("connection error: ") + strerror(errno));
@@ -369,7 +376,7 @@ void H2Conn::write_tls() {
     if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) {
       retry_len_ = n;  // SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER: same bytes, maybe elsewhere
       if (err == SSL_ERROR_WANT_WRITE)
-        event_add(wev_, nullptr);
+        event_add(wev_.get(), nullptr);
       else
         write_wants_read_ = true;
       break;
@@ -395,7 +402,7 @@ void H2Conn::flush_tls() {
   }
   if (BIO_should_retry(w)) {
     flush_pending_ = true;
-    event_add(wev_, nullptr);
+    event_add(wev_.get(), nullptr);
     return;
   }
   close(std::string("connection error: ") + (errno ? strerror(errno) : "write failed"));
@@ -485,8 +492,7 @@ void H2Conn::flush() { pump(); }
 // status is a stream end: it must not wait for the session's cleanup).
 void H2Conn::pump_later() {
   if (closed_ || !h2_) return;
-  if (!pump_ev_) pump_ev_ = event_new(base_, -1, 0, on_pump, this);
-  event_active(pump_ev_, 0, 0);  // no-op while already active
+  event_active(pump_ev_.get(), 0, 0);  // no-op while already active
 }
 
 void H2Conn::on_pump(evutil_socket_t, short, void* arg) { static_cast<H2Conn*>(arg)->pump(); }
@@ -494,8 +500,8 @@ void H2Conn::on_pump(evutil_socket_t, short, void* arg) { static_cast<H2Conn*>(a
 void H2Conn::close(const std::string& why) {
   if (closed_) return;
   closed_ = true;
-  for (event* e : {ping_, rev_, wev_, kick_, hs_timer_, pump_ev_})
-    if (e) event_del(e);
+  for (const EventPtr* e : {&ping_, &rev_, &wev_, &kick_, &hs_timer_, &pump_ev_})
+    if (*e) event_del(e->get());
   handler_->on_closed(why);
 }
 

@@ -13,9 +13,11 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "common/event.h"
 #include "common/fd.h"
 
 namespace shimlet::proto {
@@ -73,9 +75,9 @@ class H2Conn {
     // because max_concurrent_streams were open. The stream never reaches
     // on_headers. Called from inside nghttp2: only note it.
     virtual void on_stream_refused(int32_t /*stream*/) {}
-    // TLS handshake done (check the peer certificate here; return an error
-    // line to abort the connection). ssl is null on a plaintext connection.
-    virtual std::string on_connected(SSL* /*ssl*/) { return ""; }
+    // TLS handshake done (check the peer certificate here): nullopt goes on,
+    // an error line aborts the connection. ssl is null on a plaintext connection.
+    virtual std::optional<std::string> on_connected(SSL* /*ssl*/) { return std::nullopt; }
     // The connection is gone (EOF, error, or GOAWAY after all streams closed).
     virtual void on_closed(const std::string& why) = 0;
   };
@@ -173,12 +175,15 @@ class H2Conn {
   event_base* base_;
   int fd_;
   SSL* ssl_;
-  event* rev_ = nullptr;   // readable (persistent)
-  event* wev_ = nullptr;   // writable: added while SSL_write or the handshake waits for room
-  event* kick_ = nullptr;  // runs the first step from the loop, and reads on when a turn stopped early
-  event* hs_timer_ = nullptr;
-  event* pump_ev_ = nullptr;  // a pump once the current callback is done (pump_later)
-  std::string wbuf_;          // encoded frames not yet taken by SSL_write, from woff_
+  // All made by the constructor (event_new may fail: it throws there, never
+  // in a callback), freed by the destructor before the socket is closed.
+  EventPtr rev_;       // readable (persistent)
+  EventPtr wev_;       // writable: added while SSL_write or the handshake waits for room
+  EventPtr kick_;      // runs the first step from the loop, and reads on when a turn stopped early
+  EventPtr hs_timer_;  // the handshake's deadline (deleted once connected)
+  EventPtr pump_ev_;   // a pump once the current callback is done (pump_later)
+  EventPtr ping_;      // keepalive PING (settings_.ping_interval_s > 0)
+  std::string wbuf_;   // encoded frames not yet taken by SSL_write, from woff_
   size_t woff_ = 0;
   size_t retry_len_ = 0;  // length of an SSL_write to repeat (OpenSSL wants the same length again)
   bool read_wants_write_ = false, write_wants_read_ = false;
@@ -191,7 +196,6 @@ class H2Conn {
   H2Settings settings_;
   std::map<int32_t, Out> out_;
   std::map<int32_t, Headers> in_headers_;
-  event* ping_ = nullptr;
   bool connected_ = false, closed_ = false, closing_ = false, in_pump_ = false;
   bool total_high_ = false, ping_outstanding_ = false;
   uint64_t bytes_in_ = 0, bytes_out_ = 0;

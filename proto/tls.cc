@@ -18,7 +18,7 @@ namespace {
 X509Ptr cert_from_pem(std::string_view pem) {
   BioPtr b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
   X509Ptr c(PEM_read_bio_X509(b.get(), nullptr, nullptr, nullptr));
-  if (!c) throw Error("cannot parse certificate PEM: " + ssl_error_string());
+  if (!c) throw Error("cannot parse certificate PEM: " + openssl_error());
   return c;
 }
 
@@ -26,7 +26,7 @@ std::string spki_der(X509* cert) {
   X509_PUBKEY* pk = X509_get_X509_PUBKEY(cert);
   unsigned char* der = nullptr;
   int n = i2d_X509_PUBKEY(pk, &der);
-  if (n <= 0) throw Error("cannot encode certificate public key: " + ssl_error_string());
+  if (n <= 0) throw Error("cannot encode certificate public key: " + openssl_error());
   std::string out(reinterpret_cast<char*>(der), static_cast<size_t>(n));
   OPENSSL_free(der);
   return out;
@@ -62,15 +62,15 @@ void use_identity(SSL_CTX* ctx, const std::string& cert_pem, const std::string& 
     BioPtr kb(BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size())));
     key.reset(PEM_read_bio_PrivateKey(kb.get(), nullptr, nullptr, nullptr));
   }
-  if (!key) throw Error("cannot parse private key PEM: " + ssl_error_string());
+  if (!key) throw Error("cannot parse private key PEM: " + openssl_error());
   if (SSL_CTX_use_certificate(ctx, cert.get()) != 1 || SSL_CTX_use_PrivateKey(ctx, key.get()) != 1 ||
       SSL_CTX_check_private_key(ctx) != 1)
-    throw Error("cannot use TLS identity: " + ssl_error_string());
+    throw Error("cannot use TLS identity: " + openssl_error());
 }
 
 SslCtx base_ctx(const SSL_METHOD* m) {
   SslCtx ctx(SSL_CTX_new(m));
-  if (!ctx) throw Error("SSL_CTX_new: " + ssl_error_string());
+  if (!ctx) throw Error("SSL_CTX_new: " + openssl_error());
   SSL_CTX_set_min_proto_version(ctx.get(), TLS1_3_VERSION);
   SSL_CTX_set_options(ctx.get(), SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
   // Large writes: let SSL_write take partial buffers and move them.
@@ -84,7 +84,7 @@ Identity generate_identity(const std::string& common_name, int days) {
   PkeyPtr key(ed25519_generate());
   std::string spki = ed25519_spki_der(key.get());
   X509Ptr cert(X509_new());
-  if (!cert || spki.empty()) throw Error("cannot create a certificate: " + ssl_error_string());
+  if (!cert || spki.empty()) throw Error("cannot create a certificate: " + openssl_error());
   X509_set_version(cert.get(), 2);
   std::string serial = random_bytes(16);
   serial[0] &= 0x7f;
@@ -101,25 +101,25 @@ Identity generate_identity(const std::string& common_name, int days) {
   if (X509_PUBKEY_set0_param(X509_get_X509_PUBKEY(cert.get()), OBJ_nid2obj(NID_ED25519), V_ASN1_UNDEF, nullptr, raw,
                              32) != 1) {
     OPENSSL_free(raw);
-    throw Error("cannot set the certificate's public key: " + ssl_error_string());
+    throw Error("cannot set the certificate's public key: " + openssl_error());
   }
   X509_NAME* name = X509_get_subject_name(cert.get());
   X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8, reinterpret_cast<const unsigned char*>(common_name.c_str()), -1,
                              -1, 0);
   X509_set_issuer_name(cert.get(), name);
-  if (X509_sign(cert.get(), key.get(), nullptr) <= 0) throw Error("X509_sign: " + ssl_error_string());
+  if (X509_sign(cert.get(), key.get(), nullptr) <= 0) throw Error("X509_sign: " + openssl_error());
   // Read the signed DER back once, so the X509 carries its decoded public key
   // (SSL_CTX_use_certificate needs it) and is exactly what the peer will see.
   unsigned char* der = nullptr;
   int n = i2d_X509(cert.get(), &der);
-  if (n <= 0) throw Error("cannot encode certificate: " + ssl_error_string());
+  if (n <= 0) throw Error("cannot encode certificate: " + openssl_error());
   const unsigned char* p = der;
   X509Ptr parsed(d2i_X509(nullptr, &p, n));
   OPENSSL_free(der);
   if (!parsed || EVP_PKEY_eq(X509_get0_pubkey(parsed.get()), key.get()) != 1)
-    throw Error("generated certificate does not carry its key: " + ssl_error_string());
+    throw Error("generated certificate does not carry its key: " + openssl_error());
   BioPtr cb(BIO_new(BIO_s_mem()));
-  if (!cb || PEM_write_bio_X509(cb.get(), parsed.get()) != 1) throw Error("PEM encode: " + ssl_error_string());
+  if (!cb || PEM_write_bio_X509(cb.get(), parsed.get()) != 1) throw Error("PEM encode: " + openssl_error());
   Identity id(ed25519_private_pem(key.get()), bio_string(cb.get()));
   id.key = std::shared_ptr<EVP_PKEY>(key.release(), EVP_PKEY_free);
   id.cert = std::shared_ptr<X509>(parsed.release(), X509_free);
@@ -151,7 +151,7 @@ SslCtx make_client_ctx(const Identity& client) {
   if (client.key && client.cert) {
     if (SSL_CTX_use_certificate(ctx.get(), client.cert.get()) != 1 ||
         SSL_CTX_use_PrivateKey(ctx.get(), client.key.get()) != 1 || SSL_CTX_check_private_key(ctx.get()) != 1)
-      throw Error("cannot use TLS identity: " + ssl_error_string());
+      throw Error("cannot use TLS identity: " + openssl_error());
   } else {
     use_identity(ctx.get(), client.cert_pem, client.key_pem);
   }
@@ -162,7 +162,7 @@ void use_client_identity(SSL* ssl, const Identity& client) {
   if (!client.key || !client.cert) throw Error("TLS identity was not generated in this process");
   if (SSL_use_certificate(ssl, client.cert.get()) != 1 || SSL_use_PrivateKey(ssl, client.key.get()) != 1 ||
       SSL_check_private_key(ssl) != 1)
-    throw Error("cannot use TLS identity: " + ssl_error_string());
+    throw Error("cannot use TLS identity: " + openssl_error());
 }
 
 SslCtx make_client_ctx_deferred() {

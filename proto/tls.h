@@ -56,8 +56,4 @@ void use_client_identity(SSL* ssl, const Identity& client);
 // throw): why the peer certificate does not match pin, nullopt when it does.
 std::optional<std::string> pin_mismatch(SSL* ssl, const std::string& pin);
 
-// OpenSSL's error queue as one line: common/openssl.h's openssl_error()
-// under the name proto/h2.cc and the session still use.
-inline std::string ssl_error_string() { return openssl_error(); }
-
 }  // namespace shimlet::proto

@@ -35,6 +35,7 @@ namespace shimlet::shim {
 namespace {
 
 // glibc 2.36's <sys/pidfd.h> lacks extern "C": call the syscalls directly.
+// common/pidfd.h's, copied: the static shim links no common/ code (shim.h says why).
 int sys_pidfd_open(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
 int sys_pidfd_signal(int pidfd, int sig) {
   return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
@@ -200,6 +201,7 @@ struct TcpSession {
   Fd pidfd;
 };
 
+// common/clock.h's monotonic_ms, copied: the static shim links no common/ code (shim.h).
 int64_t mono_ms() {
   timespec ts{};
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -908,6 +910,7 @@ void Shim::write_stats(bool force) {
     j += (i ? ",\"" : "\"") + name + "\":" + std::to_string(v);
   }
   j += "},\"gate_pid\":" + std::to_string(gate_ctl_ ? gate_pid_ : 0) + "}\n";
+  // Not common/file.h's write_file_atomic (no common/ code here, shim.h); no fsync: a crash loses one snapshot.
   std::string tmp = stats_path_ + ".tmp";
   Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
   if (!fd || ::write(fd.get(), j.data(), j.size()) != static_cast<ssize_t>(j.size()) ||
@@ -994,6 +997,7 @@ void Fd::reset(int fd) {
   fd_ = fd;
 }
 
+// common/error.h's sys_error without std::system_error (its strerror pulls gettext in: shim.h).
 Error sys_error(const std::string& what) {
   int e = errno;
   return Error(what + ": " + errdesc(e));

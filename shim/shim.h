@@ -14,7 +14,7 @@
 // the directory of STATE/<id>/stats.json).
 //
 // TCP: the shim accepts nothing on its port. The first connection starts
-// the pre-authentication gate (shim/gate.h), which takes the listening
+// the pre-authentication gate (session/gate.h), which takes the listening
 // socket and owns every unauthenticated connection; the gate asks the shim
 // (shim/gate_proto.h) to consume a ticket's jti and reserve one of
 // max_sessions authenticated sessions before it forks one. The CRI listener

@@ -67,7 +67,7 @@ Promoted promote_orphans(const std::string& dir, const std::function<void(nlohma
 
 }  // namespace shimlet::spool
 
-// The session (shim/session*) still names it masterclient::spool; it goes
+// The session (session/session*) still names it masterclient::spool; it goes
 // when the session moves to its own folder.
 namespace shimlet::masterclient {
 namespace spool = shimlet::spool;

@@ -9,7 +9,7 @@
 #include <string>
 
 #include "proto/http1.h"
-#include "shim/session_http1.h"
+#include "session/session_http1.h"
 
 using namespace shimlet::session::http1;
 using shimlet::proto::http1::Limits;

@@ -41,6 +41,7 @@
 #include "common/base64.h"
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/openssl.h"
 #include "proto/frames.h"
 #include "proto/h2.h"
 #include "proto/tls.h"
@@ -51,6 +52,7 @@ namespace {
 using json = nlohmann::json;
 using shimlet::Error;
 using shimlet::Fd;
+using shimlet::openssl_error;
 namespace proto = shimlet::proto;
 
 constexpr size_t kMaxBody = 4u << 20;  // bound on what we keep of any response
@@ -240,7 +242,7 @@ struct Ctx {
 
   SSL* new_ssl() const {
     SSL* ssl = SSL_new(ssl_ctx.get());
-    if (!ssl) throw Error("SSL_new: " + proto::ssl_error_string());
+    if (!ssl) throw Error("SSL_new: " + openssl_error());
     // No certificate at all: the server asks for one, we answer with none.
     if (o.no_client_cert) SSL_certs_clear(ssl);
     return ssl;
@@ -291,14 +293,14 @@ class Request : public proto::H2Conn::Handler {
     bool closed = false;
   };
 
-  std::string on_connected(SSL* ssl) override {
+  std::optional<std::string> on_connected(SSL* ssl) override {
     if (ssl && !c_.o.pin.empty())
       if (auto e = proto::pin_mismatch(ssl, c_.o.pin)) return *e;
     // The HTTP/2 session exists once this returns: submit from the loop.
     start_ = evtimer_new(base_, on_start, this);
     timeval zero{0, 0};
     evtimer_add(start_, &zero);
-    return "";
+    return std::nullopt;
   }
 
   static void on_start(evutil_socket_t, short, void* arg) { static_cast<Request*>(arg)->submit(0); }
@@ -441,7 +443,7 @@ class Raw {
       if ((e == SSL_ERROR_WANT_READ || e == SSL_ERROR_SYSCALL) && (errno == EAGAIN || errno == EWOULDBLOCK) &&
           Clock::now() < deadline)
         continue;
-      throw Error("TLS handshake failed: " + proto::ssl_error_string());
+      throw Error("TLS handshake failed: " + openssl_error());
     }
     if (!c.o.pin.empty())
       if (auto e = proto::pin_mismatch(ssl_.get(), c.o.pin)) throw Error(*e);
@@ -461,7 +463,7 @@ class Raw {
       ssize_t n = ssl_ ? SSL_write(ssl_.get(), data.data() + off, chunk)
                        : ::send(fd_.get(), data.data() + off, static_cast<size_t>(chunk), MSG_NOSIGNAL);
       if (n <= 0) {
-        write_error_ = ssl_ ? proto::ssl_error_string() : std::string(strerror(errno));
+        write_error_ = ssl_ ? openssl_error() : std::string(strerror(errno));
         if (write_error_.empty()) write_error_ = strerror(errno);
         return;
       }
@@ -486,7 +488,7 @@ class Raw {
           }
           eof_ = true;
           eof_how_ = e == SSL_ERROR_ZERO_RETURN ? "tls close_notify"
-                     : e == SSL_ERROR_SSL       ? "tls error: " + proto::ssl_error_string()
+                     : e == SSL_ERROR_SSL       ? "tls error: " + openssl_error()
                                                 : "connection closed";
           return false;
         }

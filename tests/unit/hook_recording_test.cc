@@ -11,7 +11,7 @@
 #include "hook/hook.h"
 #include "recording/recorder.h"
 #include "recording/spool.h"
-#include "shim/session_recording.h"
+#include "session/session_recording.h"
 #include "tests/unit/temp_dir.h"
 
 using namespace shimlet;

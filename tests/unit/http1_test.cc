@@ -1,11 +1,11 @@
 // The shared bounded HTTP/1.1 request reader (proto/http1.h) in both modes
 // (the shim's head-only front door, the master's whole pipelined requests),
-// and the shim front door's pure parts built on it (shim/session_http1.h).
+// and the shim front door's pure parts built on it (session/session_http1.h).
 #include "proto/http1.h"
 
 #include <gtest/gtest.h>
 
-#include "shim/session_http1.h"
+#include "session/session_http1.h"
 
 using namespace shimlet::session::http1;
 using shimlet::proto::http1::Limits;

@@ -1,8 +1,8 @@
 // The pre-authentication gate's pure parts: the table of unauthenticated
-// connections (shim/preauth.h: bounds, who is dropped, deadlines) and the
+// connections (session/preauth.h: bounds, who is dropped, deadlines) and the
 // first HTTP/2 request reader (proto/h2_first.h) driven by a real nghttp2
 // client session.
-#include "shim/preauth.h"
+#include "session/preauth.h"
 
 #include <arpa/inet.h>
 #include <event2/event.h>

@@ -1,6 +1,6 @@
-// shim/session_isolation: shim.json "isolation" parsing, effective limits
+// session/session_isolation: shim.json "isolation" parsing, effective limits
 // (ticket, default, cap), and the byte formatting of the client's error line.
-#include "shim/session_isolation.h"
+#include "session/session_isolation.h"
 
 #include <gtest/gtest.h>
 

@@ -1,10 +1,10 @@
-// The Kubernetes HTTP/1.1 front door (shim/session_k8s.h): admit_k8s() checks
+// The Kubernetes HTTP/1.1 front door (session/session_k8s.h): admit_k8s() checks
 // one request head (routes the Kubernetes API and CRI streaming URL shapes,
 // negotiates the streaming protocol, verifies the ticket against the query),
 // run by the pre-authentication gate; the door then serves the admitted
 // request: exec over WebSocket channels (v5/v4.channel.k8s.io) with the exec
 // engine, or the byte stream handed to the SPDY side (session_spdy.h).
-#include "shim/session_k8s.h"
+#include "session/session_k8s.h"
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -15,11 +15,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/clock.h"
 #include "common/error.h"
+#include "common/event.h"
 #include "common/log.h"
-#include "shim/session_exec.h"
-#include "shim/session_http1.h"
-#include "shim/session_spdy.h"
+#include "session/session_exec.h"
+#include "session/session_http1.h"
+#include "session/session_spdy.h"
 
 namespace shimlet::session {
 namespace {
@@ -53,8 +55,8 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     bufferevent_setwatermark(bev_, EV_READ, 0, kInBufferHigh);
     bufferevent_setwatermark(bev_, EV_WRITE, kOutLowWater, 0);
     bufferevent_enable(bev_, EV_READ | EV_WRITE);
-    deadline_ = evtimer_new(base, on_deadline_cb, this);
-    kick_ = event_new(base, -1, 0, on_kick_cb, this);
+    deadline_ = new_timer(base, on_deadline_cb, this);
+    kick_ = new_event(base, -1, 0, on_kick_cb, this);
   }
 
   // The admitted request (docs/design.md "Pre-authentication gate"): its
@@ -75,7 +77,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
         linger(std::string("internal error: ") + e.what());
     }
     if (mode_ != Mode::Closing && evbuffer_get_length(bufferevent_get_input(bev_)) > 0)
-      event_active(kick_, 0, 0);  // bytes that came with the request head
+      event_active(kick_.get(), 0, 0);  // bytes that came with the request head
   }
 
   ~Http1Door() override {
@@ -84,8 +86,9 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     engine_.reset();
     spdy_.reset();
     if (ws_) wslay_event_context_free(ws_);
-    for (event* e : {deadline_, kick_, keepalive_})
-      if (e) event_free(e);
+    deadline_.reset();
+    kick_.reset();
+    keepalive_.reset();
     if (bev_) bufferevent_free(bev_);
   }
 
@@ -163,7 +166,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
 
   void on_read() {
     if (ending_) return;
-    last_rx_ = now();
+    last_rx_ = monotonic_ms();
     evbuffer* in = bufferevent_get_input(bev_);
     switch (mode_) {
       case Mode::Starting:
@@ -295,9 +298,9 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     out += "\r\n";
     evbuffer_add(bufferevent_get_output(bev_), out.data(), out.size());
     sent_101_ = true;
-    keepalive_ = event_new(base_, -1, EV_PERSIST, on_keepalive_cb, this);
+    keepalive_ = new_event(base_, -1, EV_PERSIST, on_keepalive_cb, this);
     timeval tv{kKeepaliveIntervalS, 0};
-    event_add(keepalive_, &tv);
+    event_add(keepalive_.get(), &tv);
   }
 
   // An error before anything ran: one HTTP/1.1 response with a one-line body.
@@ -422,7 +425,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     auto* self = static_cast<Http1Door*>(arg);
     if (self->ending_) return;
     // A client gone without a FIN must not pin the session and its processes.
-    if (now() - self->last_rx_ > kIdleLimitS)
+    if (monotonic_ms() - self->last_rx_ > kIdleLimitS * 1000)
       return self->transport_gone("client unresponsive for " + std::to_string(kIdleLimitS) + " s");
     if (self->ws_ && self->mode_ != Mode::Closing) {
       wslay_event_msg m{WSLAY_PING, nullptr, 0};
@@ -443,7 +446,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     if (!input_paused_) return;
     input_paused_ = false;
     bufferevent_enable(bev_, EV_READ);
-    event_active(kick_, 0, 0);  // bytes already buffered (from the loop, never re-entrantly)
+    event_active(kick_.get(), 0, 0);  // bytes already buffered (from the loop, never re-entrantly)
   }
 
   // Our side is done: flush what is queued, wait (bounded) for the peer's
@@ -456,9 +459,9 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
       bufferevent_enable(bev_, EV_READ);
     }
     bufferevent_setwatermark(bev_, EV_WRITE, 0, 0);  // the write callback fires once all is written
-    evtimer_del(deadline_);
+    evtimer_del(deadline_.get());
     timeval tv{kLingerMs / 1000, (kLingerMs % 1000) * 1000};
-    evtimer_add(deadline_, &tv);
+    evtimer_add(deadline_.get(), &tv);
     if (outbound() == 0 && (!ws_ || wslay_event_get_close_received(ws_))) end(close_reason_);
   }
 
@@ -477,12 +480,6 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
     event_base_loopexit(base_, nullptr);
   }
 
-  static int64_t now() {
-    timespec ts{};
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec;
-  }
-
   static nlohmann::json status_json(const ExecResult& r) {
     if (r.exit_code == 0 && r.error.empty()) return {{"metadata", nlohmann::json::object()}, {"status", "Success"}};
     std::string msg = r.error.empty()
@@ -496,7 +493,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
   }
 
   bufferevent* bev_ = nullptr;
-  event *deadline_ = nullptr, *kick_ = nullptr, *keepalive_ = nullptr;
+  EventPtr deadline_, kick_, keepalive_;
   wslay_event_context_ptr ws_ = nullptr;
   Mode mode_ = Mode::Starting;
   std::optional<ticket::Claims> claims_;
@@ -505,7 +502,7 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
   std::string pending_, close_reason_;
   bool v5_ = false, stdin_ = false, tty_ = false, stdout_ = true, stderr_ = true;
   bool sent_101_ = false, input_paused_ = false, ending_ = false;
-  int64_t last_rx_ = now();
+  int64_t last_rx_ = monotonic_ms();  // the last bytes from the client
 };
 
 }  // namespace

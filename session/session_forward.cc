@@ -14,9 +14,10 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/event.h"
 #include "common/log.h"
-#include "shim/session_internal.h"
-#include "shim/session_netns.h"
+#include "session/session_internal.h"
+#include "session/session_netns.h"
 
 namespace shimlet::session {
 namespace {
@@ -138,9 +139,14 @@ class Forward : public StreamHandler {
   }
 
   void connected() {
+    // Checked creation (common/event.h); the raw members are freed in stop().
+    try {
+      ev_read_ = new_event(s_.base(), sock_.get(), EV_READ | EV_PERSIST, on_readable, this).release();
+      ev_write_ = new_event(s_.base(), sock_.get(), EV_WRITE, on_writable, this).release();
+    } catch (const std::exception& e) {  // called from the loop: nothing throws into libevent
+      return fail(500, e.what());
+    }
     s_.conn().respond(stream_, {{":status", "200"}});
-    ev_read_ = event_new(s_.base(), sock_.get(), EV_READ | EV_PERSIST, on_readable, this);
-    ev_write_ = event_new(s_.base(), sock_.get(), EV_WRITE, on_writable, this);
     event_add(ev_read_, nullptr);
     flush_out();
   }
@@ -151,13 +157,13 @@ class Forward : public StreamHandler {
       socklen_t len;
       sockaddr_storage ss = loopback_addr(AF_INET, port_, len);
       if (::connect(sock_.get(), reinterpret_cast<sockaddr*>(&ss), len) < 0) throw sys_error("connect udp");
+      ev_read_ = new_event(s_.base(), sock_.get(), EV_READ | EV_PERSIST, on_readable, this).release();
+      ev_idle_ = new_timer(s_.base(), on_idle, this).release();
     } catch (const std::exception& e) {
       return fail(502, e.what());
     }
     s_.conn().respond(stream_, {{":status", "200"}});
-    ev_read_ = event_new(s_.base(), sock_.get(), EV_READ | EV_PERSIST, on_readable, this);
     event_add(ev_read_, nullptr);
-    ev_idle_ = evtimer_new(s_.base(), on_idle, this);
     touch();
   }
 

@@ -12,9 +12,9 @@
 #include <string>
 
 #include "proto/http1.h"
-#include "shim/session_context.h"
-#include "shim/session_exec.h"
-#include "shim/session_http1.h"
+#include "session/session_context.h"
+#include "session/session_exec.h"
+#include "session/session_http1.h"
 
 namespace shimlet::session {
 

@@ -22,7 +22,7 @@
 // loop turn, never inside a call into it) and the session ends.
 //
 // SPDY exec should drive the transport-neutral exec engine (ExecEngine in
-// shim/session_exec.h) with its own ExecSink: on_output() -> data on the
+// session/session_exec.h) with its own ExecSink: on_output() -> data on the
 // stdout/stderr stream, out_queued() -> what the SPDY side has not written
 // yet, on_exit() -> Status JSON on the error stream + FIN. The claims are
 // already checked; `exec` holds the argv/stdin/tty/stderr to run.
@@ -33,8 +33,8 @@
 #include <memory>
 #include <string>
 
-#include "shim/session_context.h"
-#include "shim/session_exec.h"
+#include "session/session_context.h"
+#include "session/session_exec.h"
 #include "ticket/ticket.h"
 
 namespace shimlet::session {

@@ -13,7 +13,7 @@
 //  * port-forward: per "requestid" an error and a data stream; the data
 //    stream carries the bytes, a failure is text on the error stream (then
 //    FIN on both) and never ends the session.
-#include "shim/session_spdy.h"
+#include "session/session_spdy.h"
 
 #include <errno.h>
 #include <sys/socket.h>
@@ -25,9 +25,10 @@
 #include <set>
 
 #include "common/error.h"
+#include "common/event.h"
 #include "common/log.h"
 #include "proto/spdy.h"
-#include "shim/session_netns.h"
+#include "session/session_netns.h"
 
 namespace shimlet::session {
 namespace {
@@ -95,14 +96,14 @@ class SpdyExec : public SpdyBase, public ExecSink {
     if (start_.exec.stdin_) expected_.insert("stdin");
     if (start_.exec.stderr_ && !start_.exec.tty) expected_.insert("stderr");
     if (start_.exec.tty && resize_capable) expected_.insert("resize");
-    wait_ = evtimer_new(ctx_.base(), on_timer, this);
+    wait_ = new_timer(ctx_.base(), on_timer, this);
     timeval tv{kStreamWaitS, 0};
-    evtimer_add(wait_, &tv);
+    evtimer_add(wait_.get(), &tv);
   }
 
   ~SpdyExec() override {
     engine_.reset();  // kills whatever still runs
-    if (wait_) event_free(wait_);
+    wait_.reset();
   }
 
   // SpdyEndpoint
@@ -219,7 +220,7 @@ class SpdyExec : public SpdyBase, public ExecSink {
     // Like kubelet: the client hangs up once it has read everything; if it
     // does not, we do after kLingerS.
     timeval tv{kLingerS, 0};
-    evtimer_add(wait_, &tv);
+    evtimer_add(wait_.get(), &tv);
     maybe_hang_up();
   }
 
@@ -266,7 +267,7 @@ class SpdyExec : public SpdyBase, public ExecSink {
     if (engine_ || exited_) return;
     for (auto& t : expected_)
       if (!ids_.count(t)) return;
-    evtimer_del(wait_);
+    evtimer_del(wait_.get());
     engine_ = std::make_unique<ExecEngine>(ctx_, *this);
     try {
       engine_->start(start_.exec, start_.claims);
@@ -345,7 +346,7 @@ class SpdyExec : public SpdyBase, public ExecSink {
   std::map<std::string, uint32_t> ids_;  // streamtype -> stream id
   std::map<uint32_t, std::string> types_;
   std::unique_ptr<ExecEngine> engine_;
-  event* wait_ = nullptr;
+  EventPtr wait_;
   std::string early_stdin_, resize_buf_;
   std::optional<std::pair<uint16_t, uint16_t>> pending_resize_;
   bool exited_ = false, stdin_closed_ = false, paused_ = false;
@@ -451,15 +452,16 @@ class SpdyForward : public SpdyBase {
   struct Pair {
     Pair(SpdyForward& f, std::string rid, uint16_t port) : f(f), rid(std::move(rid)), port(port) {}
     ~Pair() {
-      for (event* e : {ev_read, ev_write, ev_wait})
-        if (e) event_free(e);
+      ev_read.reset();
+      ev_write.reset();
+      ev_wait.reset();
       f.ctx_.add_bytes(static_cast<uint64_t>(bytes_in), static_cast<uint64_t>(bytes_out));  // session end record
     }
 
     void arm_wait() {
-      if (!ev_wait) ev_wait = evtimer_new(f.ctx_.base(), on_wait, this);
+      if (!ev_wait) ev_wait = new_timer(f.ctx_.base(), on_wait, this);
       timeval tv{kStreamWaitS, 0};
-      evtimer_add(ev_wait, &tv);
+      evtimer_add(ev_wait.get(), &tv);
     }
     static void on_wait(evutil_socket_t, short, void* arg) {
       auto* p = static_cast<Pair*>(arg);
@@ -470,7 +472,7 @@ class SpdyForward : public SpdyBase {
     }
 
     void begin() {
-      if (ev_wait) evtimer_del(ev_wait);
+      if (ev_wait) evtimer_del(ev_wait.get());
       if (!f.port_allowed(port)) {
         return fail("port " + std::to_string(port) + " is not allowed by the ticket");
       }
@@ -486,9 +488,13 @@ class SpdyForward : public SpdyBase {
           return fail("error forwarding port " + std::to_string(port) + " to pod " + f.ctx_.config().id + ": " + error,
                       false);
         sock = std::move(s);
-        ev_read = event_new(f.ctx_.base(), sock.get(), EV_READ | EV_PERSIST, on_readable, this);
-        ev_write = event_new(f.ctx_.base(), sock.get(), EV_WRITE, on_writable, this);
-        event_add(ev_read, nullptr);
+        try {
+          ev_read = new_event(f.ctx_.base(), sock.get(), EV_READ | EV_PERSIST, on_readable, this);
+          ev_write = new_event(f.ctx_.base(), sock.get(), EV_WRITE, on_writable, this);
+        } catch (const std::exception& e) {  // called from the loop: nothing throws into libevent
+          return fail(e.what(), false);
+        }
+        event_add(ev_read.get(), nullptr);
         flush();
       });
       connector->start();
@@ -539,7 +545,7 @@ class SpdyForward : public SpdyBase {
         }
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && errno == EAGAIN) {
-          event_add(ev_write, nullptr);
+          event_add(ev_write.get(), nullptr);
           break;
         }
         // The target closed or reset: end the pair (FIN both; never error
@@ -564,7 +570,7 @@ class SpdyForward : public SpdyBase {
       for (int rounds = 0; rounds < 16 && !dead; rounds++) {
         if (f.out_.queued() > kOutHighWater) {
           paused = true;
-          event_del(ev_read);
+          event_del(ev_read.get());
           return;
         }
         char buf[kReadChunk];
@@ -585,7 +591,7 @@ class SpdyForward : public SpdyBase {
     void resume_read() {
       if (paused && ev_read && !dead) {
         paused = false;
-        event_add(ev_read, nullptr);
+        event_add(ev_read.get(), nullptr);
       }
     }
 
@@ -594,7 +600,7 @@ class SpdyForward : public SpdyBase {
     // dropped once the socket is gone.
     void target_done() {
       dead = true;
-      if (ev_read) event_del(ev_read);
+      if (ev_read) event_del(ev_read.get());
       if (data_id) f.conn_.fin(data_id);
       if (error_id) f.conn_.fin(error_id);
       if (owed && data_id) f.conn_.consumed(data_id, owed);
@@ -618,7 +624,7 @@ class SpdyForward : public SpdyBase {
     uint32_t error_id = 0, data_id = 0;
     std::unique_ptr<LoopbackConnector> connector;
     Fd sock;
-    event *ev_read = nullptr, *ev_write = nullptr, *ev_wait = nullptr;
+    EventPtr ev_read, ev_write, ev_wait;
     std::string to_sock;
     size_t owed = 0;
     bool client_eof = false, shut_wr = false, dead = false, paused = false, opened = false;

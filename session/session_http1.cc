@@ -1,4 +1,4 @@
-#include "shim/session_http1.h"
+#include "session/session_http1.h"
 
 #include <openssl/sha.h>
 

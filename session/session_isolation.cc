@@ -1,4 +1,4 @@
-#include "shim/session_isolation.h"
+#include "session/session_isolation.h"
 
 #include "common/base64.h"
 #include "common/error.h"

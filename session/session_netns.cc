@@ -1,4 +1,4 @@
-#include "shim/session_netns.h"
+#include "session/session_netns.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -58,30 +58,25 @@ Fd socket_in_netns(const Context& ctx, int family, int type) {
 LoopbackConnector::LoopbackConnector(Context& ctx, uint16_t port, Done done, int timeout_s)
     : ctx_(ctx), port_(port), done_(std::move(done)), timeout_s_(timeout_s) {}
 
-LoopbackConnector::~LoopbackConnector() {
-  if (ev_) event_free(ev_);
-}
+LoopbackConnector::~LoopbackConnector() = default;
 
 void LoopbackConnector::start() { attempt(AF_INET); }
 
 void LoopbackConnector::attempt(int family) {
   family_ = family;
-  if (ev_) {
-    event_free(ev_);
-    ev_ = nullptr;
-  }
+  ev_.reset();
   try {
     sock_ = socket_in_netns(ctx_, family, SOCK_STREAM);
   } catch (const std::exception& e) {
     error_ = e.what();
     // Reported from the loop, as promised: a zero timeout.
-    ev_ = evtimer_new(ctx_.base(), on_event, this);
+    ev_ = new_timer(ctx_.base(), on_event, this);
     timeval tv{0, 0};
-    evtimer_add(ev_, &tv);
+    evtimer_add(ev_.get(), &tv);
     return;
   }
   int one = 1;
-  setsockopt(sock_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  setsockopt(sock_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // latency only: never a reason to fail
   socklen_t len;
   sockaddr_storage ss = loopback_addr(family, port_, len);
   int r = ::connect(sock_.get(), reinterpret_cast<sockaddr*>(&ss), len);
@@ -90,15 +85,15 @@ void LoopbackConnector::attempt(int family) {
     sock_.reset();
     if (family == AF_INET) return attempt(AF_INET6);
     error_ = "connect to [::1]:" + std::to_string(port_) + " in the container: " + strerror(err);
-    ev_ = evtimer_new(ctx_.base(), on_event, this);
+    ev_ = new_timer(ctx_.base(), on_event, this);
     timeval tv{0, 0};
-    evtimer_add(ev_, &tv);
+    evtimer_add(ev_.get(), &tv);
     return;
   }
   // Connected at once or in progress: the socket becomes writable either way.
-  ev_ = event_new(ctx_.base(), sock_.get(), EV_WRITE, on_event, this);
+  ev_ = new_event(ctx_.base(), sock_.get(), EV_WRITE, on_event, this);
   timeval tv{timeout_s_, 0};
-  event_add(ev_, &tv);
+  event_add(ev_.get(), &tv);
 }
 
 void LoopbackConnector::on_event(evutil_socket_t, short what, void* arg) {
@@ -114,7 +109,13 @@ void LoopbackConnector::on_event(evutil_socket_t, short what, void* arg) {
 
 void LoopbackConnector::failed(int err) {
   sock_.reset();
-  if (family_ == AF_INET) return attempt(AF_INET6);
+  if (family_ == AF_INET) {
+    try {
+      return attempt(AF_INET6);
+    } catch (const std::exception& e) {  // called from the loop: nothing throws into libevent
+      return finish(Fd(), e.what());
+    }
+  }
   finish(Fd(),
          "cannot connect to port " + std::to_string(port_) + " in the container (127.0.0.1 and ::1): " + strerror(err));
 }
@@ -122,10 +123,7 @@ void LoopbackConnector::failed(int err) {
 void LoopbackConnector::finish(Fd sock, const std::string& error) {
   if (finished_) return;
   finished_ = true;
-  if (ev_) {
-    event_free(ev_);
-    ev_ = nullptr;
-  }
+  ev_.reset();
   // done_ may destroy this connector: move it out first, touch nothing after.
   Done d = std::move(done_);
   d(std::move(sock), error);

@@ -14,7 +14,7 @@
 
 #include "common/fd.h"
 #include "nsenter/nsenter.h"
-#include "shim/session_isolation.h"
+#include "session/session_isolation.h"
 #include "ticket/ticket.h"
 
 namespace shimlet::session {
@@ -45,7 +45,7 @@ struct Config {
   // Outbox for the session's end record (shim.json "ends_dir", set by the hook
   // only when a master is configured); empty: no record is written.
   std::string ends_dir;
-  Isolation isolation;  // per-session cgroup, SELinux label, Landlock (shim/session_isolation.h)
+  Isolation isolation;  // per-session cgroup, SELinux label, Landlock (session/session_isolation.h)
   // The pre-authentication gate's bounds (docs/design.md "Pre-authentication gate").
   int preauth_timeout_ms = 5000;
   size_t preauth_max_connections = 4096;
@@ -93,8 +93,10 @@ class Context {
   // Signature, aud, verb, lifetime and cnf.jkt against the client
   // certificate. Does not consume the jti.
   AuthResult verify_ticket(const std::string& token, const std::string& verb) const;
-  // Asks the shim's replay cache to consume the ticket's jti (fail closed).
-  bool consume_jti(const ticket::Claims& c, std::string& why);
+  // Asks the shim's replay cache to consume the ticket's jti (fail closed):
+  // nullopt once consumed, else the refusal (403 replayed; 503 cache full or
+  // the shim unreachable).
+  std::optional<AuthResult> consume_jti(const ticket::Claims& c);
   // verify_ticket + consume_jti + audit context (user, jti): a ticket's one use.
   AuthResult authenticate_once(const std::string& token, const std::string& verb);
   // The ticket's jti was consumed before this session existed (the gate's

@@ -1,14 +1,13 @@
-// The exec engine (shim/session_exec.h): starts the command in the container
+// The exec engine (session/session_exec.h): starts the command in the container
 // (nsenter/), feeds stdin, reads stdout/stderr with backpressure until the
 // process exits and its output is drained, and reports the exact status.
 // Below it, the native HTTP/2 sink: frames (proto/frames.h) on one stream.
-#include "shim/session_exec.h"
+#include "session/session_exec.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/ioctl.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <unistd.h>
@@ -16,19 +15,17 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/event.h"
 #include "common/log.h"
+#include "common/pidfd.h"
 #include "proto/frames.h"
-#include "shim/session_internal.h"
-#include "shim/session_recording.h"
+#include "session/session_internal.h"
+#include "session/session_recording.h"
 
 namespace shimlet::session {
 namespace {
 
 constexpr size_t kReadChunk = 64 * 1024;
-
-int pidfd_signal(int pidfd, int sig) {
-  return static_cast<int>(syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
-}
 
 std::string sanitize_term(const std::string& t) {
   if (t.empty() || t.size() > 64) return "xterm";
@@ -113,7 +110,7 @@ struct ExecEngine::Impl {
       io.in = in_p.read.get();
       io.out = out_p.write.get();
       io.err = err_p.write.get();
-      // Bigger pipes: fewer wakeups per byte on bulk output.
+      // Bigger pipes: fewer wakeups per byte on bulk output (best effort: the default size works too).
       fcntl(out_p.read.get(), F_SETPIPE_SZ, 1 << 20);
       fcntl(err_p.read.get(), F_SETPIPE_SZ, 1 << 20);
     }
@@ -143,6 +140,7 @@ struct ExecEngine::Impl {
       out_fd_ = std::move(proc_.pty_master);
       set_nonblocking(out_fd_.get());
       in_fd_ = Fd(::fcntl(out_fd_.get(), F_DUPFD_CLOEXEC, 3));
+      if (!in_fd_) throw sys_error("dup the pty master");
       err_eof_ = true;
     } else {
       out_fd_ = std::move(out_p.read);
@@ -155,20 +153,23 @@ struct ExecEngine::Impl {
       }
       // Without stdin the command sees EOF at once: in_p.write closes with this scope.
     }
+    // Checked creation (common/event.h); the raw members are freed in ~Impl.
+    // All made here: on_exit runs inside libevent, where nothing may throw.
     event_base* b = ctx_.base();
+    ev_drain_ = new_timer(b, on_drain_timeout, this).release();
     if (out_fd_) {
-      ev_out_ = event_new(b, out_fd_.get(), EV_READ | EV_PERSIST, on_readable, this);
+      ev_out_ = new_event(b, out_fd_.get(), EV_READ | EV_PERSIST, on_readable, this).release();
       event_add(ev_out_, nullptr);
     }
     if (err_fd_) {
-      ev_err_ = event_new(b, err_fd_.get(), EV_READ | EV_PERSIST, on_readable, this);
+      ev_err_ = new_event(b, err_fd_.get(), EV_READ | EV_PERSIST, on_readable, this).release();
       event_add(ev_err_, nullptr);
     }
-    if (in_fd_) ev_in_ = event_new(b, in_fd_.get(), EV_WRITE, on_writable, this);
-    ev_exit_ = event_new(b, proc_.pidfd.get(), EV_READ, on_exit, this);
+    if (in_fd_) ev_in_ = new_event(b, in_fd_.get(), EV_WRITE, on_writable, this).release();
+    ev_exit_ = new_event(b, proc_.pidfd.get(), EV_READ, on_exit, this).release();
     event_add(ev_exit_, nullptr);
     if (conf_->watch()) {
-      ev_watch_ = event_new(b, -1, EV_PERSIST, on_watch, this);
+      ev_watch_ = new_event(b, -1, EV_PERSIST, on_watch, this).release();
       timeval tv{0, 100 * 1000};
       event_add(ev_watch_, &tv);
     }
@@ -329,7 +330,6 @@ struct ExecEngine::Impl {
       self->result_.exit_code = 128 + si.si_status;
     }
     // Bounded drain: a background child holding stdout must not hang us.
-    self->ev_drain_ = evtimer_new(self->ctx_.base(), on_drain_timeout, self);
     int ms = self->ctx_.config().drain_timeout_ms;
     timeval tv{ms / 1000, (ms % 1000) * 1000};
     evtimer_add(self->ev_drain_, &tv);

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "common/fd.h"
-#include "shim/session_context.h"
+#include "session/session_context.h"
 #include "ticket/ticket.h"
 
 namespace shimlet::session {

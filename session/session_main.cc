@@ -3,8 +3,8 @@
 
 #include "common/exit.h"
 #include "common/version.h"
-#include "shim/session.h"
-#include "shim/session_isolation.h"
+#include "session/session.h"
+#include "session/session_isolation.h"
 
 int main(int argc, char** argv) {
   if (argc == 2 && std::string_view(argv[1]) == "--version") {

@@ -1,4 +1,4 @@
-#include "shim/session_recording.h"
+#include "session/session_recording.h"
 
 #include <poll.h>
 #include <signal.h>

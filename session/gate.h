@@ -6,7 +6,7 @@
 // It is shimlet-session started as `--gate IDLE_S` with the shim's TCP
 // listening socket on fd 3 and the control socket on fd 4 (shim/gate_proto.h),
 // fds 5.. as for a session. Per connection, in order:
-//   accept (limits: shim/preauth.h, the idlest connection dropped first) ->
+//   accept (limits: session/preauth.h, the idlest connection dropped first) ->
 //   the first byte: an SSL object (buffers released while idle) ->
 //   TLS 1.3 handshake (none on the CRI listener) -> ALPN h2: the client preface and the first request's
 //   HEADERS (proto/h2_first.h); http/1.1 or none: the request head
@@ -30,8 +30,8 @@
 #include <string>
 
 #include "common/fd.h"
-#include "shim/session_context.h"
-#include "shim/session_k8s.h"
+#include "session/session_context.h"
+#include "session/session_k8s.h"
 #include "ticket/ticket.h"
 
 namespace shimlet::session {

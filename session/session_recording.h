@@ -19,8 +19,8 @@
 
 #include "common/event.h"
 #include "recording/recorder.h"
-#include "shim/session_context.h"
-#include "shim/session_exec.h"
+#include "session/session_context.h"
+#include "session/session_exec.h"
 #include "ticket/ticket.h"
 
 namespace shimlet::session {

@@ -1,4 +1,4 @@
-#include "shim/preauth.h"
+#include "session/preauth.h"
 
 #include <arpa/inet.h>
 #include <string.h>

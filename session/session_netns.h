@@ -11,8 +11,9 @@
 #include <functional>
 #include <string>
 
+#include "common/event.h"
 #include "common/fd.h"
-#include "shim/session_context.h"
+#include "session/session_context.h"
 
 namespace shimlet::session {
 
@@ -27,7 +28,8 @@ sockaddr_storage loopback_addr(int family, uint16_t port, socklen_t& len);
 // container's network namespace, without blocking the loop. done() is always
 // called later from the loop (never from inside start()), exactly once,
 // unless the connector is destroyed first: with the connected socket, or
-// with an invalid Fd and one clear line.
+// with an invalid Fd and one clear line. start() throws only when libevent
+// cannot make an event (no memory).
 class LoopbackConnector {
  public:
   using Done = std::function<void(Fd sock, const std::string& error)>;
@@ -49,7 +51,7 @@ class LoopbackConnector {
   int timeout_s_;
   int family_ = 0;
   Fd sock_;
-  event* ev_ = nullptr;
+  EventPtr ev_;
   std::string error_;  // a result decided synchronously, delivered from the loop
   bool finished_ = false;
 };

@@ -1,4 +1,4 @@
-#include "shim/gate.h"
+#include "session/gate.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -13,7 +13,6 @@
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -21,16 +20,19 @@
 #include <nlohmann/json.hpp>
 
 #include "common/base64.h"
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "common/openssl.h"
+#include "common/pidfd.h"
 #include "proto/frames.h"
 #include "proto/h2_first.h"
 #include "proto/http1.h"
 #include "proto/tls.h"
+#include "session/preauth.h"
+#include "session/session_http1.h"
+#include "session/session_isolation.h"
 #include "shim/gate_proto.h"
-#include "shim/preauth.h"
-#include "shim/session_http1.h"
-#include "shim/session_isolation.h"
 
 namespace shimlet::session {
 namespace {
@@ -57,12 +59,6 @@ constexpr int64_t kSummaryEveryMs = 10000;     // the refusal summary line, at m
 constexpr double kAuditPerSecond = 10, kAuditBurst = 50;
 constexpr uint64_t kSignalKey = 1, kListenKey = 2, kCtlKey = 3, kContainerKey = 4, kCriListenKey = 5,
                    kFirstConnKey = 16;
-
-int64_t mono_ms() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
 
 struct Bucket {
   double tokens = kAuditBurst;
@@ -171,7 +167,7 @@ struct Gate::Impl {
         rl.rlim_cur < 64 + cfg.preauth_max_connections)
       log::warn("RLIMIT_NOFILE is below preauth_max_connections: accept fails earlier (EMFILE drops the idlest)",
                 {{"nofile", rl.rlim_cur}, {"preauth_max_connections", cfg.preauth_max_connections}});
-    last_activity = summary_at = summarized_at = mono_ms();
+    last_activity = summary_at = summarized_at = monotonic_ms();
     log::set_context({{"container", cfg.id}});
     if (opt.warm) warm_due = last_activity + kWarmDelayMs;
     log::info("gate started", {{"preauth_timeout_ms", cfg.preauth_timeout_ms},
@@ -220,7 +216,7 @@ struct Gate::Impl {
   // counted for the summary).
   void audit_refusal(const Conn& c, int status, const std::string& why, bool request, int32_t stream = 0,
                      const std::string& path = "") {
-    if (!(request ? request_audits : conn_audits).take(mono_ms())) {
+    if (!(request ? request_audits : conn_audits).take(monotonic_ms())) {
       unlogged++;
       return;
     }
@@ -282,27 +278,28 @@ struct Gate::Impl {
       int fd = ::accept4(plain ? opt.cri_fd : kListenFd, reinterpret_cast<sockaddr*>(&ss), &len,
                          SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) {
-        if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED) return;
-        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        int err = errno;  // kept (common/error.h): what runs below may change errno
+        if (err == EAGAIN || err == EINTR || err == ECONNABORTED) return;
+        if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
           // Out of fds: the idlest connection gives its fd up; with none to
           // give, stop accepting for a moment (level-triggered epoll would spin).
           if (auto victim = table.idlest()) {
             drop(*victim, "no file descriptors left (RLIMIT_NOFILE): the idlest dropped", &counters.dropped_total);
             continue;
           }
-          log::error("accept failed, pausing", {{"error", strerror(errno)}});
+          log::error("accept failed, pausing", {{"error", strerror(err)}});
           listen_on(false);
           accept_resume = now + 100;
           return;
         }
-        log::error("accept failed", {{"error", strerror(errno)}});
+        log::error("accept failed", {{"error", strerror(err)}});
         return;
       }
       counters.accepted++;
       if (plain) counters.cri_accepted++;
       last_activity = now;
       int one = 1;
-      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // latency only: never a reason to refuse
       auto c = std::make_unique<Conn>();
       c->id = next_id++;
       c->fd = fd;
@@ -392,7 +389,7 @@ struct Gate::Impl {
     c.in.shrink_to_fit();
     c.h2r.reset();
     c.h1r.reset();
-    c.linger_until = mono_ms() + kLingerMs;
+    c.linger_until = monotonic_ms() + kLingerMs;
     set_cost(c);
     flush(c);
   }
@@ -422,7 +419,7 @@ struct Gate::Impl {
     if (c.st == Conn::St::Fresh) {
       c.ssl = SSL_new(tls);
       if (!c.ssl) {
-        drop(c.id, "SSL_new: " + proto::ssl_error_string(), &counters.refused_protocol);
+        drop(c.id, "SSL_new: " + openssl_error(), &counters.refused_protocol);
         return std::nullopt;
       }
       SSL_set_fd(c.ssl, c.fd);
@@ -445,7 +442,7 @@ struct Gate::Impl {
                    (e == SSL_ERROR_SSL && ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING);
         std::string why =
             eof ? std::string("TLS handshake failed: connection error: ") + (errno ? strerror(errno) : "unexpected EOF")
-                : "TLS handshake failed: TLS error: " + proto::ssl_error_string();
+                : "TLS handshake failed: TLS error: " + openssl_error();
         drop(c.id, why, eof ? &counters.peer_closed : &counters.refused_protocol);
         return std::nullopt;
       }
@@ -502,7 +499,7 @@ struct Gate::Impl {
         if (eof) {
           drop(c.id, "connection closed by the client", &counters.peer_closed);
         } else {
-          drop(c.id, "TLS error: " + proto::ssl_error_string(), &counters.refused_protocol);
+          drop(c.id, "TLS error: " + openssl_error(), &counters.refused_protocol);
         }
         return std::nullopt;
       }
@@ -690,7 +687,7 @@ struct Gate::Impl {
   // The child: the gate from now on.
   void take_over(uint64_t handed) {
     pid_t me = getpid();
-    Fd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, me, 0)));
+    Fd pidfd = open_pidfd(me);
     char msg[5] = {gate::kTakeOver};
     memcpy(msg + 1, &me, 4);
     try {
@@ -719,8 +716,8 @@ struct Gate::Impl {
     // connection (its start-up, its handshake) overlaps the placement, which
     // mostly waits for the RCU grace period, instead of paying it cold.
     Confinement::release_warm();
-    if (opt.warm) warm_due = mono_ms();
-    report_counters(mono_ms(), true);
+    if (opt.warm) warm_due = monotonic_ms();
+    report_counters(monotonic_ms(), true);
   }
 
   // The parent: the admitted connection's session from now on.
@@ -766,7 +763,7 @@ struct Gate::Impl {
     setup();
     std::vector<epoll_event> evs(256);
     for (;;) {
-      int64_t now = mono_ms();
+      int64_t now = monotonic_ms();
       int64_t next = now + 60000;
       if (auto d = table.next_deadline()) next = std::min(next, *d);
       for (auto& [id, c] : conns)
@@ -779,7 +776,7 @@ struct Gate::Impl {
       int timeout = static_cast<int>(std::max<int64_t>(0, next - now));
       int n = epoll_wait(ep.get(), evs.data(), static_cast<int>(evs.size()), timeout);
       if (n < 0 && errno != EINTR) throw sys_error("epoll_wait");
-      now = mono_ms();
+      now = monotonic_ms();
       for (int i = 0; i < n; i++) {
         uint64_t key = evs[i].data.u64;
         uint32_t what = evs[i].events;
@@ -870,8 +867,8 @@ struct Gate::Impl {
     }
     conns.clear();
     count_open();
-    maybe_summarize(mono_ms(), true);
-    report_counters(mono_ms(), true);
+    maybe_summarize(monotonic_ms(), true);
+    report_counters(monotonic_ms(), true);
     Confinement::discard_warm();
     return std::nullopt;
   }

@@ -11,7 +11,7 @@
 #include "common/fd.h"
 #include "nsenter/nsenter.h"
 #include "proto/h2.h"
-#include "shim/session_context.h"
+#include "session/session_context.h"
 #include "ticket/ticket.h"
 
 namespace shimlet::session {
@@ -69,7 +69,7 @@ class Session : public Context, public FrontDoor, public proto::H2Conn::Handler 
   static constexpr size_t kSessionOutBudget = 32u << 20;
 
   // H2Conn::Handler
-  std::string on_connected(SSL* ssl) override;
+  std::optional<std::string> on_connected(SSL* ssl) override;
   void on_headers(int32_t stream, const proto::Headers& h, bool end_stream) override;
   void on_data(int32_t stream, const uint8_t* data, size_t len) override;
   void on_remote_end(int32_t stream) override;
