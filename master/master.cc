@@ -604,7 +604,7 @@ Response Master::session_end(Ctx& ctx, const Request& req, const std::string& no
   // is the authenticated node, whatever the body says.
   json ev = {{"node", node}, {"session_id", sid.substr(0, 64)}, {"via", "node"}};
   for (const char* k : {"container_id", "user", "verb", "start", "end", "jti", "error", "namespace", "pod", "container",
-                        "peer", "shim_session"})
+                        "peer", "shim_session", "stdio"})
     if (auto it = j.find(k); it != j.end() && it->is_string()) ev[k] = it->get<std::string>().substr(0, 1024);
   for (const char* k : {"exit_code", "signal", "bytes_in", "bytes_out"})
     if (auto it = j.find(k); it != j.end() && it->is_number_integer()) ev[k] = it->get<int64_t>();

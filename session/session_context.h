@@ -111,6 +111,9 @@ class Context {
     end_bytes_in_ += in;
     end_bytes_out_ += out;
   }
+  // The command wrote to the client's own stdio (local socket, passed fds):
+  // the byte counts cover only what the session copied, so the record says so.
+  void note_stdio_client() { end_stdio_client_ = true; }
   // The exec's status (exit_code is 128+signal when signal != 0).
   void note_exit(int exit_code, int signal, const std::string& error) {
     end_exit_ = exit_code;
@@ -141,6 +144,7 @@ class Context {
   Fd open_record_;  // flock()ed provisional record (spool::write_open) until the end record is written
   int64_t start_unix_ = 0;
   uint64_t end_bytes_in_ = 0, end_bytes_out_ = 0;
+  bool end_stdio_client_ = false;
   std::optional<int> end_exit_;
   int end_signal_ = 0;
   std::string end_error_;

@@ -49,6 +49,7 @@ void Context::write_end_record() {
   r["end"] = log::rfc3339(time(nullptr));
   r["bytes_in"] = end_bytes_in_;
   r["bytes_out"] = end_bytes_out_;
+  if (end_stdio_client_) r["stdio"] = "client";
   if (end_exit_) r["exit_code"] = *end_exit_;
   if (end_signal_) r["signal"] = end_signal_;
   if (!end_error_.empty()) r["error"] = end_error_.substr(0, 1000);

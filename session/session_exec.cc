@@ -99,6 +99,7 @@ struct ExecEngine::Impl {
     passed_ = passed.size() == (stdin_ ? 3u : 2u) && !tty_ && !rec_ && keep_stdout_ && keep_stderr_;
     Pipe in_p = make_pipe(), out_p = passed_ ? Pipe{} : make_pipe(), err_p = passed_ ? Pipe{} : make_pipe();
     if (passed_) {
+      ctx_.note_stdio_client();
       io.in = stdin_ ? passed[0].get() : in_p.read.get();  // without stdin: EOF, as below
       io.out = passed[stdin_ ? 1 : 0].get();
       io.err = passed[stdin_ ? 2 : 1].get();
