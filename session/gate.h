@@ -17,7 +17,7 @@
 //   session (with the zygote the gate placed, which must stay its child:
 //   the zygote forks the command with CLONE_PARENT), the child goes on as
 //   the gate ('G'), drops its copy of the connection without writing to it
-//   and places a new zygote 250 ms later.
+//   and places a new zygote at once.
 // Everything must happen within preauth_timeout_ms of the accept. Refusals
 // are answered here with the door's usual response and audit line (rate
 // limited: a flood gets counted, not logged line by line), then closed.
