@@ -39,7 +39,8 @@ BUILDER = os.path.join(REPO, "tests", "vm", "build_image.py")
 CACHE = os.environ.get("SHIMLET_VM_CACHE", os.path.join(REPO, "build", "vm"))
 
 # One VM boot per run: deselected in the ASan pass (an ASan build would need libasan in the guest).
-pytestmark = pytest.mark.slow
+# The module fixture builds and boots the VM (its own 1800 s bound): more than pytest.ini's per-test 600 s.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2100)]
 
 EXPECTED_CHECKS = [
     "enforcing", "backend-status", "module-loaded", "shim-domain", "exec-file-context",
