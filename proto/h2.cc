@@ -274,7 +274,7 @@ void H2Conn::read_tls() {
     while (got < kReadBatch) {
       if (!ssl_) {
         ssize_t r;
-        if (std::exchange(first_read_, false) && settings_.accept_fds > 0) {
+        if (first_read_ && settings_.accept_fds > 0) {
           // The peer's fds ride on its first byte (Handover::pass_fds).
           // One slot more than accepted: a peer sending more is told apart.
           std::vector<int> fds(settings_.accept_fds + 1, -1);
@@ -286,7 +286,9 @@ void H2Conn::read_tls() {
             why = "connection error: more than " + std::to_string(settings_.accept_fds) + " file descriptors passed";
             break;
           }
-          if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) first_read_ = true;  // nothing came yet
+          // The fds ride on the first byte: until one has come (EAGAIN, EINTR
+          // or any other failure before it), the next read looks for them.
+          if (r > 0) first_read_ = false;
         } else {
           r = ::read(fd_, rbuf_.get() + got, kReadBatch - got);
         }

@@ -203,7 +203,7 @@ class H2Conn {
   size_t open_in_ = 0;       // server: request streams counted against max_concurrent_streams
   std::string proto_error_;  // why nghttp2 ended the session (the GOAWAY it sent), for close()
   Handover handover_;        // preread fed once the session exists (connected()); sent skipped in pump()
-  bool first_read_ = true;   // plaintext: only the first read looks for passed fds
+  bool first_read_ = true;   // plaintext: reads look for passed fds until the first byte came
   std::vector<Fd> passed_fds_;
 };
 

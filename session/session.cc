@@ -11,16 +11,16 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <charconv>
-#include <sstream>
 
 #include "common/error.h"
 #include "common/event.h"
 #include "common/fd.h"
 #include "common/file.h"
 #include "common/log.h"
+#include "common/pidfd.h"
 #include "proto/tls.h"
 #include "session/gate.h"
+#include "session/session_args.h"
 #include "session/session_internal.h"
 #include "session/session_k8s.h"
 #include "session/session_warm.h"
@@ -28,66 +28,29 @@
 namespace shimlet::session {
 namespace {
 
-struct Args {
-  std::string config;
-  std::vector<std::pair<std::string, int>> ns;
-  int warm_idle_s = 0;      // > 0: set up now, serve the connection the shim passes within this time
-  int gate_idle_s = 0;      // > 0: the pre-authentication gate (session/gate.h), exits after this long unused
-  bool gate_zygote = true;  // the gate keeps a zygote placed (off: warm_idle_s 0)
-  int gate_cri_fd = -1;     // the gate: the shim's CRI listener (plain HTTP/1.1, CRI shapes only), if any
-};
-
-int parse_int(const std::string& k, const std::string& v, int lo, int hi) {
-  int n = 0;
-  auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
-  if (ec != std::errc() || p != v.data() + v.size() || n < lo || n > hi)
-    throw Error("bad " + k + " " + v + " (" + std::to_string(lo) + ".." + std::to_string(hi) + ")");
-  return n;
-}
-
-Args parse_args(int argc, char** argv) {
-  Args a;
-  for (int i = 1; i < argc; i++) {
-    std::string k = argv[i];
-    if (k == "--no-zygote") {
-      a.gate_zygote = false;
-      continue;
-    }
-    if (i + 1 >= argc) throw Error("missing value for " + k);
-    std::string v = argv[++i];
-    if (k == "--config") {
-      a.config = v;
-    } else if (k == "--warm") {
-      a.warm_idle_s = parse_int(k, v, 1, 3600);
-    } else if (k == "--gate") {
-      a.gate_idle_s = parse_int(k, v, 1, 3600);
-    } else if (k == "--cri-listener") {
-      a.gate_cri_fd = parse_int(k, v, 6, 1 << 20);
-    } else if (k == "--ns") {
-      std::stringstream ss(v);
-      std::string item;
-      while (std::getline(ss, item, ',')) {
-        auto eq = item.find('=');
-        if (eq == std::string::npos) throw Error("bad --ns item " + item);
-        a.ns.emplace_back(item.substr(0, eq), parse_int("--ns fd", item.substr(eq + 1), 0, 1 << 20));
-      }
-    } else {
-      throw Error("unknown argument " + k);
-    }
-  }
-  if (a.config.empty())
-    throw Error(
-        "usage: shimlet-session --config PATH [--ns TYPE=FD,...] [--warm IDLE_S | --gate IDLE_S [--no-zygote] "
-        "[--cri-listener FD]]");
-  return a;
-}
-
 void on_signal(evutil_socket_t, short, void* arg) {
   log::info("terminating on signal");
   static_cast<FrontDoor*>(arg)->terminate("session terminated by the shim");
 }
 
 void on_container_exit(evutil_socket_t, short, void* arg) { static_cast<FrontDoor*>(arg)->container_exited(); }
+
+void on_shim_exit(evutil_socket_t, short, void* arg) {
+  log::info("terminating: the shim exited");
+  static_cast<FrontDoor*>(arg)->terminate("session terminated: its shim exited");
+}
+
+// The shim's pidfd (docs/design.md "Pre-authentication gate"): every session
+// ends when its shim exits, however it exits. A gate lineage's sessions after
+// the first are not the shim's children (no PDEATHSIG reaches them): the
+// first gate opens this and every session it forks inherits it.
+Fd open_shim_pidfd() {
+  pid_t shim = getppid();
+  Fd fd = open_pidfd(shim);
+  if (!fd) throw sys_error("pidfd_open(the shim, pid " + std::to_string(shim) + ")");
+  if (getppid() != shim) throw Error("the shim exited before the session started");
+  return fd;
+}
 
 bool is_unix_socket(int fd) {
   sockaddr_storage ss{};
@@ -116,14 +79,17 @@ int refuse_connection(const std::string& container, const std::string& why) {
 }
 
 // Runs the connection's front door until it is done; its exit code.
-int serve(event_base* base, std::unique_ptr<FrontDoor> door) {
+int serve(event_base* base, std::unique_ptr<FrontDoor> door, int shim_pidfd) {
   EventPtr term = new_event(base, SIGTERM, EV_SIGNAL | EV_PERSIST, on_signal, door.get());
   event_add(term.get(), nullptr);
+  EventPtr shim = new_event(base, shim_pidfd, EV_READ, on_shim_exit, door.get());
+  if (event_add(shim.get(), nullptr) < 0) throw Error("event_add(the shim's pidfd) failed");
   if (warm_term_pending()) on_signal(SIGTERM, 0, door.get());  // arrived after a warm session's wait
   EventPtr cexit = new_event(base, kPidFd, EV_READ, on_container_exit, door.get());
   event_add(cexit.get(), nullptr);
   event_base_dispatch(base);
   term.reset();
+  shim.reset();
   cexit.reset();
   int code = door->exit_code();
   door.reset();
@@ -132,7 +98,7 @@ int serve(event_base* base, std::unique_ptr<FrontDoor> door) {
 
 // The pre-authentication gate (session/gate.h) until it admits a connection;
 // then this process serves that connection as its session.
-int run_gate(const Args& args, Config cfg, nsenter::Container ctr) {
+int run_gate(const Args& args, Config cfg, nsenter::Container ctr, int shim_pidfd) {
   prctl(PR_SET_NAME, "shimlet-gate", 0, 0, 0);
   log::set_component("gate");
   proto::SslCtx ctx =
@@ -153,15 +119,21 @@ int run_gate(const Args& args, Config cfg, nsenter::Container ctr) {
   else
     door = make_http1_front_door(base.get(), std::move(cfg), std::move(ctr), fd, ssl, std::move(*a->k8s),
                                  std::move(a->early), a->accepted_unix);
-  return serve(base.get(), std::move(door));
+  return serve(base.get(), std::move(door), shim_pidfd);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  Args args;
+  try {
+    args = parse_args(argc, argv);
+  } catch (const std::exception& e) {
+    log::error("session failed", {{"error", e.what()}});
+    return 1;
+  }
   // A warm session is not a session until it gets a connection (ps, tests).
-  for (int i = 1; i < argc; i++)
-    if (std::string_view(argv[i]) == "--warm") prctl(PR_SET_NAME, "shimlet-warm", 0, 0, 0);
+  if (args.warm_idle_s) prctl(PR_SET_NAME, "shimlet-warm", 0, 0, 0);
   // The system openssl.cnf has nothing a session needs; parsing it (and what it
   // loads) is paid per connection.
   OPENSSL_init_ssl(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);
@@ -179,14 +151,14 @@ int main(int argc, char** argv) {
     setrlimit(RLIMIT_NOFILE, &rl);  // best effort: the soft limit still serves most sessions
   }
   try {
-    Args args = parse_args(argc, argv);
     Config cfg = load_config(args.config);
     nsenter::Container ctr;
     ctr.init_pid = cfg.pid;
     ctr.pidfd = kPidFd;
     ctr.ns_fds = args.ns;
     ctr.config = oci::load_config(cfg.bundle);
-    if (args.gate_idle_s) return run_gate(args, std::move(cfg), std::move(ctr));
+    Fd shim_pidfd = open_shim_pidfd();
+    if (args.gate_idle_s) return run_gate(args, std::move(cfg), std::move(ctr), shim_pidfd.get());
     // Made before a warm session's wait: one step less after its connection arrives.
     EventBasePtr base = new_event_base();
     if (args.warm_idle_s && !await_connection(cfg, ctr, args.warm_idle_s)) return 0;
@@ -198,7 +170,8 @@ int main(int argc, char** argv) {
     // checked all the same.
     set_nonblocking(kConnFd);
     if (auto why = local_peer_refusal(kConnFd)) return refuse_connection(cfg.id, *why);
-    return serve(base.get(), std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd));
+    return serve(base.get(), std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), kConnFd, kShimFd),
+                 shim_pidfd.get());
   } catch (const std::exception& e) {
     log::error("session failed", {{"error", e.what()}});
     return 1;

@@ -187,25 +187,36 @@ void ExecRecording::resize(uint16_t cols, uint16_t rows) {
   if (rec_) rec_->resize(cols, rows);
 }
 
-void ExecRecording::end(const ExecResult& r) {
+void ExecRecording::end(ExecResult& r) {
+  if (!rec_) return;
   // The container's init gone: the command died with its pid namespace, not
   // of its own accord; the recording says so.
   bool container_gone = r.signal == SIGKILL && container_ending(ctx_.container());
   std::string status = recording::end_marker(r.exit_code, r.signal).substr(5);
+  bool fail_closed = fail_closed_;
+  std::string error;
   if (container_gone)
-    finish(recording::incomplete_marker("the container exited during the session (" + status + ")"));
+    error = finish(recording::incomplete_marker("the container exited during the session (" + status + ")"));
   else if (!r.killed.empty() && r.killed != "memory" && r.killed != "pids")
-    finish(recording::incomplete_marker(r.error));
+    error = finish(recording::incomplete_marker(r.error));
   else
-    finish(recording::end_marker(r.exit_code, r.signal));
+    error = finish(recording::end_marker(r.exit_code, r.signal));
+  // Killed already (a limit, the recording while it ran): that is the result.
+  if (!fail_closed || error.empty() || !r.killed.empty()) return;
+  log::audit("recording.failed", {{"error", error}, {"disk_full", "fail-closed"}, {"after_exit", true}});
+  r.error = "the session must be recorded but the recording cannot be written (" + error +
+            "); the command's own status (" + status + ") is withheld";
+  r.killed = "recording";
+  r.exit_code = kRecordingWithheldExit;
+  r.signal = 0;
 }
 
 void ExecRecording::abort(const std::string& why) { finish(recording::incomplete_marker(why)); }
 
 // marker "": stop recording after a failure (fail-open), leaving the file for
 // the spool to finish as incomplete.
-void ExecRecording::finish(const std::string& marker) {
-  if (!rec_) return;
+std::string ExecRecording::finish(const std::string& marker) {
+  if (!rec_) return "";
   if (ev_fail_) event_del(ev_fail_.get());
   if (ev_drained_) event_del(ev_drained_.get());
   // Output waiting for the writer goes on (fail-open): nothing is recorded now.
@@ -223,6 +234,7 @@ void ExecRecording::finish(const std::string& marker) {
   ctx_.note_recording(j);
   log::audit("recording.end", j);
   rec_.reset();
+  return res.error;
 }
 
 }  // namespace shimlet::session

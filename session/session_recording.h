@@ -29,6 +29,11 @@ namespace shimlet::session {
 // dir empty (a shim.json from before recordings): nothing can be recorded.
 RecordingSettings parse_recording_settings(const nlohmann::json& j);
 
+// The exit code a fail-closed session reports when its command exited but
+// its recording could not be completed: the command's own status is withheld
+// (the end record keeps it); shimctl and kubectl both exit with it.
+inline constexpr int kRecordingWithheldExit = 254;
+
 // A recorded exec that cannot be recorded under fail-closed: refused.
 struct RecordingRefused : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -58,14 +63,19 @@ class ExecRecording {
   // when_drained(resume), which runs resume (from the loop) once it caught up.
   bool backlog_high() const { return rec_ && rec_->backlog_high(); }
   void when_drained(std::function<void()> resume);
-  void end(const ExecResult& r);
+  // The command ended (r: its result). Fail-closed, when the recording could
+  // not be completed (the disk filled while the writer was still behind, or
+  // with the terminal marker), amends r: the session does not report the
+  // command's success for an incomplete recording (docs/recording.md).
+  void end(ExecResult& r);
   void abort(const std::string& why);
 
  private:
   ExecRecording(Context& ctx, std::unique_ptr<recording::Recorder> rec, bool fail_closed, OnFailClosed cb);
   static void on_failure(evutil_socket_t, short, void* arg);
   static void on_drained(evutil_socket_t, short, void* arg);
-  void finish(const std::string& marker);
+  // The writer's failure ("" when the recording is on disk as marked).
+  std::string finish(const std::string& marker);
 
   Context& ctx_;
   std::unique_ptr<recording::Recorder> rec_;

@@ -646,3 +646,35 @@ def test_connection_lost_before_status(env, ctr):
         for x in pids_with_cmdline(marker.encode()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(x, signal.SIGKILL)
+
+
+def test_every_session_of_a_gate_lineage_ends_with_its_shim(env):
+    """docs/design.md "Pre-authentication gate": a shim that dies (SIGKILL)
+    ends every session, not only the first of its gate's lineage (the shim's
+    child, with its PDEATHSIG): later ones are the previous gate's children."""
+    c = env.container()
+    markers = [str(700000 + uuid.uuid4().int % 99999) for _ in range(3)]
+    procs = []
+    try:
+        for m in markers:  # one after the other: the lineage's 1st, 2nd and 3rd session
+            p = subprocess.Popen(env.shimctl("exec", c.id, "--", "sh", "-c", f"echo ready; sleep {m}", tls=True),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            procs.append(p)
+            assert p.stdout.readline() == b"ready\n", p.stderr.read() if p.poll() is not None else ""
+        sleeps = [wait_for(lambda m=m: pids_with_cmdline(m.encode()), 5, f"sleep {m}")[0] for m in markers]
+        os.kill(env.registration(c.id)["shim_pid"], signal.SIGKILL)
+        for i, p in enumerate(procs):
+            assert p.wait(timeout=10) != 0, f"session {i + 1}"
+            err = p.stderr.read().decode()
+            assert "shim exited" in err or "connection to shim lost" in err, (i + 1, err)
+        wait_for(lambda: not any(alive(x) for x in sleeps), 5, "every session's command to die")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for m in markers:
+            for x in pids_with_cmdline(m.encode()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(x, signal.SIGKILL)
+        c.cleanup()

@@ -4,6 +4,7 @@ to the node's spool, the hook's renewer and poststop shipping the recordings,
 and `shimctl sessions` (list, play, export) reading them back; asciinema (from
 Debian) plays the exported file too. One master and one container are shared;
 the tests that kill a shim or a container, or fill a disk, bring their own."""
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -455,6 +456,50 @@ def test_disk_full_policies(env, small_disk):
         assert c.exec("test", "-e", "/ran").returncode == 1, "the command ran"
     finally:
         os.unlink(filler)
+    # fail-closed when the disk fills after the command's output is on disk
+    # and only its end is left to write: the command exits 0, but the session
+    # does not report success for an incomplete recording (exit 254).
+    _disk_full_at_the_end(env, c, filler)
+
+
+def _disk_full_at_the_end(env, c, filler):
+    spool = os.path.join(c.mnt, c.id)
+    wait_for(lambda: not os.listdir(spool), 15, "the small disk emptied")
+    # The command prints "a", then N bytes (N from /n: the recording file then
+    # ends 6 bytes short of a page, too few for its end marker), then waits
+    # for /go and exits 0 without output.
+    cmd = ["sh", "-c", 'echo a; while [ ! -e /n ]; do sleep 0.02; done; printf "%0$(cat /n)d" 0; '
+           'while [ ! -e /go ]; do sleep 0.02; done']
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(as_alice, env, "exec", c.pod, "--", *cmd)
+        try:
+            def first_event():
+                recs = [f for f in os.listdir(spool) if f.endswith(".rec")]
+                if len(recs) != 1:
+                    return None
+                with open(os.path.join(spool, recs[0]), "rb") as f:
+                    raw = f.read()
+                return (recs[0], raw) if raw.endswith(b', "o", "a\\n"]\n') else None
+            name, raw = wait_for(first_event, 15, "the recording's first event on disk")
+            t = raw.rsplit(b"\n", 2)[-2][1:].split(b",")[0]  # the event's time, as the writer formats it
+            page, slack = 4096, 6
+            # [T, "o", "0...0"]\n: 12 bytes and the time's around the N bytes.
+            n = (page - slack - (len(raw) + 12 + len(t))) % page or page
+            assert c.exec("sh", "-c", f"echo {n} > /n.tmp && mv /n.tmp /n").returncode == 0
+            path = os.path.join(spool, name)
+            wait_for(lambda: os.path.getsize(path) % page == page - slack, 15, "the output on disk, a page less 6")
+            subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4096"], stderr=subprocess.DEVNULL)
+            assert c.exec("touch", "/go").returncode == 0
+            p = fut.result(timeout=60)
+        finally:
+            c.exec("touch", "/n", "/go")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(filler)
+    assert p.returncode == 254, (p.returncode, p.stderr)
+    assert b"recording cannot be written" in p.stderr and b"own status (exit code 0) is withheld" in p.stderr, p.stderr
+    assert p.stdout == b"a\n" + b"0" * n, p.stdout[:100]
+    meta = stored(env, grant_sid(env, cmd))
+    assert not meta["complete"], meta
 
 
 # ---------------------------------------------------------------- RBAC and audit

@@ -2,10 +2,16 @@
 // server connection in one libevent loop. Request and response bodies, the
 // stream limit (REFUSED_STREAM, the connection goes on), a vanished peer,
 // bytes that are not HTTP/2, a missing PING answer, and the outbound
-// high-water mark with its drain.
+// high-water mark with its drain, and fds passed with the first byte when a
+// read is interrupted (EINTR injected into recvmsg: this binary is linked
+// with -Wl,--wrap=recvmsg, tests/unit/CMakeLists.txt).
+#include <errno.h>
 #include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <string>
 
 #include "h2_loop.h"
@@ -20,6 +26,18 @@ using shimlet::proto::Headers;
 using shimlet::test::Recorder;
 using shimlet::test::run_until;
 using shimlet::test::stream_pair;
+
+// recvmsg with failures injected: the next g_recvmsg_eintr calls fail with EINTR.
+std::atomic<int> g_recvmsg_eintr{0};
+extern "C" ssize_t __real_recvmsg(int fd, msghdr* msg, int flags);
+extern "C" ssize_t __wrap_recvmsg(int fd, msghdr* msg, int flags) {
+  if (g_recvmsg_eintr > 0) {
+    g_recvmsg_eintr--;
+    errno = EINTR;
+    return -1;
+  }
+  return __real_recvmsg(fd, msg, flags);
+}
 
 namespace {
 
@@ -191,6 +209,34 @@ TEST(H2Conn, OutboundHighWaterThenDrainWhenThePeerReads) {
   ASSERT_TRUE(p.run([&] { return slow.streams[id].body.size() == chunk.size() * 8; }));
   EXPECT_EQ(slow.streams[id].body, std::string(chunk.size() * 8, 'y'));
   EXPECT_GE(p.server_h.drains[id], 1);
+}
+
+TEST(H2Conn, PassedFdsSurviveAnInterruptedFirstRead) {
+  // The peer's fds ride on its first byte; a read interrupted before that
+  // byte came must not make the next read drop them (the local exec would
+  // then fall back to copying its stdio).
+  EventBasePtr base = new_event_base();
+  auto [s, c] = stream_pair();
+  shimlet::Pipe p = shimlet::make_pipe();
+  int one[] = {p.write.get()};
+  ASSERT_EQ(shimlet::send_fds_nothrow(c.get(), one, "P", 1), 0);
+  Recorder h;
+  H2Settings st;
+  st.accept_fds = 1;
+  g_recvmsg_eintr = 3;
+  H2Conn server(base.get(), s.release(), nullptr, H2Conn::Role::Server, &h, st);
+  h.conn = &server;
+  std::vector<Fd> got;
+  ASSERT_TRUE(run_until(base.get(), [&] {
+    for (Fd& f : server.take_passed_fds()) got.push_back(std::move(f));
+    return !got.empty() || h.closed.has_value();
+  })) << "neither the fds nor a close";
+  EXPECT_EQ(g_recvmsg_eintr, 0) << "the injected EINTRs were not reached";
+  ASSERT_EQ(got.size(), 1u) << h.closed.value_or("");
+  struct stat a {}, b {};
+  ASSERT_EQ(fstat(got[0].get(), &a), 0);
+  ASSERT_EQ(fstat(p.write.get(), &b), 0);
+  EXPECT_EQ(a.st_ino, b.st_ino);
 }
 
 }  // namespace

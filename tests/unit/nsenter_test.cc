@@ -1,12 +1,10 @@
-// nsenter's plan building (nsenter/plan.h, nsenter/seccomp.h) and the
-// zygote's request wire format (nsenter/internal.h): everything computed
-// before fork, tested without a container. The child's syscalls themselves
-// run in the integration tests (test_parity.py against runc exec).
+// nsenter's seccomp translation (nsenter/seccomp.h) and the zygote's request
+// wire format (nsenter/internal.h), tested without a container. The plan
+// (what is taken from the config and the state) is nsenter_plan_test.cc; the
+// child's syscalls run in the integration tests (test_parity.py against runc
+// exec).
 #include <gtest/gtest.h>
-#include <linux/capability.h>
 #include <linux/seccomp.h>
-#include <sched.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <system_error>
@@ -21,13 +19,9 @@ namespace oci = shimlet::oci;
 
 namespace {
 
-// A container whose "init" is this test process: /proc/self/root is the
-// host's /, so HOME comes from the host's /etc/passwd.
 ns::Container container() {
   ns::Container c;
   c.init_pid = getpid();
-  c.config.process.env = {"PATH=/usr/local/bin:relative:/usr/bin:", "TERM=dumb"};
-  c.config.process.cwd = "/tmp";
   return c;
 }
 
@@ -43,164 +37,6 @@ ns::Stdio pipes() {
   io.out = 1;
   io.err = 2;
   return io;
-}
-
-std::vector<std::string> strings(const std::vector<char*>& v) {
-  std::vector<std::string> out;
-  for (char* p : v)
-    if (p) out.emplace_back(p);
-  return out;
-}
-
-TEST(NsenterEnv, LaterEntriesReplaceInPlace) {
-  std::vector<std::string> env;
-  ns::set_env(env, "A=1");
-  ns::set_env(env, "B=2");
-  ns::set_env(env, "A=3");
-  ns::set_env(env, "AB=4");  // a longer key is another variable
-  EXPECT_EQ(env, (std::vector<std::string>{"A=3", "B=2", "AB=4"}));
-  EXPECT_EQ(ns::env_get(env, "A"), "3");
-  EXPECT_EQ(ns::env_get(env, "AB"), "4");
-  EXPECT_FALSE(ns::env_get(env, "C"));
-  ns::set_env(env, "E=");
-  EXPECT_EQ(ns::env_get(env, "E"), "");
-  EXPECT_THROW(ns::set_env(env, "NOEQUALS"), shimlet::Error);
-  EXPECT_THROW(ns::set_env(env, "=value"), shimlet::Error);
-}
-
-TEST(NsenterEnv, HomeFromPasswd) {
-  const char* passwd =
-      "root:x:0:0:root:/root:/bin/sh\n"
-      "broken line\n"
-      "short:x:7\n"
-      "nohome:x:1001:1001:gecos::/bin/sh\n"
-      "user:x:1000:1000:user:/home/user:/bin/sh";  // no final newline
-  EXPECT_EQ(ns::home_from_passwd(passwd, 0), "/root");
-  EXPECT_EQ(ns::home_from_passwd(passwd, 1000), "/home/user");
-  EXPECT_EQ(ns::home_from_passwd(passwd, 1001), "/");  // empty home: runc's default
-  EXPECT_EQ(ns::home_from_passwd(passwd, 7), "/");     // too few fields: skipped
-  EXPECT_EQ(ns::home_from_passwd(passwd, 4242), "/");  // unknown uid
-  EXPECT_EQ(ns::home_from_passwd("", 0), "/");
-}
-
-TEST(NsenterPlan, ValidateRefusesBadCommands) {
-  EXPECT_THROW(ns::validate(request({})), shimlet::Error);
-  EXPECT_THROW(ns::validate(request({"sh", std::string("a\0b", 3)})), shimlet::Error);
-  try {
-    ns::validate(request({""}));
-    FAIL() << "empty command name accepted";
-  } catch (const ns::ExecError& e) {
-    EXPECT_EQ(e.exit_code, 127);
-  }
-  EXPECT_NO_THROW(ns::validate(request({"true"})));
-}
-
-TEST(NsenterPlan, ContainerPart) {
-  ns::Container c = container();
-  oci::Process& p = c.config.process;
-  p.env = {"A=1", "B=2", "A=3"};
-  p.uid = 1000;
-  p.gid = 1000;
-  p.additional_gids = {10, 20};
-  p.cwd = "";
-  p.no_new_privileges = true;
-  p.oom_score_adj = 500;
-  p.rlimits = {{RLIMIT_NOFILE, 1024, 2048}};
-  p.caps.bounding = {"CAP_CHOWN", "CAP_NOT_A_CAPABILITY", "CAP_KILL", "CAP_CHOWN"};
-  p.caps.effective = {"CAP_KILL"};
-  p.caps.permitted = {"CAP_KILL", "CAP_CHOWN"};
-  c.ns_fds = {{"user", 11}, {"mnt", 12}, {"pid", 13}, {"net", 14}};
-  ns::Plan plan = ns::prepare_container(c);
-  EXPECT_EQ(plan.env_s, (std::vector<std::string>{"A=3", "B=2"}));
-  EXPECT_EQ(plan.userns_fd, 11);
-  // The pid namespace applies through fork, not setns.
-  EXPECT_EQ(plan.ns, (std::vector<std::pair<int, int>>{{12, CLONE_NEWNS}, {14, CLONE_NEWNET}}));
-  // Unknown capability names are ignored (runc: it only ever grants less); numbers sorted, once.
-  EXPECT_EQ(plan.bounding, (std::vector<int>{CAP_CHOWN, CAP_KILL}));
-  EXPECT_EQ(plan.effective, (std::vector<int>{CAP_KILL}));
-  EXPECT_EQ(plan.permitted, (std::vector<int>{CAP_CHOWN, CAP_KILL}));
-  EXPECT_FALSE(plan.cap_sys_admin_granted);
-  EXPECT_EQ(plan.uid, 1000u);
-  EXPECT_EQ(plan.gid, 1000u);
-  EXPECT_EQ(plan.groups, (std::vector<gid_t>{10, 20}));
-  EXPECT_EQ(plan.cwd, "/");  // empty cwd: the root
-  EXPECT_TRUE(plan.nnp);
-  EXPECT_EQ(plan.umask, 022);  // runc exec's, not process.user.umask
-  EXPECT_EQ(plan.oom_score_adj, 500);
-  ASSERT_EQ(plan.rlimits.size(), 1u);
-  EXPECT_EQ(plan.rlimits[0].hard, 2048u);
-  EXPECT_FALSE(plan.seccomp);
-  // Our own user namespace allows setgroups (/proc/PID/setgroups says "allow").
-  EXPECT_TRUE(plan.allow_setgroups);
-
-  p.caps.ambient = {"CAP_SYS_ADMIN"};  // granted in any set counts
-  EXPECT_TRUE(ns::prepare_container(c).cap_sys_admin_granted);
-}
-
-TEST(NsenterPlan, ContainerPartRefusesBadNamespaces) {
-  ns::Container c = container();
-  c.ns_fds = {{"bogus", 3}};
-  EXPECT_THROW(ns::prepare_container(c), shimlet::Error);
-  c.ns_fds = {{"net", -1}};
-  EXPECT_THROW(ns::prepare_container(c), shimlet::Error);
-  c.ns_fds.clear();
-  for (int i = 0; i < 9; i++) c.ns_fds.emplace_back("net", 20 + i);
-  EXPECT_THROW(ns::prepare_container(c), shimlet::Error);
-}
-
-TEST(NsenterPlan, RequestPartPathSearchAndEnv) {
-  ns::Container c = container();
-  ns::Plan plan = ns::prepare_container(c);
-  ns::Request r = request({"ls", "-l"});
-  r.extra_env = {"TERM=xterm", "X=1"};
-  ns::prepare_request(plan, c, r, pipes());
-  EXPECT_EQ(strings(plan.argv), (std::vector<std::string>{"ls", "-l"}));
-  EXPECT_EQ(plan.argv.back(), nullptr);
-  EXPECT_EQ(plan.envp.back(), nullptr);
-  // The request's env overrides in place; HOME from passwd (uid 0 here) when unset.
-  std::vector<std::string> env = strings(plan.envp);
-  EXPECT_EQ(env[1], "TERM=xterm");
-  EXPECT_EQ(ns::env_get(env, "X"), "1");
-  EXPECT_EQ(ns::env_get(env, "HOME"), "/root");  // the host's passwd here (Debian's root)
-  // Go's LookPath: absolute PATH entries in order; relative and empty ones skipped.
-  EXPECT_TRUE(plan.searched);
-  EXPECT_EQ(plan.candidates_s, (std::vector<std::string>{"/usr/local/bin/ls", "/usr/bin/ls"}));
-  ASSERT_EQ(plan.candidates.size(), 2u);
-  EXPECT_STREQ(plan.candidates[1], "/usr/bin/ls");
-  EXPECT_FALSE(plan.tty);
-  EXPECT_EQ(plan.out, 1);
-  EXPECT_FALSE(plan.landlock);
-  EXPECT_FALSE(plan.pty_exclusive);
-}
-
-TEST(NsenterPlan, RequestPartNameWithSlashAndHomeKept) {
-  ns::Container c = container();
-  c.config.process.env.push_back("HOME=/custom");
-  c.config.process.selinux_label = "system_u:system_r:container_t:s0:c1,c2";
-  ns::Plan plan = ns::prepare_container(c);
-  ns::Request r = request({"./bin/tool"});
-  r.landlock = shimlet::landlock::Options{};
-  ns::Stdio io;
-  io.tty = true;
-  io.cols = 132;
-  io.rows = 43;
-  ns::prepare_request(plan, c, r, io);
-  EXPECT_FALSE(plan.searched);
-  EXPECT_EQ(plan.candidates_s, (std::vector<std::string>{"./bin/tool"}));
-  EXPECT_EQ(ns::env_get(strings(plan.envp), "HOME"), "/custom");
-  EXPECT_TRUE(plan.tty);
-  EXPECT_EQ(plan.ws.ws_col, 132);
-  EXPECT_EQ(plan.ws.ws_row, 43);
-  // Without a request label: the config's; a Landlock domain makes the pty exclusive.
-  EXPECT_EQ(plan.selinux_label, "system_u:system_r:container_t:s0:c1,c2");
-  EXPECT_TRUE(plan.landlock);
-  EXPECT_TRUE(plan.pty_exclusive);
-}
-
-TEST(NsenterPlan, RequestPartNeedsStdioWithoutTty) {
-  ns::Container c = container();
-  ns::Plan plan = ns::prepare_container(c);
-  EXPECT_THROW(ns::prepare_request(plan, c, request({"true"}), ns::Stdio{}), shimlet::Error);
 }
 
 TEST(NsenterSeccomp, CompilesAProfile) {
