@@ -11,7 +11,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-
 #include "common/error.h"
 #include "common/event.h"
 #include "common/fd.h"

@@ -37,9 +37,8 @@ Args parse_args(int argc, const char* const* argv) {
   app.add_option("--ns", ns, "namespace fds TYPE=FD,... (repeated: appended)")->type_name("TYPE=FD,...");
   auto* warm = app.add_option("--warm", a.warm_idle_s, "warm session: wait this long for a connection")
                    ->check(CLI::Range(1, 3600));
-  auto* gate =
-      app.add_option("--gate", a.gate_idle_s, "the pre-authentication gate: exit after this long unused")
-          ->check(CLI::Range(1, 3600));
+  auto* gate = app.add_option("--gate", a.gate_idle_s, "the pre-authentication gate: exit after this long unused")
+                   ->check(CLI::Range(1, 3600));
   bool no_zygote = false;
   auto* nozyg = app.add_flag("--no-zygote", no_zygote, "the gate keeps no zygote placed");
   auto* cri = app.add_option("--cri-listener", a.gate_cri_fd, "the gate: the shim's CRI listener fd")

@@ -233,7 +233,8 @@ TEST(H2Conn, PassedFdsSurviveAnInterruptedFirstRead) {
   })) << "neither the fds nor a close";
   EXPECT_EQ(g_recvmsg_eintr, 0) << "the injected EINTRs were not reached";
   ASSERT_EQ(got.size(), 1u) << h.closed.value_or("");
-  struct stat a {}, b {};
+  struct stat a {
+  }, b{};
   ASSERT_EQ(fstat(got[0].get(), &a), 0);
   ASSERT_EQ(fstat(p.write.get(), &b), 0);
   EXPECT_EQ(a.st_ino, b.st_ino);

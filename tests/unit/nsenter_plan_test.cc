@@ -256,8 +256,8 @@ TEST(NsenterPlan, NamespacesUserApartPidThroughForkOthersInOrder) {
   // The child joins plan.ns in order around the user namespace (once before
   // it, again after for those that failed): the order given is kept.
   ns::Container c = container();
-  c.ns_fds = {{"user", 10}, {"mnt", 11}, {"pid", 12}, {"net", 13}, {"ipc", 14}, {"uts", 15}, {"cgroup", 16},
-              {"time", 17}};
+  c.ns_fds = {{"user", 10}, {"mnt", 11}, {"pid", 12},    {"net", 13},
+              {"ipc", 14},  {"uts", 15}, {"cgroup", 16}, {"time", 17}};
   ns::Plan plan = ns::prepare_container(c);
   EXPECT_EQ(plan.userns_fd, 10);
   EXPECT_EQ(plan.ns, (std::vector<std::pair<int, int>>{{11, CLONE_NEWNS},
@@ -290,8 +290,8 @@ TEST(NsenterPlan, RlimitsInTheConfigsOrderAndUserAsConfigured) {
   EXPECT_FALSE(plan.oom_score_adj);  // not configured: left as inherited
   EXPECT_FALSE(plan.nnp);
   // No capability configured: every set empty (all dropped).
-  EXPECT_TRUE(plan.bounding.empty() && plan.effective.empty() && plan.permitted.empty() &&
-              plan.inheritable.empty() && plan.ambient.empty());
+  EXPECT_TRUE(plan.bounding.empty() && plan.effective.empty() && plan.permitted.empty() && plan.inheritable.empty() &&
+              plan.ambient.empty());
 }
 
 TEST(NsenterPlan, SetgroupsFollowsTheUserNamespace) {

@@ -74,8 +74,7 @@ TEST(SessionArgs, BadCommandLinesAreRefused) {
     EXPECT_NE(refusal({"--config", "c", "--warm", v}).find("--warm"), std::string::npos) << v;
     EXPECT_NE(refusal({"--config", "c", "--gate", v}).find("--gate"), std::string::npos) << v;
   }
-  EXPECT_NE(refusal({"--config", "c", "--gate", "5", "--cri-listener", "2"}).find("--cri-listener"),
-            std::string::npos);
+  EXPECT_NE(refusal({"--config", "c", "--gate", "5", "--cri-listener", "2"}).find("--cri-listener"), std::string::npos);
   // Options of one mode only: warm xor gate; the gate's own options need --gate.
   EXPECT_NE(refusal({"--config", "c", "--warm", "5", "--gate", "5"}).find("excludes"), std::string::npos);
   EXPECT_NE(refusal({"--config", "c", "--no-zygote"}).find("--gate"), std::string::npos);
