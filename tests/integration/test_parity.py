@@ -117,6 +117,27 @@ def caller_nofile_below_hard():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def _allow_runc_nofile_raise(c, ref, got):
+    """runc 1.1.5 (Debian 12, Go >= 1.19) sometimes hands `runc exec` a NOFILE
+    soft limit raised to the hard one despite the config (the Go runtime's
+    own raise leaking through runc init; fixed upstream in runc 1.1.11). Even
+    pinning the caller (caller_nofile_below_hard) does not always avoid it.
+    The config is the contract: where runc shows that raise and ours shows the
+    config's soft and hard, the line counts as equal; nothing else does."""
+    with open(os.path.join(c.bundle, "config.json")) as f:
+        lims = [r for r in json.load(f)["process"].get("rlimits", []) if r["type"] == "RLIMIT_NOFILE"]
+    if not lims:
+        return
+    soft, hard = lims[0]["soft"], lims[0]["hard"]
+
+    def nofile(lines):
+        return [(i, l.split()[3:5]) for i, l in enumerate(lines) if l.startswith("Max open files")]
+
+    (ri, rv), (gi, gv) = nofile(ref["limits"])[0], nofile(got["limits"])[0]
+    if rv == [str(hard), str(hard)] and gv == [str(soft), str(hard)] and soft != hard:
+        ref["limits"][ri] = got["limits"][gi]
+
+
 def assert_parity(c, extra=()):
     with caller_nofile_below_hard():
         ref = c.exec("sh", "-c", PROBE)
@@ -130,6 +151,7 @@ def assert_parity(c, extra=()):
     assert any(line.startswith("0::") for line in session_cg), f"no session cgroup on v2: {b['cgroup']}"
     b["cgroup"] = [re.sub(r"/shimlet-[0-9a-f]+$", "", line) for line in b["cgroup"]]
     assert set(a) == set(b), (a.keys(), b.keys())
+    _allow_runc_nofile_raise(c, a, b)
     for k in a:
         assert b[k] == a[k], f"section {k} differs:\nrunc exec: {a[k]}\nours:      {b[k]}"
     # No host fd reaches the command: 0,1,2 and ls's own directory fd.
