@@ -48,21 +48,17 @@ Args parse_args(int argc, const char* const* argv) {
   cri->needs(gate);
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    throw Error(std::string(e.what()) + "\n" + kUsage);
-  }
-  a.gate_zygote = !no_zygote;
-  // Split here, not with CLI11's delimiter: an empty list ("--ns ''", a
-  // container sharing every namespace with the shim) is no items.
-  try {
+    // Split here, not with CLI11's delimiter: an empty list ("--ns ''", a
+    // container sharing every namespace with the shim) is no items.
     for (const auto& list : ns) {
       std::stringstream ss(list);
       std::string item;
       while (std::getline(ss, item, ',')) a.ns.push_back(ns_item(item));
     }
-  } catch (const Error& e) {
+  } catch (const std::exception& e) {  // CLI::ParseError or a bad --ns item
     throw Error(std::string(e.what()) + "\n" + kUsage);
   }
+  a.gate_zygote = !no_zygote;
   return a;
 }
 

@@ -193,7 +193,6 @@ void ExecRecording::end(ExecResult& r) {
   // of its own accord; the recording says so.
   bool container_gone = r.signal == SIGKILL && container_ending(ctx_.container());
   std::string status = recording::end_marker(r.exit_code, r.signal).substr(5);
-  bool fail_closed = fail_closed_;
   std::string error;
   if (container_gone)
     error = finish(recording::incomplete_marker("the container exited during the session (" + status + ")"));
@@ -202,7 +201,7 @@ void ExecRecording::end(ExecResult& r) {
   else
     error = finish(recording::end_marker(r.exit_code, r.signal));
   // Killed already (a limit, the recording while it ran): that is the result.
-  if (!fail_closed || error.empty() || !r.killed.empty()) return;
+  if (!fail_closed_ || error.empty() || !r.killed.empty()) return;
   log::audit("recording.failed", {{"error", error}, {"disk_full", "fail-closed"}, {"after_exit", true}});
   r.error = "the session must be recorded but the recording cannot be written (" + error +
             "); the command's own status (" + status + ") is withheld";

@@ -22,35 +22,16 @@
 #include "nsenter/nsenter.h"
 #include "nsenter/plan.h"
 #include "nsenter/seccomp.h"
+#include "tests/unit/nsenter_fixtures.h"
 
 namespace ns = shimlet::nsenter;
 namespace oci = shimlet::oci;
 
 namespace {
 
-// A container whose "init" is this test process: /proc/self/root is the
-// host's /, so HOME comes from the host's /etc/passwd.
-ns::Container container() {
-  ns::Container c;
-  c.init_pid = getpid();
-  c.config.process.env = {"PATH=/usr/local/bin:relative:/usr/bin:", "TERM=dumb"};
-  c.config.process.cwd = "/tmp";
-  return c;
-}
-
-ns::Request request(std::vector<std::string> argv) {
-  ns::Request r;
-  r.argv = std::move(argv);
-  return r;
-}
-
-ns::Stdio pipes() {
-  ns::Stdio io;
-  io.in = 0;
-  io.out = 1;
-  io.err = 2;
-  return io;
-}
+using shimlet::test::container;
+using shimlet::test::pipes;
+using shimlet::test::request;
 
 std::vector<std::string> strings(const std::vector<char*>& v) {
   std::vector<std::string> out;

@@ -13,31 +13,16 @@
 #include "nsenter/internal.h"
 #include "nsenter/plan.h"
 #include "nsenter/seccomp.h"
+#include "tests/unit/nsenter_fixtures.h"
 
 namespace ns = shimlet::nsenter;
 namespace oci = shimlet::oci;
 
 namespace {
 
-ns::Container container() {
-  ns::Container c;
-  c.init_pid = getpid();
-  return c;
-}
-
-ns::Request request(std::vector<std::string> argv) {
-  ns::Request r;
-  r.argv = std::move(argv);
-  return r;
-}
-
-ns::Stdio pipes() {
-  ns::Stdio io;
-  io.in = 0;
-  io.out = 1;
-  io.err = 2;
-  return io;
-}
+using shimlet::test::container;
+using shimlet::test::pipes;
+using shimlet::test::request;
 
 TEST(NsenterSeccomp, CompilesAProfile) {
   oci::Seccomp s;
