@@ -205,6 +205,16 @@ void H2Conn::connected() {
     unsigned alpn_len = 0;
     SSL_get0_alpn_selected(ssl_, &alpn, &alpn_len);
     if (alpn_len != 2 || memcmp(alpn, "h2", 2) != 0) return close("peer did not negotiate ALPN h2");
+    // From here on OpenSSL reads records from our buffer (refill_tls), not
+    // the socket: with read-ahead, OpenSSL 3.0 moves every byte it holds to
+    // the front of its buffer once per record (ssl3_read_n), about 3.5
+    // copies per byte with 128 KiB reads (measured: half the client's AES
+    // time). Bytes it read ahead during the handshake stay in its buffer.
+    BIO* empty = BIO_new(BIO_s_mem());
+    if (!empty) return close("out of memory (TLS read buffer)");
+    BIO_set_mem_eof_return(empty, -1);  // empty means "wait", not EOF
+    SSL_set0_rbio(ssl_, empty);
+    SSL_set_read_ahead(ssl_, 0);
   }
   if (std::optional<std::string> err = handler_->on_connected(ssl_)) return close(*err);
   nghttp2_session_callbacks* cbs;
@@ -309,7 +319,10 @@ void H2Conn::read_tls() {
         continue;
       }
       int err = SSL_get_error(ssl_, r);
-      if (err == SSL_ERROR_WANT_READ) break;
+      if (err == SSL_ERROR_WANT_READ) {
+        if (int f = refill_tls(why); f > 0) continue;
+        break;
+      }
       if (err == SSL_ERROR_WANT_WRITE) {  // a post-handshake message must go out first
         read_wants_write_ = true;
         event_add(wev_.get(), nullptr);
@@ -327,6 +340,33 @@ void H2Conn::read_tls() {
       event_active(kick_.get(), 0, 0);
       return;
     }
+  }
+}
+
+// OpenSSL took every byte lent to it (it reads exactly a record's header,
+// then its body, without read-ahead): lends it the next read(2), up to
+// kReadAhead. 1: bytes came; 0: none yet (EAGAIN); -1: EOF or error (why).
+int H2Conn::refill_tls(std::string& why) {
+  if (!connected_) return 0;  // the handshake reads the socket itself
+  if (!raw_) raw_ = std::make_unique_for_overwrite<uint8_t[]>(kReadAhead);
+  for (;;) {
+    ssize_t r = ::read(fd_, raw_.get(), kReadAhead);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+    if (r <= 0) {
+      // As OpenSSL's own EOF with SSL_OP_IGNORE_UNEXPECTED_EOF: HTTP/2's
+      // framing tells a cut stream from a finished one.
+      why = r == 0 ? kPeerClosed : std::string("connection error: ") + strerror(errno);
+      return -1;
+    }
+    BIO* b = BIO_new_mem_buf(raw_.get(), static_cast<int>(r));
+    if (!b) {
+      why = "out of memory (TLS read buffer)";
+      return -1;
+    }
+    BIO_set_mem_eof_return(b, -1);
+    SSL_set0_rbio(ssl_, b);  // frees the drained one
+    return 1;
   }
 }
 
