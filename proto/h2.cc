@@ -668,15 +668,55 @@ int H2Conn::send_data_cb(nghttp2_session*, nghttp2_frame* f, const uint8_t* fram
   // We never pad; a buffer that lost the promised bytes is a bug, not input.
   if (f->data.padlen > 0 || (length > 0 && (it == self->out_.end() || it->second.buf.size() - it->second.off < length)))
     return NGHTTP2_ERR_CALLBACK_FAILURE;
-  self->wbuf_.append(reinterpret_cast<const char*>(framehd), 9);
   self->bytes_out_ += 9 + length;
-  if (length == 0) return 0;
+  if (length == 0) {
+    self->wbuf_.append(reinterpret_cast<const char*>(framehd), 9);
+    return 0;
+  }
   Out& o = it->second;
-  self->wbuf_.append(o.buf, o.off, length);
+  self->send_frame(framehd, o.buf.data() + o.off, length);
   o.off += length;
   self->total_out_ -= length;
   compact(o.buf, o.off);
   return 0;
+}
+
+// One DATA frame: straight from the stream's buffer into SSL_write (which
+// copies it once, into its record) while nothing waits before it, else
+// queued in wbuf_ behind what waits. Saves copying every byte into wbuf_
+// first (measured: a sixth of the session's CPU per byte was memmove; the
+// 9-byte header becomes a TLS record of its own, 22 bytes more per frame).
+void H2Conn::send_frame(const uint8_t* framehd, const char* data, size_t len) {
+  size_t done = 0;
+  bool direct = ssl_ && woff_ == wbuf_.size() && !retry_len_ && !write_wants_read_ && handover_.sent.empty();
+  if (direct) {
+    ERR_clear_error();
+    size_t n = 9;  // the length of the call that did not go through
+    int r = SSL_write(ssl_, framehd, 9);
+    if (r == 9) {
+      while (done < len) {
+        n = std::min(len - done, kMaxWrite);
+        ERR_clear_error();
+        r = SSL_write(ssl_, data + done, static_cast<int>(n));
+        if (r <= 0) break;
+        done += static_cast<size_t>(r);
+      }
+      if (done == len) return;
+    } else {
+      wbuf_.append(reinterpret_cast<const char*>(framehd), 9);
+    }
+    // SSL_write waits (for room, or for input): write_tls repeats the same
+    // call, from wbuf_ (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER). On a failure
+    // it fails again there and closes (not from inside nghttp2).
+    int err = SSL_get_error(ssl_, r);
+    if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) {
+      retry_len_ = n;
+      if (err == SSL_ERROR_WANT_READ) write_wants_read_ = true;
+    }
+  } else {
+    wbuf_.append(reinterpret_cast<const char*>(framehd), 9);
+  }
+  wbuf_.append(data + done, len - done);
 }
 
 nghttp2_data_provider H2Conn::provider() {

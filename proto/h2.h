@@ -166,6 +166,7 @@ class H2Conn {
   int refill_tls(std::string& why);
   void feed(const uint8_t* data, size_t len);
   void write_tls();
+  void send_frame(const uint8_t* framehd, const char* data, size_t len);
   void flush_tls();
   bool output_empty() const;
   static std::string tls_failure(int err);
