@@ -61,6 +61,8 @@ class ExecClient : public proto::H2Conn::Handler {
     init();
   }
   void init() {
+    // Output frames cut by the transport go on in pieces, not copied whole.
+    decoder_.set_output_pieces(true);
     base_ = new_event_base();
     out_[0] = new_evbuffer();
     out_[1] = new_evbuffer();
