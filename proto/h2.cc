@@ -38,12 +38,14 @@ constexpr size_t kSocketHighWater = 1u << 20;
 // header then body) per trip through the event loop and copies it into an
 // evbuffer, and it cannot use OpenSSL's read-ahead (bytes OpenSSL buffered are
 // invisible to epoll, and libevent 2.1 stops reading at a record boundary).
-// Here one readable event drains the socket through a read-ahead buffer and
-// hands nghttp2 up to kReadBatch at a time, so forwarded data leaves in large
-// writes; frames go out through one SSL_write per kMaxWrite.
+// Here one readable event drains the socket in reads of kReadAhead (lent to
+// OpenSSL as a memory BIO once connected; read-ahead only for the handshake)
+// and hands nghttp2 up to kReadBatch at a time, so forwarded data leaves in
+// large writes; frames go out through one SSL_write per kMaxWrite (DATA
+// frames straight from their stream's buffer: send_frame).
 namespace {
 constexpr size_t kReadBatch = 256u << 10;  // plaintext fed to nghttp2 at once
-constexpr size_t kReadAhead = 128u << 10;  // OpenSSL's read buffer: raw bytes per read(2)
+constexpr size_t kReadAhead = 128u << 10;  // raw bytes per read(2) (raw_; OpenSSL's buffer in the handshake)
 constexpr size_t kMaxReadTurn = 4u << 20;  // then let other events run (a kick reads on)
 constexpr size_t kMaxWrite = 256u << 10;   // plaintext per SSL_write
 constexpr int kWriteBuffer = 256 << 10;    // TLS records per write(2)
