@@ -39,6 +39,7 @@ constexpr uint32_t kConnectionWindow = 16u << 20;  // connection-level receive w
 constexpr size_t kStdinChunk = 64 << 10;           // one STDIN frame per read
 constexpr size_t kUploadHigh = 1 << 20;            // stop reading stdin above this many queued request bytes
 constexpr size_t kMaxErrorBody = 64 << 10;         // error responses are one JSON line
+constexpr int kOutPipeSize = 1 << 20;              // our stdout/stderr pipes grow to this (start_stdio)
 constexpr int kConnectTimeoutS = 10;               // TCP connect + TLS handshake
 constexpr int kFinishGraceMs = 500;                // after STATUS: time to flush our END_STREAM
 
@@ -60,6 +61,8 @@ class ExecClient : public proto::H2Conn::Handler {
     init();
   }
   void init() {
+    // Output frames cut by the transport go on in pieces, not copied whole.
+    decoder_.set_output_pieces(true);
     base_ = new_event_base();
     out_[0] = new_evbuffer();
     out_[1] = new_evbuffer();
@@ -268,6 +271,13 @@ class ExecClient : public proto::H2Conn::Handler {
   void start_stdio() {
     if (cap_) return;  // no terminal, no stdin: the ticket says stdin false
     stdio_.emplace(ex_.tty, ex_.stdin_);
+    // Output piped on (`| wc`, `| tar x`): a pipe of the session's own size
+    // (1 MiB, session_exec.cc) takes whole frames per write instead of
+    // filling after one, so fewer writes wait in out_ (a copy and fresh
+    // heap pages) and the reader wakes less often. Best effort: pipes only,
+    // never shrunk; the pipe stays that size after us (it is bounded).
+    for (int fd : {1, 2})
+      if (int cur = fcntl(fd, F_GETPIPE_SZ); cur > 0 && cur < kOutPipeSize) (void)fcntl(fd, F_SETPIPE_SZ, kOutPipeSize);
     for (int i = 0; i < 2; ++i)
       out_ev_[i] = new_event(base_.get(), i + 1, EV_WRITE, &ExecClient::on_out_writable_cb, this);
     if (ex_.stdin_) {

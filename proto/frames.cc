@@ -70,11 +70,39 @@ std::optional<FrameDecoder::Frame> FrameDecoder::next() {
 
 bool FrameDecoder::decode(std::string_view bytes, const FrameFn& on_frame) {
   if (!error_.empty()) return false;
+  auto pieced = [&](std::string_view s) {
+    auto t = static_cast<FrameType>(s[0]);
+    return output_pieces_ && (t == FrameType::Stdout || t == FrameType::Stderr);
+  };
+  // The rest of a frame handed on in pieces.
+  if (piece_left_ > 0) {
+    std::string_view p = bytes.substr(0, piece_left_);
+    bytes.remove_prefix(p.size());
+    piece_left_ -= p.size();
+    if (!p.empty() && !on_frame(piece_type_, p)) {
+      piece_left_ = 0;
+      return true;
+    }
+    if (piece_left_ > 0) return true;
+  }
   // What is held (a partial frame), completed from the front of bytes.
   while (pos_ < buf_.size()) {
     size_t held = buf_.size() - pos_;
     size_t need = frame_size(std::string_view(buf_).substr(pos_));
     if (need == 0) return false;
+    if (held < need && held >= kFrameHeader && pieced(std::string_view(buf_).substr(pos_))) {
+      // Its header is whole: on in pieces from here (held is just the header).
+      std::string_view f = std::string_view(buf_).substr(pos_);
+      piece_type_ = static_cast<FrameType>(f[0]);
+      piece_left_ = need - held;
+      buf_.clear();
+      pos_ = 0;
+      if (held > kFrameHeader && !on_frame(piece_type_, f.substr(kFrameHeader))) {
+        piece_left_ = 0;
+        return true;
+      }
+      return decode(bytes, on_frame);
+    }
     if (held < need) {
       size_t take = std::min(need - held, bytes.size());
       buf_.append(bytes.substr(0, take));
@@ -96,6 +124,12 @@ bool FrameDecoder::decode(std::string_view bytes, const FrameFn& on_frame) {
   while (!bytes.empty()) {
     size_t need = frame_size(bytes);
     if (need == 0) return false;
+    if (bytes.size() < need && bytes.size() >= kFrameHeader && pieced(bytes)) {
+      piece_type_ = static_cast<FrameType>(bytes[0]);
+      piece_left_ = need - bytes.size();
+      if (bytes.size() > kFrameHeader && !on_frame(piece_type_, bytes.substr(kFrameHeader))) piece_left_ = 0;
+      return true;
+    }
     if (bytes.size() < need) break;
     std::string_view f = bytes.substr(0, need);
     bytes.remove_prefix(need);

@@ -46,6 +46,11 @@ class FrameDecoder {
   // error() is set. Not to be mixed with feed()/next() on one decoder.
   using FrameFn = std::function<bool(FrameType, std::string_view)>;
   bool decode(std::string_view bytes, const FrameFn& on_frame);
+  // decode() hands STDOUT and STDERR payloads on in pieces, as their bytes
+  // come (one frame may take several calls, the last one ending it), so no
+  // frame cut by the transport is copied to be made whole. For a reader
+  // that writes output on (shimctl); other types still come whole.
+  void set_output_pieces(bool on) { output_pieces_ = on; }
   const std::string& error() const { return error_; }
   size_t buffered() const { return buf_.size() - pos_; }
 
@@ -57,6 +62,9 @@ class FrameDecoder {
   std::string buf_;
   size_t pos_ = 0;
   std::string error_;
+  bool output_pieces_ = false;
+  FrameType piece_type_ = FrameType::Stdout;
+  size_t piece_left_ = 0;  // payload bytes still to come of a frame handed on in pieces
 };
 
 // Header names and paths of the native protocol.

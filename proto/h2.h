@@ -163,8 +163,10 @@ class H2Conn {
   void handshake();
   void connected();
   void read_tls();
+  int refill_tls(std::string& why);
   void feed(const uint8_t* data, size_t len);
   void write_tls();
+  void send_frame(const uint8_t* framehd, const char* data, size_t len);
   void flush_tls();
   bool output_empty() const;
   static std::string tls_failure(int err);
@@ -190,6 +192,9 @@ class H2Conn {
   bool data_blocked_ = false;        // send_data_cb held a DATA frame back (output at its high-water mark)
   bool flush_pending_ = false;       // the write buffer waits for room in the socket
   std::unique_ptr<uint8_t[]> rbuf_;  // kReadBatch, made on the first read
+  // TLS once connected: raw socket bytes, read by us in large reads and lent
+  // to OpenSSL through a read-only memory BIO (see refill_tls).
+  std::unique_ptr<uint8_t[]> raw_;
   nghttp2_session* h2_ = nullptr;
   Role role_;
   Handler* handler_;

@@ -294,15 +294,18 @@ def test_slow_reader_bounded_memory(env, ctr):
         # growing (flow control held the rest back in the shim), or it has
         # grown past the bound (the failure: it kept reading what it cannot
         # write). Memory, not a read counter: it holds whatever way it reads.
-        pipe_size = fcntl.fcntl(p.stdout.fileno(), F_GETPIPE_SZ)
-        seen = []
+        # Full, not FIONREAD == its size: shimctl grows the pipe (start_stdio)
+        # and writes output as it comes, in pieces that need not fill pages.
+        seen, queued = [], []
 
         def stalled():
             assert p.poll() is None, "shimctl exited while its reader was stalled"
             seen.append(vm_kb(p.pid, "VmRSS"))
             assert vm_kb(p.pid, "VmHWM") < limit, f"shimctl grew to {vm_kb(p.pid, 'VmHWM')} kB with a stalled reader"
-            queued = struct.unpack("i", fcntl.ioctl(p.stdout.fileno(), termios.FIONREAD, b"\0" * 4))[0]
-            return queued == pipe_size and len(seen) >= 4 and seen[-1] == seen[-4]
+            queued.append(struct.unpack("i", fcntl.ioctl(p.stdout.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+            pipe_size = fcntl.fcntl(p.stdout.fileno(), F_GETPIPE_SZ)
+            return (queued[-1] > pipe_size // 2 and len(seen) >= 4 and seen[-1] == seen[-4]
+                    and queued[-1] == queued[-4])
 
         wait_for(stalled, 60, "shimctl to stop growing (flow control)", interval=0.1)
         hwm = vm_kb(p.pid, "VmHWM")

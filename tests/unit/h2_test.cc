@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/fd.h"
+#include "proto/frames.h"
 
 namespace {
 
@@ -116,3 +117,61 @@ TEST(H2PassedFds, NotTakenWithoutAcceptFds) {
 }
 
 }  // namespace
+
+// shimctl's decoder: output frames cut anywhere come on in pieces (never held
+// whole), other frames whole; the bytes are exactly those sent.
+TEST(FrameDecoderPieces, OutputInPiecesOtherFramesWhole) {
+  using shimlet::proto::FrameType;
+  std::string out(65536, '\0'), err = "oops", status = "{\"exit_code\":0}";
+  for (size_t i = 0; i < out.size(); i++) out[i] = static_cast<char>(i * 7);
+  std::string wire;
+  shimlet::proto::append_frame(wire, FrameType::Stdout, out);
+  shimlet::proto::append_frame(wire, FrameType::Stderr, err);
+  shimlet::proto::append_frame(wire, FrameType::Stdout, "");
+  shimlet::proto::append_frame(wire, FrameType::Status, status);
+  for (size_t step : {1, 2, 3, 4, 5, 7, 4096, 65535, 65536, 65539, 65540, 65541, 1 << 20}) {
+    shimlet::proto::FrameDecoder d;
+    d.set_output_pieces(true);
+    std::string got_out, got_err;
+    std::vector<std::string> whole;
+    for (size_t i = 0; i < wire.size(); i += step) {
+      ASSERT_TRUE(d.decode(std::string_view(wire).substr(i, step), [&](FrameType t, std::string_view p) {
+        if (t == FrameType::Stdout)
+          got_out.append(p);
+        else if (t == FrameType::Stderr)
+          got_err.append(p);
+        else
+          whole.emplace_back(p);
+        return true;
+      }));
+      EXPECT_LE(d.buffered(), status.size() + shimlet::proto::kFrameHeader) << step;
+    }
+    EXPECT_EQ(got_out, out) << step;
+    EXPECT_EQ(got_err, err) << step;
+    ASSERT_EQ(whole.size(), 1u) << step;
+    EXPECT_EQ(whole[0], status) << step;
+    EXPECT_EQ(d.buffered(), 0u) << step;
+  }
+}
+
+// on_frame's false on a piece stops there, as on a whole frame: nothing more
+// of that call is handed on (the stream is ending).
+TEST(FrameDecoderPieces, FalseStops) {
+  using shimlet::proto::FrameType;
+  std::string wire;
+  shimlet::proto::append_frame(wire, FrameType::Stdout, std::string(1000, 'a'));
+  shimlet::proto::append_frame(wire, FrameType::Stdout, "b");
+  for (size_t first : {size_t{2}, size_t{100}}) {
+    shimlet::proto::FrameDecoder d;
+    d.set_output_pieces(true);
+    size_t calls = 0;
+    auto stop = [&](FrameType, std::string_view) { return ++calls == 0; };
+    ASSERT_TRUE(d.decode(std::string_view(wire).substr(0, first), stop));
+    // The header came whole in the first call: its piece said stop there.
+    if (first < shimlet::proto::kFrameHeader) {
+      ASSERT_TRUE(d.decode(std::string_view(wire).substr(first), stop));
+    }
+    EXPECT_EQ(calls, 1u) << first;
+    EXPECT_EQ(d.buffered(), 0u) << first;
+  }
+}
