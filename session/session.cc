@@ -11,6 +11,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "common/base64.h"
 #include "common/error.h"
 #include "common/event.h"
 #include "common/fd.h"
@@ -167,6 +168,13 @@ int main(int argc, char** argv) {
     if (args.gate_idle_s) return run_gate(args, std::move(cfg), std::move(ctr), shim_pidfd.get());
     // Made before a warm session's wait: one step less after its connection arrives.
     EventBasePtr base = new_event_base();
+    if (args.warm_idle_s) {
+      // The fetches a first ticket check pays (the signature, the replay
+      // digest's SHA-256), done while warming rather than on the request
+      // (measured: the ticket check 0.44 -> 0.26 ms, medians of 100).
+      if (!cfg.keys.empty()) cfg.keys.front().key.warm_up();
+      (void)sha256("");
+    }
     if (args.warm_idle_s && !await_connection(cfg, ctr, args.warm_idle_s)) return 0;
     // The shim's local socket (docs/design.md "Local socket"): root on the
     // node, HTTP/2 with prior knowledge, no TLS. TCP connections never come

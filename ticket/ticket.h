@@ -75,6 +75,9 @@ class PublicKey {
  public:
   static PublicKey from_pem(std::string_view pem);
   bool verify(std::string_view data, std::string_view sig) const;
+  // A throwaway verification: the signature fetch a first verify() would
+  // pay (a warm session, before its connection). Never throws.
+  void warm_up() const noexcept;
   struct Impl;
   std::shared_ptr<Impl> impl;
 };

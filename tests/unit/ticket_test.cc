@@ -1,6 +1,7 @@
 #include "ticket/ticket.h"
 
 #include <gtest/gtest.h>
+#include <openssl/err.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -99,6 +100,14 @@ TEST_F(TicketTest, SignVerifyRoundTrip) {
   EXPECT_TRUE(got.tty);
   EXPECT_EQ(got.cnf_jkt, c.cnf_jkt);
   EXPECT_TRUE(got.ports.empty());
+}
+
+// A warm session's throwaway verification leaves the key usable and no
+// OpenSSL error behind.
+TEST_F(TicketTest, WarmUpThenVerify) {
+  trusted[0].key.warm_up();
+  EXPECT_EQ(ERR_peek_error(), 0u);
+  EXPECT_EQ(verify(key.sign(base_claims(), "k1"), trusted, base_expect()).jti, "jti-1");
 }
 
 TEST_F(TicketTest, PortforwardRoundTrip) {
