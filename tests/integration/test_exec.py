@@ -48,6 +48,22 @@ def pids_with_cmdline(needle):
     return out
 
 
+def kill_cmdline(needle, timeout=10, appear=False):
+    """SIGKILL every process with the argument `needle` until none is left;
+    with appear, first wait until one exists: `sh -c 'echo ready; sleep N'`
+    may be seen after its echo and before it forked the sleep."""
+    if appear:
+        wait_for(lambda: pids_with_cmdline(needle), timeout, f"a process with {needle!r} in its argv")
+
+    def gone():
+        pids = pids_with_cmdline(needle)
+        for x in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(x, signal.SIGKILL)
+        return not pids
+    wait_for(gone, timeout, f"every process with {needle!r} in its argv to die")
+
+
 class ShimEnv:
     """A private hook config + state dir, and containers hooked to it."""
 
@@ -636,9 +652,7 @@ def test_connection_lost_before_status(env, ctr):
         assert p.wait(timeout=10) == 255
         # The orphaned command holds shimctl's own stdout and stderr (passed
         # fds, as with runc exec): end it before reading them to EOF.
-        for x in pids_with_cmdline(marker.encode()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(x, signal.SIGKILL)
+        kill_cmdline(marker.encode(), appear=True)
         err = p.stderr.read().decode()
         assert err.startswith("error: connection to shim lost") and len(err.splitlines()) == 1, err
     finally:
@@ -646,9 +660,7 @@ def test_connection_lost_before_status(env, ctr):
             p.kill()
             p.wait()
         # Its sleep (the session is gone) must not outlive the test.
-        for x in pids_with_cmdline(marker.encode()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(x, signal.SIGKILL)
+        kill_cmdline(marker.encode())
 
 
 def test_every_session_of_a_gate_lineage_ends_with_its_shim(env):
