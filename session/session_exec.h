@@ -79,10 +79,16 @@ class ExecEngine {
   // Root's local exec (docs/design.md "Local socket"): the client's own
   // stdin (only when spec.stdin_), stdout and stderr, in that order, become
   // the command's, as runc exec hands its stdio on; the engine then copies
-  // and reads nothing and reports only the exit. Call before start(). Not
-  // used (the fds are closed, pipes as usual) with a tty, a recording (it
-  // must see the bytes), a discarded stream, or the wrong number of fds:
-  // stdio_passed() says which, from on_started() on.
+  // and reads nothing and reports only the exit. Call before start(). A
+  // recorded exec without stdin whose stdout and stderr are each a pipe, a
+  // socket or a regular file relays instead: the command writes into the
+  // session's pipes, and each chunk is recorded (tee) and then moved to the
+  // client's fd (splice; read/write where splice cannot), never blocking on
+  // it (backpressure: output waits for the client and the recorder). Not
+  // used (the fds are closed, pipes as usual) with a tty, any other recorded
+  // exec, a discarded stream, or the wrong number of fds: stdio_passed() says
+  // whether the client's fds are used (directly or relayed), from
+  // on_started() on.
   void pass_stdio(std::vector<Fd> fds);
   bool stdio_passed() const;
   void write_stdin(const uint8_t* data, size_t len);

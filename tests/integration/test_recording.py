@@ -634,3 +634,130 @@ def test_local_tickets_record_on_every_door(env):
         assert stream(events, "e") == b"spdy-err\n", events
     finally:
         c.stop()
+
+
+def test_local_recorded_relay_delivers_every_byte(env):
+    """A recorded non-tty `shimctl --local` exec keeps the client's own
+    stdout/stderr (the session relays them: tee into the recording, splice
+    to the client, session/session_exec.h). Stdout redirected to a file, a
+    file opened for append, a pipe and a socket: every byte reaches it, the
+    recording reassembles to the same bytes, stderr stays separate, the exit
+    code is the command's."""
+    import socket
+    import threading
+    cfg = env.path("hook-local-relay.json")
+    write_config(env, cfg, {"dir": env.rec_root, "local": "all"})
+    name = "relay-" + uuid.uuid4().hex[:6]
+    c = env.container(name, config=cfg)
+    tmp = tempfile.mkdtemp(prefix="relay-")
+    try:
+        base = [SHIMCTL, "--local", "--state-dir", env.state, "exec", c.id, "--"]
+        results = {}
+        for kind in ("file", "append", "pipe", "socket"):
+            # Output on both streams, interleaved; stderr in pieces.
+            script = (f": {kind}; i=0; while [ $i -lt 3 ]; do head -c 3000000 /dev/urandom; "
+                      "echo err-$i >&2; i=$((i+1)); done; exit 3")
+            cmd = ["sh", "-c", script]
+            out_path = os.path.join(tmp, kind + ".out")
+            prefix = b"kept before the exec\n" if kind == "append" else b""
+            with open(out_path, "wb") as f:
+                f.write(prefix)
+            if kind in ("file", "append"):
+                with open(out_path, "ab" if kind == "append" else "r+b") as f:
+                    p = subprocess.run(base + cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.PIPE,
+                                       timeout=120)
+                with open(out_path, "rb") as f:
+                    got = f.read()
+                assert got.startswith(prefix), got[:100]
+                got = got[len(prefix):]
+                err = p.stderr
+            elif kind == "pipe":
+                p = subprocess.run(base + cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+                got, err = p.stdout, p.stderr
+            else:
+                a, b = socket.socketpair()
+                chunks = []
+                def drain():
+                    while (d := b.recv(1 << 16)):
+                        chunks.append(d)
+                th = threading.Thread(target=drain)
+                th.start()
+                p = subprocess.run(base + cmd, stdin=subprocess.DEVNULL, stdout=a.fileno(), stderr=subprocess.PIPE,
+                                   timeout=120)
+                a.close()
+                th.join(60)
+                b.close()
+                got, err = b"".join(chunks), p.stderr
+            assert p.returncode == 3, (kind, p.stderr[-300:])
+            assert len(got) == 9000000, (kind, len(got))
+            assert err == b"err-0\nerr-1\nerr-2\n", (kind, err)
+            results[kind] = (cmd, hashlib.sha256(got).hexdigest(), err)
+        # The session relayed (its audit line), and did not fall back to the copy path.
+        log = open(os.path.join(env.state, c.id, "shim.log")).read()
+        starts = [json.loads(l) for l in log.splitlines() if '"exec.start"' in l]
+        assert sum(1 for s in starts if s.get("stdio") == "relay") >= 4, starts[-4:]
+        for kind, (cmd, digest, err) in results.items():
+            mine = lambda: [i for i in json.loads(as_alice(env, "sessions", "list", "-o", "json").stdout)["items"]
+                            if i["command"] == cmd]
+            meta = wait_for(mine, 60, f"the recording of {kind} at the master", interval=0.3)[0]
+            assert meta["complete"] and not meta["truncated"], meta
+            _, events = parse_cast(export(env, meta["id"]))
+            assert hashlib.sha256(stream(events, "o")).hexdigest() == digest, kind
+            assert stream(events, "e") == err, kind
+            assert events[-1][1:] == ["m", "end: exit code 3"], events[-1]
+    finally:
+        c.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_local_recorded_relay_never_blocks_on_the_client(env):
+    """A relayed recorded exec whose stdout pipe nobody reads waits (never
+    a gap), and killing shimctl still ends the session: its command dies and
+    the recording ends incomplete."""
+    cfg = env.path("hook-local-relay-kill.json")
+    write_config(env, cfg, {"dir": env.rec_root, "local": "all"})
+    name = "relaykill-" + uuid.uuid4().hex[:6]
+    c = env.container(name, config=cfg)
+    r, w = os.pipe()
+    try:
+        cmd = ["sh", "-c", f": {name}; head -c 50000000 /dev/zero; echo done"]
+        p = subprocess.Popen([SHIMCTL, "--local", "--state-dir", env.state, "exec", c.id, "--", *cmd],
+                             stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE)
+        os.close(w)
+        w = -1
+        # The command fills the pipes (ours is 1 MiB at most) and waits.
+        wait_for(lambda: '"relay"' in open(os.path.join(env.state, c.id, "shim.log")).read(), 15, "the relay")
+        time.sleep(1)
+        assert p.poll() is None
+        p.kill()
+        p.wait(10)
+        mine = lambda: [i for i in json.loads(as_alice(env, "sessions", "list", "-o", "json").stdout)["items"]
+                        if i["command"] == cmd]
+        meta = wait_for(mine, 30, "the recording at the master", interval=0.3)[0]
+        assert not meta["complete"], meta
+        _, events = parse_cast(export(env, meta["id"]))
+        out = stream(events, "o")
+        assert 0 < len(out) < 50000000 and set(out) == {0}, len(out)
+        assert events[-1][1] == "m" and events[-1][2].startswith("incomplete: "), events[-1]
+        # A byte reaches the client only once it is recorded; the recording may
+        # hold at most the one chunk (256 KiB) that was waiting for the client.
+        os.set_blocking(r, False)
+        got = 0
+        with contextlib.suppress(BlockingIOError):
+            while (d := os.read(r, 1 << 20)):
+                got += len(d)
+        assert 0 < got <= len(out) <= got + (256 << 10), (got, len(out))
+        # The command is gone with the session.
+        def alive():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if name.encode() in f.read():
+                            return True
+            return False
+        wait_for(lambda: not alive(), 15, "the command killed with its session")
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        c.stop()
