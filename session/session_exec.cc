@@ -19,6 +19,7 @@
 
 #include "common/error.h"
 #include "common/event.h"
+#include "common/fd.h"
 #include "common/log.h"
 #include "common/pidfd.h"
 #include "proto/frames.h"
@@ -478,7 +479,7 @@ struct ExecEngine::Impl {
         mark_eof(i == 1);
         return;
       }
-      if (!r.copy && !read_all(r.tee_r.get(), buf, static_cast<size_t>(n))) return relay_failed("read the tee pipe");
+      if (!r.copy && !take(r.tee_r.get(), buf, static_cast<size_t>(n), "read the tee pipe")) return;
       if (rec_) rec_->output(i ? 2 : 1, buf, static_cast<size_t>(n));
       (i ? bytes_err_ : bytes_out_) += n;
       if (r.copy)
@@ -489,16 +490,16 @@ struct ExecEngine::Impl {
     }
   }
 
-  // Reads exactly len bytes that are in the pipe already (non-blocking).
-  static bool read_all(int fd, char* buf, size_t len) {
-    while (len > 0) {
-      ssize_t n = ::read(fd, buf, len);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return false;
-      buf += n;
-      len -= static_cast<size_t>(n);
+  // Takes len bytes that are in the pipe already; when it cannot, ends the
+  // exec with why (false). From the loop: nothing may throw out of here.
+  bool take(int fd, char* buf, size_t len, const std::string& what) {
+    try {
+      if (read_exact(fd, buf, len)) return true;
+      relay_failed(what + ": end of file");
+    } catch (const std::exception& e) {
+      relay_failed(what + ": " + e.what());
     }
-    return true;
+    return false;
   }
 
   // Moves the recorded bytes not yet at the client; true when none are left.
@@ -512,10 +513,7 @@ struct ExecEngine::Impl {
         if (m < 0 && errno == EINVAL) {  // this fd takes no splice (O_APPEND on some kernels): read/write
           r.copy = true;
           r.pending.resize(r.ahead);
-          if (!read_all(from, r.pending.data(), r.ahead)) {
-            relay_failed("read the command's output");
-            return false;
-          }
+          if (!take(from, r.pending.data(), r.ahead, "read the command's output")) return false;
           r.ahead = 0;
           continue;
         }
@@ -565,13 +563,12 @@ struct ExecEngine::Impl {
     mark_eof(i == 1);
   }
 
-  void relay_failed(const std::string& what) {
-    int e = errno;
-    log::error("relay: " + what + " failed", {{"error", std::string(strerror(e))}});
+  void relay_failed(const std::string& why) {
+    log::error("relay failed", {{"error", why}});
     ExecResult res;
     res.signal = SIGKILL;
     res.exit_code = 128 + SIGKILL;
-    res.error = "internal error: " + what + ": " + strerror(e);
+    res.error = "internal error: relay: " + why;
     finish_with(res);
   }
 

@@ -689,7 +689,5 @@ def test_every_session_of_a_gate_lineage_ends_with_its_shim(env):
                 p.kill()
                 p.wait()
         for m in markers:
-            for x in pids_with_cmdline(m.encode()):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(x, signal.SIGKILL)
+            kill_cmdline(m.encode())
         c.cleanup()

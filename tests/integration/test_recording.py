@@ -6,14 +6,19 @@ Debian) plays the exported file too. One master and one container are shared;
 the tests that kill a shim or a container, or fill a disk, bring their own."""
 import concurrent.futures
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import tempfile
+import termios
+import threading
 import time
 import uuid
 
@@ -22,7 +27,7 @@ import pytest
 
 from containers import Container
 from master_env import NODE, SHIMCTL, TOKENS, MasterEnv, wait_for
-from test_exec import Pty
+from test_exec import F_GETPIPE_SZ, Pty
 from test_master_e2e import _session_holding
 
 # alice's sessions: fail-closed; carol's: fail-open; namespace "quiet": none.
@@ -643,8 +648,6 @@ def test_local_recorded_relay_delivers_every_byte(env):
     file opened for append, a pipe and a socket: every byte reaches it, the
     recording reassembles to the same bytes, stderr stays separate, the exit
     code is the command's."""
-    import socket
-    import threading
     cfg = env.path("hook-local-relay.json")
     write_config(env, cfg, {"dir": env.rec_root, "local": "all"})
     name = "relay-" + uuid.uuid4().hex[:6]
@@ -725,9 +728,13 @@ def test_local_recorded_relay_never_blocks_on_the_client(env):
                              stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE)
         os.close(w)
         w = -1
-        # The command fills the pipes (ours is 1 MiB at most) and waits.
+        # The command fills the pipes (ours is 1 MiB at most) and waits: with
+        # the pipe half full and nobody reading, 50 MB cannot have gone through.
         wait_for(lambda: '"relay"' in open(os.path.join(env.state, c.id, "shim.log")).read(), 15, "the relay")
-        time.sleep(1)
+
+        def queued():
+            return struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\0" * 4))[0]
+        wait_for(lambda: queued() > fcntl.fcntl(r, F_GETPIPE_SZ) // 2, 15, "the client's pipe half full")
         assert p.poll() is None
         p.kill()
         p.wait(10)
