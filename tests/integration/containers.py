@@ -29,6 +29,15 @@ def wait_for(pred, timeout=5.0, what="condition", interval=0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def alive(pid):
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):  # gone (ESRCH when it exits between open and read)
+        return False
+
+
 def run(cmd, check=True, **kw):
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.PIPE)

@@ -24,7 +24,7 @@ import urllib.parse
 import grpc
 import pytest
 
-from containers import BIN, wait_for
+from containers import BIN, alive, wait_for
 from cri_env import CRI, CriEnv
 from test_k8s_spdy import RawTransport, SpdyClient, read_response_head
 from test_k8s_ws import WS, Conn, exit_code_of, run_exec, ws_request
@@ -563,8 +563,7 @@ def test_shim_killed_falls_back_to_containerd(cenv):
         cid = ids["v"]
         reg = cenv.registration(cid)
         os.kill(reg["shim_pid"], signal.SIGKILL)
-        wait_for(lambda: not os.path.exists(f"/proc/{reg['shim_pid']}/stat") or
-                 open(f"/proc/{reg['shim_pid']}/stat").read().split(") ")[1][0] == "Z", 10, "the shim to die")
+        wait_for(lambda: not alive(reg["shim_pid"]), 10, "the shim to die")
         url = exec_url(cenv, cenv.cri_sock, cid, ["sh", "-c", "echo fallback; exit 2"])
         assert not url.startswith(f"http://{reg['cri_endpoint']}/"), url
         assert ws_exec(url) == (b"fallback\n", b"", 2)

@@ -19,20 +19,12 @@ import uuid
 
 import pytest
 
-from containers import BIN, Container, run, wait_for
+from containers import BIN, Container, alive, run, wait_for
 
 HOOK = os.path.join(BIN, "shimlet-hook")
 SHIMCTL = os.path.join(BIN, "shimctl")
 SEQ_N = 2000000
 F_GETPIPE_SZ = 1032  # fcntl.F_GETPIPE_SZ (Python 3.10+; named here for older ones)
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # gone (ESRCH when it exits between open and read)
-        return False
 
 
 def pids_with_cmdline(needle):

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from containers import BIN, REPO, Container, run, shared_rootfs, wait_for
+from containers import BIN, REPO, Container, alive, run, shared_rootfs, wait_for
 
 HOOK = os.path.join(BIN, "shimlet-hook")
 SHIM = os.path.join(BIN, "shimlet")
@@ -31,14 +31,6 @@ CONMON_USS_KB, CONMON_PSS_KB = 528, 855
 # ASan pass runs a dynamic, instrumented shim, whose size says nothing. The
 # plain pass of scripts/test asserts it.
 FOOTPRINT_CHECKED = os.environ.get("SHIMLET_ASAN") != "1"
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # gone (ESRCH when it exits between open and read)
-        return False
 
 
 def cert_pin(cert_path):

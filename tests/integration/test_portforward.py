@@ -26,7 +26,7 @@ import uuid
 
 import pytest
 
-from containers import BIN, REPO, Container, kill_tree, run, wait_for
+from containers import BIN, REPO, Container, alive, kill_tree, run, wait_for
 
 HOOK = os.path.join(BIN, "shimlet-hook")
 SHIMCTL = os.path.join(BIN, "shimctl")
@@ -41,14 +41,6 @@ from pf_peers import bulk_payload, stream_block  # noqa: E402
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if _soft < min(_hard, 16384):
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(_hard, 16384), _hard))
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # gone (ESRCH when it exits between open and read)
-        return False
 
 
 def children(ppid, comm=None):
