@@ -893,12 +893,17 @@ def test_throughput_iperf3_vs_socat_vs_direct(env):
     for b in ("/usr/bin/iperf3", "/usr/bin/socat"):
         assert os.access(b, os.X_OK), f"{b} missing"
     c = env.container()
-    env.in_netns(c, "iperf3", "-s", "-B", "127.0.0.1", "-p", "5201", ready=False, stdout=subprocess.DEVNULL)
-    wait_for(lambda: listening(c, 5201), 10, "iperf3 listening")
 
     def iperf(*argv):
+        # A one-off server per run: a lasting one may still be ending the previous
+        # test when the next client comes, and then refuses it ("busy").
+        srv = env.in_netns(c, "iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", "5201", ready=False,
+                           stdout=subprocess.DEVNULL)
+        wait_for(lambda: listening(c, 5201), 10, "iperf3 listening")
         p = run([*argv, "-t", "5", "-J"], timeout=60)
         j = json.loads(p.stdout)
+        assert "error" not in j, (argv, j["error"])
+        assert srv.wait(30) == 0
         return j["end"]["sum_received"]["bits_per_second"] / 8e6
 
     direct = iperf("nsenter", f"--net=/proc/{c.pid}/ns/net", "iperf3", "-c", "127.0.0.1", "-p", "5201")
