@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import uuid
 
 from containers import BIN, REPO, make_rootfs, run, wait_for

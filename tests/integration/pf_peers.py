@@ -13,7 +13,6 @@ Modes (each prints "ready" on stdout once bound):
 """
 import asyncio
 import hashlib
-import os
 import socket
 import sys
 import threading

@@ -191,7 +191,7 @@ def test_runc_start_registration_fd_contract_and_cleanup(env_factory, containers
     fds = {int(k): v for k, v in rep["fds"].items()}
     want_ns = []
     for t in NS_TYPES:
-        theirs, ours = os.readlink(f"/proc/{c.pid}/ns/{t}"), os.readlink(f"/proc/{shim}/ns/{t}")
+        theirs = os.readlink(f"/proc/{c.pid}/ns/{t}")
         if t == "mnt" or theirs != os.readlink(f"/proc/self/ns/{t}"):
             want_ns.append((t, theirs))
     assert fds[0] == "/dev/null" and fds[1] == "/dev/null"

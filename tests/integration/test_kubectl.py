@@ -15,11 +15,9 @@ import pty
 import random
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 
