@@ -241,12 +241,24 @@ def _restarted_after_kill(b, unit):
 
 
 def test_master_unit_under_systemd(installed):
-    """The packaged unit started by the root's own systemd: ready, confined, restarted, serving metrics."""
+    """The packaged unit started by the root's own systemd: ready, confined, its state directory writable,
+    restarted, serving metrics."""
     r = installed
     # The operator's part: a token and an RBAC binding for the metrics scraper.
     with open(r.file("/etc/shimlet/master/tokens.csv"), "a") as f:
         f.write(f"{PROM_TOKEN},prometheus,uid-prometheus\n")
     r.run(["cp", "/usr/share/doc/shimlet-master/examples/rbac-metrics.yaml", "/etc/shimlet/master/rbac/metrics.yaml"])
+    # Recording on, as master.conf's comment says: its two example lines uncommented, and a policy.
+    with open(r.file("/etc/shimlet/master/recording-policy.yaml"), "w") as f:
+        f.write("apiVersion: shimlet.io/v1\nkind: RecordingPolicy\ndefault: tty\n")
+    conf = r.file("/etc/shimlet/master.conf")
+    text = open(conf).read()
+    for line in ('recording-policy-file = "/etc/shimlet/master/recording-policy.yaml"',
+                 'recording-dir = "/var/lib/shimlet-master/recordings"'):
+        assert f"# {line}\n" in text, text
+        text = text.replace(f"# {line}\n", f"{line}\n")
+    with open(conf, "w") as f:
+        f.write(text)
     b = Booted(r)
     try:
         # Enabled by the postinst, so started at boot; `start` returns once READY=1 (Type=notify) or fails.
@@ -261,6 +273,12 @@ def test_master_unit_under_systemd(installed):
         assert 61184 <= uid <= 65519, st["Uid"]  # systemd's dynamic user range
         assert st["NoNewPrivs"] == "1" and int(st["CapEff"], 16) == 0 and int(st["CapBnd"], 16) == 0, st
         assert st["Seccomp"] == "2", st  # SystemCallFilter=
+        # StateDirectory=: /var/lib/shimlet-master (DynamicUser's link to /var/lib/private), the dynamic user's;
+        # the recording store made its directories there.
+        assert b.exec("readlink", "/var/lib/shimlet-master").stdout.strip() == "private/shimlet-master"
+        for d in ("/var/lib/private/shimlet-master", "/var/lib/shimlet-master/recordings",
+                  "/var/lib/shimlet-master/recordings/.uploads"):
+            assert b.exec("stat", "-c", "%u %a %F", d).stdout.split(maxsplit=2) == [str(uid), "700", "directory\n"], d
 
         assert _curl(b, "/healthz") == (200, "ok")
         for _ in range(2):
@@ -352,7 +370,8 @@ def test_purge_leaves_what_was_there_before(installed):
     assert not re.search(r"^(shimlet|shimctl|runc)", left, re.M), left
     # The operator's own file is theirs to remove; purge kept it (and so its directories).
     assert os.path.exists(r.file("/etc/shimlet/master/rbac/metrics.yaml"))
-    for p in ("/etc/shimlet/master/rbac/metrics.yaml", "/etc/shimlet/master/rbac", "/etc/shimlet/master",
+    for p in ("/etc/shimlet/master/rbac/metrics.yaml", "/etc/shimlet/master/recording-policy.yaml",
+              "/etc/shimlet/master/rbac", "/etc/shimlet/master",
               "/etc/shimlet", "/var/lib/prometheus/node-exporter", "/var/lib/prometheus"):
         (os.unlink if p.endswith(".yaml") else os.rmdir)(r.file(p))  # rmdir: purge left them empty
     after = r.files()
