@@ -43,7 +43,8 @@ struct Options {
   bool verbose = false;
 };
 
-// Serves until SIGTERM/SIGINT; returns the exit code. Throws on setup failure.
+// Serves until SIGTERM/SIGINT (READY=1 to systemd once serving: common/systemd.h);
+// returns the exit code. Throws on setup failure.
 int run(const Options& opt);
 
 }  // namespace shimlet::cri

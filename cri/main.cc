@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "common/log.h"
+#include "common/version.h"
 #include "cri/cri.h"
 
 int main(int argc, char** argv) {
@@ -10,6 +11,7 @@ int main(int argc, char** argv) {
   CLI::App app{
       "shimlet-cri: a CRI v1 server for the kubelet in front of containerd / CRI-O; Exec, ExecSync and PortForward "
       "go to the containers' shimlet shims, every other call to the runtime unchanged"};
+  app.set_version_flag("--version", "shimlet-cri " SHIMLET_VERSION, "Print the version and exit");
   app.add_option("--listen", opt.listen, "unix socket to serve (the kubelet's --container-runtime-endpoint)")
       ->capture_default_str();
   app.add_option("--runtime-endpoint", opt.runtime_endpoint,

@@ -15,6 +15,7 @@
 
 #include "client/client.h"
 #include "common/log.h"
+#include "common/systemd.h"
 #include "cri/cri.h"
 #include "cri/proxy.h"
 #include "cri/requests.h"
@@ -254,11 +255,13 @@ int run(const Options& opt) {
   std::unique_ptr<grpc::Server> server = b.BuildAndStart();
   if (!server) throw Error("cannot serve on unix:" + opt.listen);
   log::info("serving", {{"listen", opt.listen}, {"runtime", opt.runtime_endpoint}, {"state_dir", opt.state_dir}});
+  systemd::ready("serving " + opt.listen);  // Type=notify (deploy/systemd/shimlet-cri.service)
 
   // SIGTERM/SIGINT: stop taking calls, cancel the running ones after 5 s.
   int sig = 0;
   sigwait(&sigs, &sig);
   log::info("stopping", {{"signal", sig}});
+  systemd::stopping();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   server->Wait();
   // ExecSync threads answered their (cancelled) calls; let them return.

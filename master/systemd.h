@@ -1,11 +1,8 @@
 // shimlet-master under systemd (deploy/systemd/shimlet-master.service,
-// Type=notify): READY=1 once the port is bound (so `systemctl start` returns
-// when clients can connect, and units ordered after it start then), STATUS=
-// lines, WATCHDOG=1 pings from the event loop itself (a wedged loop stops
+// Type=notify; the protocol: common/systemd.h): READY=1 once the port is
+// bound, WATCHDOG=1 pings from the event loop itself (a wedged loop stops
 // them and systemd restarts the master: WatchdogSec=), STOPPING=1 on the way
-// out. libsystemd's sd_notify speaks the protocol (libsystemd0 is on every
-// Debian system: apt itself depends on it); outside systemd (no
-// $NOTIFY_SOCKET) every call is a no-op.
+// out.
 #pragma once
 #include <string>
 

@@ -1,6 +1,7 @@
 """A private containerd (Debian's 1.6, its CRI plugin, runc, the CNI bridge
 plugin) with shimlet-hook registered through deploy/containerd's
-base_runtime_spec, and shimlet-cri in front of it; a Python CRI client
+base_runtime_spec, and shimlet-cri in front of it (confined as its systemd
+unit confines it); a Python CRI client
 generated at run time from cri/api.proto (python3-grpcio, grpc_tools).
 
 Everything lives under one private temp dir (containerd's root, state,
@@ -28,6 +29,11 @@ import uuid
 from containers import BIN, REPO, make_rootfs, run, wait_for
 
 CRI = os.path.join(BIN, "shimlet-cri")
+# As deploy/systemd/shimlet-cri.service runs it: root without capabilities, no_new_privs, in user and network
+# namespaces of its own (PrivateUsers=: only root mapped; PrivateNetwork=). unshare and setpriv exec, so the
+# process is shimlet-cri's.
+CONFINED = ["unshare", "--user", "--map-root-user", "--net", "--", "setpriv", "--no-new-privs", "--inh-caps=-all",
+            "--ambient-caps=-all", "--bounding-set=-all", "--"]
 HOOK = os.path.join(BIN, "shimlet-hook")
 PAUSE_IMAGE = "localhost/pause:1"
 BUSYBOX_IMAGE = "localhost/busybox:1"
@@ -217,8 +223,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             p.wait(timeout=30)
 
     def start_cri(self, *extra):
-        p = self._spawn("cri", [CRI, "--listen", self.cri_sock, "--runtime-endpoint", "unix://" + self.containerd_sock,
-                                "--state-dir", self.state, "-v", *extra])
+        p = self._spawn("cri", [*CONFINED, CRI, "--listen", self.cri_sock, "--runtime-endpoint",
+                                "unix://" + self.containerd_sock, "--state-dir", self.state, "-v", *extra])
 
         def up():
             assert p.poll() is None, f"shimlet-cri exited {p.returncode}: {self.log('cri')[-3000:]}"

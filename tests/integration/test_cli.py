@@ -21,7 +21,7 @@ def version():
 
 
 @pytest.mark.parametrize("name", ["shimctl", "shimlet-master", "shimlet-hook", "shimlet", "shimlet-session",
-                                  "shimlet-node-metrics"])
+                                  "shimlet-node-metrics", "shimlet-cri"])
 def test_version(name):
     p = subprocess.run([os.path.join(BIN, name), "--version"], capture_output=True, text=True, timeout=10)
     assert (p.returncode, p.stdout, p.stderr) == (0, f"{name} {version()}\n", "")

@@ -5,6 +5,7 @@
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/hostport.h"
+#include "common/systemd.h"
 #include "tests/unit/temp_dir.h"
 
 using namespace shimlet;
@@ -337,4 +338,47 @@ TEST(HostPort, NamesAddressesAndPorts) {
   EXPECT_EQ(hp.port, 2379);
   for (const char* bad : {"", ":1", "h:", "h:0", "h:65536", "h:1x", "[::1", "[::1]x", "[nope]:1", "::1:80"})
     EXPECT_THROW(shimlet::parse_host_port(bad), shimlet::Error) << bad;
+}
+
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <cstring>
+
+// The notifications as systemd receives them: datagrams on $NOTIFY_SOCKET.
+TEST(Systemd, NotifiesOnTheSocketAndReadsTheWatchdog) {
+  test::TempDir dir;
+  std::string path = dir.path + "/notify";
+  Fd sock(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  ASSERT_TRUE(sock);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  ASSERT_LT(path.size(), sizeof addr.sun_path);
+  memcpy(addr.sun_path, path.c_str(), path.size());
+  ASSERT_EQ(::bind(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0) << strerror(errno);
+  auto next = [&] {
+    char buf[256];
+    ssize_t n = ::recv(sock.get(), buf, sizeof buf, MSG_DONTWAIT);
+    return n < 0 ? std::string("(none)") : std::string(buf, static_cast<size_t>(n));
+  };
+
+  ::unsetenv("NOTIFY_SOCKET");
+  systemd::ready("outside systemd");  // a no-op
+  EXPECT_FALSE(systemd::watchdog_interval());
+
+  ASSERT_EQ(::setenv("NOTIFY_SOCKET", path.c_str(), 1), 0);
+  systemd::ready("serving /run/x.sock");
+  EXPECT_EQ(next(), "READY=1\nSTATUS=serving /run/x.sock");
+  systemd::watchdog_ping();
+  EXPECT_EQ(next(), "WATCHDOG=1");
+  systemd::stopping();
+  EXPECT_EQ(next(), "STOPPING=1");
+  EXPECT_EQ(next(), "(none)");
+
+  ASSERT_EQ(::setenv("WATCHDOG_USEC", "30000000", 1), 0);
+  ASSERT_EQ(::setenv("WATCHDOG_PID", std::to_string(getpid()).c_str(), 1), 0);
+  EXPECT_EQ(systemd::watchdog_interval(), std::chrono::seconds(30));
+  ASSERT_EQ(::setenv("WATCHDOG_PID", "1", 1), 0);  // another process's watchdog
+  EXPECT_FALSE(systemd::watchdog_interval());
+  for (const char* v : {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}) ::unsetenv(v);
 }
