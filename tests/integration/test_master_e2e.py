@@ -512,7 +512,9 @@ def test_sigkilled_runtime_unregisters_and_flushes_without_poststop(env):
     and no poststop ever runs. The shim sees its init gone and its own
     cleanup does what poststop would: the session end spooled before is
     delivered (renewals are too rare to have sent it), the registration is
-    DELETEd, the state directory removed."""
+    DELETEd, the state directory removed. (A create failing after
+    createRuntime is no such case with runc: its destroy of the failed
+    container runs the poststop hooks.)"""
     pod = "rtkill-" + uuid.uuid4().hex[:6]
     blocker, poststop_ran = env.path(pod + ".blocker"), env.path(pod + ".poststop")
     hooks = env.hooks(_rare_renewals_config(env))
@@ -538,7 +540,7 @@ def test_sigkilled_runtime_unregisters_and_flushes_without_poststop(env):
         assert not _session_ends(env, grant["session_id"]), "delivered by a renewal"
         os.killpg(runc.pid, signal.SIGKILL)
         runc.wait(10)
-        wait_for(lambda: not alive(shim), 15, "the shim's exit after the runtime's death")
+        wait_for(lambda: not alive(shim), 15, "the shim's exit after its container's init")
         wait_for(lambda: pod not in env.pods(), 10, "the pod unregistered")
         lines = env.audit_lines()
         assert [l for l in lines if l.get("method") == "DELETE" and l.get("container_id") == c.id and
