@@ -247,15 +247,22 @@ void Encoder::header(std::string& out, const Header& h) {
   out += l;
 }
 
+bool Encoder::fits(uint64_t line) const { return bytes_ + line + kReserve <= max_; }
+
 // The line appended since `mark` fits, or it is taken back and the
 // truncated marker written in its place (once).
 bool Encoder::room_for(std::string& out, size_t mark, int64_t t_us) {
   uint64_t line = out.size() - mark;
-  if (bytes_ + line + kReserve <= max_) {
+  if (fits(line)) {
     bytes_ += line;
     return true;
   }
   out.resize(mark);
+  truncate(out, t_us);
+  return false;
+}
+
+void Encoder::truncate(std::string& out, int64_t t_us) {
   truncated_ = true;
   for (auto& h : held_) h.clear();
   std::string m = "[" + format_time(t_us) + ", \"m\", ";
@@ -263,19 +270,55 @@ bool Encoder::room_for(std::string& out, size_t mark, int64_t t_us) {
   m += "]\n";
   bytes_ += m.size();
   out += m;
-  return false;
 }
 
-void Encoder::put_data(std::string& out, int64_t t_us, Code c, std::string_view bytes) {
-  size_t mark = out.size();
+namespace {
+void append_data_line(std::string& out, const std::string& time, Code c, std::string_view bytes) {
   out += '[';
-  out += format_time(t_us);
+  out += time;
   out += ", \"";
   out += static_cast<char>(c);
   out += "\", ";
   append_json_bytes(out, bytes);
   out += "]\n";
-  if (room_for(out, mark, t_us)) recorded_[code_index(c)] += bytes.size();
+}
+}  // namespace
+
+// A data event that does not fit whole keeps its longest prefix that does
+// (cut before a character the prefix would split), then the truncated
+// marker: a read is up to hundreds of KiB, so dropping it whole could leave
+// a small limit's recording without any of the output.
+void Encoder::put_data(std::string& out, int64_t t_us, Code c, std::string_view bytes) {
+  size_t mark = out.size();
+  const std::string time = format_time(t_us);
+  append_data_line(out, time, c, bytes);
+  if (fits(out.size() - mark)) {
+    bytes_ += out.size() - mark;
+    recorded_[code_index(c)] += bytes.size();
+    return;
+  }
+  out.resize(mark);
+  std::string line;
+  auto prefix_fits = [&](size_t n) {
+    line.clear();
+    append_data_line(line, time, c, bytes.substr(0, n));
+    return fits(line.size());
+  };
+  size_t lo = 0, hi = bytes.size() - 1;  // a prefix of lo bytes fits (0: nothing); bytes.size() does not
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo + 1) / 2;
+    if (prefix_fits(mid))
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  size_t n = lo - unfinished_utf8_suffix(bytes.substr(0, lo));
+  if (n && prefix_fits(n)) {
+    bytes_ += line.size();
+    out += line;
+    recorded_[code_index(c)] += n;
+  }
+  truncate(out, t_us);
 }
 
 void Encoder::data(std::string& out, int64_t t_us, Code c, std::string_view bytes) {

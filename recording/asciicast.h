@@ -92,9 +92,9 @@ std::string truncated_marker(uint64_t max_bytes);
 std::string gap_marker(uint64_t events, uint64_t bytes);
 
 // Turns events into lines, bounded: once the next line would take the file
-// past max_bytes - kReserve, a "truncated" marker is written instead and every
-// later event is dropped; the reserve keeps room for that marker and the
-// terminal one. Times are clamped to be non-decreasing.
+// past max_bytes - kReserve, a "truncated" marker is written instead (after
+// the longest prefix of a data event that fits) and every later event is
+// dropped; the reserve keeps room for that marker and the terminal one. Times are clamped to be non-decreasing.
 class Encoder {
  public:
   static constexpr uint64_t kReserve = 4096;
@@ -119,7 +119,9 @@ class Encoder {
   uint64_t recorded(Code c) const;
 
  private:
+  bool fits(uint64_t line) const;
   bool room_for(std::string& out, size_t mark, int64_t t_us);
+  void truncate(std::string& out, int64_t t_us);
   void put_data(std::string& out, int64_t t_us, Code c, std::string_view bytes);
   int64_t clamp(int64_t t_us);
   uint64_t max_, bytes_ = 0;

@@ -156,18 +156,25 @@ class MasterEnv:
                        "master": {"url": url, "node": NODE, "ca": self.ca, "token": TOKENS["node"],
                                   "renew_interval_s": 1, "timeout_ms": 3000}}, f)
 
-    def container(self, pod, args=("sleep", "100000"), config=None, state=None):
-        config, state = config or self.hook_config, state or self.state
-        entry = lambda stage: [{"path": HOOK, "args": ["shimlet-hook", "--config", config, stage]}]
-        ann = {"io.kubernetes.pod.name": pod, "io.kubernetes.pod.namespace": "default",
-               "io.kubernetes.container.name": "app"}
+    def hooks(self, config=None):
+        """config.json's hooks running shimlet-hook with this hook config."""
+        entry = lambda stage: [{"path": HOOK, "args": ["shimlet-hook", "--config", config or self.hook_config, stage]}]
+        return {"createRuntime": entry("createRuntime"), "poststop": entry("poststop")}
 
+    def new_container(self, pod, namespace="default", args=("sleep", "100000"), config=None, hooks=None):
+        """A container of pod NAMESPACE/pod (annotations as the kubelet's), not started, cleaned up with the env."""
         def edit(cfg):
-            cfg["annotations"] = ann
+            cfg["annotations"] = {"io.kubernetes.pod.name": pod, "io.kubernetes.pod.namespace": namespace,
+                                  "io.kubernetes.container.name": "app"}
 
-        c = Container(hooks={"createRuntime": entry("createRuntime"), "poststop": entry("poststop")}, edit=edit,
-                      args=args)
+        c = Container(hooks=hooks or self.hooks(config), edit=edit, args=args)
         self.containers.append(c)
+        return c
+
+    def container(self, pod, args=("sleep", "100000"), config=None, state=None, namespace="default"):
+        """A started container of the pod, once its shim has registered."""
+        state = state or self.state
+        c = self.new_container(pod, namespace, args, config)
         c.start()
         wait_for(lambda: os.path.exists(os.path.join(state, c.id, "registration.json")), 5, "registration.json")
         return c

@@ -3,6 +3,7 @@ certificates, a token file, RBAC YAML), real runc containers whose
 shimlet-hook registers them with the master (node token) and whose shim
 renews the lease, and shimctl in master mode (flags and kubeconfig files)
 getting its grants from the master."""
+import contextlib
 import http.client
 import json
 import os
@@ -18,6 +19,7 @@ import uuid
 
 import pytest
 
+from containers import alive
 from master_env import LEASE_S, NODE, SHIMCTL, TOKENS, MasterEnv, wait_for
 
 
@@ -471,9 +473,9 @@ def test_session_end_replaces_the_provisional_record(env, web):
     wait_for(lambda: not [n for n in os.listdir(ends) if n.endswith(".open")], 5, "no provisional record left")
 
 
-def test_poststop_flushes_the_last_session_ends(env):
-    """Renewals too rare to matter (1 h): only poststop's final flush can
-    deliver the record before the state directory goes."""
+def _rare_renewals_config(env):
+    """A hook config whose renewals are too rare to matter (1 h): only a
+    cleanup (poststop, or the shim's own) can deliver what is spooled."""
     cfg_path = env.path("hook-rare-renewals.json")
     env.write_hook_config(cfg_path, env.state, env.url)
     with open(cfg_path) as f:
@@ -481,8 +483,14 @@ def test_poststop_flushes_the_last_session_ends(env):
     cfg["master"]["renew_interval_s"] = 3600
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
+    return cfg_path
+
+
+def test_poststop_flushes_the_last_session_ends(env):
+    """Renewals too rare to matter: only poststop's final flush can deliver
+    the record before the state directory goes."""
     pod = "last-" + uuid.uuid4().hex[:6]
-    c = env.container(pod, config=cfg_path)
+    c = env.container(pod, config=_rare_renewals_config(env))
     try:
         cmd = ["sh", "-c", "echo bye; exit 6"]
         p = env.shimctl(*flags(env), "--token", TOKENS["alice"], "exec", pod, "--", *cmd)
@@ -496,3 +504,56 @@ def test_poststop_flushes_the_last_session_ends(env):
     end = _node_end(env, grant["session_id"])
     assert end["exit_code"] == 6 and end["pod"] == pod, end
     assert not os.path.exists(os.path.join(env.state, c.id))
+
+
+def test_sigkilled_runtime_unregisters_and_flushes_without_poststop(env):
+    """The runtime SIGKILLed while a later createRuntime hook holds it (issue
+    12 §3, docs/design.md "Stale state"): the container's init dies with it
+    and no poststop ever runs. The shim sees its init gone and its own
+    cleanup does what poststop would: the session end spooled before is
+    delivered (renewals are too rare to have sent it), the registration is
+    DELETEd, the state directory removed. (A create failing after
+    createRuntime is no such case with runc: its destroy of the failed
+    container runs the poststop hooks.)"""
+    pod = "rtkill-" + uuid.uuid4().hex[:6]
+    blocker, poststop_ran = env.path(pod + ".blocker"), env.path(pod + ".poststop")
+    hooks = env.hooks(_rare_renewals_config(env))
+    hooks["createRuntime"].append({"path": "/bin/sh", "args": ["sh", "-c", f"echo $$ > {blocker}; exec sleep 60"]})
+    hooks["poststop"].insert(0, {"path": "/bin/sh", "args": ["sh", "-c", f"touch {poststop_ran}"]})
+    c = env.new_container(pod, hooks=hooks)
+    os.makedirs(c.root, exist_ok=True)
+    runc = subprocess.Popen(["runc", "--root", c.root, "run", "-d", c.id], cwd=c.bundle, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    c.started = True  # cleanup: runc delete -f of what is left
+    try:
+        wait_for(lambda: os.path.exists(blocker) and os.path.getsize(blocker) > 0, 20, "the later createRuntime hook")
+        shim = env.registration(c.id)["shim_pid"]
+        wait_for(lambda: pod in env.pods(), 5, "pod listed")
+        # A session through the master before the runtime dies (a port-forward:
+        # the rootfs is not pivoted yet; nothing listens); its end record is spooled.
+        p = env.shimctl(*flags(env), "--token", TOKENS["alice"], "port-forward", pod, "--stdio", "9")
+        assert p.returncode == 255 and b"cannot connect to port 9 in the container" in p.stderr, p.stderr
+        grant = [l for l in env.audit_lines() if l.get("resource") == "pods/portforward" and
+                 l.get("shim", {}).get("container_id") == c.id][-1]
+        ends = os.path.join(env.state, c.id, "ends")
+        wait_for(lambda: [n for n in os.listdir(ends) if n.endswith(".json")], 5, "the session's end record spooled")
+        assert not _session_ends(env, grant["session_id"]), "delivered by a renewal"
+        os.killpg(runc.pid, signal.SIGKILL)
+        runc.wait(10)
+        wait_for(lambda: not alive(shim), 15, "the shim's exit after its container's init")
+        wait_for(lambda: pod not in env.pods(), 10, "the pod unregistered")
+        lines = env.audit_lines()
+        assert [l for l in lines if l.get("method") == "DELETE" and l.get("container_id") == c.id and
+                l["code"] == 200], "no DELETE of the registration"
+        assert not [l for l in lines if l["event"] == "lease_expired" and l.get("container_id") == c.id]
+        end = _node_end(env, grant["session_id"])
+        assert end["verb"] == "portforward" and end["pod"] == pod and end["container_registered"], end
+        wait_for(lambda: not os.path.exists(os.path.join(env.state, c.id)), 10, "the state directory removed")
+        assert not os.path.exists(poststop_ran), "a poststop ran"
+    finally:
+        with contextlib.suppress(Exception):
+            os.kill(int(open(blocker).read()), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runc.pid, signal.SIGKILL)
+        runc.wait(10)
+        c.stop()

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -25,19 +26,26 @@ import uuid
 import pyte
 import pytest
 
-from containers import Container
+from containers import alive
 from master_env import NODE, SHIMCTL, TOKENS, MasterEnv, wait_for
 from test_exec import F_GETPIPE_SZ, Pty
 from test_master_e2e import _session_holding
 
-# alice's sessions: fail-closed; carol's: fail-open; namespace "quiet": none.
-POLICY = """
+# alice's sessions: fail-closed; carol's: fail-open; namespace "quiet": none;
+# "tiny": all, at most 64 KiB each; "interactive": tty sessions only.
+TINY_MAX = 65536
+POLICY = f"""
 apiVersion: shimlet.io/v1
 kind: RecordingPolicy
 default: none
 rules:
 - namespaces: [quiet]
   record: none
+- namespaces: [tiny]
+  record: all
+  maxBytes: {TINY_MAX}
+- namespaces: [interactive]
+  record: tty
 - users: [carol]
   record: all
   diskFull: fail-open
@@ -46,15 +54,16 @@ rules:
   diskFull: fail-closed
 """
 
-# Who may read recordings: alice everywhere (ClusterRoleBinding), carol only
-# in "default" (RoleBinding: no list across namespaces), dave nothing. And
-# alice may exec in namespace "quiet" (not recorded by the policy).
-RBAC = """
+EXEC_NAMESPACES = ["quiet", "tiny", "interactive"]  # besides "default" (master_env.py)
+
+
+def _exec_role(ns):
+    return f"""
 apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
 metadata:
-  name: quiet-exec
-  namespace: quiet
+  name: {ns}-exec
+  namespace: {ns}
 rules:
 - apiGroups: [""]
   resources: ["pods", "pods/exec"]
@@ -63,15 +72,21 @@ rules:
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
 metadata:
-  name: quiet-exec
-  namespace: quiet
+  name: {ns}-exec
+  namespace: {ns}
 subjects:
 - kind: User
   name: alice
 roleRef:
   kind: Role
-  name: quiet-exec
----
+  name: {ns}-exec
+---"""
+
+
+# Who may read recordings: alice everywhere (ClusterRoleBinding), carol only
+# in "default" (RoleBinding: no list across namespaces), dave nothing. And
+# alice may exec in EXEC_NAMESPACES.
+RBAC = "".join(_exec_role(ns) for ns in EXEC_NAMESPACES) + """
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
 metadata:
@@ -333,18 +348,8 @@ def test_non_tty_50mb_reassembles_to_the_same_checksum(env, pod):
 def test_policy_none_records_nothing(env):
     """Namespace "quiet" is not recorded: no claim in the ticket, no file."""
     name = "quiet-" + uuid.uuid4().hex[:6]
-    hook = lambda stage: [{"path": os.path.join(os.path.dirname(SHIMCTL), "shimlet-hook"),
-                           "args": ["shimlet-hook", "--config", env.hook_config, stage]}]
-
-    def edit(cfg):
-        cfg["annotations"] = {"io.kubernetes.pod.name": name, "io.kubernetes.pod.namespace": "quiet",
-                              "io.kubernetes.container.name": "app"}
-
-    c = Container(hooks={"createRuntime": hook("createRuntime"), "poststop": hook("poststop")}, edit=edit)
-    env.containers.append(c)
-    c.start()
+    c = env.container(name, namespace="quiet")
     try:
-        wait_for(lambda: os.path.exists(os.path.join(env.state, c.id, "registration.json")), 5, "registration")
         cmd = ["sh", "-c", "echo not-recorded"]
         p = as_alice(env, "exec", "-it", "-n", "quiet", name, "--", *cmd)
         assert p.returncode == 0 and p.stdout == b"not-recorded\r\n", p.stderr
@@ -358,17 +363,139 @@ def test_policy_none_records_nothing(env):
         c.stop()
 
 
+def _grant(env, sid):
+    return [l for l in env.audit_lines() if l.get("session_id") == sid and l.get("resource") == "pods/exec"][-1]
+
+
+def _node_end_of(env, cmd):
+    """The node's session end record of the (unique) command: for local tickets, which have no grant."""
+    return wait_for(lambda: [l for l in env.audit_lines() if l["event"] == "session_end" and
+                             l.get("via") == "node" and l.get("command") == cmd], 15, f"the node's end of {cmd}")[-1]
+
+
+def test_truncated_recording_is_marked_everywhere(env):
+    """Namespace "tiny"'s rule has maxBytes 64 KiB: the grant's ticket
+    carries it, the shim stops recording at it (the session itself goes on,
+    every byte to the client), and the truncation is marked in the recording
+    (a `truncated` marker, then only the terminal marker), in its metadata,
+    in the node's end record and in play's closing note."""
+    name = "tiny-" + uuid.uuid4().hex[:6]
+    c = env.container(name, namespace="tiny")
+    try:
+        cmd = ["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' y; echo; echo past-the-limit >&2; exit 5"]
+        p = as_alice(env, "exec", "-n", "tiny", name, "--", *cmd)
+        assert p.returncode == 5 and p.stdout == b"y" * 300000 + b"\n" and p.stderr == b"past-the-limit\n", \
+            (p.returncode, len(p.stdout), p.stderr)
+        sid = grant_sid(env, cmd)
+        rec = _grant(env, sid)["recording"]
+        assert rec["rule"] == "rule 2" and rec["max_bytes"] == TINY_MAX, rec
+        meta = stored(env, sid)
+        assert meta["truncated"] and meta["complete"] and meta["end"] == "end: exit code 5", meta
+        assert meta["namespace"] == "tiny" and meta["bytes"] <= TINY_MAX, meta
+        raw = export(env, sid)
+        assert len(raw) == meta["bytes"]
+        _, events = parse_cast(raw)
+        marks = [i for i, (_, code, _) in enumerate(events) if code == "m"]
+        assert len(marks) == 2 and marks[1] == len(events) - 1, events[-3:]
+        cut = marks[0]
+        assert events[cut][2] == f"truncated: the recording reached its limit of {TINY_MAX} bytes; " \
+                                 "later events are not recorded", events[cut]
+        assert events[-1][2] == "end: exit code 5", events[-1]
+        # What was recorded is the start of the output, most of the limit's worth; nothing after the marker.
+        out = stream(events[:cut], "o")
+        assert TINY_MAX // 2 < len(out) < TINY_MAX and p.stdout.startswith(out), len(out)
+        assert stream(events, "e") == b"", "stderr came after the limit"
+        end = node_end(env, sid)
+        assert end["recording"]["truncated"] and end["recording"]["complete"], end
+        assert end["bytes_out"] == len(p.stdout) + len(p.stderr), end  # the session counted every byte
+        # The player plays what is there and says it is cut.
+        pl = as_alice(env, "sessions", "play", "--speed", "1000", sid)
+        assert pl.returncode == 0 and pl.stdout == out, (pl.returncode, len(pl.stdout))
+        assert pl.stderr == b"shimctl: the recording was truncated at its size limit\n", pl.stderr
+        p = as_alice(env, "sessions", "list", "-n", "tiny")
+        assert re.search(rb"^" + sid.encode() + rb" .* truncated\b", p.stdout, re.M), p.stdout
+    finally:
+        c.stop()
+
+
+def test_tty_rule_records_tty_sessions_only(env):
+    """`record: tty` (namespace "interactive", through the master) and the
+    hook config's `local: tty` (shimctl --local): a tty exec is recorded, one
+    without a tty is not (no claim in its ticket, no recording in its end
+    record, nothing at the master)."""
+    name = "inter-" + uuid.uuid4().hex[:6]
+    c = env.container(name, namespace="interactive")
+    cfg = env.path("hook-local-tty.json")
+    write_config(env, cfg, {"dir": env.rec_root, "local": "tty"})
+    lname = "ltty-" + uuid.uuid4().hex[:6]
+    lc = env.container(lname, config=cfg)
+    try:
+        # Through the master.
+        tty_cmd, plain_cmd = ["sh", "-c", "echo typed-" + name], ["sh", "-c", "echo piped-" + name]
+        p = as_alice(env, "exec", "-t", "-n", "interactive", name, "--", *tty_cmd)
+        assert p.returncode == 0 and p.stdout == f"typed-{name}\r\n".encode(), p.stderr
+        p = as_alice(env, "exec", "-n", "interactive", name, "--", *plain_cmd)
+        assert p.returncode == 0 and p.stdout == f"piped-{name}\n".encode(), p.stderr
+        tty_sid, plain_sid = grant_sid(env, tty_cmd), grant_sid(env, plain_cmd)
+        assert _grant(env, tty_sid)["recording"]["rule"] == "rule 3", _grant(env, tty_sid)  # "interactive"
+        assert "recording" not in _grant(env, plain_sid), _grant(env, plain_sid)
+        meta = stored(env, tty_sid)
+        assert meta["tty"] and meta["complete"] and meta["namespace"] == "interactive", meta
+        assert stream(parse_cast(export(env, tty_sid))[1], "o") == f"typed-{name}\r\n".encode()
+        assert node_end(env, tty_sid)["recording"]["complete"]
+        assert "recording" not in node_end(env, plain_sid)
+        assert env.get(f"/apis/shimlet.io/v1/sessions/{plain_sid}")[0] == 404
+        # shimctl --local, under the hook config's "local": "tty".
+        local = [SHIMCTL, "--local", "--state-dir", env.state, "exec"]
+        tty_cmd, plain_cmd = ["sh", "-c", "echo typed-" + lname], ["sh", "-c", "echo piped-" + lname]
+        p = subprocess.run(local + ["-t", lc.id, "--", *tty_cmd], stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=60)
+        assert p.returncode == 0 and p.stdout == f"typed-{lname}\r\n".encode(), p.stderr
+        p = subprocess.run(local + [lc.id, "--", *plain_cmd], stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=60)
+        assert p.returncode == 0 and p.stdout == f"piped-{lname}\n".encode(), p.stderr
+        rec = _node_end_of(env, tty_cmd)["recording"]
+        assert rec["complete"], rec
+        meta = stored(env, rec["id"])
+        assert meta["tty"] and meta["pod"] == lname, meta
+        assert "recording" not in _node_end_of(env, plain_cmd)
+        starts = [json.loads(l) for l in open(os.path.join(env.state, lc.id, "shim.log")) if '"recording.start"' in l]
+        assert len(starts) == 1 and starts[0]["recording"] == rec["id"], starts
+    finally:
+        c.stop()
+        lc.stop()
+
+
 # ---------------------------------------------------------------- killed sessions
+
+def _running(word):
+    """A process whose command line has `word` (in any container: host /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if word.encode() in f.read():
+                    return True
+    return False
+
 
 @pytest.mark.parametrize("victim", ["session", "shim", "container"])
 def test_killed_session_recording_reaches_the_master_incomplete(env, victim):
+    """The recording up to the kill reaches the master, marked incomplete:
+    * session SIGKILLed, the container up: the container's renewer (every
+      renew_interval_s, 1 s here) finishes the orphaned .rec and ships it;
+    * shim SIGKILLed: every session ends when its shim exits (docs/design.md
+      "Pre-authentication gate"): the session kills its command and closes
+      its recording as incomplete itself, while the container runs on. No
+      shim, no renewer: it waits in the node's outbox for the poststop;
+    * container killed (no poststop yet): the shim's own cleanup ships it."""
     name = f"kill-{victim[:4]}-" + uuid.uuid4().hex[:6]
     c = env.container(name)
-    cmd = ["sh", "-c", f"echo before-the-{victim}-dies; sleep 1000"]
+    word = f"before-the-{victim}-dies-{name}"
+    cmd = ["sh", "-c", f"echo {word}; sleep 1000"]
     p = subprocess.Popen([SHIMCTL, "--kubeconfig", env.kc_alice, "exec", name, "--", *cmd],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOME": env.home})
     try:
-        assert p.stdout.readline() == f"before-the-{victim}-dies\n".encode()
+        assert p.stdout.readline() == f"{word}\n".encode()
         # The session process: it holds its provisional end record (and its recording).
         pid, _ = wait_for(lambda: _session_holding(os.path.join(env.state, c.id, "ends")), 5, "the session")
         # Killed once the writer thread has the line on disk (what is still in its
@@ -377,30 +504,38 @@ def test_killed_session_recording_reaches_the_master_incomplete(env, victim):
         on_disk = lambda: any(b'"o", "before-the-' in open(os.path.join(rec_dir, n), "rb").read()
                               for n in os.listdir(rec_dir) if n.endswith(".rec"))
         wait_for(on_disk, 5, "the output on the recording's disk")
+        sid = grant_sid(env, cmd)
         if victim == "session":
             os.kill(pid, signal.SIGKILL)
+            assert p.wait(timeout=15) != 0
+            meta = stored(env, sid, timeout=15)  # renew_interval_s is 1: a tenth of the bound
+            assert meta["end"].startswith("incomplete: the session ended without closing its recording"), meta
         elif victim == "shim":
             os.kill(env.registration(c.id)["shim_pid"], signal.SIGKILL)
-            # A session the gate forked may outlive its shim (docs/design.md
-            # "Pre-authentication gate"): it ends with its container.
-            c.runc("kill", c.id, "KILL", check=False)
+            assert p.wait(timeout=15) != 0
+            wait_for(lambda: not alive(pid), 5, "the session's end")
+            wait_for(lambda: not _running(word), 5, "the command killed with its session")
+            assert c.state()["status"] == "running"
+            cast = os.path.join(rec_dir, sid + ".cast")
+            wait_for(lambda: os.path.exists(cast), 5, "the recording closed by its session")
+            _, events = parse_cast(open(cast, "rb").read())
+            assert events[-1][1:] == ["m", "incomplete: session terminated: its shim exited"], events[-1]
         else:
             c.runc("kill", c.id, "KILL")
-        assert p.wait(timeout=15) != 0
-        if victim == "container":
+            assert p.wait(timeout=15) != 0
             # No poststop yet: the shim's own `shimlet-hook cleanup` (its
             # container gone) finishes the recording and sends it.
-            stored(env, grant_sid(env, cmd))
+            meta = stored(env, sid)
+            assert meta["end"].startswith("incomplete: the container exited during the session"), meta
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-        c.stop()  # poststop: finishes the .rec as incomplete and sends it (a second cleanup: idempotent)
-    sid = grant_sid(env, cmd)
+        c.stop()  # poststop: sends what is left (a second cleanup: idempotent)
     meta = stored(env, sid)
     assert not meta["complete"] and meta["end"].startswith("incomplete: "), meta
     _, events = parse_cast(export(env, sid))
-    assert stream(events, "o") == f"before-the-{victim}-dies\n".encode(), events
+    assert stream(events, "o") == f"{word}\n".encode(), events
     # Sent by poststop, or (when it ran out of time) by a renewer sweeping gone containers.
     wait_for(lambda: not os.path.exists(os.path.join(env.rec_root, c.id)), 10, "the container's spool removed")
 
@@ -505,6 +640,69 @@ def _disk_full_at_the_end(env, c, filler):
     assert p.stdout == b"a\n" + b"0" * n, p.stdout[:100]
     meta = stored(env, grant_sid(env, cmd))
     assert not meta["complete"], meta
+
+
+def _spool_usage(root):
+    """What recording/spool.h's usage() counts: the regular files of root/*/*."""
+    total = 0
+    for d in os.listdir(root) if os.path.isdir(root) else ():  # made by the first recording
+        for n in os.listdir(os.path.join(root, d)):
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(os.path.join(root, d, n))
+                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
+def test_outbox_bound_refuses_new_recordings_and_drops_none(env):
+    """spool_max_bytes (1 MiB, its minimum) reached by a live recording that
+    cannot be shipped yet: a new recorded exec fails as on a full disk
+    (fail-closed: refused before its command runs; fail-open: runs
+    unrecorded, the end record says why); the recording that holds the
+    outbox is never dropped to make room, reaches the master whole, and once
+    it has gone new recordings start again."""
+    spool = env.path("rec-spool-bound")
+    cfg = env.path("hook-spool-bound.json")
+    write_config(env, cfg, {"dir": spool, "spool_max_bytes": 1 << 20})
+    name = "spool-" + uuid.uuid4().hex[:6]
+    c = env.container(name, config=cfg)
+    try:
+        big = ["sh", "-c", f": {name}; head -c 1200000 /dev/zero | tr '\\0' a; echo; "
+               "while [ ! -e /release ]; do sleep 0.05; done; echo released"]
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(as_alice, env, "exec", name, "--", *big)
+            try:
+                wait_for(lambda: _spool_usage(spool) >= 1 << 20, 20, "the outbox above its bound")
+                # fail-closed (alice): refused before anything runs.
+                cmd = ["sh", "-c", "touch /ran; echo ran"]
+                p = as_alice(env, "exec", name, "--", *cmd)
+                assert p.returncode == 254 and p.stdout == b"", (p.returncode, p.stdout, p.stderr)
+                assert b"recording cannot be written" in p.stderr and b"outbox is full" in p.stderr, p.stderr
+                assert c.exec("test", "-e", "/ran").returncode == 1, "the command ran"
+                end = node_end(env, grant_sid(env, cmd))
+                assert "outbox is full" in end["recording"]["error"], end
+                # fail-open (carol): runs, unrecorded.
+                cmd = ["sh", "-c", "echo unrecorded"]
+                p = env.shimctl("--kubeconfig", env.kc_carol, "exec", name, "--", *cmd)
+                assert p.returncode == 0 and p.stdout == b"unrecorded\n", p.stderr
+                sid = grant_sid(env, cmd)
+                end = node_end(env, sid)
+                assert "outbox is full" in end["recording"]["error"] and end["exit_code"] == 0, end
+                assert env.get(f"/apis/shimlet.io/v1/sessions/{sid}")[0] == 404
+            finally:
+                c.exec("touch", "/release")
+                held = fut.result(timeout=60)
+        # The recording that held the outbox: whole at the master.
+        assert held.returncode == 0 and held.stdout == b"a" * 1200000 + b"\nreleased\n", held.stderr
+        meta = stored(env, grant_sid(env, big))
+        assert meta["complete"] and not meta["truncated"] and meta["out_bytes"] == len(held.stdout), meta
+        # Shipped and deleted: the outbox has room again.
+        wait_for(lambda: _spool_usage(spool) == 0, 15, "the outbox emptied")
+        cmd = ["sh", "-c", "echo recorded-again"]
+        p = as_alice(env, "exec", name, "--", *cmd)
+        assert p.returncode == 0 and p.stdout == b"recorded-again\n", p.stderr
+        assert stored(env, grant_sid(env, cmd))["complete"]
+    finally:
+        c.stop()
 
 
 # ---------------------------------------------------------------- RBAC and audit
@@ -755,14 +953,7 @@ def test_local_recorded_relay_never_blocks_on_the_client(env):
                 got += len(d)
         assert 0 < got <= len(out) <= got + (256 << 10), (got, len(out))
         # The command is gone with the session.
-        def alive():
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                with contextlib.suppress(OSError):
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        if name.encode() in f.read():
-                            return True
-            return False
-        wait_for(lambda: not alive(), 15, "the command killed with its session")
+        wait_for(lambda: not _running(name), 15, "the command killed with its session")
     finally:
         os.close(r)
         if w >= 0:

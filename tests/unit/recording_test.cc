@@ -210,6 +210,39 @@ TEST(RecordingEncoder, TruncationIsMarkedAndBounded) {
   EXPECT_EQ(p.events[p.events.size() - 2].data.rfind("truncated:", 0), 0u);
 }
 
+// A read larger than what is left (the engine reads up to hundreds of KiB at
+// once): its longest prefix that fits is kept, cut before a character, then
+// the marker; the recording is not left without the output.
+TEST(RecordingEncoder, TruncationKeepsThePrefixOfABigEvent) {
+  for (const std::string unit : {"x", "\xc3\xa9", "\xff", "\n"}) {
+    const uint64_t max = Encoder::kMinMaxBytes;
+    std::string out;
+    Encoder enc(max);
+    enc.header(out, test_header());
+    std::string big;
+    while (big.size() < 300000) big += unit;
+    enc.data(out, 1000, Code::Output, big);
+    enc.data(out, 2000, Code::Stderr, "later");
+    enc.finish(out, 3000, end_marker(0, 0));
+    EXPECT_TRUE(enc.truncated());
+    EXPECT_LE(out.size(), max);
+    EXPECT_EQ(enc.bytes(), out.size());
+    Parsed p = parse_all(out);
+    ASSERT_EQ(p.events.size(), 3u) << unit;
+    std::string kept = concat(p.events, "o");
+    EXPECT_EQ(kept, big.substr(0, kept.size())) << unit;
+    EXPECT_EQ(kept.size() % unit.size(), 0u) << unit;  // whole characters only
+    // The prefix is the longest that fits, to one character (at most 6 bytes encoded).
+    size_t cut = out.rfind('\n', out.find("truncated:")) + 1;
+    EXPECT_LE(cut, max - Encoder::kReserve) << unit;
+    EXPECT_GT(cut + 6, max - Encoder::kReserve) << unit;
+    EXPECT_EQ(enc.recorded(Code::Output), kept.size());
+    EXPECT_EQ(enc.recorded(Code::Stderr), 0u);
+    EXPECT_EQ(p.events[1].data.rfind("truncated:", 0), 0u);
+    EXPECT_EQ(p.events[2].data, "end: exit code 0");
+  }
+}
+
 TEST(RecordingReader, PiecesOfAnySizeGiveTheSameEvents) {
   std::string out;
   Encoder enc(1 << 20);
