@@ -22,6 +22,7 @@
 #include "common/proc.h"
 #include "common/version.h"
 #include "shim/gate_proto.h"
+#include "shim/session_proto.h"
 
 namespace shimlet::hook {
 namespace {
@@ -58,6 +59,17 @@ struct Families {
         sessions_max(gauge(r, "shimlet_node_sessions_max",
                            "The session limit by door: max_sessions (tcp), max_local_sessions (local).")),
         started(counter(r, "shimlet_node_sessions_started_total", "Sessions started, by door.")),
+        ended(counter(r, "shimlet_node_sessions_ended_total",
+                      "Sessions ended, by door and result: ok (a ticket accepted; the exec exited 0, or the "
+                      "forward ended normally), exit_nonzero (the exec's command exited non-zero or on a signal), "
+                      "refused (no ticket accepted on the connection), error (ended abnormally: the command did "
+                      "not start, a limit, the client gone, terminated, or the session process died without "
+                      "reporting).")),
+        bytes(counter(r, "shimlet_node_session_bytes_total",
+                      "Application bytes of ended sessions, by door and direction: in (client to container: "
+                      "stdin, forwarded), out (container to client: stdout and stderr, forwarded); the session "
+                      "end record's bytes_in and bytes_out. A local exec given the client's own stdio copies none: "
+                      "0.")),
         limit_hits(counter(r, "shimlet_node_limit_hits_total",
                            "Connections refused or dropped because a limit of the hook config was reached, by "
                            "limit: preauth_max_connections, preauth_max_per_source, preauth_max_memory (an "
@@ -90,6 +102,8 @@ struct Families {
   prometheus::Family<prometheus::Gauge>& warm;
   prometheus::Family<prometheus::Gauge>& sessions_max;
   prometheus::Family<prometheus::Counter>& started;
+  prometheus::Family<prometheus::Counter>& ended;
+  prometheus::Family<prometheus::Counter>& bytes;
   prometheus::Family<prometheus::Counter>& limit_hits;
   prometheus::Family<prometheus::Counter>& accepted;
   prometheus::Family<prometheus::Counter>& cri_accepted;
@@ -163,11 +177,25 @@ std::optional<double> unix_time(const json& st) {
 // The shim's STATE/<id>/stats.json (docs/design.md "Pre-authentication
 // gate"): {"ts", "sessions": {"tcp", "local", "warm", "tcp_started",
 // "local_started", "local_refused", "max_sessions", "max_local_sessions"},
+// "ended": {"<door>_<result>"}, "bytes": {"<door>_in", "<door>_out"},
 // "preauth": {the gate counters}, "gate_pid"}; each field exported once.
 void add_stats(Families& f, const Labels& l, const json& st) {
   const json none = json::object();
-  const json& s = st.contains("sessions") && st["sessions"].is_object() ? st["sessions"] : none;
-  const json& p = st.contains("preauth") && st["preauth"].is_object() ? st["preauth"] : none;
+  auto object = [&](const char* key) -> const json& {
+    auto it = st.find(key);
+    return it != st.end() && it->is_object() ? *it : none;
+  };
+  const json& s = object("sessions");
+  const json& p = object("preauth");
+  const json& e = object("ended");
+  const json& b = object("bytes");
+  for (const char* door : {"tcp", "local"}) {
+    const Labels dl = with(l, "door", door);
+    for (const char* result : session_end::kResultNames)
+      add_counter(f.ended, with(dl, "result", result), count(e, (std::string(door) + "_" + result).c_str()));
+    add_counter(f.bytes, with(dl, "direction", "in"), count(b, (std::string(door) + "_in").c_str()));
+    add_counter(f.bytes, with(dl, "direction", "out"), count(b, (std::string(door) + "_out").c_str()));
+  }
   add_gauge(f.stats_time, l, unix_time(st));
   if (auto pid = count(st, "gate_pid")) f.gate_up.Add(l).Set(*pid > 0 ? 1 : 0);
   add_gauge(f.sessions, with(l, "door", "tcp"), count(s, "tcp"));

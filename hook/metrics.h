@@ -12,9 +12,9 @@
 namespace shimlet::hook {
 
 // Per container of c.state_dir: registration.json (labels; whether its shim
-// still runs) and the shim's counters file STATE/<id>/stats.json (its sessions
-// and what became of unauthenticated connections), which the shim rewrites as
-// they change. A container whose shim writes none exports its shim_up only.
+// still runs) and the shim's counters file STATE/<id>/stats.json (its sessions,
+// how they ended and their bytes, and what became of unauthenticated
+// connections), which the shim rewrites as they change. A container whose shim writes none exports its shim_up only.
 // Throws shimlet::Error when the state directory exists but cannot be read.
 std::string node_metrics(const Config& c);
 

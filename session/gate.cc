@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/err.h>
@@ -657,31 +658,40 @@ struct Gate::Impl {
     int pr;
     do pr = ::poll(&p, 1, 2000);
     while (pr < 0 && errno == EINTR);
-    // 'T' reports are one-way; the only datagram the shim sends is this reply.
-    if (pr <= 0 || ::recv(kCtlFd, &reply, 1, 0) != 1)
+    // 'T' reports are one-way; the only datagram the shim sends is this reply
+    // ('A' with the session's own control socket: shim/session_proto.h).
+    int ctl_fd = -1;
+    size_t nfds = 0;
+    if (pr <= 0 || recv_fds_nothrow(kCtlFd, &reply, 1, {&ctl_fd, 1}, &nfds) != 1)
       return refuse(503, "replay check unavailable: the shim did not answer");
+    Fd session_ctl(nfds == 1 ? ctl_fd : -1);
     if (reply == gate::kReplayed) return refuse(403, "ticket already used (replay refused)");
     if (reply == gate::kCacheFull) return refuse(503, "replay cache full: try again shortly");
     if (reply == gate::kLimit)
       return refuse(503, "too many sessions on this container (max_sessions): try again later",
                     &counters.refused_sessions);
     if (reply != gate::kAccepted) return refuse(503, "replay check unavailable: unexpected answer from the shim");
-    counters.admitted++;
     pid_t self = getpid();
-    pid_t child = ::fork();
-    if (child < 0) {
-      int e = errno;
+    auto unreserve = [&](const std::string& why) {
       char u[5] = {gate::kUnreserve};
       memcpy(u + 1, &self, 4);
       (void)::send(kCtlFd, u, sizeof u, MSG_NOSIGNAL);
+      return refuse(503, "cannot start the session: " + why);
+    };
+    if (!session_ctl) return unreserve("the shim sent no control socket");
+    counters.admitted++;
+    pid_t child = ::fork();
+    if (child < 0) {
+      int e = errno;
       counters.admitted--;
-      return refuse(503, std::string("cannot start the session: fork: ") + strerror(e));
+      return unreserve(std::string("fork: ") + strerror(e));
     }
     if (child == 0) {
+      session_ctl.reset();  // the session's, not the gate's
       take_over(id);
       return std::nullopt;
     }
-    return become_session(id, std::move(r));
+    return become_session(id, std::move(r), std::move(session_ctl));
   }
 
   // The child: the gate from now on.
@@ -721,7 +731,7 @@ struct Gate::Impl {
   }
 
   // The parent: the admitted connection's session from now on.
-  std::optional<Admitted> become_session(uint64_t id, AuthResult r) {
+  std::optional<Admitted> become_session(uint64_t id, AuthResult r, Fd session_ctl) {
     auto it = conns.find(id);
     std::unique_ptr<Conn> mine = std::move(it->second);
     conns.erase(it);
@@ -750,7 +760,9 @@ struct Gate::Impl {
     sigfd.reset();
     ::close(kListenFd);
     if (opt.cri_fd >= 0) ::close(opt.cri_fd);
-    ::close(kCtlFd);
+    // fd 4 is this session's own control socket from now on (the lineage's
+    // closes here): its end report goes there (shim/session_proto.h).
+    if (::dup3(session_ctl.get(), kCtlFd, O_CLOEXEC) < 0) ::close(kCtlFd);
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, nullptr);

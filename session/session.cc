@@ -24,6 +24,7 @@
 #include "session/session_internal.h"
 #include "session/session_k8s.h"
 #include "session/session_warm.h"
+#include "shim/session_proto.h"
 
 namespace shimlet::session {
 namespace {
@@ -70,11 +71,14 @@ std::optional<std::string> local_peer_refusal(int fd) {
 }
 
 // A connection refused before any front door exists (local socket peer):
-// audited and logged; the session ends (exit code 0).
+// audited and logged, reported to the shim (refused); the session ends (exit code 0).
 int refuse_connection(const std::string& container, const std::string& why) {
   log::set_context({{"container", container}, {"peer", peer_of(kConnFd)}});
   log::audit("request.refused", {{"status", 0}, {"stream", 0}, {"reason", why}});
   log::info("connection closed", {{"reason", why}});
+  session_end::Report r;
+  r.result = static_cast<uint8_t>(session_end::Result::Refused);
+  (void)::send(kShimFd, &r, sizeof r, MSG_DONTWAIT | MSG_NOSIGNAL);
   return 0;
 }
 
@@ -115,10 +119,10 @@ int run_gate(const Args& args, Config cfg, nsenter::Container ctr, int shim_pidf
   std::unique_ptr<FrontDoor> door;
   if (a->h2)
     door = std::make_unique<Session>(base.get(), std::move(cfg), std::move(ctr), fd, ssl, std::move(a->early),
-                                     std::move(a->sent), a->token, a->claims, a->accepted_unix);
+                                     std::move(a->sent), a->token, a->claims, a->accepted_unix, kShimFd);
   else
     door = make_http1_front_door(base.get(), std::move(cfg), std::move(ctr), fd, ssl, std::move(*a->k8s),
-                                 std::move(a->early), a->accepted_unix);
+                                 std::move(a->early), a->accepted_unix, kShimFd);
   return serve(base.get(), std::move(door), shim_pidfd);
 }
 

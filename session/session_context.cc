@@ -4,8 +4,10 @@
 #include "session/session_context.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -17,6 +19,7 @@
 #include "common/file.h"
 #include "common/log.h"
 #include "session/session_recording.h"
+#include "shim/session_proto.h"
 
 namespace shimlet::session {
 
@@ -89,6 +92,24 @@ Context::~Context() {
   } catch (const std::exception& e) {
     log::error("cannot write the session end record", {{"dir", cfg_.ends_dir}, {"error", e.what()}});
   }
+  report_end();
+}
+
+// The session's result as the shim counts it (shim/session_proto.h), with
+// the end record's byte counts; one datagram, the session's last word.
+void Context::report_end() const {
+  if (shim_fd_ < 0) return;
+  using session_end::Result;
+  session_end::Report r;
+  Result result = !end_claims_                 ? Result::Refused
+                  : !end_error_.empty()        ? Result::Error
+                  : end_exit_.value_or(0) != 0 ? Result::ExitNonzero
+                                               : Result::Ok;
+  r.result = static_cast<uint8_t>(result);
+  r.bytes_in = end_bytes_in_;
+  r.bytes_out = end_bytes_out_;
+  if (::send(shim_fd_, &r, sizeof r, MSG_DONTWAIT | MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof r))
+    log::warn("cannot send the shim the session's end report", {{"error", strerror(errno)}});
 }
 
 }  // namespace shimlet::session

@@ -71,10 +71,12 @@ std::string peer_of(int fd);
 
 class Context {
  public:
+  // shim_fd: the session's control socket to the shim (replay cache, end report; fd 4), -1: none.
   Context(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd);
   // Writes the session's end record (docs/design.md "Session end records")
-  // when a ticket was accepted and cfg.ends_dir is set. Every front door's
-  // handlers are destroyed before this base, so their byte counts are in.
+  // when a ticket was accepted and cfg.ends_dir is set, then sends the shim
+  // its end report (result and bytes: shim/session_proto.h). Every front
+  // door's handlers are destroyed before this base, so their byte counts are in.
   virtual ~Context();
   Context(const Context&) = delete;
   Context& operator=(const Context&) = delete;
@@ -140,6 +142,7 @@ class Context {
   void accepted(const ticket::Claims& c);  // a ticket's first use on this connection
   void write_open_record();
   void write_end_record();
+  void report_end() const;
   std::optional<ticket::Claims> end_claims_;  // the accepted ticket (first one of the connection)
   Fd open_record_;  // flock()ed provisional record (spool::write_open) until the end record is written
   int64_t start_unix_ = 0;

@@ -34,8 +34,9 @@ Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_
 }
 
 Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, SSL* ssl, std::string early,
-                 std::string sent, const std::string& token, const ticket::Claims& claims, int64_t accepted_unix)
-    : Context(base, std::move(cfg), std::move(ctr), conn_fd, -1) {
+                 std::string sent, const std::string& token, const ticket::Claims& claims, int64_t accepted_unix,
+                 int shim_fd)
+    : Context(base, std::move(cfg), std::move(ctr), conn_fd, shim_fd) {
   set_peer_cert(ssl);
   accepted_token_ = token;
   accepted_claims_ = claims;

@@ -8,7 +8,10 @@
 //        a connection presented a valid ticket; consume its jti and reserve
 //        an authenticated session. Reply, one byte: 'A' accepted (the sender
 //        is that session from now on; a forked child takes over as gate),
-//        'R' ticket replayed, 'F' replay cache full, 'L' max_sessions reached.
+//        with SCM_RIGHTS: a SOCK_SEQPACKET socket, the session's own control
+//        socket (its end report, shim/session_proto.h; the gate closes its
+//        copy), 'R' ticket replayed, 'F' replay cache full (or no socket for
+//        the session), 'L' max_sessions reached.
 //   gate -> shim 'U' + pid (int32 LE): the fork after an 'A' failed; that
 //        process stays the gate and the slot is free again.
 //   gate -> shim 'G' + pid (int32 LE), SCM_RIGHTS: a pidfd of the sender:

@@ -29,6 +29,7 @@
 #include <optional>
 
 #include "shim/gate_proto.h"
+#include "shim/session_proto.h"
 #include "ticket/replay.h"
 
 namespace shimlet::shim {
@@ -189,8 +190,10 @@ struct LocalSession {
   // Started ahead of a connection (docs/design.md "Warm sessions"): it waits
   // on ctl for the next accepted socket. False once it has been given one.
   bool warm = false;
-  bool ready = false;      // it sent kWarmReady: placed, waiting for its connection
-  int64_t started_ms = 0;  // CLOCK_MONOTONIC; the oldest starting one is the nearest to ready
+  bool ready = false;                         // it sent kWarmReady: placed, waiting for its connection
+  int64_t started_ms = 0;                     // CLOCK_MONOTONIC; the oldest starting one is the nearest to ready
+  bool serving = false;                       // it has a connection: counted in local_started_, its end in local_ends_
+  std::optional<session_end::Report> report;  // its end report (shim/session_proto.h), once sent
 };
 
 // An authenticated TCP session: a gate process that admitted a connection
@@ -199,7 +202,29 @@ struct LocalSession {
 struct TcpSession {
   pid_t pid = -1;
   Fd pidfd;
+  Fd ctl;  // our end of its own control socket (given with 'A'): its end report only
 };
+
+// Sessions ended, by result, and their bytes: one door's (stats.json "ended", "bytes").
+struct DoorEnds {
+  uint64_t by_result[session_end::kNumResults] = {};
+  uint64_t bytes_in = 0, bytes_out = 0;
+};
+
+// The end report among the datagrams still queued on a session's control
+// socket (it exited right after sending it; anything else there is moot).
+void take_report(const Fd& ctl, std::optional<session_end::Report>& report) {
+  if (!ctl) return;
+  unsigned char buf[64];
+  for (;;) {
+    ssize_t n = ::recv(ctl.get(), buf, sizeof buf, MSG_DONTWAIT | MSG_TRUNC);
+    if (n <= 0) return;
+    if (static_cast<size_t>(n) == sizeof(session_end::Report) && buf[0] == session_end::kTag) {
+      report.emplace();
+      memcpy(&*report, buf, sizeof *report);
+    }
+  }
+}
 
 // common/clock.h's monotonic_ms, copied: the static shim links no common/ code (shim.h).
 int64_t mono_ms() {
@@ -238,6 +263,8 @@ class Shim {
   void spawn_renewer();
   void start_warm();
   void write_stats(bool force);
+  void session_ended(DoorEnds& door, const std::optional<session_end::Report>& report);
+  std::vector<TcpSession>::iterator tcp_session_ended(std::vector<TcpSession>::iterator it);
   int shutdown(const char* why);
 
   const Options& opt_;
@@ -255,6 +282,7 @@ class Shim {
   // Pre-authentication counters: the ended lineages' sum, the current one's last report.
   gate::GateCounters gate_base_, gate_now_;
   uint64_t tcp_started_ = 0, local_started_ = 0, local_refused_ = 0;
+  DoorEnds tcp_ends_, local_ends_;
   std::string stats_path_;
   bool stats_dirty_ = true;
   int64_t stats_due_ = 0;
@@ -441,8 +469,7 @@ int Shim::run(bool* cleanup) {
             if (it->pid != slots[i].pid || it->pidfd.get() != pfds[i].fd) continue;
             // Not necessarily our child (then reap() logs its status).
             log("info", "session ended", {F("session_pid", static_cast<long long>(it->pid)), F("via", "gate")});
-            tcp_sessions_.erase(it);
-            stats_dirty_ = true;
+            tcp_session_ended(it);
             break;
           }
           break;
@@ -567,6 +594,7 @@ bool Shim::hand_to_warm(const Fd& conn) {
     FdMsg m(&tag, 1);
     m.put(conn.get());
     if (s.ctl && ::sendmsg(s.ctl.get(), &m.msg, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
+      s.serving = true;
       log("info", "session started",
           {F("session_pid", static_cast<long long>(s.pid)), F("warm", true), F("ready", s.ready)});
       return true;
@@ -641,7 +669,7 @@ void Shim::spawn_session(Fd conn, bool warm) {
   Fd ours(sp[0]), theirs(sp[1]);
   // A warm session gets its connection later.
   pid_t pid = spawn(warm ? devnull_.get() : conn.get(), theirs.get(), warm ? warm_argv_.data() : argv_.data(), warm);
-  local_sessions_.push_back(LocalSession{pid, std::move(ours), warm, false, mono_ms()});
+  local_sessions_.push_back(LocalSession{pid, std::move(ours), warm, false, mono_ms(), !warm, std::nullopt});
   if (warm)
     log("info", "warm session started", {F("session_pid", static_cast<long long>(pid))});
   else
@@ -717,6 +745,8 @@ void Shim::handle_gate() {
   switch (buf[0]) {
     case gate::kAdmit: {
       char reply;
+      int sp[2];
+      Fd ours, theirs;
       if (!gate_pidfd_) {
         // Only the gate admits, and the gate is known by its pidfd ('G').
         reply = gate::kCacheFull;
@@ -725,15 +755,29 @@ void Shim::handle_gate() {
         reply = gate::kLimit;
         log("warn", "too many sessions, admission refused",
             {F("max_sessions", static_cast<long long>(opt_.max_sessions))});
+      } else if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) {
+        reply = gate::kCacheFull;  // fail closed, as when the cache cannot answer
+        log("error", "admission refused: no control socket for the session",
+            {F("what", "socketpair"), F("error", errdesc(errno))});
       } else {
+        ours = Fd(sp[0]);
+        theirs = Fd(sp[1]);
         reply = consume(buf + 1, static_cast<size_t>(n) - 1, gate_pid_);
       }
-      if (::send(gate_ctl_.get(), &reply, 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) return gate_gone();
+      // 'A' carries the session's own control socket (its end report).
+      FdMsg out(&reply, 1);
+      if (reply == gate::kAccepted) {
+        out.put(theirs.get());
+      } else {
+        out.msg.msg_control = nullptr;
+        out.msg.msg_controllen = 0;
+      }
+      if (::sendmsg(gate_ctl_.get(), &out.msg, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) return gate_gone();
       if (reply == gate::kAccepted) {
         // The gate process is that connection's session now; its child
         // takes over as the gate ('G').
         log("info", "session started", {F("session_pid", static_cast<long long>(gate_pid_)), F("via", "gate")});
-        tcp_sessions_.push_back(TcpSession{gate_pid_, std::move(gate_pidfd_)});
+        tcp_sessions_.push_back(TcpSession{gate_pid_, std::move(gate_pidfd_), std::move(ours)});
         gate_pid_ = -1;
         tcp_started_++;
         stats_dirty_ = true;
@@ -837,6 +881,11 @@ void Shim::handle_replay(LocalSession& s) {
     s.ready = true;
     return;
   }
+  if (static_cast<size_t>(n) == sizeof(session_end::Report) && buf[0] == session_end::kTag) {  // its last word
+    s.report.emplace();
+    memcpy(&*s.report, buf, sizeof *s.report);
+    return;
+  }
   char reply = consume(buf, static_cast<size_t>(n), s.pid);
   if (::send(s.ctl.get(), &reply, 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) s.ctl.reset();
 }
@@ -865,8 +914,7 @@ void Shim::reap() {
     for (auto it = tcp_sessions_.begin(); it != tcp_sessions_.end(); ++it) {
       if (it->pid != p) continue;
       ended("gate");
-      tcp_sessions_.erase(it);
-      stats_dirty_ = true;
+      tcp_session_ended(it);
       found = true;
       break;
     }
@@ -874,6 +922,10 @@ void Shim::reap() {
     for (auto it = local_sessions_.begin(); it != local_sessions_.end(); ++it) {
       if (it->pid != p) continue;
       ended("local");
+      if (it->serving) {
+        take_report(it->ctl, it->report);
+        session_ended(local_ends_, it->report);
+      }
       local_sessions_.erase(it);
       accept_paused_ = false;
       stats_dirty_ = true;
@@ -901,7 +953,17 @@ void Shim::write_stats(bool force) {
        ",\"tcp_started\":" + std::to_string(tcp_started_) + ",\"local_started\":" + std::to_string(local_started_) +
        ",\"local_refused\":" + std::to_string(local_refused_) +
        ",\"max_sessions\":" + std::to_string(opt_.max_sessions) +
-       ",\"max_local_sessions\":" + std::to_string(opt_.max_local_sessions) + "},\"preauth\":{";
+       ",\"max_local_sessions\":" + std::to_string(opt_.max_local_sessions) + "},\"ended\":{";
+  bool first = true;
+  for (auto [door, ends] : {std::pair{"tcp", &tcp_ends_}, std::pair{"local", &local_ends_}})
+    for (size_t i = 0; i < session_end::kNumResults; i++) {
+      j += (first ? "\"" : ",\"") + std::string(door) + "_" + session_end::kResultNames[i] +
+           "\":" + std::to_string(ends->by_result[i]);
+      first = false;
+    }
+  j += "},\"bytes\":{\"tcp_in\":" + std::to_string(tcp_ends_.bytes_in) +
+       ",\"tcp_out\":" + std::to_string(tcp_ends_.bytes_out) + ",\"local_in\":" + std::to_string(local_ends_.bytes_in) +
+       ",\"local_out\":" + std::to_string(local_ends_.bytes_out) + "},\"preauth\":{";
   const uint64_t* base = counters_of(gate_base_);
   const uint64_t* cur = counters_of(gate_now_);
   for (size_t i = 0; i < gate::kNumCounters; i++) {
@@ -916,6 +978,26 @@ void Shim::write_stats(bool force) {
   if (!fd || ::write(fd.get(), j.data(), j.size()) != static_cast<ssize_t>(j.size()) ||
       ::rename(tmp.c_str(), stats_path_.c_str()) < 0)
     log("warn", "cannot write the stats file", {F("path", stats_path_), F("error", errdesc(errno))});
+}
+
+// A session with a connection ended: counted by its report's result (none:
+// error), its bytes added.
+void Shim::session_ended(DoorEnds& door, const std::optional<session_end::Report>& report) {
+  size_t result = static_cast<size_t>(session_end::Result::Error);
+  if (report) {
+    if (report->result < session_end::kNumResults) result = report->result;
+    door.bytes_in += report->bytes_in;
+    door.bytes_out += report->bytes_out;
+  }
+  door.by_result[result]++;
+  stats_dirty_ = true;
+}
+
+std::vector<TcpSession>::iterator Shim::tcp_session_ended(std::vector<TcpSession>::iterator it) {
+  std::optional<session_end::Report> report;
+  take_report(it->ctl, report);
+  session_ended(tcp_ends_, report);
+  return tcp_sessions_.erase(it);
 }
 
 int Shim::shutdown(const char* why) {
@@ -946,7 +1028,10 @@ int Shim::shutdown(const char* why) {
     }
     for (auto it = tcp_sessions_.begin(); it != tcp_sessions_.end();) {
       pollfd p{it->pidfd.get(), POLLIN, 0};
-      it = ::poll(&p, 1, 0) > 0 ? tcp_sessions_.erase(it) : it + 1;
+      if (::poll(&p, 1, 0) > 0)
+        it = tcp_session_ended(it);
+      else
+        ++it;
     }
     if (local_sessions_.empty() && tcp_sessions_.empty() && !gate_pidfd_ && renewer_ <= 0) break;
     int64_t ms = mono_ms() - start;

@@ -2,16 +2,20 @@
 python3-prometheus-client's text-format parser, every counter checked against
 what this test did to a fresh master: refused credentials, RBAC on the
 nonResourceURL /metrics, a real runc container registered by its hook, exec
-grants allowed, denied and failing, kubectl-style relay requests, a
-`shimctl --proxy` tunnel whose byte counts must equal the audit log's; and
+grants allowed, denied and failing, kubectl-style relay requests, a kubectl
+exec relayed and a `shimctl --proxy` tunnel whose byte counts must equal the
+audit log's; and
 the node's side, `shimlet-node-metrics`, over the same real containers and
 over a real shim's counters file after known connections: every field the
-shim writes exported once, with the shim's value."""
+shim writes exported once, with the shim's value, sessions by result with their
+exact application bytes."""
 import calendar
 import contextlib
 import http.client
 import json
 import os
+import select
+import shutil
 import signal
 import socket
 import ssl
@@ -32,6 +36,7 @@ with open(os.path.join(REPO, "deploy/examples/rbac-metrics.yaml")) as _f:
     METRICS_RBAC = _f.read().replace("{kind: User, name: prometheus}", "{kind: User, name: dave}")
 assert "name: dave}" in METRICS_RBAC
 NODE_METRICS = os.path.join(BIN, "shimlet-node-metrics")
+KUBECTL = "/usr/bin/kubectl"
 SCRAPER = TOKENS["dave"]  # reads pods and metrics, may not exec
 
 
@@ -128,14 +133,24 @@ def test_counters_follow_what_happened(env):
     p = env.shimctl(*flags, "--token", TOKENS["alice"], "--proxy", "exec", "-i", pod, "--", "wc", "-c",
                     input=payload, stdin=None)
     assert p.returncode == 0 and p.stdout.split() == [b"50000"], p.stderr
+    # kubectl through the master's relay (WebSocket exec): 40000 bytes of stdin in, `wc -c`'s answer and 30000
+    # bytes out.
+    kube_in = os.urandom(40000)
+    k = subprocess.run([KUBECTL, "exec", "-i", pod, "--", "sh", "-c", "wc -c; head -c 30000 /dev/zero"],
+                       input=kube_in, capture_output=True, timeout=120,
+                       env={**{k: v for k, v in os.environ.items() if not k.startswith("KUBECTL_")},
+                            "HOME": env.home, "KUBECONFIG": env.kubeconfig("kubeconfig")})
+    assert k.returncode == 0 and k.stdout == b"40000\n" + bytes(30000), k.stderr
     assert relay_request(env, TOKENS["dave"], pod) == 403
     assert relay_request(env, TOKENS["alice"], "no-such-pod") == 404
 
     # The tunnel's end is audited once both sides closed; the nodes report their session ends.
     tunnel = wait_for(lambda: [l for l in env.audit_lines() if l["event"] == "session_end" and
                                l.get("via") == "tunnel" and l.get("pod") == pod], 10, "tunnel session end")
+    relay = wait_for(lambda: [l for l in env.audit_lines() if l["event"] == "session_end" and
+                              l.get("via") == "relay" and l.get("pod") == pod], 10, "relay session end")
     wait_for(lambda: len([l for l in env.audit_lines() if l["event"] == "session_end" and l.get("via") == "node"
-                          and l.get("pod") == pod]) == 2, 15, "both exec sessions' end records")
+                          and l.get("pod") == pod]) == 3, 15, "the three exec sessions' end records")
     s = Scrape(env)
     d = lambda name, **l: s.value(name, **l) - base(name, **l)  # noqa: E731
 
@@ -146,7 +161,7 @@ def test_counters_follow_what_happened(env):
     assert d("shimlet_master_grants_total", verb="exec", via="grant", result="error") == 1
     assert d("shimlet_master_grants_total", verb="exec", via="relay", result="denied") == 1
     assert d("shimlet_master_grants_total", verb="exec", via="relay", result="error") == 1
-    assert d("shimlet_master_grants_total", verb="exec", via="relay", result="allowed") == 0
+    assert d("shimlet_master_grants_total", verb="exec", via="relay", result="allowed") == 1
     assert d("shimlet_master_grants_total", verb="portforward") == 0
     assert d("shimlet_master_tunnels_total", result="allowed") == 1
     assert s.value("shimlet_master_registered_containers") == 1
@@ -160,6 +175,12 @@ def test_counters_follow_what_happened(env):
     assert d("shimlet_master_relay_bytes_total", via="tunnel", direction="to_shim") == tunnel[0]["bytes_in"]
     assert d("shimlet_master_relay_bytes_total", via="tunnel", direction="to_client") == tunnel[0]["bytes_out"]
     assert tunnel[0]["bytes_in"] > len(payload)  # TLS records of the whole payload went through
+    # The same for kubectl's relay (plaintext, after the request head): the payloads and their WebSocket framing.
+    assert len(relay) == 1
+    assert d("shimlet_master_relay_bytes_total", via="relay", direction="to_shim") == relay[0]["bytes_in"]
+    assert d("shimlet_master_relay_bytes_total", via="relay", direction="to_client") == relay[0]["bytes_out"]
+    assert len(kube_in) <= relay[0]["bytes_in"] <= len(kube_in) + 8192, relay
+    assert len(k.stdout) <= relay[0]["bytes_out"] <= len(k.stdout) + 8192, relay
     assert s.value("shimlet_master_relays") == 0
 
     # The latency histogram agrees with the request counters, bucket by bucket.
@@ -227,7 +248,12 @@ STATS_SERIES = {
     ("preauth", "open_peak"): ("shimlet_node_unauthenticated_open_peak", {}),
     **{("preauth", o): ("shimlet_node_unauthenticated_connections_total", {"outcome": o})
        for o in ("admitted", "refused_request", "refused_protocol", "timed_out", "peer_closed")},
+    **{("ended", f"{door}_{r}"): ("shimlet_node_sessions_ended_total", {"door": door, "result": r})
+       for door in ("tcp", "local") for r in ("ok", "exit_nonzero", "refused", "error")},
+    **{("bytes", f"{door}_{d}"): ("shimlet_node_session_bytes_total", {"door": door, "direction": d})
+       for door in ("tcp", "local") for d in ("in", "out")},
 }
+STATS_OBJECTS = ("sessions", "preauth", "ended", "bytes")
 
 
 def test_node_metrics_are_the_shims_counters(tmp_path):
@@ -307,7 +333,7 @@ def test_node_metrics_are_the_shims_counters(tmp_path):
         ours = {(name, labels) for name, labels in m if ("container_id", c.id) in labels}
         base = dict(next(labels for name, labels in ours if name == "shimlet_node_shim_up"))
         key = lambda name, **l: (name, tuple(sorted({**base, **l}.items())))  # noqa: E731
-        fields = {(k, f) for k in ("sessions", "preauth") for f in st[k]}
+        fields = {(k, f) for k in STATS_OBJECTS for f in st[k]}
         assert fields == set(STATS_SERIES), fields ^ set(STATS_SERIES)  # every field the shim writes is mapped
         want_series = {key(n, **l) for n, l in STATS_SERIES.values()}
         for n in ("shimlet_node_shim_up", "shimlet_node_gate_up", "shimlet_node_stats_timestamp_seconds"):
@@ -332,4 +358,94 @@ def test_node_metrics_are_the_shims_counters(tmp_path):
             p.wait()
         for s in socks:
             s.close()
+        env.cleanup()
+
+
+def shim_stats(env, cid):
+    try:
+        with open(os.path.join(env.state, cid, "stats.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def test_node_sessions_by_result_and_bytes(tmp_path):
+    """Sessions through both doors, each ending a known way with known application bytes; the shim counts them
+    by result with their end records' byte counts, and shimlet-node-metrics exports exactly those."""
+    env = ShimEnv()
+    try:
+        c = env.container()
+
+        def run(*args, tls, **kw):
+            kw.setdefault("stdin", subprocess.DEVNULL)
+            kw.setdefault("stdout", subprocess.PIPE)
+            kw.setdefault("stderr", subprocess.PIPE)
+            return subprocess.run(env.shimctl(*args, tls=tls), timeout=60, **kw)
+
+        # TCP (the gate, TLS): three execs that exit 0, stdin of known sizes in, `wc -c`'s answer out ...
+        sizes = (1000, 20000, 300000)
+        for n in sizes:
+            p = run("exec", "-i", c.id, "--", "wc", "-c", tls=True, stdin=None, input=os.urandom(n))
+            assert (p.returncode, p.stdout) == (0, b"%d\n" % n), p.stderr
+        # ... one whose command exits 3 after 3 bytes of stdout and 2 of stderr ...
+        p = run("exec", c.id, "--", "sh", "-c", "printf abc; printf de >&2; exit 3", tls=True)
+        assert (p.returncode, p.stdout) == (3, b"abc") and p.stderr.endswith(b"de"), p.stderr
+        # ... and an untrusted ticket: refused by the gate, never a session.
+        fake = tmp_path / "state"
+        os.makedirs(fake / c.id)
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(fake / "local.key")], check=True)
+        shutil.copy(os.path.join(env.state, c.id, "registration.json"), fake / c.id / "registration.json")
+        for tls in (True, False):
+            p = subprocess.run(env.shimctl("exec", c.id, "--", "true", state_dir=str(fake), tls=tls),
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+            assert p.returncode == 255 and b"ticket" in p.stderr, p.stderr
+        # The local socket: the untrusted ticket above was a session (refused). A command given our own stdio
+        # (pipes here: docs/design.md "Local socket") copies nothing through the session: 0 bytes.
+        assert run("exec", c.id, "--", "printf", "hello", tls=False).stdout == b"hello"
+        # With stdout on a terminal shimctl passes nothing and the session copies stdout: 1500 bytes out.
+        master, slave = os.openpty()
+        try:
+            p = run("exec", c.id, "--", "head", "-c", "1500", "/dev/zero", tls=False, stdout=slave)
+            assert p.returncode == 0, p.stderr
+            got = b""
+            while len(got) < 1500 and select.select([master], [], [], 10)[0]:
+                got += os.read(master, 65536)
+            assert got == bytes(1500), got
+        finally:
+            os.close(master)
+            os.close(slave)
+        assert run("exec", c.id, "--", "sh", "-c", "exit 5", tls=False).returncode == 5
+        p = run("exec", c.id, "--", "/no/such/command", tls=False)  # did not start: error
+        assert p.returncode == 127, p.stderr
+
+        want_ended = {"tcp_ok": 3, "tcp_exit_nonzero": 1, "tcp_refused": 0, "tcp_error": 0,
+                      "local_ok": 2, "local_exit_nonzero": 1, "local_refused": 1, "local_error": 1}
+        want_bytes = {"tcp_in": sum(sizes), "tcp_out": sum(len(b"%d\n" % n) for n in sizes) + 3 + 2,
+                      "local_in": 0, "local_out": 1500}
+        want_preauth = {"accepted": 5, "admitted": 4, "refused_request": 1}
+        settled = lambda st: (st and st["ended"] == want_ended and st["bytes"] == want_bytes and  # noqa: E731
+                              {k: st["preauth"][k] for k in want_preauth} == want_preauth)
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: settled(shim_stats(env, c.id)), 15, "the shim's session counters")
+        st = shim_stats(env, c.id)
+        assert settled(st), st
+        # Every session started ended once; the gate's refusal is its own, not a session's.
+        assert (st["sessions"]["tcp_started"], st["sessions"]["local_started"]) == (4, 5), st
+        assert (st["sessions"]["tcp"], st["sessions"]["local"]) == (0, 0), st
+
+        m = node_metrics(env, str(tmp_path / "shimlet.prom"))
+        found = {(n, tuple((k, v) for k, v in l if k in ("door", "result", "direction"))): v
+                 for (n, l), v in m.items() if ("container_id", c.id) in l}
+        for door in ("tcp", "local"):
+            started = found[("shimlet_node_sessions_started_total", (("door", door),))]
+            ended = 0
+            for r in ("ok", "exit_nonzero", "refused", "error"):
+                v = found[("shimlet_node_sessions_ended_total", (("door", door), ("result", r)))]
+                assert v == want_ended[f"{door}_{r}"], (door, r, v)
+                ended += v
+            assert started == ended + found[("shimlet_node_sessions", (("door", door),))], door
+            for d in ("in", "out"):
+                v = found[("shimlet_node_session_bytes_total", (("direction", d), ("door", door)))]
+                assert v == want_bytes[f"{door}_{d}"], (door, d, v)
+    finally:
         env.cleanup()

@@ -4,10 +4,12 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include "common/proc.h"
 #include "hook/metrics.h"
 #include "shim/gate_proto.h"
+#include "shim/session_proto.h"
 
 using namespace shimlet::hook;
 namespace fs = std::filesystem;
@@ -43,10 +45,17 @@ TEST(NodeMetrics, ContainersShimsAndTheirCounters) {
   std::string preauth;
   for (size_t i = 0; i < shimlet::gate::kNumCounters; i++)
     preauth += (i ? ",\"" : "\"") + std::string(shimlet::gate::kCounterNames[i]) + "\":" + std::to_string(100 + i);
+  // Sessions ended by door and result: 200 + 10 * door + the result's index.
+  std::string ended;
+  for (size_t d = 0; d < 2; d++)
+    for (size_t i = 0; i < shimlet::session_end::kNumResults; i++)
+      ended += (ended.empty() ? "\"" : ",\"") + std::string(d ? "local_" : "tcp_") +
+               shimlet::session_end::kResultNames[i] + "\":" + std::to_string(200 + 10 * d + i);
   s.write("live/stats.json",
           R"({"ts":"2026-12-07T00:20:31.250000Z","sessions":{"tcp":2,"local":1,"warm":1,"tcp_started":7,)"
-          R"("local_started":3,"local_refused":4,"max_sessions":256,"max_local_sessions":128},"preauth":{)" +
-              preauth + R"(},"gate_pid":4242})");
+          R"("local_started":3,"local_refused":4,"max_sessions":256,"max_local_sessions":128},"ended":{)" +
+              ended + R"(},"bytes":{"tcp_in":50000,"tcp_out":1234,"local_in":0,"local_out":17},"preauth":{)" + preauth +
+              R"(},"gate_pid":4242})");
   // a registration whose shim is gone, without counters
   s.write("gone/registration.json", R"({"namespace":"ns2","pod":"p2","container":"c2","shim_pid":1,)"
                                     R"("shim_start_time":1})");
@@ -91,12 +100,33 @@ TEST(NodeMetrics, ContainersShimsAndTheirCounters) {
            "shimlet_node_unauthenticated_accepted_cri_total{" + labels + "} 112",
        })
     EXPECT_TRUE(has_line(m, line)) << line << "\n" << m;
+  // Two more labels: all in their sorted places.
+  auto series = [](const std::string& name, std::map<std::string, std::string> l) {
+    l.insert({{"container", "c1"}, {"container_id", "live"}, {"namespace", "ns1"}, {"pod", "p1"}});
+    std::string out = name + "{";
+    for (const auto& [k, v] : l) out += (out.back() == '{' ? "" : ",") + k + "=\"" + v + "\"";
+    return out + "}";
+  };
+  for (size_t d = 0; d < 2; d++)
+    for (size_t i = 0; i < shimlet::session_end::kNumResults; i++) {
+      std::string line = series("shimlet_node_sessions_ended_total",
+                                {{"door", d ? "local" : "tcp"}, {"result", shimlet::session_end::kResultNames[i]}}) +
+                         " " + std::to_string(200 + 10 * d + i);
+      EXPECT_TRUE(has_line(m, line)) << line << "\n" << m;
+    }
+  for (const std::string& line : {
+           series("shimlet_node_session_bytes_total", {{"door", "tcp"}, {"direction", "in"}}) + " 50000",
+           series("shimlet_node_session_bytes_total", {{"door", "tcp"}, {"direction", "out"}}) + " 1234",
+           series("shimlet_node_session_bytes_total", {{"door", "local"}, {"direction", "in"}}) + " 0",
+           series("shimlet_node_session_bytes_total", {{"door", "local"}, {"direction", "out"}}) + " 17",
+       })
+    EXPECT_TRUE(has_line(m, line)) << line << "\n" << m;
   // Every sample of the live container is one of those (+ shim_up): each field exported once.
   size_t samples = 0;
   for (size_t at = m.find("container_id=\"live\""); at != std::string::npos;
        at = m.find("container_id=\"live\"", at + 1))
     samples++;
-  EXPECT_EQ(samples, 24u) << m;
+  EXPECT_EQ(samples, 36u) << m;
   EXPECT_EQ(m.find("container_id=\"gone\",door"), std::string::npos) << "no counters without a stats file";
 }
 
