@@ -3,11 +3,13 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <link.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -177,6 +179,8 @@ constexpr char kWarmReady = 'W';
 constexpr int64_t kGateRetryMs = 1000;
 // STATE/<id>/stats.json is rewritten at most this often.
 constexpr int64_t kStatsEveryMs = 1000;
+// Quiet this long after an event, the shim drops its code pages again (drop_code_pages).
+constexpr int64_t kTrimAfterQuietMs = 1000;
 // When the gate lingers without a zygote (warm_idle_s 0).
 constexpr unsigned kColdGateIdleS = 10;
 
@@ -224,6 +228,39 @@ void take_report(const Fd& ctl, std::optional<session_end::Report>& report) {
       memcpy(&*report, buf, sizeof *report);
     }
   }
+}
+
+// The shim's read-only file pages (its executable's PT_LOAD segments without
+// PF_W: headers, code, constants; never written, so the file's bytes) are
+// dropped from its page tables once it is ready and after each second of
+// quiet: start-up's code, and the kernel's fault-around neighbours of every
+// page that ran, would otherwise stay counted as the shim's (its Pss) for
+// its whole life. They stay in the page cache; what runs next faults back in
+// (minor faults: microseconds, once per burst).
+void drop_code_pages() {
+  ::dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void*) {
+        auto ours = [&] {  // the executable, not the vDSO
+          const uintptr_t here = reinterpret_cast<uintptr_t>(&drop_code_pages);
+          for (int i = 0; i < info->dlpi_phnum; i++) {
+            const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+            uintptr_t at = info->dlpi_addr + ph.p_vaddr;
+            if (ph.p_type == PT_LOAD && here >= at && here < at + ph.p_memsz) return true;
+          }
+          return false;
+        };
+        if (!ours()) return 0;
+        const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+        for (int i = 0; i < info->dlpi_phnum; i++) {
+          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+          if (ph.p_type != PT_LOAD || (ph.p_flags & PF_W)) continue;
+          uintptr_t begin = (info->dlpi_addr + ph.p_vaddr) & ~(page - 1);
+          uintptr_t end = (info->dlpi_addr + ph.p_vaddr + ph.p_memsz + page - 1) & ~(page - 1);
+          ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // a hint: nothing to handle
+        }
+        return 1;
+      },
+      nullptr);
 }
 
 // common/clock.h's monotonic_ms, copied: the static shim links no common/ code (shim.h).
@@ -286,6 +323,7 @@ class Shim {
   std::string stats_path_;
   bool stats_dirty_ = true;
   int64_t stats_due_ = 0;
+  int64_t trim_due_ = 0;  // CLOCK_MONOTONIC ms: drop_code_pages() then, unless an event came first (0: none due)
   ticket::ReplayCache cache_;
   bool accept_paused_ = false;  // after EMFILE/ENOMEM until a session ends
   // Prepared once: argv/envp of every session and gate (the child only execs).
@@ -382,6 +420,8 @@ int Shim::run(bool* cleanup) {
     (void)r;
     ::close(opt_.ready_fd);
   }
+  drop_code_pages();
+  trim_due_ = mono_ms() + kTrimAfterQuietMs;  // and again once what follows the start is done
 
   // What each pollfd is, by index; `pid` ties TCP sessions' pidfds to their
   // entry (an fd number can be reused within one turn).
@@ -421,15 +461,18 @@ int Shim::run(bool* cleanup) {
     if (opt_.renew_every_s) soon(next_renew_);
     if (!gate_ctl_ && gate_retry_ > now) soon(gate_retry_);
     if (stats_dirty_) soon(std::max(stats_due_, now));
+    if (trim_due_) soon(trim_due_);
     int timeout = next < 0 ? -1 : static_cast<int>(std::max<int64_t>(0, next - now));
     int n = ::poll(pfds.data(), pfds.size(), timeout);
     if (n < 0) {
       if (errno == EINTR) continue;
       throw sys_error("poll");
     }
+    bool worked = n > 0;
     if (opt_.renew_every_s && mono_ms() >= next_renew_) {
       next_renew_ = mono_ms() + opt_.renew_every_s * 1000LL;
       spawn_renewer();
+      worked = true;
     }
     for (size_t i = 0; i < pfds.size(); i++) {
       if (!pfds[i].revents) continue;
@@ -476,6 +519,12 @@ int Shim::run(bool* cleanup) {
       }
     }
     write_stats(false);
+    if (worked) {
+      trim_due_ = mono_ms() + kTrimAfterQuietMs;
+    } else if (trim_due_ && mono_ms() >= trim_due_) {
+      drop_code_pages();
+      trim_due_ = 0;
+    }
   }
 }
 

@@ -179,6 +179,12 @@ def test_runc_start_registration_fd_contract_and_cleanup(env_factory, containers
     if FOOTPRINT_CHECKED:
         assert m["Private_Dirty"] < CONMON_USS_KB, m
         assert m["Pss"] < CONMON_PSS_KB, m
+        # After a quiet second the shim drops its code and constants from its
+        # page tables (shim.cc drop_code_pages); what its idle loop runs comes
+        # back, with the kernel's fault-around neighbours (64 KiB each).
+        quiet = wait_for(lambda: (lambda q: q if q["Pss"] < CONMON_PSS_KB * 3 // 4 else None)(smaps(shim)), 10,
+                         "the quiet shim's code pages dropped")
+        print(f"shim quiet footprint: Pss={quiet['Pss']} kB Pss_File={quiet['Pss_File']} kB")
 
     # The shim's fds: exactly what it needs, all CLOEXEC except stdio.
     shim_fds = {int(fd): os.readlink(f"/proc/{shim}/fd/{fd}") for fd in os.listdir(f"/proc/{shim}/fd")}
