@@ -179,6 +179,9 @@ constexpr char kWarmReady = 'W';
 constexpr int64_t kGateRetryMs = 1000;
 // STATE/<id>/stats.json is rewritten at most this often.
 constexpr int64_t kStatsEveryMs = 1000;
+// A renewal still running after this long is killed at the next tick (its
+// own alarm should have ended it long before: docs/design.md "Master").
+constexpr int64_t kRenewerMaxMs = 120000;
 // Quiet this long after an event, the shim drops its code pages again (drop_code_pages).
 constexpr int64_t kTrimAfterQuietMs = 1000;
 // When the gate lingers without a zygote (warm_idle_s 0).
@@ -332,7 +335,9 @@ class Shim {
   std::vector<int> ns_src_;
   std::vector<std::string> renew_store_;
   std::vector<char*> renew_argv_;
-  pid_t renewer_ = -1;      // the running renewal, if any
+  pid_t renewer_ = -1;              // the running renewal, if any
+  int64_t renewer_started_ms_ = 0;  // CLOCK_MONOTONIC ms
+  bool renewer_overdue_logged_ = false;
   int64_t next_renew_ = 0;  // CLOCK_MONOTONIC ms
   // The last local accept (CLOCK_MONOTONIC ms; 0: none yet) and the number of
   // warm sessions to keep (1 or kWarmPool, see kWarmBurstMs).
@@ -882,7 +887,18 @@ void Shim::gate_gone() {
 // Failures are only logged; the next tick tries again.
 void Shim::spawn_renewer() {
   if (renewer_ > 0) {
-    log("warn", "previous lease renewal still running, killing it", {F("renew_pid", static_cast<long long>(renewer_))});
+    // A renewal bounds itself (its alarm: the master timeout per URL + 5 s)
+    // and may take longer than the interval (a slow master, a big recording
+    // to upload): killing it at the next tick would starve every renewal
+    // that long. This tick is skipped; only one past kRenewerMaxMs is killed.
+    if (mono_ms() - renewer_started_ms_ < kRenewerMaxMs) {
+      if (!renewer_overdue_logged_)
+        log("warn", "previous lease renewal still running, this one skipped",
+            {F("renew_pid", static_cast<long long>(renewer_))});
+      renewer_overdue_logged_ = true;
+      return;
+    }
+    log("warn", "lease renewal hung, killing it", {F("renew_pid", static_cast<long long>(renewer_))});
     ::kill(renewer_, SIGKILL);  // reaped (and forgotten) in reap()
   }
   char* envp[] = {const_cast<char*>("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), nullptr};
@@ -912,6 +928,8 @@ void Shim::spawn_renewer() {
     _exit(127);
   }
   renewer_ = pid;
+  renewer_started_ms_ = mono_ms();
+  renewer_overdue_logged_ = false;
 }
 
 void Shim::handle_replay(LocalSession& s) {
