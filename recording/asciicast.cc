@@ -298,6 +298,7 @@ void Encoder::put_data(std::string& out, int64_t t_us, Code c, std::string_view 
     return;
   }
   out.resize(mark);
+  if (bytes.empty()) return truncate(out, t_us);
   std::string line;
   auto prefix_fits = [&](size_t n) {
     line.clear();

@@ -74,8 +74,8 @@ Config load_config(const std::string& path) {
   return c;
 }
 
-Context::Context(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd)
-    : base_(base), cfg_(std::move(cfg)), ctr_(std::move(ctr)), shim_fd_(shim_fd) {
+Context::Context(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd, int report_fd)
+    : base_(base), cfg_(std::move(cfg)), ctr_(std::move(ctr)), shim_fd_(shim_fd), report_fd_(report_fd) {
   sid_ = hex_encode(random_bytes(8));
   own_netns_ = Fd(::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC));
   if (!own_netns_) throw sys_error("open /proc/self/ns/net");
@@ -98,7 +98,7 @@ Context::~Context() {
 // The session's result as the shim counts it (shim/session_proto.h), with
 // the end record's byte counts; one datagram, the session's last word.
 void Context::report_end() const {
-  if (shim_fd_ < 0) return;
+  if (report_fd_ < 0) return;
   using session_end::Result;
   session_end::Report r;
   Result result = !end_claims_                 ? Result::Refused
@@ -108,7 +108,7 @@ void Context::report_end() const {
   r.result = static_cast<uint8_t>(result);
   r.bytes_in = end_bytes_in_;
   r.bytes_out = end_bytes_out_;
-  if (::send(shim_fd_, &r, sizeof r, MSG_DONTWAIT | MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof r))
+  if (::send(report_fd_, &r, sizeof r, MSG_DONTWAIT | MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof r))
     log::warn("cannot send the shim the session's end report", {{"error", strerror(errno)}});
 }
 

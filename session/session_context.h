@@ -71,8 +71,11 @@ std::string peer_of(int fd);
 
 class Context {
  public:
-  // shim_fd: the session's control socket to the shim (replay cache, end report; fd 4), -1: none.
-  Context(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd);
+  // shim_fd: the session's replay cache round trips to the shim, -1: none
+  // (a gate-admitted session: the gate consumed its ticket); report_fd: where
+  // its end report goes (shim/session_proto.h), -1: none. Both are fd 4, the
+  // session's control socket, on the local socket.
+  Context(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd, int report_fd);
   // Writes the session's end record (docs/design.md "Session end records")
   // when a ticket was accepted and cfg.ends_dir is set, then sends the shim
   // its end report (result and bytes: shim/session_proto.h). Every front
@@ -134,6 +137,7 @@ class Context {
   Config cfg_;
   nsenter::Container ctr_;
   int shim_fd_;
+  int report_fd_;
   std::string sid_, peer_, peer_jkt_;
   Fd own_netns_;
 

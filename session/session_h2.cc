@@ -25,7 +25,7 @@ proto::H2Settings session_h2_settings() {
 }  // namespace
 
 Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, int shim_fd)
-    : Context(base, std::move(cfg), std::move(ctr), conn_fd, shim_fd) {
+    : Context(base, std::move(cfg), std::move(ctr), conn_fd, shim_fd, shim_fd) {
   proto::H2Settings st = session_h2_settings();
   // Root's local exec may pass its own stdin/stdout/stderr (docs/design.md
   // "Local socket": the command's stdio, as runc exec gives it).
@@ -35,8 +35,8 @@ Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_
 
 Session::Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, SSL* ssl, std::string early,
                  std::string sent, const std::string& token, const ticket::Claims& claims, int64_t accepted_unix,
-                 int shim_fd)
-    : Context(base, std::move(cfg), std::move(ctr), conn_fd, shim_fd) {
+                 int report_fd)
+    : Context(base, std::move(cfg), std::move(ctr), conn_fd, -1, report_fd) {
   set_peer_cert(ssl);
   accepted_token_ = token;
   accepted_claims_ = claims;

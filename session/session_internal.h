@@ -51,10 +51,11 @@ class Session : public Context, public FrontDoor, public proto::H2Conn::Handler 
   // gate"): TLS established, `token` accepted for its first request and its
   // jti consumed; early: every plaintext byte the gate read (the preface and
   // that request), replayed into this connection first; sent: what the gate
-  // wrote (our SETTINGS, not written again); shim_fd: the session's own
+  // wrote (our SETTINGS, not written again); report_fd: the session's own
   // control socket, for its end report only (-1: none).
   Session(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, SSL* ssl, std::string early,
-          std::string sent, const std::string& token, const ticket::Claims& claims, int64_t accepted_unix, int shim_fd);
+          std::string sent, const std::string& token, const ticket::Claims& claims, int64_t accepted_unix,
+          int report_fd);
   ~Session() override;
 
   proto::H2Conn& conn() { return *conn_; }

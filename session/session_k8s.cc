@@ -37,8 +37,8 @@ constexpr uint64_t kMaxWsMessage = 1u << 20;  // a client message (stdin chunk, 
 
 class Http1Door : public Context, public FrontDoor, public ExecSink, public SpdyTransport {
  public:
-  Http1Door(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, SSL* ssl, int shim_fd)
-      : Context(base, std::move(cfg), std::move(ctr), conn_fd, shim_fd) {
+  Http1Door(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd, SSL* ssl, int report_fd)
+      : Context(base, std::move(cfg), std::move(ctr), conn_fd, -1, report_fd) {
     if (ssl) {
       set_peer_cert(ssl);
       // The gate kept its idle connections' buffers small; this one is busy now.
@@ -509,8 +509,8 @@ class Http1Door : public Context, public FrontDoor, public ExecSink, public Spdy
 
 std::unique_ptr<FrontDoor> make_http1_front_door(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd,
                                                  SSL* ssl, K8sAdmission admission, std::string early,
-                                                 int64_t accepted_unix, int shim_fd) {
-  auto door = std::make_unique<Http1Door>(base, std::move(cfg), std::move(ctr), conn_fd, ssl, shim_fd);
+                                                 int64_t accepted_unix, int report_fd) {
+  auto door = std::make_unique<Http1Door>(base, std::move(cfg), std::move(ctr), conn_fd, ssl, report_fd);
   door->start(std::move(admission), std::move(early), accepted_unix);
   return door;
 }

@@ -47,10 +47,10 @@ std::string k8s_refusal(int status, const std::string& why);
 // ownership of conn_fd and ssl (TLS handshake done, the request head read; a
 // null ssl: the CRI listener's plain HTTP);
 // early: bytes that came after the head (the upgraded protocol's);
-// accepted_unix: when the connection was accepted; shim_fd: the session's
+// accepted_unix: when the connection was accepted; report_fd: the session's
 // own control socket (its end report, shim/session_proto.h), -1: none.
 std::unique_ptr<FrontDoor> make_http1_front_door(event_base* base, Config cfg, nsenter::Container ctr, int conn_fd,
                                                  SSL* ssl, K8sAdmission admission, std::string early,
-                                                 int64_t accepted_unix, int shim_fd);
+                                                 int64_t accepted_unix, int report_fd);
 
 }  // namespace shimlet::session

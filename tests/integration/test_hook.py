@@ -182,8 +182,10 @@ def test_runc_start_registration_fd_contract_and_cleanup(env_factory, containers
         # After a quiet second the shim drops its code and constants from its
         # page tables (shim.cc drop_code_pages); what its idle loop runs comes
         # back, with the kernel's fault-around neighbours (64 KiB each).
-        quiet = wait_for(lambda: (lambda q: q if q["Pss"] < CONMON_PSS_KB * 3 // 4 else None)(smaps(shim)), 10,
-                         "the quiet shim's code pages dropped")
+        def quiet_footprint():
+            q = smaps(shim)
+            return q if q["Pss"] < CONMON_PSS_KB * 3 // 4 else None
+        quiet = wait_for(quiet_footprint, 10, "the quiet shim's code pages dropped")
         print(f"shim quiet footprint: Pss={quiet['Pss']} kB Pss_File={quiet['Pss_File']} kB")
 
     # The shim's fds: exactly what it needs, all CLOEXEC except stdio.

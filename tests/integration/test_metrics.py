@@ -81,6 +81,8 @@ class Scrape:
         raise AssertionError(f"no metric family for {name}")
 
     def value(self, name, absent=None, **labels):
+        if absent is not None and not any(name.startswith(f) for f in self.families):
+            return absent  # the whole family appears with its first event (a fresh master's first scrape)
         found = [s.value for s in self.samples(name) if all(s.labels.get(k) == v for k, v in labels.items())]
         if not found and absent is not None:
             return absent  # a series that appears with its first event (requests by code)
