@@ -223,12 +223,33 @@ def grant_sid(env, cmd):
         "session_id"]
 
 
-def stored(env, sid, timeout=30):
-    """The recording's metadata once the master has it whole."""
+def stored(env, sid, timeout=30, c=None):
+    """The recording's metadata once the master has it whole. With c (a
+    container), a timeout says what its spool and shim log show."""
     def got():
         st, m = env.get(f"/apis/shimlet.io/v1/sessions/{sid}")
         return m if st == 200 else None
-    return wait_for(got, timeout, f"recording {sid} at the master", interval=0.2)
+    try:
+        return wait_for(got, timeout, f"recording {sid} at the master", interval=0.2)
+    except AssertionError as e:
+        if c is None:
+            raise
+        raise AssertionError(f"{e}; {_spool_and_log(env, c)}") from None
+
+
+def _spool_and_log(env, c):
+    """The container's spool (name, size) and its shim log's renewal and recording lines, for failure messages."""
+    spool = os.path.join(getattr(c, "mnt", None) or os.path.join(env.state, "recordings"), c.id)
+    try:
+        files = [(f, os.path.getsize(os.path.join(spool, f))) for f in sorted(os.listdir(spool))]
+    except OSError as e:
+        files = repr(e)
+    try:
+        lines = [l for l in open(os.path.join(env.state, c.id, "shim.log")).read().splitlines()
+                 if "renew" in l or "record" in l]
+    except OSError as e:
+        lines = [repr(e)]
+    return f"spool {spool}: {files}; shim log: {lines[-12:]}"
 
 
 def export(env, sid):
@@ -595,14 +616,14 @@ def test_disk_full_policies(env, small_disk):
     assert p.returncode == 254, (p.returncode, p.stderr)
     assert b"recording" in p.stderr and b"No space left on device" in p.stderr, p.stderr
     assert len(p.stdout) < 8000000
-    meta = stored(env, grant_sid(env, eight_mb))  # what was written reaches the master, incomplete
+    meta = stored(env, grant_sid(env, eight_mb), c=c)  # what was written reaches the master, incomplete
     assert not meta["complete"], meta
     # fail-open (carol): the session goes on, unrecorded past the failure.
     wait_for(lambda: not os.listdir(os.path.join(c.mnt, c.id)), 15, "the small disk emptied")
     cmd = two_mb[:2] + [two_mb[2] + " "]  # another command line, to find its grant
     p = env.shimctl("--kubeconfig", env.kc_carol, "exec", c.pod, "--", *cmd)
     assert p.returncode == 0 and p.stdout.endswith(b"done\n") and len(p.stdout) == 2000006, p.stderr
-    meta = stored(env, grant_sid(env, cmd))
+    meta = stored(env, grant_sid(env, cmd), c=c)
     assert not meta["complete"] and meta["user"] == "carol", meta
     log = open(os.path.join(env.state, c.id, "shim.log")).read()
     assert "recording.failed" in log, log[-2000:]
@@ -660,7 +681,7 @@ def _disk_full_at_the_end(env, c, filler):
     assert p.returncode == 254, (p.returncode, p.stderr)
     assert b"recording cannot be written" in p.stderr and b"own status (exit code 0) is withheld" in p.stderr, p.stderr
     assert p.stdout == b"a\n" + b"0" * n, p.stdout[:100]
-    meta = stored(env, grant_sid(env, cmd))
+    meta = stored(env, grant_sid(env, cmd), c=c)
     assert not meta["complete"], meta
 
 
