@@ -294,7 +294,9 @@ def spdy_upgrade(url, protocols):
         return status, None
     t = RawTransport.__new__(RawTransport)
     t.sock, t.leftover, t.lock = PlainSock(s), rest, threading.Lock()
-    return status, SpdyClient(t)
+    cl = SpdyClient(t)
+    cl.protocol = hdrs.get("x-stream-protocol-version")  # the server's choice
+    return status, cl
 
 
 def spdy_exec(url, stdin=None, tty=False, stdout=True, stderr=True):
@@ -357,6 +359,137 @@ def test_exec_url_tty_and_resize_like_containerd(cenv):
     assert got[0] == got[1], got
     out, err, code = got[0]
     assert b"37 101" in out and err == b"" and code == 4, got[0]
+
+
+# kubectl's SPDY offer (client-go: v5 first; a runtime without v5 over SPDY picks v4).
+KUBECTL_SPDY = ["v5.channel.k8s.io", "v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io"]
+
+
+class SpdyTty:
+    """`kubectl exec -it` over SPDY on a CRI exec URL: client-go's streams for
+    a tty, one at a time (error, stdin, stdout, resize; no stderr)."""
+
+    def __init__(self, url):
+        status, self.cl = spdy_upgrade(url, KUBECTL_SPDY)
+        assert status == 101, (url, status)
+        self.protocol = self.cl.protocol
+        self.st = {}
+        for name in ("error", "stdin", "stdout", "resize"):
+            self.st[name] = self.cl.open({"streamtype": name})
+            self.st[name].wait_reply()
+
+    def keys(self, b):
+        self.cl.send(self.st["stdin"], b)
+
+    def resize(self, w, h):
+        self.cl.send(self.st["resize"], json.dumps({"Width": w, "Height": h}).encode() + b"\n")
+
+    def until(self, pattern, start, timeout=30):
+        """Waits for pattern in stdout from offset start; returns the offset after it."""
+        out, deadline = self.st["stdout"], time.monotonic() + timeout
+        with out.cond:
+            while not (m := re.compile(pattern).search(out.data, start)):
+                left = deadline - time.monotonic()
+                assert left > 0 and not out.fin.is_set(), f"no {pattern!r} on stdout: {bytes(out.data)!r}"
+                out.cond.wait(min(left, 0.5))  # data notifies; a bare FIN is seen at the next slice
+        return m.end()
+
+    def finish(self):
+        """(stdout, Status) once the command exited; then hangs up as client-go does."""
+        status = self.st["error"].wait_fin(30)
+        out = self.st["stdout"].wait_fin(30)
+        self.cl.send_goaway()
+        assert self.cl.eof.wait(10), "no hang-up after GOAWAY"
+        self.cl.t.sock.sock.close()
+        return out, json.loads(status)
+
+
+class WsTty:
+    """The same over WebSocket (kubectl's v5.channel.k8s.io): stdin 0, stdout 1, error 3, resize 4."""
+
+    def __init__(self, url, protocol="v5.channel.k8s.io"):
+        c = PlainConn(url)
+        c.send(ws_request(target(url), (protocol,))[0])
+        status, headers = c.read_head()
+        assert status == 101 and headers.get("sec-websocket-protocol") == protocol, (status, headers)
+        self.protocol, self.ws, self.out, self.err = protocol, WS(c), bytearray(), bytearray()
+
+    def keys(self, b):
+        self.ws.send_channel(0, b)
+
+    def resize(self, w, h):
+        self.ws.send_channel(4, json.dumps({"Width": w, "Height": h}).encode())
+
+    def _next(self, deadline):
+        """One message into its channel's buffer; False once the server closed."""
+        self.ws.c.s.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            m = self.ws.recv_message()
+        except (socket.timeout, EOFError) as e:
+            raise AssertionError(f"no message ({e!r}); stdout so far: {bytes(self.out)!r}") from e
+        if m is None:
+            return False
+        op, payload = m
+        assert op == 0x2 and payload[:1] in (b"\x01", b"\x03"), (op, payload[:40])  # a tty has no stderr
+        (self.out if payload[0] == 1 else self.err).extend(payload[1:])
+        return True
+
+    def until(self, pattern, start, timeout=30):
+        deadline = time.monotonic() + timeout
+        while not (m := re.compile(pattern).search(self.out, start)):
+            assert self._next(deadline), f"closed before {pattern!r} on stdout: {bytes(self.out)!r}"
+        return m.end()
+
+    def finish(self):
+        deadline = time.monotonic() + 30
+        while self._next(deadline):
+            pass
+        assert self.ws.close_code == 1000, self.ws.close_code
+        self.ws.c.close()
+        return bytes(self.out), json.loads(self.err)
+
+
+def interactive_shell(tty, code):
+    """kubectl exec -it -- sh: two resizes, each seen by `stty size` at the
+    container's terminal, typed input echoed, then `exit`: (stdout, Status).
+    The typed lines never hold the sizes' text, so only stty's output matches;
+    each line waits in the shell until its size has arrived (containerd
+    applies a resize asynchronously: typed input may overtake it)."""
+    pos = 0
+    for w, h in ((101, 37), (83, 29)):  # wider than prompt + line: no wrapping in the echo
+        tty.resize(w, h)
+        tty.keys(f'H={h} W={w};until stty size|grep -qx "$H $W";do sleep .05;done;stty size\r'.encode())
+        pos = tty.until(rb"\r\n%d %d\r\n" % (h, w), pos)
+    # The line discipline's work: the typed line echoed, output lines end in \r\n.
+    tty.keys(b"echo ab''cd\r")
+    pos = tty.until(rb"echo ab''cd\r\n(?:.*\r\n)?abcd\r\n", pos)
+    tty.keys(b"exit %d\r" % code)
+    return tty.finish()
+
+
+@pytest.mark.parametrize("proto", ["spdy", "ws"])
+@pytest.mark.parametrize("code", [0, 3])
+def test_exec_url_interactive_tty_resizes_echo_and_exit_status(cenv, proto, code):
+    """The kubelet's Exec for `kubectl exec -it` (tty, stdin, stdout; no
+    stderr) through the shim, over SPDY (what the kubelet and apiserver
+    speak to a runtime's URL) and WebSocket; SPDY also against containerd's
+    own URL, which must give the same sizes, echo and Status."""
+    socks = [cenv.cri_sock] + ([cenv.containerd_sock] if proto == "spdy" else [])
+    got = []
+    for sock in socks:
+        url = exec_url(cenv, sock, cenv.cid, ["sh"], tty=True, stdin=True, stdout=True, stderr=False)
+        before = shim_execs(cenv, cenv.cid)
+        tty = SpdyTty(url) if proto == "spdy" else WsTty(url)
+        assert tty.protocol == ("v4.channel.k8s.io" if proto == "spdy" else "v5.channel.k8s.io"), tty.protocol
+        _, status = interactive_shell(tty, code)
+        assert shim_execs(cenv, cenv.cid) == before + (sock == cenv.cri_sock), sock
+        if code == 0:
+            assert status["status"] == "Success", status
+        else:
+            assert status["status"] == "Failure" and status["reason"] == "NonZeroExitCode", status
+            assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}], status
+        got.append({k: status.get(k) for k in ("status", "reason", "details")})
+    assert all(g == got[0] for g in got), got
 
 
 def test_exec_url_streams_chosen_by_the_request(cenv):
