@@ -81,8 +81,9 @@ roleRef:
 class MasterEnv:
     """PKI, a running shimlet-master, a hook config pointing at it."""
 
-    def __init__(self, extra_args=()):
+    def __init__(self, extra_args=(), lease_s=LEASE_S):
         self.extra_args = list(extra_args)  # more shimlet-master flags
+        self.lease_s = lease_s  # --lease-duration
         for b in (HOOK, SHIMCTL, MASTER, os.path.join(BIN, "shimlet"), os.path.join(BIN, "shimlet-session")):
             if not os.access(b, os.X_OK):
                 raise AssertionError(f"{b} missing: build first (scripts/build)")
@@ -135,7 +136,7 @@ class MasterEnv:
             [MASTER, "--bind-address", "127.0.0.1", "--secure-port", "0", "--tls-cert-file", self.server_crt,
              "--tls-private-key-file", self.server_key, "--client-ca-file", self.ca, "--token-auth-file", tokens,
              "--authorization-policy-file", rbac, "--audit-log-path", self.audit,
-             "--ticket-signing-key-file", self.ticket_key, "--lease-duration", f"{LEASE_S}s", *self.extra_args],
+             "--ticket-signing-key-file", self.ticket_key, "--lease-duration", f"{self.lease_s}s", *self.extra_args],
             stdout=self.log, stderr=subprocess.STDOUT)
         self.port = None
         deadline = time.time() + 10

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -27,7 +28,7 @@ import pyte
 import pytest
 
 from containers import alive
-from master_env import NODE, SHIMCTL, TOKENS, MasterEnv, wait_for
+from master_env import LEASE_S, NODE, SHIMCTL, TOKENS, MasterEnv, wait_for
 from test_exec import F_GETPIPE_SZ, Pty
 from test_master_e2e import _session_holding
 
@@ -155,9 +156,8 @@ def replay_screen(header, events):
     return [l.rstrip() for l in screen.display]
 
 
-@pytest.fixture(scope="module")
-def env():
-    files = tempfile.mkdtemp(prefix="rec-e2e-files-")
+def _recording_env(files, lease_s=LEASE_S):
+    """A master with the recording policy and store (under files), its hook config recording to env.rec_root."""
     pol, rbac = os.path.join(files, "policy.yaml"), os.path.join(files, "rbac-sessions.yaml")
     with open(pol, "w") as f:
         f.write(POLICY)
@@ -165,16 +165,25 @@ def env():
         f.write(RBAC)
     store = os.path.join(files, "store")
     e = MasterEnv(extra_args=["--authorization-policy-file", rbac, "--recording-policy-file", pol,
-                              "--recording-dir", store])
+                              "--recording-dir", store], lease_s=lease_s)
     e.store = store
     e.kc_alice = e.kubeconfig("kc-alice.yaml", user="alice")
     e.kc_carol = e.kubeconfig("kc-carol.yaml", user="carol")
     e.rec_root = os.path.join(e.dir, "recordings")
     write_config(e, e.hook_config, {"dir": e.rec_root})
+    return e
+
+
+@pytest.fixture(scope="module")
+def env():
+    files = tempfile.mkdtemp(prefix="rec-e2e-files-")
     try:
-        yield e
+        e = _recording_env(files)
+        try:
+            yield e
+        finally:
+            e.cleanup()
     finally:
-        e.cleanup()
         shutil.rmtree(files, ignore_errors=True)
 
 
@@ -239,7 +248,7 @@ def stored(env, sid, timeout=30, c=None):
 
 def _spool_and_log(env, c):
     """The container's spool (name, size) and its shim log's renewal and recording lines, for failure messages."""
-    spool = os.path.join(getattr(c, "mnt", None) or os.path.join(env.state, "recordings"), c.id)
+    spool = os.path.join(getattr(c, "mnt", None) or env.rec_root, c.id)
     try:
         files = [(f, os.path.getsize(os.path.join(spool, f))) for f in sorted(os.listdir(spool))]
     except OSError as e:
@@ -1001,4 +1010,246 @@ def test_local_recorded_relay_never_blocks_on_the_client(env):
         os.close(r)
         if w >= 0:
             os.close(w)
+        c.stop()
+
+
+# ---------------------------------------------------------------- a slow master
+
+class SlowProxy:
+    """A TCP proxy on 127.0.0.1 to a master that is slow to answer: what the
+    node sends goes straight through, and so does the master's first flight
+    on each connection (its TLS handshake); every later chunk from the master
+    (its HTTP answer) is held for `delay` seconds (a delay line: latency, not
+    a bandwidth cap; order kept). TLS passes through untouched. The hook makes
+    one connection per request (Connection: close): each request takes
+    `delay` more. Set `delay` at any time: it applies to the chunks read from
+    then on."""
+
+    def __init__(self, upstream_port):
+        self.upstream = upstream_port
+        self.delay = 0.0
+        self.connections = 0
+        self._socks = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self):
+        while True:
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                up = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
+                up.settimeout(None)
+            except OSError:
+                down.close()
+                continue
+            with self._lock:
+                if self._closed:
+                    down.close()
+                    up.close()
+                    return
+                self._socks += [down, up]
+                self.connections += 1
+            ends = [2]  # both directions done: the sockets are closed
+            for src, dst, slow in ((down, up, False), (up, down, True)):
+                q = queue.Queue()
+                threading.Thread(target=self._read, args=(src, q, slow), daemon=True).start()
+                threading.Thread(target=self._write, args=(q, dst, (down, up), ends), daemon=True).start()
+
+    def _read(self, src, q, slow):
+        first = True
+        while True:
+            try:
+                d = src.recv(1 << 16)
+            except OSError:
+                d = b""
+            q.put((time.monotonic() + (self.delay if slow and not first else 0), d))
+            first = False
+            if not d:
+                return
+
+    def _write(self, q, dst, pair, ends):
+        while True:
+            due, d = q.get()
+            time.sleep(max(0.0, due - time.monotonic()))
+            try:
+                if not d:
+                    dst.shutdown(socket.SHUT_WR)
+                    break
+                dst.sendall(d)
+            except OSError:
+                break
+        with self._lock:
+            ends[0] -= 1
+            if ends[0] == 0:
+                for s in pair:
+                    s.close()
+                    with contextlib.suppress(ValueError):
+                        self._socks.remove(s)
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            socks, self._socks = self._socks, []
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() (close alone does not)
+        self._acceptor.join(5)
+        self._listener.close()
+        for s in socks:  # wakes their readers: each pump thread ends
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+class Watch:
+    """Samples pred() every `interval` seconds in a thread until stop(); `misses` lists the times it was false."""
+
+    def __init__(self, pred, interval=0.25):
+        self.samples, self.misses = 0, []
+        self._stop = threading.Event()
+        self._pred, self._interval = pred, interval
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.wait(self._interval):
+            ok = False
+            with contextlib.suppress(Exception):
+                ok = self._pred()
+            self.samples += 1
+            if not ok:
+                self.misses.append(time.monotonic())
+
+    def stop(self):
+        self._stop.set()
+        self._t.join(10)
+
+
+# The slow master: each of its answers held SLOW_DELAY_S, so every request of
+# the hook takes longer than renew_interval_s (1 s). The hook's timeout_ms
+# fits it, and the lease (the master's) outlasts the longest gap between two
+# renewals' PUTs: a renewer runs at most its deadline (timeout_ms + 6 s),
+# then the next tick and its PUT.
+SLOW_DELAY_S = 1.5
+SLOW_TIMEOUT_MS = 20000
+SLOW_LEASE_S = 40
+
+
+@pytest.fixture
+def slow_master():
+    files = tempfile.mkdtemp(prefix="rec-slow-files-")
+    e = proxy = None
+    try:
+        e = _recording_env(files, lease_s=SLOW_LEASE_S)
+        proxy = SlowProxy(e.port)
+        yield e, proxy
+    finally:
+        if proxy:
+            proxy.delay = 0  # the containers' poststop goes through it
+        if e:
+            e.cleanup()
+        if proxy:
+            proxy.close()
+        shutil.rmtree(files, ignore_errors=True)
+
+
+def _puts(env, cid):
+    """The master's audit of the container's registration PUTs (201 registered, 200 renewed)."""
+    return [l for l in env.audit_lines() if l.get("method") == "PUT" and l.get("container_id") == cid]
+
+
+@pytest.mark.xdist_group("recording-slow-master")
+def test_slow_master_renewals_wait_and_catch_up(slow_master):
+    """The hook talks to the master through a proxy that holds each answer
+    1.5 s: every renewal outlasts renew_interval_s. The shim leaves the
+    running renewal to finish and skips the ticks meanwhile (never kills it),
+    so renewals still reach the master: the container stays registered all
+    along (exec through the master works), the session end records and a
+    2 MB recording (four 512 KiB upload chunks) reach the master whole. Once
+    the master is fast again, what piled up meanwhile arrives at once and
+    renewals are back to one a second."""
+    env, proxy = slow_master
+    cfg = env.path("hook-slow.json")
+    write_config(env, cfg, {"dir": env.rec_root}, url=proxy.url, timeout_ms=SLOW_TIMEOUT_MS)
+    name = "slow-" + uuid.uuid4().hex[:6]
+    c = env.container(name, config=cfg)
+    shim_log = os.path.join(env.state, c.id, "shim.log")
+    log = lambda: open(shim_log).read()
+    registered = lambda: name in env.pods()
+    watch = None
+    try:
+        wait_for(registered, 5, "the registration through the proxy")
+        wait_for(lambda: any(l["code"] == 200 for l in _puts(env, c.id)), 5, "a renewal through the proxy")
+        renewals = lambda: len([l for l in _puts(env, c.id) if l["code"] == 200])
+        proxy.delay = SLOW_DELAY_S
+        slow_since, renewed = time.monotonic(), renewals()
+        watch = Watch(registered)  # the master's own view, straight from it (not through the proxy)
+
+        def run(cmd, want):
+            p = as_alice(env, "exec", name, "--", *cmd)
+            assert p.returncode == 0 and p.stdout == want, (p.returncode, p.stdout[-100:], p.stderr)
+            return grant_sid(env, cmd)
+
+        small = ["sh", "-c", f": {name}; echo small"]
+        big = ["sh", "-c", f": {name}; head -c 2000000 /dev/zero | tr '\\0' r; echo"]
+        big_out = b"r" * 2000000 + b"\n"
+        small_sid, big_sid = run(small, b"small\n"), run(big, big_out)
+        # The slow renewals: ticks skipped while one runs, none killed.
+        wait_for(lambda: "previous lease renewal still running, this one skipped" in log(), 10,
+                 "a tick skipped while a renewal runs")
+        # Through the slow master, whole: both end records and the recording.
+        for sid in (small_sid, big_sid):
+            wait_for(lambda: [l for l in env.audit_lines() if l["event"] == "session_end" and
+                              l.get("session_id") == sid and l.get("via") == "node"], 40,
+                     f"the node's session end {sid} through the slow master", interval=0.2)
+        meta = stored(env, big_sid, timeout=40, c=c)
+        slow_for = time.monotonic() - slow_since
+        assert meta["complete"] and meta["out_bytes"] == len(big_out), meta
+        assert meta["bytes"] > 3 * 512 * 1024, meta  # four upload chunks at least
+        _, events = parse_cast(export(env, big_sid))
+        assert stream(events, "o") == big_out
+        assert stored(env, small_sid)["complete"]
+        # Renewals went through the slow master, and the lease never lapsed.
+        assert renewals() > renewed
+        puts = _puts(env, c.id)
+        assert [l["code"] for l in puts].count(201) == 1, puts  # registered once: never re-registered
+        assert not [l for l in env.audit_lines() if l["event"] == "lease_expired"]
+        assert watch.samples >= slow_for / 0.5 and not watch.misses, (watch.samples, watch.misses)
+
+        # A backlog made while slow: another end record and recording, behind
+        # a renewal slow enough to skip a tick. Still slow, they would take a
+        # renewer 10.5 s (its PUT, the end record, a probe and four chunks: 7
+        # requests of 1.5 s), and PUTs would come every 2.5 s at best (a PUT,
+        # then the next tick). Then the master is fast again.
+        skipped = lambda: log().count("previous lease renewal still running, this one skipped")
+        n = skipped()
+        again = ["sh", "-c", f": {name}; head -c 2000000 /dev/zero | tr '\\0' a; echo"]
+        again_sid = run(again, b"a" * 2000000 + b"\n")
+        wait_for(lambda: skipped() > n, 10, "a slow renewal with the backlog pending")
+        assert env.get(f"/apis/shimlet.io/v1/sessions/{again_sid}")[0] == 404, "not a backlog"
+        proxy.delay = 0
+        t0 = time.monotonic()
+        assert stored(env, again_sid, timeout=7, c=c)["complete"]
+        node_end(env, again_sid)
+        caught_up = time.monotonic() - t0
+        renewed = renewals()
+        wait_for(lambda: renewals() >= renewed + 4, 6, "renewals once a second again")
+        wait_for(lambda: not os.listdir(os.path.join(env.rec_root, c.id)), 5, "the node's spool emptied")
+        wait_for(lambda: not os.listdir(os.path.join(env.state, c.id, "ends")), 5, "the end records' outbox emptied")
+        watch.stop()
+        assert not watch.misses, watch.misses
+        lines = log()
+        assert "lease renewal hung, killing it" not in lines, lines[-3000:]
+        assert proxy.connections >= 10, proxy.connections  # the hook did go through the proxy
+        print(f"slow phase {slow_for:.1f} s, caught up in {caught_up:.1f} s, {skipped()} renewals skipped ticks")
+    finally:
+        if watch:
+            watch.stop()
+        proxy.delay = 0
         c.stop()
