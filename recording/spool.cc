@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -126,7 +127,9 @@ Finished finish_orphans(const std::string& dir, std::string_view why) {
     bool terminal = false;
     int64_t t_us = 0;
     if (j.is_array() && j.size() == 3 && j[0].is_number() && j[1].is_string() && j[2].is_string()) {
-      t_us = static_cast<int64_t>(j[0].get<double>() * 1e6);
+      // Rounded, not truncated: 1.000001 * 1e6 is 1000000.99..., and a marker
+      // at 1.000000 would go back in time (the master refuses such a file).
+      t_us = std::llround(j[0].get<double>() * 1e6);
       const std::string& d = j[2].get_ref<const std::string&>();
       terminal = j[1] == "m" && (d.rfind("end:", 0) == 0 || d.rfind("incomplete:", 0) == 0);
     }

@@ -375,16 +375,19 @@ TEST(RecorderSpool, AKilledSessionsRecordingIsFinishedIncomplete) {
   // The live session's .rec is left alone.
   EXPECT_EQ(spool::finish_orphans(dir, "x").finished, 0u);
   r->abandon();  // as if killed: the lock goes, no terminal marker
-  // Half a line, as a SIGKILL in the middle of a write leaves it.
+  // A last whole event at a time whose double times 1e6 is just below
+  // 1000001 (truncated, the marker went back in time and the master refused
+  // the file), then half a line, as a SIGKILL in the middle of a write leaves it.
   {
     std::ofstream f(dir + "/killed.rec", std::ios::app);
-    f << "[9.0, \"o\", \"cut";
+    f << "[1.000001, \"o\", \"!\"]\n[9.0, \"o\", \"cut";
   }
   spool::Finished f = spool::finish_orphans(dir, "the session process was killed");
   EXPECT_EQ(f.finished, 1u);
   std::string text = slurp(dir + "/killed.cast");
   Parsed p = parse_all(text);
-  EXPECT_EQ(concat(p.events, "o"), "partial output\n");
+  EXPECT_EQ(concat(p.events, "o"), "partial output\n!");
+  EXPECT_NE(text.find("[1.000001, \"m\", \"incomplete: "), std::string::npos) << text;
   EXPECT_FALSE(p.sum.complete());
   EXPECT_EQ(*p.sum.terminal, "incomplete: the session process was killed");
   EXPECT_GT(spool::usage(root.path), 0u);
