@@ -1,5 +1,7 @@
 #include "cri/requests.h"
 
+#include <limits>
+
 #include "hook/hook.h"
 
 namespace shimlet::cri {
@@ -60,11 +62,12 @@ std::string port_forward_url(const std::string& cri_endpoint, const std::string&
 
 std::optional<ExecSyncPlan> plan_exec_sync(const runtime::v1::ExecSyncRequest& r) {
   if (!hook::valid_container_id(r.container_id()) || r.cmd().empty() || r.timeout() < 0) return std::nullopt;
-  // A timeout beyond what a millisecond timer holds is no timeout in practice.
-  constexpr int64_t kMaxTimeoutS = int64_t{1} << 30;
+  // A timeout beyond what the exec's timer holds (an int of milliseconds,
+  // 24.8 days) is no timeout in practice.
+  constexpr int64_t kMaxTimeoutS = std::numeric_limits<int>::max() / 1000;
   ExecSyncPlan p;
   p.cmd.assign(r.cmd().begin(), r.cmd().end());
-  p.timeout_ms = r.timeout() >= kMaxTimeoutS ? 0 : r.timeout() * 1000;
+  p.timeout_ms = r.timeout() > kMaxTimeoutS ? 0 : r.timeout() * 1000;
   return p;
 }
 

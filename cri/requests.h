@@ -40,7 +40,8 @@ std::optional<std::vector<ticket::Port>> plan_port_forward(const runtime::v1::Po
 ticket::Claims port_forward_claims(const std::vector<ticket::Port>& ports);
 std::string port_forward_url(const std::string& cri_endpoint, const std::string& ticket);
 
-// ExecSync: argv and the timeout in ms (0 = none). Empty argv or a negative
+// ExecSync: argv and the timeout in ms (0 = none; at most INT_MAX, what the
+// exec's timer takes: a longer timeout is none). Empty argv or a negative
 // timeout: nullopt.
 struct ExecSyncPlan {
   std::vector<std::string> cmd;

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <ctime>
+#include <limits>
 #include <mutex>
 #include <thread>
 #include <unordered_set>
@@ -171,7 +172,8 @@ class ShimInterceptor final : public Interceptor {
     if (auto dl = call->deadline(); dl != std::chrono::system_clock::time_point::max()) {
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(dl - std::chrono::system_clock::now()).count();
       left = std::max<int64_t>(left, 1);
-      if (timeout_ms == 0 || left < timeout_ms) timeout_ms = left;
+      // A deadline beyond the timer's int: its cancellation ends the exec.
+      if (left <= std::numeric_limits<int>::max() && (timeout_ms == 0 || left < timeout_ms)) timeout_ms = left;
     }
     client::CapturedExec r;
     try {

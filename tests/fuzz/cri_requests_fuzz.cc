@@ -5,6 +5,7 @@
 // the input. Only shimlet::Error may escape; invariants trap.
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "common/error.h"
@@ -51,7 +52,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         runtime::v1::ExecSyncRequest r;
         if (!r.ParseFromString(in)) break;
         if (auto p = cri::plan_exec_sync(r)) {
-          if (p->cmd.empty() || p->timeout_ms < 0) __builtin_trap();
+          if (p->cmd.empty() || p->timeout_ms < 0 || p->timeout_ms > std::numeric_limits<int>::max()) __builtin_trap();
           if (r.timeout() > 0 && r.timeout() < (int64_t{1} << 30)) (void)cri::exec_sync_timeout_message(r.timeout());
         }
         break;

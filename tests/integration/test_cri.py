@@ -210,6 +210,16 @@ def test_exec_sync_timeout_kills_the_command_and_reports_it_as_containerd(cenv):
     assert via_details == details
 
 
+def test_exec_sync_long_timeout_as_containerd(cenv):
+    """A timeout longer than an int of milliseconds (4294968 s wrapped to
+    704 ms), with the kubelet's deadline (the timeout plus 2 minutes): the
+    command runs to its end, as under containerd."""
+    cmd = ["sh", "-c", "sleep 2; echo done"]
+    for sock in (cenv.cri_sock, cenv.containerd_sock):
+        got = decoded(cenv, exec_sync(cenv, sock, cenv.cid, cmd, timeout=4294968, rpc_timeout=4294968 + 120))
+        assert got == (grpc.StatusCode.OK, "", (b"done\n", b"", 0)), (sock, got)
+
+
 def test_exec_sync_output_caps_as_containerd(cenv):
     # Up to 16 MiB per stream is returned whole; more exceeds the 16 MiB
     # message limit and fails the same way.

@@ -2,6 +2,8 @@
 // config fields it relies on.
 #include <gtest/gtest.h>
 
+#include <limits>
+
 #include "common/error.h"
 #include "cri/requests.h"
 #include "hook/hook.h"
@@ -98,6 +100,14 @@ TEST(CriExecSync, TimeoutAndValidation) {
   EXPECT_FALSE(cri::plan_exec_sync(r));
   r.set_timeout(int64_t{1} << 40);
   EXPECT_EQ(cri::plan_exec_sync(r)->timeout_ms, 0);  // beyond any timer: none
+  // The exec's timer takes an int of milliseconds: the longest timeout it
+  // holds is kept exactly, a longer one is none (4294968 s wrapped to 704 ms).
+  r.set_timeout(std::numeric_limits<int>::max() / 1000);
+  EXPECT_EQ(cri::plan_exec_sync(r)->timeout_ms, int64_t{std::numeric_limits<int>::max() / 1000} * 1000);
+  for (int64_t t : {int64_t{std::numeric_limits<int>::max() / 1000 + 1}, int64_t{4294968}, int64_t{1} << 29}) {
+    r.set_timeout(t);
+    EXPECT_EQ(cri::plan_exec_sync(r)->timeout_ms, 0) << t;
+  }
 }
 
 TEST(CriExecSync, TimeoutMessageAsContainerd) {
