@@ -356,8 +356,13 @@ def test_forbidden_and_audit(kc):
     assert p.returncode == 0 and p.stdout == b"allowed\n", p.stderr
 
     def settled():
+        # The relay's own session_end for the allowed exec (the node's record
+        # of the same session, "via": "node", may come first).
         lines = env.m.audit_lines()[start:]
-        return lines if any(l["event"] == "session_end" and l.get("user") == "alice" for l in lines) else None
+        sids = {l.get("session_id") for l in lines if l["event"] == "request" and l.get("user") == "alice" and
+                l.get("resource") == "pods/exec" and l["decision"] == "allow"}
+        return lines if any(l["event"] == "session_end" and l.get("via") == "relay" and l.get("session_id") in sids
+                            for l in lines) else None
 
     lines = wait_for(settled, 10, "the relay's session_end line")
     denied = [l for l in lines if l.get("user") == "dave" and l["event"] == "request"]
