@@ -195,7 +195,13 @@ std::string shell_join(const std::vector<std::string>& argv) {
 
 std::string header_line(const Header& h) {
   // In the spec's order ("version" first: some tools sniff the first bytes).
-  nlohmann::ordered_json j = {{"version", 2}, {"width", h.width}, {"height", h.height}, {"timestamp", h.timestamp}};
+  // A tty with no size yet (0x0 until the client's first resize) gets the
+  // non-tty size: the spec requires one, and readers refuse 0.
+  const bool sized = h.width && h.height;
+  nlohmann::ordered_json j = {{"version", 2},
+                              {"width", sized ? h.width : uint16_t{80}},
+                              {"height", sized ? h.height : uint16_t{24}},
+                              {"timestamp", h.timestamp}};
   if (!h.command.empty()) j["command"] = shell_join(h.command);
   if (!h.term.empty()) j["env"] = {{"TERM", h.term}};
   // A title players show: who, where, what.

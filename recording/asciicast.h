@@ -71,6 +71,7 @@ size_t unfinished_utf8_suffix(std::string_view bytes);
 std::string format_time(int64_t t_us);
 
 struct Header {
+  // A tty's size may be 0x0 (none yet): the header line then says 80x24.
   uint16_t width = 80, height = 24;  // tty: the initial size; non-tty: 80x24 (the spec requires both)
   int64_t timestamp = 0;             // unix seconds of the start
   std::string term;                  // env.TERM (tty only)

@@ -167,6 +167,23 @@ TEST(RecordingEncoder, HeaderCarriesShimletKeysAndPlaysInAsciinema) {
   EXPECT_EQ(h["title"], "alice in default/p1/app: sh -c 'echo '\\''hi there'\\'''");
 }
 
+// A tty exec whose client sent no size yet (Kubernetes/CRI exec: 0x0 until
+// the first resize) has no initial size: the header says 80x24, as the spec
+// requires a size and the master refuses 0 (it dropped the whole recording).
+TEST(RecordingEncoder, AnUnknownTerminalSizeStillMakesAValidHeader) {
+  Header h = test_header();
+  h.width = h.height = 0;
+  Encoder enc(1 << 20);
+  std::string out;
+  enc.header(out, h);
+  enc.resize(out, 1000, 120, 40);
+  enc.finish(out, 2000, end_marker(0, 0));
+  Parsed p = parse_all(out);
+  EXPECT_EQ(p.header["width"], 80);
+  EXPECT_EQ(p.header["height"], 24);
+  EXPECT_EQ(p.sum.resizes, 1u);
+}
+
 TEST(RecordingEncoder, EventsAndTimes) {
   std::string out;
   Encoder enc(1 << 20);
