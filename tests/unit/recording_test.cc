@@ -441,3 +441,34 @@ TEST(Recorder, AWriteFailureIsReportedNotBlocking) {
   EXPECT_FALSE(res.complete);
   EXPECT_EQ(res.path, d.path + "/full.rec");  // left for the spool to finish as incomplete
 }
+
+// The disk fills up in the middle of the incomplete marker (a short write,
+// errno untouched): the .rec is still finished, without the marker, as on
+// ENOSPC. It threw instead, with a stale errno, before any recording of the
+// directory was sent: the uploads that would free the disk never ran.
+TEST(RecorderSpool, AMarkerCutByAFullDiskStillFinishesTheRecording) {
+  TempDir d;
+  { std::ofstream(d.path + "/cut.rec") << "{\"version\": 2, \"width\": 80, \"height\": 24}\n[1.0, \"o\", \"x\"]\n"; }
+  off_t size = static_cast<off_t>(std::filesystem::file_size(d.path + "/cut.rec"));
+  struct sigaction ign {
+  }, old{};
+  ign.sa_handler = SIG_IGN;
+  sigaction(SIGXFSZ, &ign, &old);
+  rlimit saved{};
+  getrlimit(RLIMIT_FSIZE, &saved);
+  rlimit small{static_cast<rlim_t>(size) + 10, saved.rlim_max};  // room for 10 bytes of the marker
+  setrlimit(RLIMIT_FSIZE, &small);
+  errno = 0;
+  std::string error;
+  spool::Finished f;
+  try {
+    f = spool::finish_orphans(d.path, "killed");
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  setrlimit(RLIMIT_FSIZE, &saved);
+  sigaction(SIGXFSZ, &old, nullptr);
+  EXPECT_EQ(error, "");
+  EXPECT_EQ(f.finished, 1u);
+  EXPECT_EQ(slurp(d.path + "/cut.cast"), "{\"version\": 2, \"width\": 80, \"height\": 24}\n[1.0, \"o\", \"x\"]\n");
+}
