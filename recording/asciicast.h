@@ -100,6 +100,7 @@ class Encoder {
  public:
   static constexpr uint64_t kReserve = 4096;
   static constexpr uint64_t kMinMaxBytes = 64 * 1024;
+  static constexpr size_t kMaxEventBytes = 64 * 1024;  // raw bytes per data line (longer data: several lines)
   explicit Encoder(uint64_t max_bytes);
 
   // The header line: first.
@@ -124,6 +125,7 @@ class Encoder {
   bool room_for(std::string& out, size_t mark, int64_t t_us);
   void truncate(std::string& out, int64_t t_us);
   void put_data(std::string& out, int64_t t_us, Code c, std::string_view bytes);
+  void put_pieces(std::string& out, int64_t t_us, Code c, std::string_view bytes);
   int64_t clamp(int64_t t_us);
   uint64_t max_, bytes_ = 0;
   int64_t last_t_ = 0;

@@ -260,6 +260,31 @@ TEST(RecordingEncoder, TruncationKeepsThePrefixOfABigEvent) {
   }
 }
 
+// One stdin message can be 1 MiB (a WebSocket message, the SPDY early
+// stdin): NUL bytes encode 6x, a 6 MiB line the master's reader (4 MiB
+// lines) refused, with the whole recording, so a user could have their
+// session's recording deleted. Events are cut into lines readers take,
+// between characters.
+TEST(RecordingEncoder, AHugeEventIsCutIntoLinesReadersTake) {
+  for (const std::string& unit : {std::string(1, '\0'), std::string("\xe2\x82\xac"), std::string("\xff")}) {
+    std::string big;
+    while (big.size() < (1u << 20)) big += unit;
+    std::string out;
+    Encoder enc(64u << 20);
+    enc.header(out, test_header(false));
+    enc.data(out, 1000, Code::Input, big);
+    enc.finish(out, 2000, end_marker(0, 0));
+    Parsed p = parse_all(out);  // strict, 4 MiB lines: the master's reader
+    EXPECT_EQ(concat(p.events, "i"), big);
+    for (const Event& e : p.events) {
+      if (e.code == "i") {
+        EXPECT_EQ(e.data.size() % unit.size(), 0u);  // whole characters
+      }
+    }
+    EXPECT_EQ(enc.recorded(Code::Input), big.size());
+  }
+}
+
 TEST(RecordingReader, PiecesOfAnySizeGiveTheSameEvents) {
   std::string out;
   Encoder enc(1 << 20);
