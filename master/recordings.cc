@@ -45,6 +45,22 @@ json read_json(const std::string& path) {
   return j.is_object() ? j : json();
 }
 
+// The upload's owner file (.node), replaced whole: a failed write (a full
+// disk) leaves the previous one, never a cut or empty file that would make
+// the upload look like another node's.
+void write_owner(const std::string& path, const json& o) {
+  const std::string tmp = path + ".tmp", text = o.dump();
+  try {
+    Fd of(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
+    if (!of) throw sys_error("create " + tmp);
+    write_all(of.get(), text.data(), text.size());
+    if (::rename(tmp.c_str(), path.c_str()) < 0) throw sys_error("rename " + tmp);
+  } catch (...) {
+    ::unlink(tmp.c_str());
+    throw;
+  }
+}
+
 std::string str(const json& o, const char* k) {
   auto it = o.find(k);
   return it != o.end() && it->is_string() ? it->get<std::string>() : std::string();
@@ -156,12 +172,10 @@ RecordingStore::Live* RecordingStore::live(const std::string& id, const std::str
       l->size += static_cast<uint64_t>(n);
     }
   } else if (create) {
+    // The owner first: a .part never exists without it.
+    write_owner(owner, json{{"node", node}});
     Fd fd(::open(part.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
     if (!fd) throw sys_error("create " + part);
-    std::string o = json{{"node", node}}.dump();
-    Fd of(::open(owner.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
-    if (!of) throw sys_error("create " + owner);
-    write_all(of.get(), o.data(), o.size());
   } else {
     return nullptr;  // nothing uploaded yet (why stays empty)
   }
@@ -261,13 +275,14 @@ RecordingStore::Upload RecordingStore::upload(const std::string& node, const std
         return refuse(403, "container " + cid + " is registered by node \"" + *o + "\"");
       }
       l->container_id = cid;
-      std::string o = json{{"node", node}, {"container_id", cid}}.dump();
-      Fd of(::open((dir_ + "/.uploads/" + id + ".node").c_str(), O_WRONLY | O_TRUNC | O_CLOEXEC | O_NOFOLLOW));
-      if (of) write_all(of.get(), o.data(), o.size());
     }
     const std::string part = dir_ + "/.uploads/" + id + ".part";
-    Fd fd(::open(part.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW));
+    Fd fd;
     try {
+      // In here: the reader took the chunk, so a failure must drop it (below).
+      if (!had_header && l->reader.has_header())
+        write_owner(dir_ + "/.uploads/" + id + ".node", json{{"node", node}, {"container_id", l->container_id}});
+      fd = Fd(::open(part.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW));
       if (!fd) throw sys_error("open " + part);
       write_all(fd.get(), fresh.data(), fresh.size());
     } catch (const std::exception& e) {

@@ -195,7 +195,13 @@ std::string shell_join(const std::vector<std::string>& argv) {
 
 std::string header_line(const Header& h) {
   // In the spec's order ("version" first: some tools sniff the first bytes).
-  nlohmann::ordered_json j = {{"version", 2}, {"width", h.width}, {"height", h.height}, {"timestamp", h.timestamp}};
+  // A tty with no size yet (0x0 until the client's first resize) gets the
+  // non-tty size: the spec requires one, and readers refuse 0.
+  const bool sized = h.width && h.height;
+  nlohmann::ordered_json j = {{"version", 2},
+                              {"width", sized ? h.width : uint16_t{80}},
+                              {"height", sized ? h.height : uint16_t{24}},
+                              {"timestamp", h.timestamp}};
   if (!h.command.empty()) j["command"] = shell_join(h.command);
   if (!h.term.empty()) j["env"] = {{"TERM", h.term}};
   // A title players show: who, where, what.
@@ -322,6 +328,17 @@ void Encoder::put_data(std::string& out, int64_t t_us, Code c, std::string_view 
   truncate(out, t_us);
 }
 
+// At most kMaxEventBytes per line, cut between characters: readers take
+// lines of 4 MiB, and one stdin message can be 1 MiB (6 MiB encoded).
+void Encoder::put_pieces(std::string& out, int64_t t_us, Code c, std::string_view bytes) {
+  while (!bytes.empty() && !truncated_) {
+    size_t n = bytes.size();
+    if (n > kMaxEventBytes) n = kMaxEventBytes - unfinished_utf8_suffix(bytes.substr(0, kMaxEventBytes));
+    put_data(out, t_us, c, bytes.substr(0, n));
+    bytes.remove_prefix(n);
+  }
+}
+
 void Encoder::data(std::string& out, int64_t t_us, Code c, std::string_view bytes) {
   if (finished_ || truncated_ || bytes.empty()) return;
   if (c != Code::Output && c != Code::Stderr && c != Code::Input) return;
@@ -331,7 +348,7 @@ void Encoder::data(std::string& out, int64_t t_us, Code c, std::string_view byte
     size_t keep = unfinished_utf8_suffix(bytes);
     if (keep) held.assign(bytes.substr(bytes.size() - keep));
     bytes.remove_suffix(keep);
-    if (!bytes.empty()) put_data(out, t_us, c, bytes);
+    put_pieces(out, t_us, c, bytes);
     return;
   }
   // Rare: the previous read ended inside a character. Joining costs a copy.
@@ -340,7 +357,7 @@ void Encoder::data(std::string& out, int64_t t_us, Code c, std::string_view byte
   size_t keep = unfinished_utf8_suffix(joined);
   if (keep) held.assign(joined, joined.size() - keep, keep);
   joined.resize(joined.size() - keep);
-  if (!joined.empty()) put_data(out, t_us, c, joined);
+  put_pieces(out, t_us, c, joined);
 }
 
 void Encoder::resize(std::string& out, int64_t t_us, uint16_t cols, uint16_t rows) {

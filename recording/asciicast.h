@@ -71,6 +71,7 @@ size_t unfinished_utf8_suffix(std::string_view bytes);
 std::string format_time(int64_t t_us);
 
 struct Header {
+  // A tty's size may be 0x0 (none yet): the header line then says 80x24.
   uint16_t width = 80, height = 24;  // tty: the initial size; non-tty: 80x24 (the spec requires both)
   int64_t timestamp = 0;             // unix seconds of the start
   std::string term;                  // env.TERM (tty only)
@@ -99,6 +100,7 @@ class Encoder {
  public:
   static constexpr uint64_t kReserve = 4096;
   static constexpr uint64_t kMinMaxBytes = 64 * 1024;
+  static constexpr size_t kMaxEventBytes = 64 * 1024;  // raw bytes per data line (longer data: several lines)
   explicit Encoder(uint64_t max_bytes);
 
   // The header line: first.
@@ -123,6 +125,7 @@ class Encoder {
   bool room_for(std::string& out, size_t mark, int64_t t_us);
   void truncate(std::string& out, int64_t t_us);
   void put_data(std::string& out, int64_t t_us, Code c, std::string_view bytes);
+  void put_pieces(std::string& out, int64_t t_us, Code c, std::string_view bytes);
   int64_t clamp(int64_t t_us);
   uint64_t max_, bytes_ = 0;
   int64_t last_t_ = 0;

@@ -137,8 +137,10 @@ Finished finish_orphans(const std::string& dir, std::string_view why) {
       std::string m = "[" + format_time(t_us) + ", \"m\", ";
       append_json_bytes(m, incomplete_marker(why));
       m += "]\n";
-      if (::pwrite(fd.get(), m.data(), m.size(), end) != static_cast<ssize_t>(m.size())) {
-        if (errno != ENOSPC && errno != EDQUOT) throw sys_error("append to " + rec);
+      ssize_t n = ::pwrite(fd.get(), m.data(), m.size(), end);
+      if (n != static_cast<ssize_t>(m.size())) {
+        // A short write is the disk filling up too (errno is not set).
+        if (n < 0 && errno != ENOSPC && errno != EDQUOT) throw sys_error("append to " + rec);
         if (::ftruncate(fd.get(), end) < 0) throw sys_error("truncate " + rec);
       }
     }

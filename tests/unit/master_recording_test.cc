@@ -1,6 +1,8 @@
 // The master's recording policy, the ticket's "rec" claim, and the store the
 // nodes upload recordings into.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -206,4 +208,60 @@ TEST(RecordingStore, RefusesWhatItCannotTrust) {
   EXPECT_EQ(u.stored["container_registered"], false);
   EXPECT_EQ(u.stored["complete"], false);
   EXPECT_EQ(RecordingStore().upload("n1", "g", 0, true, "x", owner_is("n1"), 1000).code, 404);
+}
+
+// The upload's owner file (.node) cannot be written (disk full; here a file
+// size limit): the node keeps its copy and sends again later, and that must
+// work. A .part left without a whole .node was taken for another node's
+// upload (400: the node deleted its recording), and a reader fed with a chunk
+// that was not stored refused the chunk sent again (400 as well).
+TEST(RecordingStore, AnOwnerFileThatCannotBeWrittenLosesNothing) {
+  TempDir d;
+  const std::string rec = a_recording("c1");
+  struct sigaction ign {
+  }, old{};
+  ign.sa_handler = SIG_IGN;
+  sigaction(SIGXFSZ, &ign, &old);
+  rlimit saved{};
+  getrlimit(RLIMIT_FSIZE, &saved);
+  // One request under a file size limit: 500 when it throws.
+  auto limited = [&](RecordingStore& s, const std::string& id, uint64_t off, bool final, std::string_view body,
+                     rlim_t limit) {
+    rlimit small{limit, saved.rlim_max};
+    setrlimit(RLIMIT_FSIZE, &small);
+    int code;
+    try {
+      code = s.upload("n1", id, off, final, body, owner_is("n1"), 1000).code;
+    } catch (const std::exception&) {
+      code = 500;
+    }
+    setrlimit(RLIMIT_FSIZE, &saved);
+    return code;
+  };
+  // What the node does next: probe, then send the rest.
+  auto resume = [&](RecordingStore& s, const std::string& id, uint64_t expect_size) {
+    auto u = s.upload("n1", id, 0, false, "", owner_is("n1"), 1000);
+    ASSERT_EQ(u.code, 200) << u.error;
+    ASSERT_EQ(u.size, expect_size);
+    u = s.upload("n1", id, u.size, true, rec.substr(u.size), owner_is("n1"), 1000);
+    ASSERT_EQ(u.code, 200) << u.error;
+    EXPECT_TRUE(u.complete);
+    EXPECT_EQ(u.stored["container_registered"], true);
+  };
+  {
+    RecordingStore s(d.path, 1 << 20);
+    // The first chunk: .node cannot be written.
+    EXPECT_GE(limited(s, "a", 0, false, rec.substr(0, 20), 5), 500);
+    resume(s, "a", 0);
+    // The chunk that completes the header: .node (now with the container id) cannot be rewritten.
+    ASSERT_EQ(s.upload("n1", "b", 0, false, rec.substr(0, 20), owner_is("n1"), 1000).code, 200);
+    EXPECT_GE(limited(s, "b", 20, true, rec.substr(20), 30), 500);
+    resume(s, "b", 20);
+    ASSERT_EQ(s.upload("n1", "c", 0, false, rec.substr(0, 20), owner_is("n1"), 1000).code, 200);
+    EXPECT_GE(limited(s, "c", 20, true, rec.substr(20), 30), 500);
+  }
+  // And after a restart.
+  RecordingStore s(d.path, 1 << 20);
+  resume(s, "c", 20);
+  sigaction(SIGXFSZ, &old, nullptr);
 }

@@ -167,6 +167,23 @@ TEST(RecordingEncoder, HeaderCarriesShimletKeysAndPlaysInAsciinema) {
   EXPECT_EQ(h["title"], "alice in default/p1/app: sh -c 'echo '\\''hi there'\\'''");
 }
 
+// A tty exec whose client sent no size yet (Kubernetes/CRI exec: 0x0 until
+// the first resize) has no initial size: the header says 80x24, as the spec
+// requires a size and the master refuses 0 (it dropped the whole recording).
+TEST(RecordingEncoder, AnUnknownTerminalSizeStillMakesAValidHeader) {
+  Header h = test_header();
+  h.width = h.height = 0;
+  Encoder enc(1 << 20);
+  std::string out;
+  enc.header(out, h);
+  enc.resize(out, 1000, 120, 40);
+  enc.finish(out, 2000, end_marker(0, 0));
+  Parsed p = parse_all(out);
+  EXPECT_EQ(p.header["width"], 80);
+  EXPECT_EQ(p.header["height"], 24);
+  EXPECT_EQ(p.sum.resizes, 1u);
+}
+
 TEST(RecordingEncoder, EventsAndTimes) {
   std::string out;
   Encoder enc(1 << 20);
@@ -240,6 +257,31 @@ TEST(RecordingEncoder, TruncationKeepsThePrefixOfABigEvent) {
     EXPECT_EQ(enc.recorded(Code::Stderr), 0u);
     EXPECT_EQ(p.events[1].data.rfind("truncated:", 0), 0u);
     EXPECT_EQ(p.events[2].data, "end: exit code 0");
+  }
+}
+
+// One stdin message can be 1 MiB (a WebSocket message, the SPDY early
+// stdin): NUL bytes encode 6x, a 6 MiB line the master's reader (4 MiB
+// lines) refused, with the whole recording, so a user could have their
+// session's recording deleted. Events are cut into lines readers take,
+// between characters.
+TEST(RecordingEncoder, AHugeEventIsCutIntoLinesReadersTake) {
+  for (const std::string& unit : {std::string(1, '\0'), std::string("\xe2\x82\xac"), std::string("\xff")}) {
+    std::string big;
+    while (big.size() < (1u << 20)) big += unit;
+    std::string out;
+    Encoder enc(64u << 20);
+    enc.header(out, test_header(false));
+    enc.data(out, 1000, Code::Input, big);
+    enc.finish(out, 2000, end_marker(0, 0));
+    Parsed p = parse_all(out);  // strict, 4 MiB lines: the master's reader
+    EXPECT_EQ(concat(p.events, "i"), big);
+    for (const Event& e : p.events) {
+      if (e.code == "i") {
+        EXPECT_EQ(e.data.size() % unit.size(), 0u);  // whole characters
+      }
+    }
+    EXPECT_EQ(enc.recorded(Code::Input), big.size());
   }
 }
 
@@ -423,4 +465,35 @@ TEST(Recorder, AWriteFailureIsReportedNotBlocking) {
   Recorder::Result res = r.finish(end_marker(0, 0));
   EXPECT_FALSE(res.complete);
   EXPECT_EQ(res.path, d.path + "/full.rec");  // left for the spool to finish as incomplete
+}
+
+// The disk fills up in the middle of the incomplete marker (a short write,
+// errno untouched): the .rec is still finished, without the marker, as on
+// ENOSPC. It threw instead, with a stale errno, before any recording of the
+// directory was sent: the uploads that would free the disk never ran.
+TEST(RecorderSpool, AMarkerCutByAFullDiskStillFinishesTheRecording) {
+  TempDir d;
+  { std::ofstream(d.path + "/cut.rec") << "{\"version\": 2, \"width\": 80, \"height\": 24}\n[1.0, \"o\", \"x\"]\n"; }
+  off_t size = static_cast<off_t>(std::filesystem::file_size(d.path + "/cut.rec"));
+  struct sigaction ign {
+  }, old{};
+  ign.sa_handler = SIG_IGN;
+  sigaction(SIGXFSZ, &ign, &old);
+  rlimit saved{};
+  getrlimit(RLIMIT_FSIZE, &saved);
+  rlimit small{static_cast<rlim_t>(size) + 10, saved.rlim_max};  // room for 10 bytes of the marker
+  setrlimit(RLIMIT_FSIZE, &small);
+  errno = 0;
+  std::string error;
+  spool::Finished f;
+  try {
+    f = spool::finish_orphans(d.path, "killed");
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  setrlimit(RLIMIT_FSIZE, &saved);
+  sigaction(SIGXFSZ, &old, nullptr);
+  EXPECT_EQ(error, "");
+  EXPECT_EQ(f.finished, 1u);
+  EXPECT_EQ(slurp(d.path + "/cut.cast"), "{\"version\": 2, \"width\": 80, \"height\": 24}\n[1.0, \"o\", \"x\"]\n");
 }
