@@ -353,12 +353,26 @@ void EtcdRegistry::remove(const std::string& node, const std::string& id, Done d
 void EtcdRegistry::remove_step(std::shared_ptr<RemoveOp> op) {
   if (op->attempts >= kMaxAttempts)
     return op->done({503, "etcd: the removal of " + op->id + " lost races with other writers; try again", 0});
+  const bool from_etcd = op->seen.has_value();
   Known k = op->seen ? *op->seen : known_container(op->id);
   op->seen.reset();
+  const std::string key = er::container_key(prefix_, op->id);
+  if (!k.exists && !from_etcd) {
+    // Not in the copy, which may lag etcd or not be loaded yet: only a
+    // quorum read may say "not registered" (the node takes 404 as done).
+    op->attempts++;
+    client_->range(key, {}, [this, op](etcd::Result r) {
+      post([this, op, r = std::move(r)] {
+        if (r.error) return op->done({503, *r.error, 0});
+        op->seen = known_from(r.kvs, op->id);
+        remove_step(op);
+      });
+    });
+    return;
+  }
   if (!k.exists) return op->done({404, "container " + op->id + " is not registered", 0});
   if (!k.corrupt && k.node != op->node)
     return op->done({403, "container " + op->id + " is registered by node \"" + k.node + "\"", 0});
-  const std::string key = er::container_key(prefix_, op->id);
   etcd::Txn t;
   t.compare.push_back(mod_is(key, k.mod_revision));
   t.success.push_back(delete_op(key));

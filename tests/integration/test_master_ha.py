@@ -87,7 +87,8 @@ class HaCluster(mn.Cluster):
     def audit_path(self, name):
         return self.path(f"audit-{name}.log")
 
-    def start_one(self, name):
+    def start_one(self, name, ready=True):
+        """ready=False: only until it listens (its registry may not be loaded)."""
         log = open(self.path(f"master-{name}.log"), "a+")
         start = log.tell()
         p = subprocess.Popen(
@@ -100,14 +101,14 @@ class HaCluster(mn.Cluster):
         self.procs.append(p)
         self.masters[name] = p
 
-        def ready():
+        def listening():
             if p.poll() is not None:
                 return True
             log.seek(start)
             if '"listening"' not in log.read():
                 return False
-            return self.readyz(name) == 200
-        wait_for(ready, 30, f"master {name} ready")
+            return not ready or self.readyz(name) == 200
+        wait_for(listening, 30, f"master {name} ready")
         if p.poll() is not None:
             log.seek(start)
             raise AssertionError(f"shimlet-master {name} did not start: " + log.read())
@@ -447,6 +448,33 @@ def test_two_etcd_members_down_then_one_back(cluster, pods):
     cluster.etcd.start(2)
     cluster.etcd.wait_healthy()
     assert cluster.etcd.procs[survivor] is not None
+
+
+def test_delete_through_a_master_without_the_registry_is_refused(cluster, pods):
+    """A master whose copy does not have a container (not loaded yet: etcd
+    has no quorum as it starts; or its watch lags) may not answer the node's
+    DELETE with 404 "not registered": the key is in etcd, and the hook takes
+    404 as done, so the registration would stay listed for as long as the
+    node renews anything. Fail closed: 503 until etcd can say."""
+    a = pods["a"]
+    cluster.kill_master("C")
+    for i in (1, 2):
+        cluster.etcd.kill(i)
+    try:
+        cluster.start_one("C", ready=False)
+        assert cluster.readyz("C") == 503
+        st, r = cluster.curl("DELETE", f"/apis/shimlet.io/v1/nodes/{mn.NODES['a']}/containers/{a.id}",
+                             mn.TOKENS["a"], ns="a", host=MASTERS["C"])
+        assert st == 503, (st, r)
+    finally:
+        for i in (1, 2):
+            cluster.etcd.start(i)
+        cluster.etcd.wait_healthy()
+    wait_for(lambda: cluster.readyz("C") == 200, 30, "C loaded once etcd has a quorum", interval=0.2)
+    assert all_listed(cluster, pods), "a DELETE refused for lack of etcd removed a registration"
+    st, r = cluster.curl("DELETE", f"/apis/shimlet.io/v1/nodes/{mn.NODES['a']}/containers/never-{mn.TAG}",
+                         mn.TOKENS["a"], ns="a", host=MASTERS["C"])
+    assert st == 404 and "is not registered" in r["message"], (st, r)  # etcd says so
 
 
 # ---------------------------------------------------------------- a node goes quiet
