@@ -307,20 +307,22 @@ void EtcdRegistry::node_lease(const std::string& node, int64_t avoid,
               drop_ours();
               return finish(0, *r.error);
             }
-            if (r.succeeded) {
-              lease_hint_[node] = g.lease_id;
-              last_keepalive_ms_[g.lease_id] = monotonic_ms();
-              return finish(g.lease_id, std::nullopt);
-            }
             const auto& kvs = first_op(r);
             int64_t theirs = 0, mod = 0;
-            if (!kvs.empty()) {
+            if (!r.succeeded && !kvs.empty()) {
               mod = kvs[0].mod_revision;
               try {
                 theirs = er::decode_node(kvs[0].value, node).lease;
               } catch (const Error& e) {
                 on_error("ignoring an invalid node record " + kvs[0].key + ": " + e.what());
               }
+            }
+            // Ours is recorded: this Txn, or its replay on the next member
+            // (the first one applied it but answered too late).
+            if (r.succeeded || theirs == g.lease_id) {
+              lease_hint_[node] = g.lease_id;
+              last_keepalive_ms_[g.lease_id] = monotonic_ms();
+              return finish(g.lease_id, std::nullopt);
             }
             if (theirs && theirs != avoid) {  // another master recorded one first: use it
               drop_ours();
