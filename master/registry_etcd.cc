@@ -223,6 +223,11 @@ void EtcdRegistry::put_step(std::shared_ptr<PutOp> op) {
     });
     return;
   }
+  // A record that does not decode names no node: it is the node's whose
+  // etcd lease it is attached to.
+  if (k.exists && k.corrupt && k.lease != op->lease)
+    return op->done(
+        {403, "container " + op->id + " has an unreadable record not on node \"" + op->node + "\"'s lease", 0});
   const std::string key = er::container_key(prefix_, op->id);
   if (k.exists && !k.corrupt && k.lease == op->lease && k.value == op->value) {
     // A renewal that changes nothing: keep the node's lease alive, write nothing.
@@ -375,6 +380,14 @@ void EtcdRegistry::remove_step(std::shared_ptr<RemoveOp> op) {
   if (!k.exists) return op->done({404, "container " + op->id + " is not registered", 0});
   if (!k.corrupt && k.node != op->node)
     return op->done({403, "container " + op->id + " is registered by node \"" + k.node + "\"", 0});
+  if (k.corrupt) {  // no node named: the node's whose etcd lease it is attached to
+    int64_t mine = 0;
+    if (auto it = nodes_.find(op->node); it != nodes_.end()) mine = it->second.lease;
+    if (auto h = lease_hint_.find(op->node); !mine && h != lease_hint_.end()) mine = h->second;
+    if (!k.lease || k.lease != mine)
+      return op->done(
+          {403, "container " + op->id + " has an unreadable record not on node \"" + op->node + "\"'s lease", 0});
+  }
   etcd::Txn t;
   t.compare.push_back(mod_is(key, k.mod_revision));
   t.success.push_back(delete_op(key));

@@ -568,6 +568,40 @@ def test_node_lease_record_answered_late_is_kept(cluster, pods):
         cluster.start_one("C")
 
 
+def test_unreadable_record_is_not_another_nodes_to_take(cluster, pods):
+    """A container record no master can decode (written by a newer version, or
+    damaged) is attached to its node's etcd lease: that node may replace or
+    delete it, another node may not."""
+    etcd = cluster.etcd
+    got = etcd.etcdctl("get", f"{PREFIX}/nodes/{mn.NODES['a']}", "--print-value-only")
+    assert got.returncode == 0 and got.stdout.strip(), got
+    lease_a = json.loads(got.stdout)["lease"]
+    cid = f"odd-{mn.TAG}"
+    key = f"{PREFIX}/containers/{cid}"
+    path = f"/apis/shimlet.io/v1/nodes/{{}}/containers/{cid}"
+    reg = json.load(open(cluster.path("state-a", pods["a"].id, "registration.json")))
+    reg.update(id=cid, pod=f"ha-odd-{mn.TAG}")
+    try:
+        put = etcd.etcdctl("put", f"--lease={lease_a:x}", key, '{"id":"' + cid + '","unreadable":true}')
+        assert put.returncode == 0, put
+        time.sleep(0.5)  # every master's watch has it
+        for m in MASTERS:
+            st, r = cluster.curl("PUT", path.format(mn.NODES["b"]), mn.TOKENS["b"], {**reg, "node": mn.NODES["b"]},
+                                 ns="b", host=MASTERS[m])
+            assert st == 403, (m, st, r)
+            st, r = cluster.curl("DELETE", path.format(mn.NODES["b"]), mn.TOKENS["b"], ns="b", host=MASTERS[m])
+            assert st == 403, (m, st, r)
+        got = etcd.etcdctl("get", key, "--print-value-only")
+        assert "unreadable" in got.stdout, got
+        st, r = cluster.curl("PUT", path.format(mn.NODES["a"]), mn.TOKENS["a"], {**reg, "node": mn.NODES["a"]},
+                             ns="a", host=MASTERS["B"])
+        assert st == 200, (st, r)  # its own node replaces it
+        st, r = cluster.curl("DELETE", path.format(mn.NODES["a"]), mn.TOKENS["a"], ns="a", host=MASTERS["C"])
+        assert st == 200, (st, r)
+    finally:
+        etcd.etcdctl("del", key)
+
+
 # ---------------------------------------------------------------- a node goes quiet
 
 def test_node_that_stops_renewing_disappears_from_every_master(cluster, pods):
