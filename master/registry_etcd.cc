@@ -223,6 +223,11 @@ void EtcdRegistry::put_step(std::shared_ptr<PutOp> op) {
     });
     return;
   }
+  // A record that does not decode names no node: it is the node's whose
+  // etcd lease it is attached to.
+  if (k.exists && k.corrupt && k.lease != op->lease)
+    return op->done(
+        {403, "container " + op->id + " has an unreadable record not on node \"" + op->node + "\"'s lease", 0});
   const std::string key = er::container_key(prefix_, op->id);
   if (k.exists && !k.corrupt && k.lease == op->lease && k.value == op->value) {
     // A renewal that changes nothing: keep the node's lease alive, write nothing.
@@ -307,20 +312,22 @@ void EtcdRegistry::node_lease(const std::string& node, int64_t avoid,
               drop_ours();
               return finish(0, *r.error);
             }
-            if (r.succeeded) {
-              lease_hint_[node] = g.lease_id;
-              last_keepalive_ms_[g.lease_id] = monotonic_ms();
-              return finish(g.lease_id, std::nullopt);
-            }
             const auto& kvs = first_op(r);
             int64_t theirs = 0, mod = 0;
-            if (!kvs.empty()) {
+            if (!r.succeeded && !kvs.empty()) {
               mod = kvs[0].mod_revision;
               try {
                 theirs = er::decode_node(kvs[0].value, node).lease;
               } catch (const Error& e) {
                 on_error("ignoring an invalid node record " + kvs[0].key + ": " + e.what());
               }
+            }
+            // Ours is recorded: this Txn, or its replay on the next member
+            // (the first one applied it but answered too late).
+            if (r.succeeded || theirs == g.lease_id) {
+              lease_hint_[node] = g.lease_id;
+              last_keepalive_ms_[g.lease_id] = monotonic_ms();
+              return finish(g.lease_id, std::nullopt);
             }
             if (theirs && theirs != avoid) {  // another master recorded one first: use it
               drop_ours();
@@ -353,12 +360,34 @@ void EtcdRegistry::remove(const std::string& node, const std::string& id, Done d
 void EtcdRegistry::remove_step(std::shared_ptr<RemoveOp> op) {
   if (op->attempts >= kMaxAttempts)
     return op->done({503, "etcd: the removal of " + op->id + " lost races with other writers; try again", 0});
+  const bool from_etcd = op->seen.has_value();
   Known k = op->seen ? *op->seen : known_container(op->id);
   op->seen.reset();
+  const std::string key = er::container_key(prefix_, op->id);
+  if (!k.exists && !from_etcd) {
+    // Not in the copy, which may lag etcd or not be loaded yet: only a
+    // quorum read may say "not registered" (the node takes 404 as done).
+    op->attempts++;
+    client_->range(key, {}, [this, op](etcd::Result r) {
+      post([this, op, r = std::move(r)] {
+        if (r.error) return op->done({503, *r.error, 0});
+        op->seen = known_from(r.kvs, op->id);
+        remove_step(op);
+      });
+    });
+    return;
+  }
   if (!k.exists) return op->done({404, "container " + op->id + " is not registered", 0});
   if (!k.corrupt && k.node != op->node)
     return op->done({403, "container " + op->id + " is registered by node \"" + k.node + "\"", 0});
-  const std::string key = er::container_key(prefix_, op->id);
+  if (k.corrupt) {  // no node named: the node's whose etcd lease it is attached to
+    int64_t mine = 0;
+    if (auto it = nodes_.find(op->node); it != nodes_.end()) mine = it->second.lease;
+    if (auto h = lease_hint_.find(op->node); !mine && h != lease_hint_.end()) mine = h->second;
+    if (!k.lease || k.lease != mine)
+      return op->done(
+          {403, "container " + op->id + " has an unreadable record not on node \"" + op->node + "\"'s lease", 0});
+  }
   etcd::Txn t;
   t.compare.push_back(mod_is(key, k.mod_revision));
   t.success.push_back(delete_op(key));

@@ -26,7 +26,7 @@ import pytest
 
 import test_master_multinode as mn
 from containers import BIN, wait_for
-from etcd_env import EtcdCluster
+from etcd_env import EtcdCluster, free_port
 
 LEASE_S = 6
 MASTERS = {"A": mn.IP["m"], "B": "10.231.0.2", "C": "10.231.0.3"}
@@ -87,27 +87,28 @@ class HaCluster(mn.Cluster):
     def audit_path(self, name):
         return self.path(f"audit-{name}.log")
 
-    def start_one(self, name):
+    def start_one(self, name, ready=True, tokens=None, etcd_flags=None):
+        """ready=False: only until it listens (its registry may not be loaded)."""
         log = open(self.path(f"master-{name}.log"), "a+")
         start = log.tell()
         p = subprocess.Popen(
             mn.in_ns("m", mn.MASTER, "--bind-address", MASTERS[name], "--secure-port", str(mn.PORT),
                      "--tls-cert-file", self.server_crt, "--tls-private-key-file", self.server_key,
-                     "--token-auth-file", self.tokens, "--authorization-policy-file", self.rbac,
+                     "--token-auth-file", tokens or self.tokens, "--authorization-policy-file", self.rbac,
                      "--audit-log-path", self.audit_path(name), "--ticket-signing-key-file", self.ticket_key,
-                     "--lease-duration", f"{LEASE_S}s", *self.etcd.master_flags(PREFIX)),
+                     "--lease-duration", f"{LEASE_S}s", *(etcd_flags or self.etcd.master_flags(PREFIX))),
             stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(p)
         self.masters[name] = p
 
-        def ready():
+        def listening():
             if p.poll() is not None:
                 return True
             log.seek(start)
             if '"listening"' not in log.read():
                 return False
-            return self.readyz(name) == 200
-        wait_for(ready, 30, f"master {name} ready")
+            return not ready or self.readyz(name) == 200
+        wait_for(listening, 30, f"master {name} ready")
         if p.poll() is not None:
             log.seek(start)
             raise AssertionError(f"shimlet-master {name} did not start: " + log.read())
@@ -447,6 +448,158 @@ def test_two_etcd_members_down_then_one_back(cluster, pods):
     cluster.etcd.start(2)
     cluster.etcd.wait_healthy()
     assert cluster.etcd.procs[survivor] is not None
+
+
+def test_delete_through_a_master_without_the_registry_is_refused(cluster, pods):
+    """A master whose copy does not have a container (not loaded yet: etcd
+    has no quorum as it starts; or its watch lags) may not answer the node's
+    DELETE with 404 "not registered": the key is in etcd, and the hook takes
+    404 as done, so the registration would stay listed for as long as the
+    node renews anything. Fail closed: 503 until etcd can say."""
+    a = pods["a"]
+    cluster.kill_master("C")
+    for i in (1, 2):
+        cluster.etcd.kill(i)
+    try:
+        cluster.start_one("C", ready=False)
+        assert cluster.readyz("C") == 503
+        st, r = cluster.curl("DELETE", f"/apis/shimlet.io/v1/nodes/{mn.NODES['a']}/containers/{a.id}",
+                             mn.TOKENS["a"], ns="a", host=MASTERS["C"])
+        assert st == 503, (st, r)
+    finally:
+        for i in (1, 2):
+            cluster.etcd.start(i)
+        cluster.etcd.wait_healthy()
+    wait_for(lambda: cluster.readyz("C") == 200, 30, "C loaded once etcd has a quorum", interval=0.2)
+    assert all_listed(cluster, pods), "a DELETE refused for lack of etcd removed a registration"
+    st, r = cluster.curl("DELETE", f"/apis/shimlet.io/v1/nodes/{mn.NODES['a']}/containers/never-{mn.TAG}",
+                         mn.TOKENS["a"], ns="a", host=MASTERS["C"])
+    assert st == 404 and "is not registered" in r["message"], (st, r)  # etcd says so
+
+
+# A gRPC proxy in front of etcd (raw bytes, TLS both ways) whose first Txn
+# that mentions MARKER is applied by etcd and then answered only after HOLD_S:
+# the caller's deadline for that member passes and it asks the next member.
+# Streams are refused (UNAVAILABLE: the caller moves on). Touches FLAG once held.
+ETCD_PROXY_PY = r"""
+import sys, time, grpc
+from concurrent import futures
+listen, target, ca, cert, key, ccert, ckey, marker, hold_s, flag = sys.argv[1:11]
+rd = lambda f: open(f, "rb").read()
+up = grpc.secure_channel(target, grpc.ssl_channel_credentials(rd(ca), rd(ckey), rd(ccert)))
+held = []
+class Proxy(grpc.GenericRpcHandler):
+    def service(self, details):
+        m = details.method
+        if m.endswith("/Watch") or m.endswith("/LeaseKeepAlive"):
+            def refuse(it, ctx):
+                ctx.abort(grpc.StatusCode.UNAVAILABLE, "not proxied")
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        call = up.unary_unary(m)
+        def unary(req, ctx):
+            try:
+                resp = call(req, timeout=10)
+            except grpc.RpcError as e:
+                ctx.abort(e.code(), e.details())
+            if m.endswith("/Txn") and marker.encode() in req and not held:
+                held.append(1)
+                open(flag, "w").close()
+                time.sleep(float(hold_s))
+            return resp
+        return grpc.unary_unary_rpc_method_handler(unary)
+srv = grpc.server(futures.ThreadPoolExecutor(16), handlers=[Proxy()])
+srv.add_secure_port(listen, grpc.ssl_server_credentials([(rd(key), rd(cert))], rd(ca), True))
+srv.start()
+print("ready", flush=True)
+srv.wait_for_termination()
+"""
+
+
+def test_node_lease_record_answered_late_is_kept(cluster, pods):
+    """The Txn that records a node's new etcd lease is applied, but its answer
+    comes too late and the client asks the next member: the replayed Txn's
+    compare fails and reads back that same lease. The master must take it as
+    its own, not revoke it as "another master's" (a revoke deletes the node's
+    record and every container another master attached to it meanwhile)."""
+    etcd = cluster.etcd
+    node, cid = "node-x", f"x-{mn.TAG}"
+    token = f"tok-mn-node-x-{mn.TAG}"
+    tokens = cluster.path("tokens-x.csv")
+    with open(cluster.tokens) as f, open(tokens, "w") as o:
+        o.write(f.read().rstrip("\n") + f'\n{token},system:node:{node},uid-node-x,"system:nodes"\n')
+    port, flag = free_port(), cluster.path("proxy-held")
+    proxy = subprocess.Popen(mn.in_ns("m", sys.executable, "-c", ETCD_PROXY_PY, f"127.0.0.1:{port}",
+                                      etcd.client_url(0).removeprefix("https://"), etcd.cafile, etcd.member_cert,
+                                      etcd.member_key, etcd.certfile, etcd.keyfile, f"{PREFIX}/nodes/{node}", "3",
+                                      flag), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cluster.procs.append(proxy)
+    assert proxy.stdout.readline() == b"ready\n", proxy.communicate()[1]
+    flags = etcd.master_flags(PREFIX)
+    flags[1] = f"https://127.0.0.1:{port}," + flags[1]  # the proxy first: the caller starts there
+    cluster.kill_master("C")
+    try:
+        cluster.start_one("C", tokens=tokens, etcd_flags=flags)
+        reg = json.load(open(cluster.path("state-a", pods["a"].id, "registration.json")))
+        reg.update(id=cid, node=node, pod=f"ha-x-{mn.TAG}")
+        url = f"https://{MASTERS['C']}:{mn.PORT}/apis/shimlet.io/v1/nodes/{node}/containers/{cid}"
+        put = subprocess.Popen(mn.in_ns("c", "curl", "-sS", "--max-time", "20", "--cacert", cluster.ca, "-X", "PUT",
+                                        "-H", f"Authorization: Bearer {token}", "-H",
+                                        "Content-Type: application/json", "--data-binary", json.dumps(reg), "-w",
+                                        "\n%{http_code}", url),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        cluster.procs.append(put)
+        wait_for(lambda: os.path.exists(flag), 15, "the proxy holding the node's lease record")
+        got = etcd.etcdctl("get", f"{PREFIX}/nodes/{node}", "--print-value-only")
+        assert got.returncode == 0 and got.stdout.strip(), got
+        recorded = json.loads(got.stdout)["lease"]
+        out, err = put.communicate(timeout=30)
+        assert out.decode().rsplit("\n", 1)[-1] == "201", (out, err)
+        got = etcd.etcdctl("get", f"{PREFIX}/nodes/{node}", "--print-value-only")
+        assert got.returncode == 0 and got.stdout.strip(), ("the node's record is gone", got)
+        assert json.loads(got.stdout)["lease"] == recorded, "the lease recorded first was replaced"
+        ttl = etcd.etcdctl("lease", "timetolive", "%x" % recorded)
+        assert ttl.returncode == 0 and "already expired" not in ttl.stdout, ttl.stdout
+        st, r = cluster.curl("DELETE", f"/apis/shimlet.io/v1/nodes/{node}/containers/{cid}", token, ns="c",
+                             host=MASTERS["C"])
+        assert st == 200, (st, r)
+    finally:
+        proxy.kill()
+        cluster.kill_master("C")
+        cluster.start_one("C")
+
+
+def test_unreadable_record_is_not_another_nodes_to_take(cluster, pods):
+    """A container record no master can decode (written by a newer version, or
+    damaged) is attached to its node's etcd lease: that node may replace or
+    delete it, another node may not."""
+    etcd = cluster.etcd
+    got = etcd.etcdctl("get", f"{PREFIX}/nodes/{mn.NODES['a']}", "--print-value-only")
+    assert got.returncode == 0 and got.stdout.strip(), got
+    lease_a = json.loads(got.stdout)["lease"]
+    cid = f"odd-{mn.TAG}"
+    key = f"{PREFIX}/containers/{cid}"
+    path = f"/apis/shimlet.io/v1/nodes/{{}}/containers/{cid}"
+    reg = json.load(open(cluster.path("state-a", pods["a"].id, "registration.json")))
+    reg.update(id=cid, pod=f"ha-odd-{mn.TAG}")
+    try:
+        put = etcd.etcdctl("put", f"--lease={lease_a:x}", key, '{"id":"' + cid + '","unreadable":true}')
+        assert put.returncode == 0, put
+        time.sleep(0.5)  # every master's watch has it
+        for m in MASTERS:
+            st, r = cluster.curl("PUT", path.format(mn.NODES["b"]), mn.TOKENS["b"], {**reg, "node": mn.NODES["b"]},
+                                 ns="b", host=MASTERS[m])
+            assert st == 403, (m, st, r)
+            st, r = cluster.curl("DELETE", path.format(mn.NODES["b"]), mn.TOKENS["b"], ns="b", host=MASTERS[m])
+            assert st == 403, (m, st, r)
+        got = etcd.etcdctl("get", key, "--print-value-only")
+        assert "unreadable" in got.stdout, got
+        st, r = cluster.curl("PUT", path.format(mn.NODES["a"]), mn.TOKENS["a"], {**reg, "node": mn.NODES["a"]},
+                             ns="a", host=MASTERS["B"])
+        assert st == 200, (st, r)  # its own node replaces it
+        st, r = cluster.curl("DELETE", path.format(mn.NODES["a"]), mn.TOKENS["a"], ns="a", host=MASTERS["C"])
+        assert st == 200, (st, r)
+    finally:
+        etcd.etcdctl("del", key)
 
 
 # ---------------------------------------------------------------- a node goes quiet
