@@ -654,6 +654,31 @@ def test_udp_dns_like_and_bulk_from_several_clients(env):
     assert fw.p.poll() is None and "error" not in fw.stderr()
 
 
+def test_udp_many_short_lived_peers(env):
+    # Like a resolver that takes a fresh source port for every query: more
+    # peers in a minute than the client keeps flows for. Each new peer must
+    # still get its answer (the longest idle flow gives way), not silence
+    # until an old flow expires.
+    c = env.container()
+    env.peer(c, "udp", 5353)
+    fw = env.forward(c.id, ":5353/udp")
+    port = fw.port("5353/udp")
+    for q in range(400):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1)
+            query = b"Q%d:x" % q
+            data = None
+            for _ in range(3):  # UDP: a lost datagram is retried, as a resolver would
+                s.sendto(query, ("127.0.0.1", port))
+                try:
+                    data, _ = s.recvfrom(65536)
+                    break
+                except socket.timeout:
+                    pass
+            assert data == b"R%d:" % q + hashlib.sha256(b"x").hexdigest().encode(), (q, data)
+    assert fw.p.poll() is None
+
+
 # ------------------------------------------------------------------ --stdio
 
 
