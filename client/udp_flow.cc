@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -99,17 +100,23 @@ class UdpFlow : public StreamUser {
     f_.retire(this);
   }
 
- private:
-  void touch() {
-    timeval tv{kUdpIdleS, 0};
-    evtimer_add(idle_.get(), &tv);
-  }
+  std::chrono::steady_clock::time_point last_active() const { return last_; }
+
+  // Ends the flow (idle, or giving way to a new peer): a new datagram from
+  // its peer opens a new flow.
   void expire() {
     forget();
     if (!ending_ && f_.usable()) {
       ending_ = true;
       f_.conn().end(stream);  // the stream closes when the shim ends its side too
     }
+  }
+
+ private:
+  void touch() {
+    last_ = std::chrono::steady_clock::now();
+    timeval tv{kUdpIdleS, 0};
+    evtimer_add(idle_.get(), &tv);
   }
   void forget() {
     auto& m = f_.udp_[&l_];
@@ -129,6 +136,7 @@ class UdpFlow : public StreamUser {
   socklen_t plen_;
   std::string key_, in_;
   EventPtr idle_;
+  std::chrono::steady_clock::time_point last_;
   bool ending_ = false, dead_ = false;
 };
 
@@ -149,7 +157,16 @@ void Forwarder::udp_readable(Listener& l) {
     if (auto it = flows.find(key); it != flows.end()) {
       flow = static_cast<UdpFlow*>(it->second);
     } else {
-      if (flows.size() >= kMaxUdpFlows) continue;  // drop: bounded state per listener
+      if (flows.size() >= kMaxUdpFlows) {
+        // Bounded state per listener: the longest idle flow gives way (a
+        // resolver takes a new source port per query; dropping new peers
+        // would silence it until an old flow expires).
+        auto oldest = std::min_element(flows.begin(), flows.end(), [](const auto& a, const auto& b) {
+          return static_cast<UdpFlow*>(a.second)->last_active() < static_cast<UdpFlow*>(b.second)->last_active();
+        });
+        static_cast<UdpFlow*>(oldest->second)->expire();  // leaves flows
+      }
+      if (tunnel_count() >= kMaxTunnels) continue;  // ended flows not yet closed by the shim: drop
       flow = adopt(std::make_unique<UdpFlow>(*this, l, peer, plen, key));
       if (!flow->start()) {
         flow->abandon();

@@ -101,10 +101,15 @@ class Forward : public StreamHandler {
                                        {"reset", code != 0}});
     }
     closed_ = true;
+    if (code != 0) reset_sock();
     stop();
   }
 
-  void abort(const std::string&) override { stop(); }
+  // The connection is gone mid-stream (the client died or quit): as a reset.
+  void abort(const std::string&) override {
+    reset_sock();
+    stop();
+  }
   void container_exited() override {
     // reset() may close the stream at once and the session then destroys
     // this handler: clean up first, touch nothing after.
@@ -253,6 +258,16 @@ class Forward : public StreamHandler {
       shut_wr_ = true;
       ::shutdown(sock_.get(), SHUT_WR);  // carry the client's half-close
     }
+  }
+
+  // The client's side failed (its local connection reset, its reader gone, or
+  // the client itself): close with RST, not FIN, so the container's peer does
+  // not take what it got so far for the whole stream (as the client does
+  // toward its local peer for CONNECT_ERROR).
+  void reset_sock() {
+    if (!sock_ || udp_) return;
+    linger lg{1, 0};
+    setsockopt(sock_.get(), SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
   }
 
   void stop() {

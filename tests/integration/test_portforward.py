@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -409,6 +410,24 @@ def test_half_close_from_container_side(env):
     assert open(out).read().split() == [str(len(tail)), hashlib.sha256(tail).hexdigest()]
 
 
+def test_local_reset_reaches_the_container_as_reset(env):
+    # A local client that aborts its upload (RST) must not look, in the
+    # container, like one that finished it (FIN): the sink would take the
+    # truncated bytes for the whole upload.
+    c = env.container()
+    out = os.path.join(env.dir, "sink.txt")
+    env.peer(c, "sink", 7300, out)
+    fw = env.forward(c.id, ":7300")
+    s = socket.create_connection(("127.0.0.1", fw.port(7300)), timeout=10)
+    s.sendall(stream_block(0))
+    time.sleep(0.5)  # the bytes reach the container before the reset
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # RST
+    wait_for(lambda: os.path.exists(out) and open(out).read().strip(), 10, "sink result")
+    assert "ConnectionResetError" in open(out).read()
+    assert fw.p.poll() is None
+
+
 def _upload(port, total):
     h = hashlib.sha256()
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
@@ -507,6 +526,8 @@ def test_client_killed_mid_transfer(env):
     wait_for(lambda: not alive(session), 10, "session exit after the client died")
     # The forwarded connection in the container ends too (no leak).
     wait_for(lambda: os.path.exists(out) and open(out).read().strip(), 10, "container side closed")
+    # ... as a reset: the container's peer must not take the cut upload for a whole one.
+    assert "ConnectionResetError" in open(out).read()
     stop.set()
     t.join(10)
     shim = env.registration(c.id)["shim_pid"]
@@ -631,6 +652,31 @@ def test_udp_dns_like_and_bulk_from_several_clients(env):
     data, _ = s.recvfrom(65536)
     assert data == hashlib.sha256(b"big").digest() * (60000 // 32)
     assert fw.p.poll() is None and "error" not in fw.stderr()
+
+
+def test_udp_many_short_lived_peers(env):
+    # Like a resolver that takes a fresh source port for every query: more
+    # peers in a minute than the client keeps flows for. Each new peer must
+    # still get its answer (the longest idle flow gives way), not silence
+    # until an old flow expires.
+    c = env.container()
+    env.peer(c, "udp", 5353)
+    fw = env.forward(c.id, ":5353/udp")
+    port = fw.port("5353/udp")
+    for q in range(400):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1)
+            query = b"Q%d:x" % q
+            data = None
+            for _ in range(3):  # UDP: a lost datagram is retried, as a resolver would
+                s.sendto(query, ("127.0.0.1", port))
+                try:
+                    data, _ = s.recvfrom(65536)
+                    break
+                except socket.timeout:
+                    pass
+            assert data == b"R%d:" % q + hashlib.sha256(b"x").hexdigest().encode(), (q, data)
+    assert fw.p.poll() is None
 
 
 # ------------------------------------------------------------------ --stdio
