@@ -625,6 +625,18 @@ def test_untrusted_key_gets_the_shims_error(env, ctr, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "ticket" in lines[0], p.stderr
 
 
+@TRANSPORTS
+def test_command_line_too_long_for_the_request_is_an_error(env, ctr, tls):
+    # The command line goes into the request's headers twice (spec and
+    # ticket): past their limit the request cannot be sent. shimctl must say
+    # so and exit 255, not wait forever for a stream it never opened.
+    p = shimctl(env, "exec", ctr.id, "--", "sh", "-c", "echo ${#1}", "x", "a" * 60000, tls=tls, timeout=20)
+    assert p.returncode == 255, p.stderr
+    lines = p.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "command line" in lines[0], p.stderr
+    assert p.stdout == b""
+
+
 def test_connection_lost_before_status(env, ctr):
     marker = str(800000 + uuid.uuid4().int % 99999)
     p = subprocess.Popen(env.shimctl("exec", ctr.id, "--", "sh", "-c", f"echo ready; sleep {marker}"),
