@@ -277,6 +277,20 @@ def test_stdout_and_stderr_separate(env, ctr):
     assert (p.returncode, p.stdout, p.stderr) == (0, b"out\nout2\n", b"err\n")
 
 
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_closed_stdio_of_shimctl_reads_and_writes_as_dev_null(env, ctr, closed):
+    # shimctl started with fd 0, 1 or 2 closed (`<&-`, `>&-`, `2>&-`): like
+    # ssh, and runc exec (Go), the closed fd is /dev/null. Else the next fd
+    # shimctl opens takes its number and the command gets that one as its
+    # stdio (its reads and writes fail, or go into shimctl's own files).
+    argv = env.shimctl("exec", "-i", ctr.id, "--", "sh", "-c", "cat; echo out; echo err >&2")
+    p = subprocess.run(["sh", "-c", f'exec "$@" {closed}>&-', "sh", *argv], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == (b"" if closed == 1 else b"out\n")
+    assert p.stderr == (b"" if closed == 2 else b"err\n")
+
+
 def vm_kb(pid, field):
     """A memory field of /proc/PID/status (VmRSS, VmHWM) in kB."""
     with open(f"/proc/{pid}/status") as f:
