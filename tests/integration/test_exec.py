@@ -345,6 +345,38 @@ def test_slow_reader_bounded_memory(env, ctr):
             p.wait()
 
 
+def test_recorded_relay_delivers_what_a_slow_reader_takes_after_the_exit(tmp_path):
+    # A recorded local exec relays the command's output to shimctl's own
+    # stdout (docs/design.md "Local socket"). The command exits at once (its
+    # output fits the pipes); the reader comes only after the drain timeout
+    # (2 s): every byte still reaches it, as on the copy path.
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    rec.chmod(0o700)
+    e = ShimEnv(recording={"dir": str(rec), "local": "all"})
+    r, w = os.pipe()
+    try:
+        c = e.container()
+        p = subprocess.Popen(e.shimctl("exec", c.id, "--", "sh", "-c", "head -c 1500000 /dev/zero; exit 5"),
+                             stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE)
+        os.close(w)
+        w = -1
+        time.sleep(3.5)
+        got = 0
+        while (d := os.read(r, 1 << 20)):
+            got += len(d)
+        assert p.wait(timeout=30) == 5, p.stderr.read()
+        p.stderr.close()
+        assert got == 1500000
+        with open(os.path.join(e.state, c.id, "shim.log")) as f:
+            assert '"stdio":"relay"' in f.read()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        e.cleanup()
+
+
 # ---- exit codes ----
 
 @TRANSPORTS
