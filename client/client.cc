@@ -1,6 +1,8 @@
 // shimctl's top level: parse, get endpoint+pin+ticket, run the verb.
 #include "client/client.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <openssl/ssl.h>
 #include <unistd.h>
 
@@ -18,6 +20,14 @@ int print_error(const std::string& what) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A closed fd 0, 1 or 2 becomes /dev/null (as ssh and Go programs such as
+  // runc do): else the next file we open takes its number, and exec hands
+  // that file to the command as its stdin, stdout or stderr.
+  for (int fd = 0; fd <= 2; ++fd)
+    if (fcntl(fd, F_GETFD) < 0 && errno == EBADF) {
+      int null = ::open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);  // the lowest free fd: this one
+      if (null >= 0 && null != fd) ::close(null);
+    }
   // The system openssl.cnf has nothing shimctl needs; skip parsing it at startup.
   // Only libcrypto here: the local socket needs no TLS, and libssl's own
   // initialisation (error strings) comes with the first SSL_CTX on the TLS

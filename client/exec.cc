@@ -255,8 +255,14 @@ class ExecClient : public proto::H2Conn::Handler {
                           {"authorization", "Bearer " + grant_.ticket},
                           {proto::kExecHeader, spec.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)},
                           {"user-agent", "shimctl"}};
+      // request() already tries to send: a request nghttp2 cannot send (its
+      // header block over the limit: a very long command line) is closed
+      // inside it, before its id is ours (on_stream_close).
+      submitting_ = true;
       stream_ = conn_->request(h, /*has_body=*/true);
+      submitting_ = false;
       if (stream_ < 0) return fail_now("cannot submit the exec request to the shim");
+      if (stream_closed_) return;
       if (!pending_.empty()) {
         conn_->send(stream_, pending_.data(), pending_.size());
         pending_.clear();
@@ -507,8 +513,12 @@ class ExecClient : public proto::H2Conn::Handler {
   }
 
   void on_stream_close(int32_t stream, uint32_t error_code) override {
-    if (stream != stream_) return;
+    if (stream != stream_ && !submitting_) return;
     stream_closed_ = true;
+    if (submitting_ && !finishing_)
+      finish(kOwnErrorExit, "error: cannot send the exec request (" + std::string(nghttp2_http2_strerror(error_code)) +
+                                "): its headers, with the command line, exceed " +
+                                std::to_string(proto::H2Settings{}.max_header_list >> 10) + " KiB");
     if (!got_status_ && !finishing_)
       finish(kOwnErrorExit,
              "error: connection to shim lost (stream reset: " + std::string(nghttp2_http2_strerror(error_code)) + ")");
@@ -606,6 +616,7 @@ class ExecClient : public proto::H2Conn::Handler {
   bool conn_ready_ = false, stdin_pollable_ = true, stdin_reading_ = false, stdin_done_ = false;
   bool got_status_ = false, stream_closed_ = false, finishing_ = false, grace_over_ = false, net_closed_ = false;
   bool end_pending_ = false, shutdown_pending_ = false;
+  bool submitting_ = false;  // inside conn_->request(): its stream is ours before stream_ is set
   bool pass_stdio_ = false;  // our stdio fds went to the shim with the first bytes
   bool out_dead_[2] = {false, false};
 };

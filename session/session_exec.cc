@@ -372,8 +372,15 @@ struct ExecEngine::Impl {
   static void on_drain_timeout(evutil_socket_t, short, void* arg) {
     auto* self = static_cast<Impl*>(arg);
     log::info("output not closed after the command exited; ending after the drain timeout");
-    // A relay moves only what the client takes (never blocking on it); the rest is dropped as below.
-    if (self->out_fd_ && !self->out_eof_) self->read_from(self->out_fd_.get(), true);
+    // A relay takes what the pipe holds (recorded) and still moves it to the
+    // client as it takes it; later output is dropped, as below.
+    if (self->relay_on_) {
+      for (int i = 0; i < 2 && !self->finished_; i++)
+        if (!(i ? self->err_eof_ : self->out_eof_)) self->take_rest(i);
+      if (self->finished_) return;
+    } else if (self->out_fd_ && !self->out_eof_) {
+      self->read_from(self->out_fd_.get(), true);
+    }
     if (self->err_fd_ && !self->err_eof_ && !self->finished_) self->read_from(self->err_fd_.get(), true);
     self->out_eof_ = self->err_eof_ = true;
     self->maybe_finish();
@@ -381,6 +388,8 @@ struct ExecEngine::Impl {
 
   void maybe_finish() {
     if (finished_ || !exited_ || !out_eof_ || !err_eof_) return;
+    for (const Relay& r : relay_)
+      if (r.ahead > 0 || !r.pending.empty()) return;  // taken at the drain timeout, still on its way to the client
     finish_with(result_);
   }
 
@@ -490,6 +499,34 @@ struct ExecEngine::Impl {
     }
   }
 
+  // At the drain timeout: what stream i's pipe holds now (bounded, as the
+  // copy path's forced read) is recorded and goes to the client as it takes
+  // it; the pipe is read no more.
+  void take_rest(int i) {
+    Relay& r = relay_[i];
+    int from = (i ? err_fd_ : out_fd_).get();
+    if (r.ahead > 0) {  // recorded already: moved by write from here on
+      size_t have = r.pending.size();
+      r.pending.resize(have + r.ahead);
+      if (!take(from, r.pending.data() + have, r.ahead, "read the command's output")) return;
+      r.ahead = 0;
+    }
+    r.copy = true;
+    if (relay_buf_.empty()) relay_buf_.resize(kRelayChunk);
+    for (int rounds = 0; rounds < 16; rounds++) {
+      ssize_t n = ::read(from, relay_buf_.data(), kRelayChunk);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      if (rec_) rec_->output(i ? 2 : 1, relay_buf_.data(), static_cast<size_t>(n));
+      if (finished_) return;
+      (i ? bytes_err_ : bytes_out_) += n;
+      r.pending.append(relay_buf_.data(), static_cast<size_t>(n));
+    }
+    if (event* rd = i ? ev_err_ : ev_out_) event_del(rd);
+    (i ? err_eof_ : out_eof_) = true;
+    flush_relay(i);  // the rest when the client's fd is writable (on_client_writable)
+  }
+
   // Takes len bytes that are in the pipe already; when it cannot, ends the
   // exec with why (false). From the loop: nothing may throw out of here.
   bool take(int fd, char* buf, size_t len, const std::string& what) {
@@ -544,6 +581,8 @@ struct ExecEngine::Impl {
     Relay& r = self->relay_[I];
     r.waiting = false;
     if (self->finished_ || !self->flush_relay(I)) return;
+    self->maybe_finish();  // after the drain timeout: these were the last bytes
+    if (self->finished_) return;
     event* rd = I ? self->ev_err_ : self->ev_out_;
     bool eof = I ? self->err_eof_ : self->out_eof_;
     if (rd && !eof && !self->paused_) event_add(rd, nullptr);

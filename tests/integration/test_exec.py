@@ -277,6 +277,20 @@ def test_stdout_and_stderr_separate(env, ctr):
     assert (p.returncode, p.stdout, p.stderr) == (0, b"out\nout2\n", b"err\n")
 
 
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_closed_stdio_of_shimctl_reads_and_writes_as_dev_null(env, ctr, closed):
+    # shimctl started with fd 0, 1 or 2 closed (`<&-`, `>&-`, `2>&-`): like
+    # ssh, and runc exec (Go), the closed fd is /dev/null. Else the next fd
+    # shimctl opens takes its number and the command gets that one as its
+    # stdio (its reads and writes fail, or go into shimctl's own files).
+    argv = env.shimctl("exec", "-i", ctr.id, "--", "sh", "-c", "cat; echo out; echo err >&2")
+    p = subprocess.run(["sh", "-c", f'exec "$@" {closed}>&-', "sh", *argv], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == (b"" if closed == 1 else b"out\n")
+    assert p.stderr == (b"" if closed == 2 else b"err\n")
+
+
 def vm_kb(pid, field):
     """A memory field of /proc/PID/status (VmRSS, VmHWM) in kB."""
     with open(f"/proc/{pid}/status") as f:
@@ -329,6 +343,38 @@ def test_slow_reader_bounded_memory(env, ctr):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_recorded_relay_delivers_what_a_slow_reader_takes_after_the_exit(tmp_path):
+    # A recorded local exec relays the command's output to shimctl's own
+    # stdout (docs/design.md "Local socket"). The command exits at once (its
+    # output fits the pipes); the reader comes only after the drain timeout
+    # (2 s): every byte still reaches it, as on the copy path.
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    rec.chmod(0o700)
+    e = ShimEnv(recording={"dir": str(rec), "local": "all"})
+    r, w = os.pipe()
+    try:
+        c = e.container()
+        p = subprocess.Popen(e.shimctl("exec", c.id, "--", "sh", "-c", "head -c 1500000 /dev/zero; exit 5"),
+                             stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE)
+        os.close(w)
+        w = -1
+        time.sleep(3.5)
+        got = 0
+        while (d := os.read(r, 1 << 20)):
+            got += len(d)
+        assert p.wait(timeout=30) == 5, p.stderr.read()
+        p.stderr.close()
+        assert got == 1500000
+        with open(os.path.join(e.state, c.id, "shim.log")) as f:
+            assert '"stdio":"relay"' in f.read()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        e.cleanup()
 
 
 # ---- exit codes ----
@@ -623,6 +669,18 @@ def test_untrusted_key_gets_the_shims_error(env, ctr, tmp_path):
     assert p.stdout == b""
     lines = p.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "ticket" in lines[0], p.stderr
+
+
+@TRANSPORTS
+def test_command_line_too_long_for_the_request_is_an_error(env, ctr, tls):
+    # The command line goes into the request's headers twice (spec and
+    # ticket): past their limit the request cannot be sent. shimctl must say
+    # so and exit 255, not wait forever for a stream it never opened.
+    p = shimctl(env, "exec", ctr.id, "--", "sh", "-c", "echo ${#1}", "x", "a" * 60000, tls=tls, timeout=20)
+    assert p.returncode == 255, p.stderr
+    lines = p.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "command line" in lines[0], p.stderr
+    assert p.stdout == b""
 
 
 def test_connection_lost_before_status(env, ctr):
