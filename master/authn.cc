@@ -182,11 +182,16 @@ AuthResult Authenticator::authenticate_cert(SSL* ssl) const {
   Identity id;
   id.method = "x509";
   X509_NAME* subj = X509_get_subject_name(leaf);
-  for (int i = -1; (i = X509_NAME_get_index_by_NID(subj, NID_commonName, i)) >= 0;) {
-    ASN1_STRING* s = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subj, i));
+  // One CN only: kube-apiserver takes the last of several, so a first one
+  // here would make one certificate name two users.
+  int cn = X509_NAME_get_index_by_NID(subj, NID_commonName, -1);
+  if (cn >= 0 && X509_NAME_get_index_by_NID(subj, NID_commonName, cn) >= 0)
+    return {std::nullopt, "client certificate has more than one common name"};
+  if (cn >= 0) {
+    ASN1_STRING* s = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subj, cn));
     unsigned char* utf8 = nullptr;
     int n = ASN1_STRING_to_UTF8(&utf8, s);
-    if (n >= 0 && id.user.empty()) id.user.assign(reinterpret_cast<char*>(utf8), static_cast<size_t>(n));
+    if (n >= 0) id.user.assign(reinterpret_cast<char*>(utf8), static_cast<size_t>(n));
     OPENSSL_free(utf8);
   }
   for (int i = -1; (i = X509_NAME_get_index_by_NID(subj, NID_organizationName, i)) >= 0;) {

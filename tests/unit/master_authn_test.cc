@@ -1,6 +1,10 @@
 #include <gtest/gtest.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 #include "common/error.h"
+#include "common/openssl.h"
 #include "master/authn.h"
 
 using namespace shimlet::master;
@@ -75,4 +79,82 @@ TEST(MasterAuthn, BadClientCaRefused) {
   Authenticator a;
   EXPECT_THROW(a.set_client_ca_pem("not a pem"), shimlet::Error);
   EXPECT_FALSE(a.has_client_ca());
+}
+
+namespace {
+
+using shimlet::PkeyPtr;
+using shimlet::SslCtxPtr;
+using shimlet::SslPtr;
+using shimlet::X509Ptr;
+
+PkeyPtr ec_key() { return PkeyPtr(EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256")); }
+
+// subject: (NID, value) entries in order; issued by issuer (self-signed when null).
+X509Ptr make_cert(EVP_PKEY* key, const std::vector<std::pair<int, std::string>>& subject, X509* issuer,
+                  EVP_PKEY* issuer_key) {
+  X509Ptr c(X509_new());
+  X509_set_version(c.get(), 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(c.get()), 1);
+  X509_gmtime_adj(X509_getm_notBefore(c.get()), -3600);
+  X509_gmtime_adj(X509_getm_notAfter(c.get()), 3600);
+  X509_NAME* n = X509_get_subject_name(c.get());
+  for (const auto& [nid, v] : subject)
+    X509_NAME_add_entry_by_NID(n, nid, MBSTRING_UTF8, reinterpret_cast<const unsigned char*>(v.c_str()), -1, -1, 0);
+  X509_set_issuer_name(c.get(), issuer ? X509_get_subject_name(issuer) : n);
+  X509_set_pubkey(c.get(), key);
+  if (!issuer) {
+    X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, nullptr, NID_basic_constraints, "critical,CA:TRUE");
+    X509_add_ext(c.get(), ext, -1);
+    X509_EXTENSION_free(ext);
+  }
+  X509_sign(c.get(), issuer_key, EVP_sha256());
+  return c;
+}
+
+std::string pem_of(X509* c) {
+  shimlet::BioPtr b(BIO_new(BIO_s_mem()));
+  PEM_write_bio_X509(b.get(), c);
+  char* data = nullptr;
+  long n = BIO_get_mem_data(b.get(), &data);
+  return std::string(data, static_cast<size_t>(n));
+}
+
+// Authenticates a client presenting a certificate with this subject (signed
+// by a fresh CA the authenticator trusts) over an in-memory TLS handshake.
+AuthResult authenticate_subject(const std::vector<std::pair<int, std::string>>& subject) {
+  PkeyPtr ca_key = ec_key(), key = ec_key();
+  X509Ptr ca = make_cert(ca_key.get(), {{NID_commonName, "test-ca"}}, nullptr, ca_key.get());
+  X509Ptr leaf = make_cert(key.get(), subject, ca.get(), ca_key.get());
+  Authenticator a;
+  a.set_client_ca_pem(pem_of(ca.get()));
+  SslCtxPtr sctx(SSL_CTX_new(TLS_server_method())), cctx(SSL_CTX_new(TLS_client_method()));
+  SSL_CTX_use_certificate(sctx.get(), ca.get());
+  SSL_CTX_use_PrivateKey(sctx.get(), ca_key.get());
+  SSL_CTX_set_verify(sctx.get(), SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+                     [](int, X509_STORE_CTX*) { return 1; });
+  SSL_CTX_use_certificate(cctx.get(), leaf.get());
+  SSL_CTX_use_PrivateKey(cctx.get(), key.get());
+  SslPtr s(SSL_new(sctx.get())), c(SSL_new(cctx.get()));
+  BIO *sb = nullptr, *cb = nullptr;
+  BIO_new_bio_pair(&sb, 0, &cb, 0);
+  SSL_set_bio(s.get(), sb, sb);
+  SSL_set_bio(c.get(), cb, cb);
+  SSL_set_accept_state(s.get());
+  SSL_set_connect_state(c.get());
+  for (int i = 0; i < 20; ++i) {
+    int cr = SSL_do_handshake(c.get()), sr = SSL_do_handshake(s.get());
+    if (cr == 1 && sr == 1) break;
+  }
+  return a.authenticate("", s.get());
+}
+
+}  // namespace
+
+// kube-apiserver (Go's pkix.Name) takes the last CN of a subject; the first
+// was taken here, so one certificate named two users: refuse the ambiguity.
+TEST(MasterAuthn, ClientCertificateWithTwoCommonNamesRefused) {
+  auto r = authenticate_subject({{NID_commonName, "system:node:n2"}, {NID_commonName, "alice"}});
+  EXPECT_FALSE(r.identity);
+  EXPECT_NE(r.error.find("more than one common name"), std::string::npos) << r.error;
 }
