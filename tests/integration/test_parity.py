@@ -323,6 +323,55 @@ def test_seccomp_profile(nnp):
         assert r.returncode != 0 and b"Permission denied" in r.stderr
 
 
+SYSCALL_PROBE = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; i++) {
+    long r = syscall(atol(argv[i]), -1L, 0L, 0L, 0L);
+    printf("%s %ld %d\n", argv[i], r, r < 0 ? errno : 0);
+  }
+  return 0;
+}
+"""
+
+
+def x86_64_syscalls_below(nr):
+    with open("/usr/include/x86_64-linux-gnu/asm/unistd_64.h") as f:
+        defs = [re.match(r"#define __NR_(\w+) (\d+)$", l.strip()) for l in f]
+    return [m.group(1) for m in defs if m and int(m.group(2)) < nr]
+
+
+@pytest.mark.parametrize("arches", [[], ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]])
+def test_seccomp_syscalls_newer_than_the_profile_get_enosys(tmp_path, arches):
+    # runc (libcontainer/seccomp/patchbpf) puts a stub before a profile whose
+    # default is not to allow: a syscall numbered above the profile's highest
+    # on that architecture fails with ENOSYS, not the default action, so libc
+    # falls back (clone3 -> clone for glibc's posix_spawn and pthread_create).
+    # With no architectures listed, runc adds no stub.
+    # Profile: allow every x86_64 syscall below 400, refuse the rest (EPERM).
+    src, exe = tmp_path / "probe.c", str(tmp_path / "probe")
+    src.write_text(SYSCALL_PROBE)
+    subprocess.run(["cc", "-static", "-O1", "-o", exe, str(src)], check=True)
+
+    def edit(cfg):
+        cfg["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ERRNO", "architectures": arches,
+                                   "syscalls": [{"names": x86_64_syscalls_below(400), "action": "SCMP_ACT_ALLOW"}]}
+
+    with started(edit) as c:
+        shutil.copy(exe, os.path.join(c.bundle, "rootfs/bin/syscall-probe"))
+        # clone3 (435), faccessat2 (439), unassigned (1000), and with x32 in
+        # the profile an unassigned x32 one (without, libseccomp kills it).
+        cmd = ["syscall-probe", "435", "439", "1000"] + [str(0x40000000 | 1000)] * bool(arches)
+        ref, got = c.exec(*cmd), ours(c, cmd)
+        assert ref.returncode == 0, ref
+        assert got.stdout == ref.stdout, (ref.stdout, got.stdout)
+        # runc's stub covers the profile's listed architectures only.
+        assert got.stdout.startswith(b"435 -1 38\n439 -1 38\n" if arches else b"435 -1 1\n439 -1 1\n"), got
+
+
 @pytest.mark.parametrize("nnp", [True, False])
 def test_no_new_privileges(nnp):
     def edit(cfg):
