@@ -44,7 +44,7 @@ struct Relayer::Relay {
   RelayOptions opt;
   RelayStats st;
   int64_t start_ms = monotonic_ms();
-  bool closing = false;
+  bool closing = false, half_closed = false;
   EventPtr idle, linger;
 
   // ---- setup
@@ -150,12 +150,15 @@ struct Relayer::Relay {
     if (from) bufferevent_enable(from, EV_READ);
   }
 
-  // Either side closed or failed: stop reading, flush what is queued toward
-  // the side still open (bounded by linger_ms), then end.
+  // Either side closed or failed: flush what is queued toward the side still
+  // open (while it keeps reading: linger_ms without progress ends it, a
+  // reader slower than the rest is not cut), end our half, wait for its close.
   void side_closed(bool is_client, short what) {
     bufferevent* gone = is_client ? client.get() : shim.get();
     bufferevent* other = is_client ? shim.get() : client.get();
     if (!closing && st.connected) pump(gone, other, is_client ? st.bytes_in : st.bytes_out);
+    if (closing && (what & BEV_EVENT_TIMEOUT) && st.error.empty())
+      st.error = std::string(is_client ? "client" : "shim") + " did not read the remaining output";
     if (!(what & BEV_EVENT_EOF) && st.error.empty())
       st.error = std::string(is_client ? "client" : "shim") + ": " + bev_error(gone, what);
     if (is_client)
@@ -171,17 +174,39 @@ struct Relayer::Relay {
     if (!closing) {
       closing = true;
       evtimer_del(idle.get());
+      // A write timeout restarts with every write that makes progress.
       timeval tv{opt.linger_ms / 1000, (opt.linger_ms % 1000) * 1000};
-      evtimer_add(linger.get(), &tv);
+      for (bufferevent* b : {client.get(), shim.get()})
+        if (b) bufferevent_set_timeouts(b, nullptr, &tv);
     }
-    if (client) bufferevent_disable(client.get(), EV_READ);
-    if (shim) bufferevent_disable(shim.get(), EV_READ);
+    // The side still open is read and its bytes dropped: a peer that writes
+    // (a ping, its Close) to a socket closed with unread bytes gets a reset,
+    // which discards the output it has not read yet.
+    bool one_open = !client != !shim;
+    for (bufferevent* b : {client.get(), shim.get()})
+      if (b) one_open ? bufferevent_enable(b, EV_READ) : bufferevent_disable(b, EV_READ);
     maybe_finish();
   }
 
   void maybe_finish() {
     for (bufferevent* b : {client.get(), shim.get()})
       if (b && evbuffer_get_length(bufferevent_get_output(b))) return;  // on_*_write calls again
+    if (half_closed && (client || shim)) return;                        // its EOF or the linger timer ends it
+    if (st.connected && !client != !shim) {
+      // All is in the kernel, not necessarily read by the peer (a slow
+      // reader may be megabytes behind): end our side of it and wait for the
+      // peer to close its own, as long as an idle connection may last.
+      half_closed = true;
+      bufferevent* b = client ? client.get() : shim.get();
+      if (SSL* ssl = bufferevent_openssl_get_ssl(b))
+        SSL_shutdown(ssl);
+      else
+        shutdown(bufferevent_getfd(b), SHUT_WR);
+      bufferevent_set_timeouts(b, nullptr, nullptr);
+      timeval tv{opt.idle_timeout_s, 0};
+      evtimer_add(linger.get(), &tv);
+      return;
+    }
     finish();
   }
 
@@ -228,15 +253,11 @@ struct Relayer::Relay {
     if (what & BEV_EVENT_CONNECTED) return r->connected();
     r->side_closed(false, what);
   }
+  static void on_linger(evutil_socket_t, short, void* p) { self(p)->finish(); }
   static void on_idle(evutil_socket_t, short, void* p) {
     auto* r = self(p);
     r->st.error = "idle for " + std::to_string(r->opt.idle_timeout_s) + "s";
     r->start_close();
-  }
-  static void on_linger(evutil_socket_t, short, void* p) {
-    auto* r = self(p);
-    if (r->st.error.empty()) r->st.error = "peer did not read the remaining output";
-    r->finish();
   }
 };
 

@@ -43,7 +43,7 @@ struct RelayOptions {
   int connect_timeout_ms = 10000;  // TCP connect + TLS handshake
   int idle_timeout_s = 4 * 3600;   // no bytes either way (the kubelet's default)
   size_t max_buffer = 1 << 20;     // per direction; reading pauses above it
-  int linger_ms = 5000;            // flushing what is queued after a close
+  int linger_ms = 5000;            // flushing after a close: ends after this long without progress
 };
 
 // Owns the live relays (freed when they end or with the Relayer).

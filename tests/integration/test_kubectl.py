@@ -170,6 +170,31 @@ def test_exec_large_output_complete(kc):
     assert hashlib.sha256(p.stdout).hexdigest() == hashlib.sha256(want).hexdigest()
 
 
+def test_exec_slow_reader_gets_all_output(kc):
+    """kubectl's stdout read slowly (a pipe into a slow consumer): the command
+    ends long before its output is read, and the relay and shim still deliver
+    every byte (no deadline on a reader that keeps reading)."""
+    env, extra = kc
+    n = 500000  # 3.4 MB
+    p = subprocess.Popen([KUBECTL, "exec", env.pod, "--", "seq", "1", str(n)], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env.env(extra), start_new_session=True)
+    got = bytearray()
+    try:
+        while True:
+            b = p.stdout.read1(16384)  # ~160 KB/s
+            if not b:
+                break
+            got += b
+            time.sleep(0.1)
+        err = p.stderr.read()
+        p.wait(timeout=30)
+    finally:
+        kill_tree(p)
+    want = "".join(f"{i}\n" for i in range(1, n + 1)).encode()
+    assert len(got) == len(want) and hashlib.sha256(got).digest() == hashlib.sha256(want).digest(), (len(got), err)
+    assert p.returncode == 0, err
+
+
 def run_in_pty(argv, env, send=b"", prompt=b"# ", timeout=60):
     """Runs argv with a pseudo-terminal as stdin/stdout/stderr (kubectl -t
     needs one); `send` is typed once `prompt` (the remote shell's) is shown."""
