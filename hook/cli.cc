@@ -207,7 +207,7 @@ int main(int argc, char** argv) {
     // As poststop: the end records' and the recordings' flushes, then the DELETE.
     alarm((kPoststopFlushMs + kPoststopRecordingsMs) / 1000 + 10 + master_s);
     try {
-      poststop(cfg, id_arg);
+      poststop(cfg, id_arg, /*own_shim_only=*/true);
       log::info("container gone: state cleaned up");
       return 0;
     } catch (const std::exception& e) {

@@ -148,11 +148,15 @@ Started start(const Config& c, const oci::State& st);
 // Idempotent; bounded (SIGTERM, SIGKILL after 1 s). Cleanups of one
 // container are serialized (a lock on its directory): a later one finds
 // nothing left and returns quietly.
-void cleanup(const Config& c, const std::string& id);
+// With own_shim_only (the shim's own `cleanup ID`, exec'd in its place: same
+// pid), a directory whose registration names another shim is a newer
+// container's of the same id and is left alone: false.
+bool cleanup(const Config& c, const std::string& id, bool own_shim_only = false);
 // cleanup(), then the master's DELETE when the container was registered:
 // the whole poststop, also run as `shimlet-hook cleanup ID` by the shim when
-// its container is gone without a poststop (docs/design.md "Stale state").
-void poststop(const Config& c, const std::string& id);
+// its container is gone without a poststop (docs/design.md "Stale state"):
+// own_shim_only then, and no DELETE when cleanup() left the directory alone.
+void poststop(const Config& c, const std::string& id, bool own_shim_only = false);
 
 // Master registration (docs/master-api.md "Node API"); each call is one
 // bounded HTTPS request and throws shimlet::Error with one clear line.

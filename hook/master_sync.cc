@@ -74,12 +74,13 @@ void unregister_container(const Config& c, const std::string& id) {
                 "): " + masterclient::error_message(r));
 }
 
-void poststop(const Config& c, const std::string& id) {
+void poststop(const Config& c, const std::string& id, bool own_shim_only) {
   bool registered = c.master && valid_container_id(id) &&
                     ::access((c.state_dir + "/" + id + "/registration.json").c_str(), F_OK) == 0;
   std::string err;
   try {
-    cleanup(c, id);  // first: the shim (and its renewer) must be gone before the DELETE
+    // first: the shim (and its renewer) must be gone before the DELETE
+    if (!cleanup(c, id, own_shim_only)) return;  // a newer container's, registered as its own
   } catch (const std::exception& e) {
     err = e.what();
   }

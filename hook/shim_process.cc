@@ -295,12 +295,12 @@ Started start(const Config& c, const oci::State& st) {
   return s;
 }
 
-void cleanup(const Config& c, const std::string& id) {
+bool cleanup(const Config& c, const std::string& id, bool own_shim_only) {
   if (!valid_container_id(id)) throw Error("refusing container id (want [A-Za-z0-9_.-]{1,128}): " + id);
   const std::string dir = c.state_dir + "/" + id;
   struct stat sb {};
   if (::lstat(dir.c_str(), &sb) < 0) {
-    if (errno == ENOENT) return;  // nothing started, or cleaned up already
+    if (errno == ENOENT) return true;  // nothing started, or cleaned up already
     throw sys_error("lstat " + dir);
   }
   if (!S_ISDIR(sb.st_mode)) throw Error(dir + ": not a directory (refusing to touch it)");
@@ -309,7 +309,7 @@ void cleanup(const Config& c, const std::string& id) {
   // that waited finds it gone, and there is nothing left to do.
   Fd lock(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
   if (!lock) {
-    if (errno == ENOENT) return;
+    if (errno == ENOENT) return true;
     throw sys_error("open " + dir);
   }
   while (::flock(lock.get(), LOCK_EX) < 0)
@@ -317,11 +317,17 @@ void cleanup(const Config& c, const std::string& id) {
   struct stat locked {
   }, now{};
   if (::fstat(lock.get(), &locked) < 0) throw sys_error("fstat " + dir);
-  if (::lstat(dir.c_str(), &now) < 0 || now.st_ino != locked.st_ino || now.st_dev != locked.st_dev) return;
+  if (::lstat(dir.c_str(), &now) < 0 || now.st_ino != locked.st_ino || now.st_dev != locked.st_dev) return true;
   std::string first_error;
   try {
     json reg = json::parse(read_regular_file(dir + "/registration.json", kMaxRegistrationBytes));
     pid_t pid = reg.value("shim_pid", 0);
+    // The shim's own cleanup, started before a poststop removed its state and
+    // a new container of the same id registered: that one is not ours.
+    if (own_shim_only && pid != ::getpid()) {
+      log::info("the state directory is a newer container's (another shim): left alone", {{"shim_pid", pid}});
+      return false;
+    }
     uint64_t start_time = reg.value("shim_start_time", uint64_t{0});
     // `cleanup ID` run by the shim itself (it exec'd us, same pid): gone already.
     if (pid != ::getpid()) stop_shim(pid, start_time, dir + "/shim.json");
@@ -359,6 +365,7 @@ void cleanup(const Config& c, const std::string& id) {
   std::filesystem::remove_all(dir, ec);
   if (ec) throw Error("remove " + dir + ": " + ec.message());
   if (!first_error.empty()) throw Error("registration of " + id + ": " + first_error);
+  return true;
 }
 
 }  // namespace shimlet::hook

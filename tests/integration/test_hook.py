@@ -260,6 +260,24 @@ def test_poststop_stops_a_running_shim_and_is_idempotent(env_factory, containers
     c.stop()
 
 
+def test_a_shims_cleanup_leaves_another_shims_container_alone(env_factory, containers_):
+    """`cleanup ID` is the shim's own (exec'd in its place, same pid): run by
+    any other process, as by a shim whose poststop came first and whose id a
+    new container took since, it leaves the registered container alone."""
+    env = env_factory()
+    c = new_container(containers_, env)
+    c.start()
+    reg = env.registration(c.id)
+    p = subprocess.run([HOOK, "--config", env.config, "cleanup", c.id], stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert b"left alone" in p.stderr, p.stderr
+    assert alive(reg["shim_pid"]) and env.registration(c.id) == reg
+    c.stop()
+    wait_for(lambda: not alive(reg["shim_pid"]), 10, "the shim to end with its container")
+    assert env.leftovers() == []
+
+
 def test_session_limit_and_shutdown_kills_sessions(env_factory, containers_):
     # max_sessions counts admitted (authenticated) sessions: the gate's
     # second admission is refused ('L'), the gate itself goes on.
