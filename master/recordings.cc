@@ -11,6 +11,7 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "common/file.h"
 #include "common/log.h"
 #include "master/registry.h"
 #include "spool/spool.h"
@@ -48,18 +49,7 @@ json read_json(const std::string& path) {
 // The upload's owner file (.node), replaced whole: a failed write (a full
 // disk) leaves the previous one, never a cut or empty file that would make
 // the upload look like another node's.
-void write_owner(const std::string& path, const json& o) {
-  const std::string tmp = path + ".tmp", text = o.dump();
-  try {
-    Fd of(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
-    if (!of) throw sys_error("create " + tmp);
-    write_all(of.get(), text.data(), text.size());
-    if (::rename(tmp.c_str(), path.c_str()) < 0) throw sys_error("rename " + tmp);
-  } catch (...) {
-    ::unlink(tmp.c_str());
-    throw;
-  }
-}
+void write_owner(const std::string& path, const json& o) { write_file_atomic(path, o.dump(), 0600); }
 
 std::string str(const json& o, const char* k) {
   auto it = o.find(k);

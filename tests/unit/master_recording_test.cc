@@ -1,8 +1,6 @@
 // The master's recording policy, the ticket's "rec" claim, and the store the
 // nodes upload recordings into.
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -12,6 +10,7 @@
 #include "master/recording_policy.h"
 #include "master/recordings.h"
 #include "recording/asciicast.h"
+#include "tests/unit/file_size_limit.h"
 #include "tests/unit/temp_dir.h"
 #include "ticket/ticket.h"
 
@@ -218,25 +217,15 @@ TEST(RecordingStore, RefusesWhatItCannotTrust) {
 TEST(RecordingStore, AnOwnerFileThatCannotBeWrittenLosesNothing) {
   TempDir d;
   const std::string rec = a_recording("c1");
-  struct sigaction ign {
-  }, old{};
-  ign.sa_handler = SIG_IGN;
-  sigaction(SIGXFSZ, &ign, &old);
-  rlimit saved{};
-  getrlimit(RLIMIT_FSIZE, &saved);
   // One request under a file size limit: 500 when it throws.
   auto limited = [&](RecordingStore& s, const std::string& id, uint64_t off, bool final, std::string_view body,
                      rlim_t limit) {
-    rlimit small{limit, saved.rlim_max};
-    setrlimit(RLIMIT_FSIZE, &small);
-    int code;
+    shimlet::test::FileSizeLimit full(limit);
     try {
-      code = s.upload("n1", id, off, final, body, owner_is("n1"), 1000).code;
+      return s.upload("n1", id, off, final, body, owner_is("n1"), 1000).code;
     } catch (const std::exception&) {
-      code = 500;
+      return 500;
     }
-    setrlimit(RLIMIT_FSIZE, &saved);
-    return code;
   };
   // What the node does next: probe, then send the rest.
   auto resume = [&](RecordingStore& s, const std::string& id, uint64_t expect_size) {
@@ -263,5 +252,4 @@ TEST(RecordingStore, AnOwnerFileThatCannotBeWrittenLosesNothing) {
   // And after a restart.
   RecordingStore s(d.path, 1 << 20);
   resume(s, "c", 20);
-  sigaction(SIGXFSZ, &old, nullptr);
 }

@@ -3,10 +3,8 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <poll.h>
-#include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/file.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -18,6 +16,7 @@
 #include "recording/asciicast.h"
 #include "recording/recorder.h"
 #include "recording/spool.h"
+#include "tests/unit/file_size_limit.h"
 #include "tests/unit/temp_dir.h"
 
 using namespace shimlet::recording;
@@ -443,21 +442,14 @@ TEST(RecorderSpool, AKilledSessionsRecordingIsFinishedIncomplete) {
 TEST(Recorder, AWriteFailureIsReportedNotBlocking) {
   TempDir d;
   Recorder r(options(d.path, "full", false));
-  // A file size limit stands in for a full disk: writes past it fail with EFBIG.
-  struct sigaction ign {
-  }, old{};
-  ign.sa_handler = SIG_IGN;
-  sigaction(SIGXFSZ, &ign, &old);
-  rlimit saved{};
-  getrlimit(RLIMIT_FSIZE, &saved);
-  rlimit small{4096, saved.rlim_max};
-  setrlimit(RLIMIT_FSIZE, &small);
-  std::string big(64 * 1024, 'x');
-  r.output(Code::Output, big.data(), big.size());
-  pollfd pfd{r.failure_fd(), POLLIN, 0};
-  int ready = poll(&pfd, 1, 10000);
-  setrlimit(RLIMIT_FSIZE, &saved);
-  sigaction(SIGXFSZ, &old, nullptr);
+  int ready;
+  {
+    shimlet::test::FileSizeLimit full(4096);  // writes past it fail with EFBIG
+    std::string big(64 * 1024, 'x');
+    r.output(Code::Output, big.data(), big.size());
+    pollfd pfd{r.failure_fd(), POLLIN, 0};
+    ready = poll(&pfd, 1, 10000);
+  }
   ASSERT_EQ(ready, 1);
   EXPECT_TRUE(r.failed());
   EXPECT_NE(r.failure().find("File too large"), std::string::npos) << r.failure();
@@ -475,24 +467,17 @@ TEST(RecorderSpool, AMarkerCutByAFullDiskStillFinishesTheRecording) {
   TempDir d;
   { std::ofstream(d.path + "/cut.rec") << "{\"version\": 2, \"width\": 80, \"height\": 24}\n[1.0, \"o\", \"x\"]\n"; }
   off_t size = static_cast<off_t>(std::filesystem::file_size(d.path + "/cut.rec"));
-  struct sigaction ign {
-  }, old{};
-  ign.sa_handler = SIG_IGN;
-  sigaction(SIGXFSZ, &ign, &old);
-  rlimit saved{};
-  getrlimit(RLIMIT_FSIZE, &saved);
-  rlimit small{static_cast<rlim_t>(size) + 10, saved.rlim_max};  // room for 10 bytes of the marker
-  setrlimit(RLIMIT_FSIZE, &small);
-  errno = 0;
   std::string error;
   spool::Finished f;
-  try {
-    f = spool::finish_orphans(d.path, "killed");
-  } catch (const std::exception& e) {
-    error = e.what();
+  {
+    shimlet::test::FileSizeLimit full(static_cast<rlim_t>(size) + 10);  // room for 10 bytes of the marker
+    errno = 0;
+    try {
+      f = spool::finish_orphans(d.path, "killed");
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
   }
-  setrlimit(RLIMIT_FSIZE, &saved);
-  sigaction(SIGXFSZ, &old, nullptr);
   EXPECT_EQ(error, "");
   EXPECT_EQ(f.finished, 1u);
   EXPECT_EQ(slurp(d.path + "/cut.cast"), "{\"version\": 2, \"width\": 80, \"height\": 24}\n[1.0, \"o\", \"x\"]\n");
